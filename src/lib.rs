@@ -1,0 +1,20 @@
+//! ddpo: reinforcement-learning finetuning of diffusion models (DDPO, Black et al. 2023).
+//!
+//! The library does all the work; `main.rs` only hands the command line to [`cli::run`].
+//!
+//! Module map (each module's own docs say what it owns):
+//! - [`world`]: the procedurally generated shapes world, its caption grammar and tokenizer.
+//! - [`render`]: turning tensors into images, labelled sample grids, a tiny bitmap font.
+//! - [`kernels`]: project-owned CPU kernels (fast convolution) that candle lacks.
+//! - [`model`]: the Stable-Diffusion-architecture UNet and CLIP-style text encoder.
+//! - [`sampler`]: noise schedule and the DDIM step with per-step log-probabilities.
+//! - [`pretrain`]: DDPM pretraining of the embedded default model.
+//! - [`cli`]: the command line (clap), progress bars and user-facing errors.
+
+pub mod cli;
+pub mod kernels;
+pub mod model;
+pub mod pretrain;
+pub mod render;
+pub mod sampler;
+pub mod world;

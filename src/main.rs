@@ -1,0 +1,6 @@
+fn main() {
+    if let Err(err) = ddpo::cli::run() {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
