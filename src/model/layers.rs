@@ -1,0 +1,113 @@
+//! Small building blocks shared by the UNet and the text encoder: convolution (through the
+//! project's fast kernel), a layer norm that keeps its gradient, activations.
+//!
+//! candle-nn's own `LayerNorm` takes a fused path without a backward pass when its input is
+//! contiguous, which silently stops gradients; everything here is differentiable.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Init, VarBuilder};
+
+/// 2-D convolution with bias, weights named `weight` / `bias` as in PyTorch.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Tensor,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv2d {
+    pub fn new(
+        in_c: usize,
+        out_c: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let fan_in = (in_c * kernel * kernel) as f64;
+        let bound = 1.0 / fan_in.sqrt();
+        let weight = vb.get_with_hints(
+            (out_c, in_c, kernel, kernel),
+            "weight",
+            Init::Uniform { lo: -bound, up: bound },
+        )?;
+        let bias = vb.get_with_hints(out_c, "bias", Init::Uniform { lo: -bound, up: bound })?;
+        Ok(Self { weight, bias, stride, padding })
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = crate::kernels::conv2d(x, &self.weight, self.stride, self.padding)?;
+        y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
+    }
+}
+
+/// Layer norm over the last dimension, `weight` / `bias` named as in PyTorch.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get_with_hints(dim, "weight", Init::Const(1.0))?;
+        let bias = vb.get_with_hints(dim, "bias", Init::Const(0.0))?;
+        Ok(Self { weight, bias, eps: eps as f32 })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps)
+    }
+}
+
+/// GroupNorm as in PyTorch (candle-nn's is composed of differentiable ops).
+pub fn group_norm(
+    groups: usize,
+    channels: usize,
+    eps: f64,
+    vb: VarBuilder,
+) -> Result<candle_nn::GroupNorm> {
+    candle_nn::group_norm(groups, channels, eps, vb)
+}
+
+/// Linear layer with bias (PyTorch default init).
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<candle_nn::Linear> {
+    candle_nn::linear(in_dim, out_dim, vb)
+}
+
+/// Linear layer without bias.
+pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<candle_nn::Linear> {
+    candle_nn::linear_no_bias(in_dim, out_dim, vb)
+}
+
+/// Multi-head scaled dot-product attention on (B, L, H*D) projections; `mask` is added to the
+/// scores (e.g. a causal mask). Uses the differentiable softmax.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (b, lq, inner) = q.dims3()?;
+    let lk = k.dim(1)?;
+    let d = inner / heads;
+    let split = |t: &Tensor, l: usize| t.reshape((b, l, heads, d))?.transpose(1, 2)?.contiguous();
+    let (q, k, v) = (split(q, lq)?, split(k, lk)?, split(v, lk)?);
+    let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(m)?,
+        None => scores,
+    };
+    let probs = candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?;
+    probs
+        .matmul(&v)?
+        .transpose(1, 2)?
+        .reshape((b, lq, inner))
+}

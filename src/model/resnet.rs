@@ -1,0 +1,63 @@
+//! `ResnetBlock2D`: two GroupNorm-SiLU-conv stages with the timestep embedding added between them.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::layers::{group_norm, linear, Conv2d};
+
+#[derive(Debug, Clone)]
+pub struct ResnetBlock2D {
+    norm1: candle_nn::GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: candle_nn::Linear,
+    norm2: candle_nn::GroupNorm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+    output_scale_factor: f64,
+}
+
+/// What a resnet block needs to know beyond its channel counts.
+#[derive(Debug, Clone, Copy)]
+pub struct ResnetConfig {
+    pub groups: usize,
+    pub eps: f64,
+    pub temb_channels: usize,
+    pub output_scale_factor: f64,
+}
+
+impl ResnetBlock2D {
+    pub fn new(in_c: usize, out_c: usize, cfg: ResnetConfig, vb: VarBuilder) -> Result<Self> {
+        let conv_shortcut = if in_c != out_c {
+            Some(Conv2d::new(in_c, out_c, 1, 1, 0, vb.pp("conv_shortcut"))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            norm1: group_norm(cfg.groups, in_c, cfg.eps, vb.pp("norm1"))?,
+            conv1: Conv2d::new(in_c, out_c, 3, 1, 1, vb.pp("conv1"))?,
+            time_emb_proj: linear(cfg.temb_channels, out_c, vb.pp("time_emb_proj"))?,
+            norm2: group_norm(cfg.groups, out_c, cfg.eps, vb.pp("norm2"))?,
+            conv2: Conv2d::new(out_c, out_c, 3, 1, 1, vb.pp("conv2"))?,
+            conv_shortcut,
+            output_scale_factor: cfg.output_scale_factor,
+        })
+    }
+
+    /// `x`: (N, C, H, W), `temb`: (N, temb_channels).
+    pub fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
+        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        let t = self.time_emb_proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
+        let h = h.broadcast_add(&t)?;
+        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let shortcut = match &self.conv_shortcut {
+            Some(conv) => conv.forward(x)?,
+            None => x.clone(),
+        };
+        let out = (shortcut + h)?;
+        if self.output_scale_factor == 1.0 {
+            Ok(out)
+        } else {
+            out / self.output_scale_factor
+        }
+    }
+}
