@@ -1,0 +1,114 @@
+//! The DDPM noise schedule (betas, alphas, cumulative alphas) and DDIM timestep selection,
+//! following diffusers' scheduler config fields so a `scheduler_config.json` loads directly.
+
+use serde::{Deserialize, Serialize};
+
+/// Scheduler configuration with diffusers' field names (the fields this project supports).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScheduleConfig {
+    #[serde(default = "default_train_steps")]
+    pub num_train_timesteps: usize,
+    pub beta_start: f64,
+    pub beta_end: f64,
+    /// `linear` (DDPM) or `scaled_linear` (Stable Diffusion).
+    pub beta_schedule: String,
+    /// Added to every DDIM timestep (`leading` spacing), 1 for Stable Diffusion.
+    #[serde(default)]
+    pub steps_offset: usize,
+    #[serde(default = "default_spacing")]
+    pub timestep_spacing: String,
+    #[serde(default = "default_prediction")]
+    pub prediction_type: String,
+}
+
+fn default_train_steps() -> usize {
+    1000
+}
+fn default_spacing() -> String {
+    "leading".into()
+}
+fn default_prediction() -> String {
+    "epsilon".into()
+}
+
+impl ScheduleConfig {
+    /// DDPM's linear schedule, the usual choice in pixel space (the embedded default).
+    pub fn pixel_default() -> Self {
+        Self {
+            num_train_timesteps: 1000,
+            beta_start: 1e-4,
+            beta_end: 0.02,
+            beta_schedule: "linear".into(),
+            steps_offset: 0,
+            timestep_spacing: "leading".into(),
+            prediction_type: "epsilon".into(),
+        }
+    }
+}
+
+/// Cumulative products of alphas, the one quantity DDPM training and DDIM sampling need.
+#[derive(Debug, Clone)]
+pub struct NoiseSchedule {
+    pub config: ScheduleConfig,
+    alphas_cumprod: Vec<f64>,
+}
+
+impl NoiseSchedule {
+    pub fn new(config: ScheduleConfig) -> anyhow::Result<Self> {
+        let n = config.num_train_timesteps;
+        anyhow::ensure!(n >= 2, "scheduler: num_train_timesteps must be at least 2, got {n}");
+        anyhow::ensure!(
+            config.prediction_type == "epsilon",
+            "scheduler: prediction_type {:?} is not supported (only \"epsilon\")",
+            config.prediction_type
+        );
+        anyhow::ensure!(
+            config.timestep_spacing == "leading",
+            "scheduler: timestep_spacing {:?} is not supported (only \"leading\")",
+            config.timestep_spacing
+        );
+        let (b0, b1) = (config.beta_start, config.beta_end);
+        let lerp = |i: usize, a: f64, b: f64| a + (b - a) * i as f64 / (n - 1) as f64;
+        let betas: Vec<f64> = match config.beta_schedule.as_str() {
+            "linear" => (0..n).map(|i| lerp(i, b0, b1)).collect(),
+            "scaled_linear" => (0..n).map(|i| lerp(i, b0.sqrt(), b1.sqrt()).powi(2)).collect(),
+            other => anyhow::bail!(
+                "scheduler: beta_schedule {other:?} is not supported (use \"linear\" or \"scaled_linear\")"
+            ),
+        };
+        let mut acc = 1.0;
+        let alphas_cumprod = betas
+            .iter()
+            .map(|b| {
+                acc *= 1.0 - b;
+                acc
+            })
+            .collect();
+        Ok(Self { config, alphas_cumprod })
+    }
+
+    pub fn num_train_timesteps(&self) -> usize {
+        self.config.num_train_timesteps
+    }
+
+    /// alpha-bar at training timestep `t`.
+    pub fn alpha_bar(&self, t: usize) -> f64 {
+        self.alphas_cumprod[t]
+    }
+
+    pub fn alphas_cumprod(&self) -> &[f64] {
+        &self.alphas_cumprod
+    }
+
+    /// DDIM timesteps for `steps` inference steps, from the noisiest down ("leading" spacing).
+    pub fn ddim_timesteps(&self, steps: usize) -> Vec<usize> {
+        let ratio = self.num_train_timesteps() / steps;
+        (0..steps).rev().map(|i| i * ratio + self.config.steps_offset).collect()
+    }
+
+    /// The timestep a DDIM step from `t` lands on, clamped at 0 as the DDPO reference does so that
+    /// the last step keeps a positive variance.
+    pub fn prev_timestep(&self, t: usize, steps: usize) -> usize {
+        t.saturating_sub(self.num_train_timesteps() / steps)
+    }
+}
