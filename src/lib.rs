@@ -7,6 +7,8 @@
 //! - [`render`]: turning tensors into images, labelled sample grids, a tiny bitmap font.
 //! - [`kernels`]: project-owned CPU kernels (fast convolution) that candle lacks.
 //! - [`model`]: the Stable-Diffusion-architecture UNet and CLIP-style text encoder.
+//! - [`policy`]: the diffusion policy (text encoder + UNet + schedule) and its checkpoints.
+//! - [`optim`]: AdamW, gradient clipping and EMA with state we own (for exact resume).
 //! - [`sampler`]: noise schedule and the DDIM step with per-step log-probabilities.
 //! - [`pretrain`]: DDPM pretraining of the embedded default model.
 //! - [`cli`]: the command line (clap), progress bars and user-facing errors.
@@ -14,6 +16,8 @@
 pub mod cli;
 pub mod kernels;
 pub mod model;
+pub mod optim;
+pub mod policy;
 pub mod pretrain;
 pub mod render;
 pub mod sampler;

@@ -50,6 +50,12 @@ fn coefficients(
     };
     let prev = |t: usize| schedule.prev_timestep(t, steps);
     let sigma = |t: usize| ddim_sigma(schedule, t, prev(t), eta);
+    if let Some(&t) = timesteps.iter().find(|&&t| !(sigma(t) > 0.0)) {
+        candle_core::bail!(
+            "DDIM step from t={t} has zero variance, so its log-prob is undefined \
+             (use eta > 0 and a scheduler steps_offset >= 1)"
+        )
+    }
     Ok(StepCoefficients {
         sqrt_ab_t: column(&|t| schedule.alpha_bar(t).sqrt())?,
         sqrt_one_minus_ab_t: column(&|t| (1.0 - schedule.alpha_bar(t)).sqrt())?,

@@ -6,7 +6,9 @@
 pub mod ddim;
 pub mod noise;
 pub mod schedule;
+pub mod trajectory;
 
 pub use ddim::{ddim_sigma, ddim_step, StepOutput};
 pub use noise::{NoiseRng, NoiseRngState};
 pub use schedule::{NoiseSchedule, ScheduleConfig};
+pub use trajectory::{sample, transition_log_prob, SamplerConfig, Trajectory};

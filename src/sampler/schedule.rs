@@ -39,7 +39,9 @@ impl ScheduleConfig {
             beta_start: 1e-4,
             beta_end: 0.02,
             beta_schedule: "linear".into(),
-            steps_offset: 0,
+            // Offset 1 keeps the last DDIM step at t=1 -> 0, whose variance is positive; with 0 the
+            // last step would go 0 -> 0 and its log-prob would be undefined.
+            steps_offset: 1,
             timestep_spacing: "leading".into(),
             prediction_type: "epsilon".into(),
         }

@@ -1,0 +1,151 @@
+//! Optimisation with state the project owns, so that a checkpoint can hold everything needed to
+//! continue a run exactly: AdamW (candle's keeps its moments private), global gradient-norm
+//! clipping, and an exponential moving average of the weights.
+
+use std::collections::HashMap;
+
+use candle_core::{backprop::GradStore, Result, Tensor, Var};
+
+/// AdamW hyper-parameters (PyTorch's names and defaults, the DDPO reference's weight decay).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AdamWConfig {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self { lr: 3e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-4 }
+    }
+}
+
+/// AdamW over named variables. Moments are stored by name so they save and load with the weights.
+pub struct AdamW {
+    pub config: AdamWConfig,
+    vars: Vec<(String, Var)>,
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    step: usize,
+}
+
+impl AdamW {
+    /// `vars`: the trainable variables with stable names (e.g. from `VarMap::data()`), sorted so
+    /// the update order is deterministic.
+    pub fn new(mut vars: Vec<(String, Var)>, config: AdamWConfig) -> Result<Self> {
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let zeros = |v: &Var| v.as_tensor().zeros_like();
+        let m = vars.iter().map(|(_, v)| zeros(v)).collect::<Result<_>>()?;
+        let v = vars.iter().map(|(_, v)| zeros(v)).collect::<Result<_>>()?;
+        Ok(Self { config, vars, m, v, step: 0 })
+    }
+
+    pub fn vars(&self) -> &[(String, Var)] {
+        &self.vars
+    }
+
+    pub fn step_count(&self) -> usize {
+        self.step
+    }
+
+    pub fn set_lr(&mut self, lr: f64) {
+        self.config.lr = lr;
+    }
+
+    /// One update from `grads`; variables without a gradient are left untouched.
+    pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        self.step += 1;
+        let c = self.config;
+        let bias1 = 1.0 - c.beta1.powi(self.step as i32);
+        let bias2 = 1.0 - c.beta2.powi(self.step as i32);
+        for (i, (_, var)) in self.vars.iter().enumerate() {
+            let Some(g) = grads.get(var.as_tensor()) else { continue };
+            let m = ((&self.m[i] * c.beta1)? + (g * (1.0 - c.beta1))?)?;
+            let v = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            let update = ((&m / bias1)? / ((&v / bias2)?.sqrt()? + c.eps)?)?;
+            let decayed = (var.as_tensor() * (1.0 - c.lr * c.weight_decay))?;
+            var.set(&(decayed - (update * c.lr)?)?)?;
+            self.m[i] = m;
+            self.v[i] = v;
+        }
+        Ok(())
+    }
+
+    /// Moments and step count as named tensors (`adam.m.<name>`, `adam.v.<name>`, `adam.step`).
+    pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::new();
+        for (i, (name, _)) in self.vars.iter().enumerate() {
+            out.insert(format!("adam.m.{name}"), self.m[i].clone());
+            out.insert(format!("adam.v.{name}"), self.v[i].clone());
+        }
+        let step = Tensor::new(&[self.step as i64], &candle_core::Device::Cpu)?;
+        out.insert("adam.step".into(), step);
+        Ok(out)
+    }
+
+    /// Restores what [`AdamW::state_tensors`] saved; every variable's moments must be present.
+    pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>) -> anyhow::Result<()> {
+        let device = self.m.first().map(|t| t.device().clone()).unwrap_or(candle_core::Device::Cpu);
+        for (i, (name, _)) in self.vars.iter().enumerate() {
+            let get = |k: String| {
+                tensors
+                    .get(&k)
+                    .ok_or_else(|| anyhow::anyhow!("optimizer state has no tensor {k}"))
+                    .and_then(|t| Ok(t.to_device(&device)?))
+            };
+            self.m[i] = get(format!("adam.m.{name}"))?;
+            self.v[i] = get(format!("adam.v.{name}"))?;
+        }
+        let step = tensors
+            .get("adam.step")
+            .ok_or_else(|| anyhow::anyhow!("optimizer state has no adam.step"))?;
+        self.step = step.to_vec1::<i64>()?[0] as usize;
+        Ok(())
+    }
+}
+
+/// Scales all gradients so their global L2 norm is at most `max_norm`; returns the norm before.
+pub fn clip_grad_norm(vars: &[(String, Var)], grads: &mut GradStore, max_norm: f64) -> Result<f64> {
+    let mut total = 0.0f64;
+    for (_, var) in vars {
+        if let Some(g) = grads.get(var.as_tensor()) {
+            total += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        }
+    }
+    let norm = total.sqrt();
+    if norm > max_norm && norm.is_finite() {
+        let scale = max_norm / (norm + 1e-6);
+        for (_, var) in vars {
+            if let Some(g) = grads.remove(var.as_tensor()) {
+                grads.insert(var.as_tensor(), (g * scale)?);
+            }
+        }
+    }
+    Ok(norm)
+}
+
+/// Exponential moving average of named weights (used for the shipped pretrained model).
+pub struct Ema {
+    pub decay: f64,
+    pub weights: Vec<(String, Tensor)>,
+}
+
+impl Ema {
+    pub fn new(vars: &[(String, Var)], decay: f64) -> Result<Self> {
+        let weights = vars
+            .iter()
+            .map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?)))
+            .collect::<Result<_>>()?;
+        Ok(Self { decay, weights })
+    }
+
+    /// ema = decay * ema + (1 - decay) * current; `vars` in the same order as at construction.
+    pub fn update(&mut self, vars: &[(String, Var)]) -> Result<()> {
+        for ((_, ema), (_, var)) in self.weights.iter_mut().zip(vars) {
+            *ema = ((&*ema * self.decay)? + (var.as_tensor() * (1.0 - self.decay))?)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,116 @@
+//! Policy weights on disk: `NAME.safetensors` (tensors named `unet.*` and `text_encoder.*`, as in
+//! diffusers' folders) with `NAME.json` (the [`PolicyConfig`]) beside it. Loading memory-maps the
+//! file; writing goes through a temporary file and a rename so a crash never leaves half a file.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use candle_core::{safetensors::MmapedSafetensors, DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+
+use super::{Policy, PolicyConfig};
+
+/// The JSON config that belongs to a weights file.
+pub fn config_path(weights: &Path) -> PathBuf {
+    weights.with_extension("json")
+}
+
+/// Reads and validates the config beside `weights`.
+pub fn load_config(weights: &Path) -> anyhow::Result<PolicyConfig> {
+    let path = config_path(weights);
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!("cannot read model config {} (it must sit next to the weights file)", path.display())
+    })?;
+    let config: PolicyConfig = serde_json::from_str(&text)
+        .with_context(|| format!("model config {} is not a valid policy config", path.display()))?;
+    config.validate().with_context(|| format!("in {}", path.display()))?;
+    Ok(config)
+}
+
+fn open_weights(weights: &Path) -> anyhow::Result<MmapedSafetensors> {
+    anyhow::ensure!(
+        weights.exists(),
+        "model weights {} not found (run `ddpo pretrain diffusion` or pass --model PATH)",
+        weights.display()
+    );
+    // SAFETY: the file is only read; a concurrent writer replaces it by rename, never in place.
+    unsafe { MmapedSafetensors::new(weights) }
+        .with_context(|| format!("{} is not a readable safetensors file (corrupt or truncated?)", weights.display()))
+}
+
+impl Policy {
+    /// Loads a frozen policy for sampling (weights memory-mapped).
+    pub fn load(weights: &Path, device: &Device) -> anyhow::Result<Self> {
+        let config = load_config(weights)?;
+        open_weights(weights)?;
+        // SAFETY: as in `open_weights`.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[weights], DType::F32, device) }?;
+        Self::from_var_builder(config, vb, None, device)
+            .with_context(|| format!("{} does not match its config", weights.display()))
+    }
+
+    /// Loads a policy whose weights are trainable variables.
+    pub fn load_trainable(weights: &Path, device: &Device) -> anyhow::Result<Self> {
+        let config = load_config(weights)?;
+        let st = open_weights(weights)?;
+        let varmap = VarMap::new();
+        {
+            let mut data = varmap.data().lock().expect("varmap lock");
+            for (name, _) in st.tensors() {
+                let t = st.load(&name, device)?.to_dtype(DType::F32)?;
+                data.insert(name, Var::from_tensor(&t)?);
+            }
+        }
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let policy = Self::from_var_builder(config, vb, Some(varmap), device)
+            .with_context(|| format!("{} does not match its config", weights.display()))?;
+        let expected = policy.trainable_vars().len();
+        let found = st.tensors().len();
+        anyhow::ensure!(
+            expected == found,
+            "{} holds {found} tensors but the config's architecture has {expected}",
+            weights.display()
+        );
+        Ok(policy)
+    }
+
+    /// Saves the current weights (and config) atomically.
+    pub fn save(&self, weights: &Path) -> anyhow::Result<()> {
+        let tensors: Vec<(String, Tensor)> = self
+            .trainable_vars()
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().clone()))
+            .collect();
+        save_weights(&self.config, &tensors, weights)
+    }
+}
+
+/// Writes `tensors` as a policy checkpoint with its config, atomically.
+pub fn save_weights(config: &PolicyConfig, tensors: &[(String, Tensor)], weights: &Path) -> anyhow::Result<()> {
+    let map: HashMap<String, Tensor> = tensors.iter().cloned().collect();
+    save_tensors_atomic(&map, weights)?;
+    let json = serde_json::to_string_pretty(config)?;
+    write_atomic(&config_path(weights), json.as_bytes())
+}
+
+/// Writes a safetensors file through a temporary file and a rename.
+pub fn save_tensors_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -> anyhow::Result<()> {
+    let tmp = tmp_path(path);
+    candle_core::safetensors::save(tensors, &tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", path.display()))
+}
+
+/// Writes bytes through a temporary file and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = tmp_path(path);
+    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", path.display()))
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".tmp");
+    path.with_file_name(name)
+}
