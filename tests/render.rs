@@ -154,3 +154,26 @@ fn save_png_writes_png_and_rejects_bad_paths() {
     );
     assert!(!missing.exists());
 }
+
+#[test]
+fn text_is_clipped_at_the_image_edge() {
+    use ddpo::render::font::{draw_text, text_width};
+    let mut img = RgbImage::from_pixel(20, 10, Rgb([255; 3]));
+    draw_text(&mut img, 0, 0, "HI", Rgb([0; 3]), 1);
+    let inked = |img: &RgbImage| img.pixels().filter(|p| p.0 == [0; 3]).count();
+    // 'H' is two 7-pixel columns and a 3-pixel bar; 'I' a 7-pixel stem and 4 serif pixels.
+    assert_eq!(inked(&img), 17 + 11);
+    assert_eq!(text_width("HI", 2), 2 * (2 * ADVANCE - 1));
+    assert!((0..10).all(|y| img.get_pixel(19, y).0 == [255; 3]));
+    draw_text(&mut img, 15, 8, &"W".repeat(1000), Rgb([0; 3]), 3);
+    draw_text(
+        &mut img,
+        u32::MAX,
+        u32::MAX,
+        "far away",
+        Rgb([0; 3]),
+        u32::MAX,
+    );
+    draw_text(&mut img, 0, 0, "huge", Rgb([0; 3]), u32::MAX);
+    assert!(inked(&img) > 28);
+}

@@ -89,7 +89,7 @@ const GLYPHS: [[u8; 5]; 95] = [
     [0x38, 0x44, 0x44, 0x48, 0x7F], // 'd'
     [0x38, 0x54, 0x54, 0x54, 0x18], // 'e'
     [0x08, 0x7E, 0x09, 0x01, 0x02], // 'f'
-    [0x0C, 0x52, 0x52, 0x52, 0x3E], // 'g'
+    [0x08, 0x14, 0x54, 0x54, 0x3C], // 'g'
     [0x7F, 0x08, 0x04, 0x04, 0x78], // 'h'
     [0x00, 0x44, 0x7D, 0x40, 0x00], // 'i'
     [0x20, 0x40, 0x44, 0x3D, 0x00], // 'j'
@@ -132,17 +132,16 @@ pub fn text_width(text: &str, scale: u32) -> u32 {
 pub fn draw_text(img: &mut RgbImage, x: u32, y: u32, text: &str, colour: Rgb<u8>, scale: u32) {
     let scale = scale.max(1);
     for (i, c) in text.chars().enumerate() {
-        let left = x + i as u32 * ADVANCE * scale;
+        let left = x.saturating_add((i as u32).saturating_mul(ADVANCE).saturating_mul(scale));
+        if left >= img.width() {
+            break;
+        }
         for (col, bits) in glyph(c).iter().enumerate() {
             for row in 0..GLYPH_HEIGHT {
                 if bits & (1 << row) != 0 {
-                    fill_block(
-                        img,
-                        left + col as u32 * scale,
-                        y + row * scale,
-                        scale,
-                        colour,
-                    );
+                    let top = y.saturating_add(row.saturating_mul(scale));
+                    let column = left.saturating_add((col as u32).saturating_mul(scale));
+                    fill_block(img, column, top, scale, colour);
                 }
             }
         }
@@ -150,8 +149,8 @@ pub fn draw_text(img: &mut RgbImage, x: u32, y: u32, text: &str, colour: Rgb<u8>
 }
 
 fn fill_block(img: &mut RgbImage, x: u32, y: u32, side: u32, colour: Rgb<u8>) {
-    for py in y..(y + side).min(img.height()) {
-        for px in x..(x + side).min(img.width()) {
+    for py in y..y.saturating_add(side).min(img.height()) {
+        for px in x..x.saturating_add(side).min(img.width()) {
             img.put_pixel(px, py, colour);
         }
     }

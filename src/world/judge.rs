@@ -13,8 +13,9 @@ use super::palette::Colour;
 use image::RgbImage;
 use std::collections::HashMap;
 
-/// Pixels farther than this from every palette colour are in-between blends,
-/// named by nobody. About half the distance between the closest palette pair.
+/// A non-background pixel farther than this from every blend of a background
+/// colour with another palette colour is noise and credits no shape colour.
+/// About half the distance between the closest palette pair.
 const MAX_COLOUR_DISTANCE: f32 = 48.0;
 
 /// The least share of border pixels that makes a colour part of the background.
@@ -28,11 +29,11 @@ const MIN_SHAPE_AREA: f32 = 3.0;
 pub struct Judgement {
     /// The detected background colours equal the caption's, as a set.
     pub background_ok: bool,
-    /// The most frequent shape colour is one of the caption's shape colours.
+    /// The shape colour covering the most area is one of the caption's.
     pub shape_colour_ok: bool,
     /// Background colours found on the border, most frequent first.
     pub detected_background: Vec<Colour>,
-    /// Colours of the non-background pixels, most frequent first.
+    /// Shape colours by the area they cover (at least 3 pixels), largest first.
     pub detected_shape_colours: Vec<Colour>,
 }
 
