@@ -300,3 +300,26 @@ fn judge_reads_split_backgrounds() {
         assert!(j.background_ok, "{}", s.caption);
     }
 }
+
+#[test]
+fn judge_tolerates_noise_like_a_model_output() {
+    use rand_distr::{Distribution, Normal};
+    let noise = Normal::new(0.0f32, 12.0).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let samples = world(32).batch(77, 200);
+    let passed = samples
+        .iter()
+        .filter(|s| {
+            let mut img = s.image.clone();
+            for p in img.pixels_mut() {
+                p.0 =
+                    p.0.map(|v| (v as f32 + noise.sample(&mut rng)).clamp(0.0, 255.0) as u8);
+            }
+            judge(&img, &s.spec).passed()
+        })
+        .count();
+    assert!(
+        passed >= 190,
+        "judge passed only {passed}/200 noisy renders"
+    );
+}

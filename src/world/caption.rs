@@ -245,19 +245,50 @@ pub fn is_rare(colour: Colour, kind: ShapeKind) -> bool {
     RARE_COMBOS.contains(&(colour, kind))
 }
 
-/// Probabilities of the grammar's choices.
+/// How often the grammar makes each choice.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GrammarWeights {
     /// Probability of a two-colour split background.
     pub split_background: f64,
-    /// Probability of "a/two/three <shape>" with one group, per count 1..=3.
+    /// Relative weights of the caption structures: one group of one, two or
+    /// three shapes, ...
     pub counts: [f64; 3],
-    /// Probability of two groups joined by a spatial relation.
+    /// ... two single shapes joined by a spatial relation, ...
     pub relation: f64,
-    /// Probability of two groups joined by "and" (no relation).
+    /// ... and two groups joined by "and". The five are normalised to sum to 1.
     pub and: f64,
     /// Relative weight of a [`RARE_COMBOS`] colour/shape pair (common pairs weigh 1).
     pub rare: f64,
+}
+
+impl GrammarWeights {
+    /// Checks that every weight is a finite non-negative number, that the
+    /// split probability is at most 1 and that some caption structure can occur.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let all = [
+            self.split_background,
+            self.counts[0],
+            self.counts[1],
+            self.counts[2],
+            self.relation,
+            self.and,
+            self.rare,
+        ];
+        anyhow::ensure!(
+            all.iter().all(|w| w.is_finite() && *w >= 0.0),
+            "grammar weights must be finite and non-negative: {self:?}"
+        );
+        anyhow::ensure!(
+            self.split_background <= 1.0,
+            "split background probability must be at most 1, got {}",
+            self.split_background
+        );
+        anyhow::ensure!(
+            all[1..6].iter().sum::<f64>() > 0.0,
+            "at least one caption structure weight must be positive: {self:?}"
+        );
+        Ok(())
+    }
 }
 
 impl Default for GrammarWeights {
@@ -325,7 +356,7 @@ pub(crate) fn sample_spec(rng: &mut impl Rng, weights: &GrammarWeights) -> Capti
 
 fn sample_background(rng: &mut impl Rng, split_probability: f64) -> Vec<Colour> {
     let first = Colour::ALL[rng.random_range(0..Colour::ALL.len())];
-    if !rng.random_bool(split_probability.clamp(0.0, 1.0)) {
+    if !rng.random_bool(split_probability) {
         return vec![first];
     }
     let others: Vec<Colour> = Colour::ALL.into_iter().filter(|&c| c != first).collect();

@@ -40,7 +40,7 @@ pub use palette::Colour;
 pub use scene::{relation_holds, PlacedShape, Scene, Split};
 pub use tokenizer::Tokenizer;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -100,6 +100,9 @@ impl ShapesWorld {
             "shapes world image size must be between {MIN_SIZE} and {MAX_SIZE} pixels, got {}",
             cfg.size
         );
+        cfg.grammar
+            .validate()
+            .context("invalid shapes world grammar")?;
         ensure!(
             cfg.supersample >= 1,
             "shapes world supersampling must be at least 1, got 0"
