@@ -1,1 +1,10 @@
-//! (placeholder, replaced by the render work)
+//! Everything between tensors and pixels: converting image batches to and from
+//! model tensors, labelled sample grids for humans, and the bitmap font those
+//! labels are drawn with.
+
+pub mod font;
+pub mod grid;
+pub mod tensor;
+
+pub use grid::{labelled_grid, save_png};
+pub use tensor::{images_to_tensor, tensor_to_images};
