@@ -1,6 +1,91 @@
-//! The command line: clap subcommands, progress bars and user-facing errors.
+//! The command line: clap subcommands (one file each), progress bars and user-facing errors.
+//! This is the only module that prints; `main.rs` just calls [`run`].
+
+mod eval;
+mod pretrain;
+mod sample;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+
+/// Reinforcement-learning finetuning of diffusion models (DDPO), CPU-first.
+#[derive(Debug, Parser)]
+#[command(name = "ddpo", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Sample images for a prompt and write a labelled grid PNG.
+    Sample(sample::Args),
+    /// Pretrain the embedded default models on the shapes world.
+    #[command(subcommand)]
+    Pretrain(pretrain::Which),
+    /// Measure how well a model follows shapes-world prompts (pixel-level judge).
+    Eval(eval::Args),
+}
 
 /// Parses the command line and runs the chosen subcommand.
 pub fn run() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Sample(args) => sample::exec(args),
+        Command::Pretrain(which) => pretrain::exec(which),
+        Command::Eval(args) => eval::exec(args),
+    }
+}
+
+/// The shipped default model, found relative to the working directory or the source checkout.
+pub const DEFAULT_MODEL: &str = "models/shapes-unet.safetensors";
+
+/// Resolves a model path: as given, or (for the default) inside the crate's checkout.
+fn resolve_model(path: &Path) -> PathBuf {
+    if path.exists() || path.is_absolute() {
+        return path.to_path_buf();
+    }
+    let in_checkout = Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+    if in_checkout.exists() {
+        in_checkout
+    } else {
+        path.to_path_buf()
+    }
+}
+
+/// The compute device named on the command line.
+fn device(name: &str) -> anyhow::Result<candle_core::Device> {
+    match name {
+        "cpu" => Ok(candle_core::Device::Cpu),
+        "cuda" => candle_core::Device::new_cuda(0).map_err(|e| {
+            anyhow::anyhow!("cannot open CUDA device 0 ({e}); build with `--features cuda` on a machine with a GPU, or use --device cpu")
+        }),
+        other => anyhow::bail!("unknown --device {other:?} (use cpu or cuda)"),
+    }
+}
+
+/// A flag set by Ctrl-C, so long jobs can checkpoint and stop cleanly.
+fn interrupt_flag() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let f = flag.clone();
+    // A second handler cannot be installed (e.g. in tests); then Ctrl-C simply kills the process.
+    let _ = ctrlc::set_handler(move || {
+        if f.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupted: finishing the current step and writing a checkpoint (Ctrl-C again to abort)");
+    });
+    flag
+}
+
+/// Checks that an output path names a PNG file in an existing folder.
+fn check_png_path(path: &Path) -> anyhow::Result<()> {
+    let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+    anyhow::ensure!(ext.as_deref() == Some("png"), "--out {} must end in .png", path.display());
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        anyhow::ensure!(dir.is_dir(), "--out {}: folder {} does not exist", path.display(), dir.display());
+    }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! The DDPM noise schedule (betas, alphas, cumulative alphas) and DDIM timestep selection,
 //! following diffusers' scheduler config fields so a `scheduler_config.json` loads directly.
 
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 /// Scheduler configuration with diffusers' field names (the fields this project supports).
@@ -100,6 +101,17 @@ impl NoiseSchedule {
 
     pub fn alphas_cumprod(&self) -> &[f64] {
         &self.alphas_cumprod
+    }
+
+    /// Forward process q(x_t | x_0): sqrt(ab_t) x0 + sqrt(1 - ab_t) noise, one `t` per batch row.
+    pub fn add_noise(&self, x0: &Tensor, noise: &Tensor, t: &[usize]) -> candle_core::Result<Tensor> {
+        let column = |f: &dyn Fn(f64) -> f64| {
+            let v: Vec<f32> = t.iter().map(|&t| f(self.alpha_bar(t)) as f32).collect();
+            Tensor::from_vec(v, (t.len(), 1, 1, 1), x0.device())
+        };
+        let signal = column(&|ab| ab.sqrt())?;
+        let noise_scale = column(&|ab| (1.0 - ab).sqrt())?;
+        x0.broadcast_mul(&signal)? + noise.broadcast_mul(&noise_scale)?
     }
 
     /// DDIM timesteps for `steps` inference steps, from the noisiest down ("leading" spacing).

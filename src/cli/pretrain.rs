@@ -1,0 +1,101 @@
+//! `ddpo pretrain diffusion`: DDPM pretraining of the embedded default policy, resumable.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::pretrain::{Event, PretrainConfig, Pretrainer};
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Which {
+    /// Train the text-conditioned diffusion model (UNet + text encoder) with the DDPM objective.
+    Diffusion(DiffusionArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DiffusionArgs {
+    /// Run folder (checkpoints, EMA weights, sample grids).
+    #[arg(long, default_value = "runs/pretrain-diffusion")]
+    out: PathBuf,
+    /// Continue the run in --out from its last checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Total optimiser steps (on --resume: extends or shortens the plan).
+    #[arg(long)]
+    steps: Option<usize>,
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Steps between checkpoints.
+    #[arg(long, default_value_t = 250)]
+    checkpoint_every: usize,
+    /// Steps between sample grids (0: never).
+    #[arg(long, default_value_t = 1000)]
+    sample_every: usize,
+    /// Also write the final EMA policy here (e.g. models/shapes-unet.safetensors).
+    #[arg(long)]
+    export: Option<PathBuf>,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+pub fn exec(which: Which) -> anyhow::Result<()> {
+    let Which::Diffusion(args) = which;
+    let device = super::device(&args.device)?;
+    let mut run = if args.resume {
+        Pretrainer::resume(&args.out, args.steps, &device)?
+    } else {
+        let defaults = PretrainConfig::default();
+        let config = PretrainConfig {
+            steps: args.steps.unwrap_or(defaults.steps),
+            batch_size: args.batch_size,
+            lr: args.lr,
+            seed: args.seed,
+            checkpoint_every: args.checkpoint_every,
+            sample_every: args.sample_every,
+            ..defaults
+        };
+        Pretrainer::create(config, &args.out, &device)?
+    };
+    eprintln!(
+        "pretraining {} parameters in {} from step {} to {}",
+        run.policy.parameter_count(),
+        args.out.display(),
+        run.step,
+        run.config.steps
+    );
+    let bar = ProgressBar::new(run.config.steps as u64).with_position(run.step as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} {per_sec} eta {eta} {msg}")
+            .expect("valid template"),
+    );
+    let stop = super::interrupt_flag();
+    let start = Instant::now();
+    let mut ema_loss = None::<f64>;
+    let mut on_event = |e: Event| match e {
+        Event::Step { step, loss, lr, grad_norm } => {
+            let l = ema_loss.map_or(loss, |m| 0.98 * m + 0.02 * loss);
+            ema_loss = Some(l);
+            bar.set_position(step as u64);
+            bar.set_message(format!("loss {l:.4} lr {lr:.1e} |g| {grad_norm:.2}"));
+        }
+        Event::Checkpoint { step, path } => {
+            bar.println(format!("step {step}: checkpoint in {} ({:.0} s)", path.display(), start.elapsed().as_secs_f64()))
+        }
+        Event::Samples { step, path } => bar.println(format!("step {step}: samples {}", path.display())),
+    };
+    run.run(&mut on_event, &|| stop.load(Ordering::SeqCst))?;
+    bar.finish();
+    if let Some(export) = &args.export {
+        if run.step >= run.config.steps {
+            run.export(export)?;
+            eprintln!("exported the EMA policy to {}", export.display());
+        }
+    }
+    Ok(())
+}
