@@ -7,7 +7,11 @@
 //! scatter-add [`im2col::Col2Im`]), and candle's gemm-backed matmul, which does have a fast
 //! backward, does the arithmetic. Both gradients (input and weight) then fall out of candle's
 //! autograd. On other devices or dtypes we defer to candle's own conv2d.
+//!
+//! The first CPU call also switches glibc malloc to recycling freed memory ([`alloc`]): page
+//! faults on freshly mapped tensors otherwise cost more than the convolution's copying.
 
+pub mod alloc;
 pub mod im2col;
 
 use candle_core::{bail, DType, Device, Result, Tensor};
@@ -26,6 +30,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<T
     if !fast {
         return x.conv2d(w, padding, stride, 1, 1);
     }
+    alloc::reuse_freed_memory();
     if geom.kh == 1 && geom.kw == 1 && stride == 1 && padding == 0 {
         return conv1x1(x, w, &geom, o);
     }
