@@ -229,6 +229,19 @@ fn parts() -> Result<()> {
         wb.t()?.matmul(&grad)
     })?;
     report("dcol W^T(K,O) @ grad(O,NP)", gf, &|| w.t()?.matmul(&grad_b))?;
+    let wtb = w.t()?.unsqueeze(0)?.broadcast_as((s.n, k, s.o))?;
+    report("fwdT cols^T(N,P,K) @ W^T bcast(N,K,O)", gf, &|| {
+        cols.t()?.matmul(&wtb)
+    })?;
+    report("fwdT cols^T(NP,K) @ W^T(K,O)", gf, &|| {
+        cols_b.t()?.matmul(&w.t()?)
+    })?;
+    report("dWT  cols(N,K,P) @ grad^T(N,P,O), sum N", gf, &|| {
+        cols.matmul(&grad.t()?)?.sum(0)
+    })?;
+    report("dWT  cols(K,NP) @ grad^T(NP,O)", gf, &|| {
+        cols_b.matmul(&grad_b.t()?)
+    })?;
     report("transpose (N,O,P)->(O,N,P) copy", 0.0, &|| {
         grad.transpose(0, 1)?.contiguous()
     })?;

@@ -331,27 +331,29 @@ fn handles_non_contiguous_inputs() -> Result<()> {
 fn col2im_is_adjoint_of_im2col() -> Result<()> {
     use ddpo::kernels::im2col::{Col2Im, ConvGeom, Im2Col};
     let mut rng = ChaCha8Rng::seed_from_u64(9);
-    let g = ConvGeom::new((2, 3, 7, 6), (3, 3), 2, 1)?;
-    let x = rand_tensor(&mut rng, &[2, 3, 7, 6])?;
-    let c = rand_tensor(&mut rng, &[2, g.k(), g.p()])?;
-    let lhs = (x.apply_op1(Im2Col(g))? * &c)?
-        .sum_all()?
-        .to_scalar::<f32>()?;
-    let rhs = (&x * c.apply_op1(Col2Im(g))?)?
-        .sum_all()?
-        .to_scalar::<f32>()?;
-    assert!(
-        (lhs - rhs).abs() < 1e-4 * (1.0 + lhs.abs()),
-        "{lhs} vs {rhs}"
-    );
+    for (k, stride, pad) in [(3, 2, 1), (3, 1, 1), (1, 2, 0), (2, 1, 0)] {
+        let g = ConvGeom::new((2, 3, 7, 6), (k, k), stride, pad)?;
+        let x = rand_tensor(&mut rng, &[2, 3, 7, 6])?;
+        let c = rand_tensor(&mut rng, &[2, g.k(), g.p()])?;
+        let lhs = (x.apply_op1(Im2Col(g))? * &c)?
+            .sum_all()?
+            .to_scalar::<f32>()?;
+        let rhs = (&x * c.apply_op1(Col2Im(g))?)?
+            .sum_all()?
+            .to_scalar::<f32>()?;
+        assert!(
+            (lhs - rhs).abs() < 1e-4 * (1.0 + lhs.abs()),
+            "{g:?}: {lhs} vs {rhs}"
+        );
 
-    // Col2Im's backward is Im2Col: d/dc sum(col2im(c) * x) == im2col(x).
-    let cv = Var::from_tensor(&c)?;
-    let grads = (cv.as_tensor().apply_op1(Col2Im(g))? * &x)?
-        .sum_all()?
-        .backward()?;
-    let gc = grads.get(cv.as_tensor()).expect("no grad for cols");
-    assert!(rel_err(gc, &x.apply_op1(Im2Col(g))?)? < TOL);
+        // Col2Im's backward is Im2Col: d/dc sum(col2im(c) * x) == im2col(x).
+        let cv = Var::from_tensor(&c)?;
+        let grads = (cv.as_tensor().apply_op1(Col2Im(g))? * &x)?
+            .sum_all()?
+            .backward()?;
+        let gc = grads.get(cv.as_tensor()).expect("no grad for cols");
+        assert!(rel_err(gc, &x.apply_op1(Im2Col(g))?)? < TOL);
+    }
     Ok(())
 }
 
