@@ -74,11 +74,11 @@ impl ConvGeom {
         self.ho * self.wo
     }
 
-    fn image_shape(&self) -> Shape {
+    pub(crate) fn image_shape(&self) -> Shape {
         (self.n, self.c, self.h, self.w).into()
     }
 
-    fn cols_shape(&self) -> Shape {
+    pub(crate) fn cols_shape(&self) -> Shape {
         (self.n, self.k(), self.p()).into()
     }
 
@@ -102,7 +102,7 @@ impl ConvGeom {
 }
 
 /// Borrows the f32 data of a contiguous CPU tensor with exactly `expected` shape.
-fn contiguous_f32<'a>(
+pub(crate) fn contiguous_f32<'a>(
     storage: &'a CpuStorage,
     layout: &Layout,
     expected: &Shape,
@@ -144,13 +144,7 @@ impl CustomOp1 for Im2Col {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = &self.0;
         let src = contiguous_f32(storage, layout, &g.image_shape(), "im2col")?;
-        // Every element is written (padding included), so skip the zeroing pass.
-        let len = g.n * g.k() * g.p();
-        let mut dst = Vec::with_capacity(len);
-        im2col(g, src, &mut dst.spare_capacity_mut()[..len]);
-        // SAFETY: `im2col` initialised all `len` elements.
-        unsafe { dst.set_len(len) };
-        Ok((CpuStorage::F32(dst), g.cols_shape()))
+        Ok((CpuStorage::F32(im2col_vec(g, src)), g.cols_shape()))
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
@@ -174,6 +168,17 @@ impl CustomOp1 for Col2Im {
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(grad_res.contiguous()?.apply_op1(Im2Col(self.0))?))
     }
+}
+
+/// The columns (N, C*kh*kw, Ho*Wo) of the contiguous image `src` (N, C, H, W), in a new buffer.
+pub fn im2col_vec(g: &ConvGeom, src: &[f32]) -> Vec<f32> {
+    // Every element is written (padding included), so skip the zeroing pass.
+    let len = g.n * g.k() * g.p();
+    let mut dst = Vec::with_capacity(len);
+    im2col(g, src, &mut dst.spare_capacity_mut()[..len]);
+    // SAFETY: `im2col` initialised all `len` elements.
+    unsafe { dst.set_len(len) };
+    dst
 }
 
 /// Fills every element of `dst` (N, C*kh*kw, Ho*Wo) from the contiguous image `src`
