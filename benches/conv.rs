@@ -2,7 +2,8 @@
 //! forward+backward (loss = sum), at the headline shape and the default UNet's typical ones.
 //!
 //! Criterion does the careful timing; a short summary pass afterwards prints median ms,
-//! GFLOP/s and the ours/candle ratio per shape (skip it with `CONV_SUMMARY=0`).
+//! GFLOP/s and the ours/candle ratio per shape (skip it with `CONV_SUMMARY=0`, restrict it to
+//! shapes whose name contains `CONV_SHAPE`). `CONV_PARTS=1` adds a breakdown of our pieces.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -167,7 +168,8 @@ fn summary() -> Result<()> {
         "\n{:<22} {:>8} {:>9} {:>9} {:>7} {:>8} {:>8}",
         "shape", "pass", "ours ms", "candle ms", "ratio", "ours GF", "cand GF"
     );
-    for s in SHAPES {
+    let only = std::env::var("CONV_SHAPE").unwrap_or_default();
+    for s in SHAPES.iter().filter(|s| s.name.contains(&only)) {
         let (x, w) = s.inputs()?;
         for (pass, flops) in [("fwd", s.fwd_flops()), ("fwd+bwd", 3.0 * s.fwd_flops())] {
             let time = |imp: Impl| {
@@ -229,8 +231,13 @@ fn parts() -> Result<()> {
         wb.t()?.matmul(&grad)
     })?;
     report("dcol W^T(K,O) @ grad(O,NP)", gf, &|| w.t()?.matmul(&grad_b))?;
-    let wtb = w.t()?.unsqueeze(0)?.broadcast_as((s.n, k, s.o))?;
-    report("fwdT cols^T(N,P,K) @ W^T bcast(N,K,O)", gf, &|| {
+    // Materialised: candle mis-handles a zero-batch-stride rhs with a column-major lhs.
+    let wtb = w
+        .t()?
+        .unsqueeze(0)?
+        .broadcast_as((s.n, k, s.o))?
+        .contiguous()?;
+    report("fwdT cols^T(N,P,K) @ W^T (N,K,O)", gf, &|| {
         cols.t()?.matmul(&wtb)
     })?;
     report("fwdT cols^T(NP,K) @ W^T(K,O)", gf, &|| {

@@ -244,6 +244,23 @@ fn matches_candle_on_unet_like_shape() -> Result<()> {
     Ok(())
 }
 
+/// A batch large enough that the forward pass works through it in several chunks (7 + 2).
+#[test]
+fn matches_candle_across_forward_batch_chunks() -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(17);
+    let case = Case {
+        n: 9,
+        c: 16,
+        o: 8,
+        h: 32,
+        w: 32,
+        k: 3,
+        stride: 1,
+        pad: 1,
+    };
+    check_case(&mut rng, case)
+}
+
 /// Central finite differences of loss = sum(conv(x, w) * r) on a tiny f64-accurate-enough case.
 #[test]
 fn gradients_match_finite_differences() -> Result<()> {

@@ -2,10 +2,15 @@
 
 Run with 2 threads on the same machine and in the same session as `cargo bench --bench conv`
 so that the ratios mean something:  python benches/pytorch/conv_bench.py
+(TORCH_THREADS overrides the thread count; on a loaded machine OMP_WAIT_POLICY=PASSIVE
+keeps OpenMP from losing whole scheduler ticks at its barriers.)
 Prints median ms and GFLOP/s for forward (no grad) and forward+backward (loss = sum, grads to
-both x and w), matching the Rust bench's definitions.
+both x and w), matching the Rust bench's definitions. An argument restricts it to the shapes
+whose name contains it.
 """
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -32,12 +37,13 @@ def median_ms(fn, reps=15):
 
 
 def main():
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("TORCH_THREADS", "2")))
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"mkldnn {torch.backends.mkldnn.is_available()}")
     print(f"{'shape':<22} {'pass':>8} {'torch ms':>9} {'GFLOP/s':>8}")
-    for name, n, c, h, w, o, k, s, p in SHAPES:
+    only = sys.argv[1] if len(sys.argv) > 1 else ""
+    for name, n, c, h, w, o, k, s, p in (sh for sh in SHAPES if only in sh[0]):
         x = torch.randn(n, c, h, w, requires_grad=True)
         wt = (0.05 * torch.randn(o, c, k, k)).requires_grad_()
         ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1

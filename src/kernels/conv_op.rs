@@ -7,7 +7,8 @@
 //! only x and w, recomputes the columns in backward (cheap next to the matmuls) and picks
 //! the fastest product layouts:
 //! - forward: `cols^T (N, P, K) @ W^T (K, O) = out^T (N, P, O)`, transposed to (N, O, P) in
-//!   one pass (gemm is slow when the row count, O, is small; 1x1 convs use `W @ x` directly);
+//!   one pass (gemm is slow when the row count, O, is small; 1x1 convs use `W @ x` directly),
+//!   a cache-sized batch chunk at a time so the columns never reach main memory;
 //! - input gradient: `W^T (K, O) @ grad (N, O, P) = dcols (N, K, P)`, then col2im;
 //! - weight gradient: `sum_n cols_n (K, P) @ grad_n^T (P, O) = dW^T (K, O)`.
 //!
@@ -73,6 +74,26 @@ impl Conv2dOp {
     }
 }
 
+/// Target size of one batch chunk's columns in the forward pass (4 MiB of f32).
+const COLS_CHUNK_FLOATS: usize = 1 << 20;
+
+impl Conv2dOp {
+    /// Convolves `items` images `x` into `out` (items, O, P), given W^T stacked per item.
+    ///
+    /// out^T (P, O) = cols^T (P, K) @ W^T (K, O): gemm runs this orientation faster than
+    /// W @ cols, whose row count (O) is small; the transpose back is one cheap pass.
+    fn forward_items(&self, x: &[f32], w_t: &Tensor, items: usize, out: &mut [f32]) -> Result<()> {
+        let g = ConvGeom {
+            n: items,
+            ..self.geom
+        };
+        let cols = Tensor::from_vec(im2col_vec(&g, x), g.cols_shape(), &Device::Cpu)?;
+        let out_t = cols.t()?.matmul(w_t)?.flatten_all()?.to_vec1::<f32>()?;
+        transpose_batched(&out_t, g.p(), self.o, out);
+        Ok(())
+    }
+}
+
 impl CustomOp2 for Conv2dOp {
     fn name(&self) -> &'static str {
         "ddpo-conv2d"
@@ -88,27 +109,30 @@ impl CustomOp2 for Conv2dOp {
         let g = &self.geom;
         let x = contiguous_f32(xs, xl, &g.image_shape(), "conv2d input")?;
         let w = contiguous_f32(ws, wl, &self.weight_shape(), "conv2d weight")?;
-        let cols = if self.pointwise() {
-            Tensor::from_slice(x, (g.n, g.k(), g.p()), &Device::Cpu)?
-        } else {
-            Tensor::from_vec(im2col_vec(g, x), g.cols_shape(), &Device::Cpu)?
-        };
         let w = Tensor::from_slice(w, self.weight_shape(), &Device::Cpu)?;
         let w = self.weight_stack(&w)?;
         if self.pointwise() {
-            // Few rows (K = C) and pixels: the plain orientation is as fast and needs no
-            // transpose.
+            // Few rows (K = C) and no unfolding: the plain orientation needs no transpose.
+            let cols = Tensor::from_slice(x, (g.n, g.k(), g.p()), &Device::Cpu)?;
             let out = w.matmul(&cols)?.flatten_all()?.to_vec1()?;
             return Ok((CpuStorage::F32(out), self.out_shape()));
         }
-        // out^T (N, P, O) = cols^T (N, P, K) @ W^T (K, O): gemm runs this orientation faster
-        // than W @ cols, whose row count (O) is small; the transpose back is one cheap pass.
-        // W^T is materialised per item (it is small): with a zero batch stride candle would fold
-        // the batch into the rows of one gemm, which is wrong for the column-major cols^T.
+        // W^T is materialised (it is small): with a zero batch stride candle would fold the
+        // batch into the rows of one gemm, which is wrong for the column-major cols^T.
         let w_t = w.t()?.contiguous()?;
-        let out_t = cols.t()?.matmul(&w_t)?;
-        let out_t = out_t.flatten_all()?.to_vec1::<f32>()?;
-        let out = transpose_batched(&out_t, g.n, g.p(), self.o);
+        let mut out = vec![0f32; g.n * self.o * g.p()];
+        // Batch chunks whose columns fit in cache: unfolding and multiplying them back to back
+        // keeps the columns out of main memory, and bounds the forward's extra memory.
+        let per_item = g.k() * g.p();
+        let chunk = (COLS_CHUNK_FLOATS / per_item).clamp(1, g.n);
+        let (image, out_item) = (g.c * g.h * g.w, self.o * g.p());
+        for (xs, os) in x
+            .chunks(chunk * image)
+            .zip(out.chunks_mut(chunk * out_item))
+        {
+            let items = xs.len() / image;
+            self.forward_items(xs, &w_t.narrow(0, 0, items)?, items, os)?;
+        }
         Ok((CpuStorage::F32(out), self.out_shape()))
     }
 
@@ -135,12 +159,10 @@ impl CustomOp2 for Conv2dOp {
     }
 }
 
-/// Transposes each of the `n` row-major (rows, cols) matrices in `src` to (cols, rows).
-fn transpose_batched(src: &[f32], n: usize, rows: usize, cols: usize) -> Vec<f32> {
-    let len = n * rows * cols;
-    let mut dst = vec![0f32; len];
-    if len == 0 {
-        return dst;
+/// Transposes each row-major (rows, cols) matrix in `src` into (cols, rows) in `dst`.
+fn transpose_batched(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    if rows * cols == 0 {
+        return;
     }
     dst.par_chunks_mut(rows * cols)
         .zip(src.par_chunks(rows * cols))
@@ -156,5 +178,4 @@ fn transpose_batched(src: &[f32], n: usize, rows: usize, cols: usize) -> Vec<f32
                 }
             }
         });
-    dst
 }
