@@ -244,6 +244,23 @@ fn matches_candle_on_unet_like_shape() -> Result<()> {
     Ok(())
 }
 
+/// A batch large enough that the forward pass works through it in several chunks (7 + 2).
+#[test]
+fn matches_candle_across_forward_batch_chunks() -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(17);
+    let case = Case {
+        n: 9,
+        c: 16,
+        o: 8,
+        h: 32,
+        w: 32,
+        k: 3,
+        stride: 1,
+        pad: 1,
+    };
+    check_case(&mut rng, case)
+}
+
 /// Central finite differences of loss = sum(conv(x, w) * r) on a tiny f64-accurate-enough case.
 #[test]
 fn gradients_match_finite_differences() -> Result<()> {
@@ -254,7 +271,7 @@ fn gradients_match_finite_differences() -> Result<()> {
         let r = rand_tensor(&mut rng, conv2d(&x, &w, stride, pad)?.dims())?;
         let loss = |x: &Tensor, w: &Tensor| -> Result<f64> {
             let l = (conv2d(x, w, stride, pad)? * &r)?.sum_all()?;
-            Ok(l.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+            l.to_dtype(DType::F64)?.to_scalar::<f64>()
         };
         let (_, gx, gw) = run(|x, w| conv2d(x, w, stride, pad), &x, &w, Some(&r))?;
         check_fd(&x, &gx, |xp| loss(xp, &w))?;
@@ -331,27 +348,29 @@ fn handles_non_contiguous_inputs() -> Result<()> {
 fn col2im_is_adjoint_of_im2col() -> Result<()> {
     use ddpo::kernels::im2col::{Col2Im, ConvGeom, Im2Col};
     let mut rng = ChaCha8Rng::seed_from_u64(9);
-    let g = ConvGeom::new((2, 3, 7, 6), (3, 3), 2, 1)?;
-    let x = rand_tensor(&mut rng, &[2, 3, 7, 6])?;
-    let c = rand_tensor(&mut rng, &[2, g.k(), g.p()])?;
-    let lhs = (x.apply_op1(Im2Col(g))? * &c)?
-        .sum_all()?
-        .to_scalar::<f32>()?;
-    let rhs = (&x * c.apply_op1(Col2Im(g))?)?
-        .sum_all()?
-        .to_scalar::<f32>()?;
-    assert!(
-        (lhs - rhs).abs() < 1e-4 * (1.0 + lhs.abs()),
-        "{lhs} vs {rhs}"
-    );
+    for (k, stride, pad) in [(3, 2, 1), (3, 1, 1), (1, 2, 0), (2, 1, 0)] {
+        let g = ConvGeom::new((2, 3, 7, 6), (k, k), stride, pad)?;
+        let x = rand_tensor(&mut rng, &[2, 3, 7, 6])?;
+        let c = rand_tensor(&mut rng, &[2, g.k(), g.p()])?;
+        let lhs = (x.apply_op1(Im2Col(g))? * &c)?
+            .sum_all()?
+            .to_scalar::<f32>()?;
+        let rhs = (&x * c.apply_op1(Col2Im(g))?)?
+            .sum_all()?
+            .to_scalar::<f32>()?;
+        assert!(
+            (lhs - rhs).abs() < 1e-4 * (1.0 + lhs.abs()),
+            "{g:?}: {lhs} vs {rhs}"
+        );
 
-    // Col2Im's backward is Im2Col: d/dc sum(col2im(c) * x) == im2col(x).
-    let cv = Var::from_tensor(&c)?;
-    let grads = (cv.as_tensor().apply_op1(Col2Im(g))? * &x)?
-        .sum_all()?
-        .backward()?;
-    let gc = grads.get(cv.as_tensor()).expect("no grad for cols");
-    assert!(rel_err(gc, &x.apply_op1(Im2Col(g))?)? < TOL);
+        // Col2Im's backward is Im2Col: d/dc sum(col2im(c) * x) == im2col(x).
+        let cv = Var::from_tensor(&c)?;
+        let grads = (cv.as_tensor().apply_op1(Col2Im(g))? * &x)?
+            .sum_all()?
+            .backward()?;
+        let gc = grads.get(cv.as_tensor()).expect("no grad for cols");
+        assert!(rel_err(gc, &x.apply_op1(Im2Col(g))?)? < TOL);
+    }
     Ok(())
 }
 

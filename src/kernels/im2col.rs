@@ -10,6 +10,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Static geometry of one convolution: image, kernel, stride, padding and output size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,11 +74,11 @@ impl ConvGeom {
         self.ho * self.wo
     }
 
-    fn image_shape(&self) -> Shape {
+    pub(crate) fn image_shape(&self) -> Shape {
         (self.n, self.c, self.h, self.w).into()
     }
 
-    fn cols_shape(&self) -> Shape {
+    pub(crate) fn cols_shape(&self) -> Shape {
         (self.n, self.k(), self.p()).into()
     }
 
@@ -101,7 +102,7 @@ impl ConvGeom {
 }
 
 /// Borrows the f32 data of a contiguous CPU tensor with exactly `expected` shape.
-fn contiguous_f32<'a>(
+pub(crate) fn contiguous_f32<'a>(
     storage: &'a CpuStorage,
     layout: &Layout,
     expected: &Shape,
@@ -143,9 +144,7 @@ impl CustomOp1 for Im2Col {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = &self.0;
         let src = contiguous_f32(storage, layout, &g.image_shape(), "im2col")?;
-        let mut dst = vec![0f32; g.n * g.k() * g.p()];
-        im2col(g, src, &mut dst);
-        Ok((CpuStorage::F32(dst), g.cols_shape()))
+        Ok((CpuStorage::F32(im2col_vec(g, src)), g.cols_shape()))
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
@@ -171,11 +170,23 @@ impl CustomOp1 for Col2Im {
     }
 }
 
-/// Fills `dst` (N, C*kh*kw, Ho*Wo) from the contiguous image `src` (N, C, H, W).
+/// The columns (N, C*kh*kw, Ho*Wo) of the contiguous image `src` (N, C, H, W), in a new buffer.
+pub fn im2col_vec(g: &ConvGeom, src: &[f32]) -> Vec<f32> {
+    // Every element is written (padding included), so skip the zeroing pass.
+    let len = g.n * g.k() * g.p();
+    let mut dst = Vec::with_capacity(len);
+    im2col(g, src, &mut dst.spare_capacity_mut()[..len]);
+    // SAFETY: `im2col` initialised all `len` elements.
+    unsafe { dst.set_len(len) };
+    dst
+}
+
+/// Fills every element of `dst` (N, C*kh*kw, Ho*Wo) from the contiguous image `src`
+/// (N, C, H, W), padding with zeros.
 ///
 /// One rayon task per (n, c) plane: it writes the kh*kw column rows of that channel, which are
 /// adjacent in `dst`, so tasks never share output memory.
-pub fn im2col(g: &ConvGeom, src: &[f32], dst: &mut [f32]) {
+pub fn im2col(g: &ConvGeom, src: &[f32], dst: &mut [MaybeUninit<f32>]) {
     let plane = g.h * g.w;
     let rows_per_plane = g.kh * g.kw * g.p();
     if rows_per_plane == 0 || plane == 0 {
@@ -187,7 +198,7 @@ pub fn im2col(g: &ConvGeom, src: &[f32], dst: &mut [f32]) {
 }
 
 /// Unfolds one (H, W) plane into its kh*kw column rows of length Ho*Wo each.
-fn im2col_plane(g: &ConvGeom, img: &[f32], cols: &mut [f32]) {
+fn im2col_plane(g: &ConvGeom, img: &[f32], cols: &mut [MaybeUninit<f32>]) {
     let p = g.p();
     for ki in 0..g.kh {
         for kj in 0..g.kw {
@@ -196,12 +207,12 @@ fn im2col_plane(g: &ConvGeom, img: &[f32], cols: &mut [f32]) {
             for (oy, out) in row.chunks_exact_mut(g.wo).enumerate() {
                 let iy = (oy * g.stride + ki) as isize - g.pad as isize;
                 if iy < 0 || iy >= g.h as isize {
-                    out.fill(0.0);
+                    out.fill(MaybeUninit::new(0.0));
                     continue;
                 }
                 let line = &img[iy as usize * g.w..][..g.w];
-                out[..lo].fill(0.0);
-                out[hi..].fill(0.0);
+                out[..lo].fill(MaybeUninit::new(0.0));
+                out[hi..].fill(MaybeUninit::new(0.0));
                 if lo < hi {
                     // First input column read by this row segment; in range by construction.
                     let ix0 = lo * g.stride + kj - g.pad;
@@ -214,12 +225,12 @@ fn im2col_plane(g: &ConvGeom, img: &[f32], cols: &mut [f32]) {
 
 /// `out[i] = line[i * stride]`, as a straight copy when the stride is 1.
 #[inline]
-fn gather_row(out: &mut [f32], line: &[f32], stride: usize) {
+fn gather_row(out: &mut [MaybeUninit<f32>], line: &[f32], stride: usize) {
     if stride == 1 {
-        out.copy_from_slice(&line[..out.len()]);
+        out.write_copy_of_slice(&line[..out.len()]);
     } else {
         for (o, v) in out.iter_mut().zip(line.iter().step_by(stride)) {
-            *o = *v;
+            o.write(*v);
         }
     }
 }

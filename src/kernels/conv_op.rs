@@ -1,0 +1,181 @@
+//! The convolution as one autograd node, with a hand-written backward pass.
+//!
+//! Built from [`Im2Col`] and candle matmuls alone, autograd would keep the columns (C*kh*kw
+//! times the input's size) alive until backward, accumulate their gradient through a zeroed
+//! buffer of the same size, and compute the weight gradient as grad @ cols^T per batch item,
+//! which gemm runs markedly slower than the transposed product. [`Conv2dOp`] instead keeps
+//! only x and w, recomputes the columns in backward (cheap next to the matmuls) and picks
+//! the fastest product layouts:
+//! - forward: `cols^T (N, P, K) @ W^T (K, O) = out^T (N, P, O)`, transposed to (N, O, P) in
+//!   one pass (gemm is slow when the row count, O, is small; 1x1 convs use `W @ x` directly),
+//!   a cache-sized batch chunk at a time so the columns never reach main memory;
+//! - input gradient: `W^T (K, O) @ grad (N, O, P) = dcols (N, K, P)`, then col2im;
+//! - weight gradient: `sum_n cols_n (K, P) @ grad_n^T (P, O) = dW^T (K, O)`.
+//!
+//! Its gradients are computed outside the graph, so second derivatives are not available.
+
+use candle_core::{CpuStorage, CustomOp2, Device, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::im2col::{contiguous_f32, im2col_vec, Col2Im, ConvGeom, Im2Col};
+
+/// 2-D convolution of a contiguous f32 CPU image (N, C, H, W) with weights (O, C, kh, kw).
+#[derive(Debug, Clone, Copy)]
+pub struct Conv2dOp {
+    pub geom: ConvGeom,
+    /// Output channels.
+    pub o: usize,
+}
+
+impl Conv2dOp {
+    /// A 1x1, stride-1, unpadded convolution needs no unfolding: x is its own columns.
+    fn pointwise(&self) -> bool {
+        let g = &self.geom;
+        g.kh == 1 && g.kw == 1 && g.stride == 1 && g.pad == 0
+    }
+
+    fn weight_shape(&self) -> Shape {
+        let g = &self.geom;
+        (self.o, g.c, g.kh, g.kw).into()
+    }
+
+    fn out_shape(&self) -> Shape {
+        let g = &self.geom;
+        (g.n, self.o, g.ho, g.wo).into()
+    }
+
+    /// The columns (N, K, P) of the image tensor `x`, outside the autograd graph.
+    fn columns(&self, x: &Tensor) -> Result<Tensor> {
+        let g = &self.geom;
+        let x = x.detach().contiguous()?;
+        if self.pointwise() {
+            x.reshape((g.n, g.k(), g.p()))
+        } else {
+            x.apply_op1_no_bwd(&Im2Col(*g))
+        }
+    }
+
+    /// Folds column gradients (N, K, P) back into an image gradient (N, C, H, W).
+    fn uncolumns(&self, dcols: &Tensor) -> Result<Tensor> {
+        let g = &self.geom;
+        if self.pointwise() {
+            dcols.reshape((g.n, g.c, g.h, g.w))
+        } else {
+            dcols.apply_op1_no_bwd(&Col2Im(*g))
+        }
+    }
+
+    /// The weights as an (N, O, K) stack sharing one (O, K) buffer (batch stride zero).
+    fn weight_stack(&self, w: &Tensor) -> Result<Tensor> {
+        let (n, k) = (self.geom.n, self.geom.k());
+        w.reshape((self.o, k))?
+            .unsqueeze(0)?
+            .broadcast_as((n, self.o, k))
+    }
+}
+
+/// Target size of one batch chunk's columns in the forward pass (4 MiB of f32).
+const COLS_CHUNK_FLOATS: usize = 1 << 20;
+
+impl Conv2dOp {
+    /// Convolves `items` images `x` into `out` (items, O, P), given W^T stacked per item.
+    ///
+    /// out^T (P, O) = cols^T (P, K) @ W^T (K, O): gemm runs this orientation faster than
+    /// W @ cols, whose row count (O) is small; the transpose back is one cheap pass.
+    fn forward_items(&self, x: &[f32], w_t: &Tensor, items: usize, out: &mut [f32]) -> Result<()> {
+        let g = ConvGeom {
+            n: items,
+            ..self.geom
+        };
+        let cols = Tensor::from_vec(im2col_vec(&g, x), g.cols_shape(), &Device::Cpu)?;
+        let out_t = cols.t()?.matmul(w_t)?.flatten_all()?.to_vec1::<f32>()?;
+        transpose_batched(&out_t, g.p(), self.o, out);
+        Ok(())
+    }
+}
+
+impl CustomOp2 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "ddpo-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = &self.geom;
+        let x = contiguous_f32(xs, xl, &g.image_shape(), "conv2d input")?;
+        let w = contiguous_f32(ws, wl, &self.weight_shape(), "conv2d weight")?;
+        let w = Tensor::from_slice(w, self.weight_shape(), &Device::Cpu)?;
+        let w = self.weight_stack(&w)?;
+        if self.pointwise() {
+            // Few rows (K = C) and no unfolding: the plain orientation needs no transpose.
+            let cols = Tensor::from_slice(x, (g.n, g.k(), g.p()), &Device::Cpu)?;
+            let out = w.matmul(&cols)?.flatten_all()?.to_vec1()?;
+            return Ok((CpuStorage::F32(out), self.out_shape()));
+        }
+        // W^T is materialised (it is small): with a zero batch stride candle would fold the
+        // batch into the rows of one gemm, which is wrong for the column-major cols^T.
+        let w_t = w.t()?.contiguous()?;
+        let mut out = vec![0f32; g.n * self.o * g.p()];
+        // Batch chunks whose columns fit in cache: unfolding and multiplying them back to back
+        // keeps the columns out of main memory, and bounds the forward's extra memory.
+        let per_item = g.k() * g.p();
+        let chunk = (COLS_CHUNK_FLOATS / per_item).clamp(1, g.n);
+        let (image, out_item) = (g.c * g.h * g.w, self.o * g.p());
+        for (xs, os) in x
+            .chunks(chunk * image)
+            .zip(out.chunks_mut(chunk * out_item))
+        {
+            let items = xs.len() / image;
+            self.forward_items(xs, &w_t.narrow(0, 0, items)?, items, os)?;
+        }
+        Ok((CpuStorage::F32(out), self.out_shape()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = &self.geom;
+        let (n, p) = (g.n, g.p());
+        let grad = grad.detach().contiguous()?.reshape((n, self.o, p))?;
+        let w = w.detach();
+
+        let dcols = self.weight_stack(&w)?.t()?.matmul(&grad)?;
+        let dx = self.uncolumns(&dcols)?;
+
+        // (K, P) @ (P, O) per item: the product gemm runs fastest for this reduction.
+        let cols = self.columns(x)?;
+        let dw = cols.matmul(&grad.t()?)?.sum(0)?.t()?;
+        let dw = dw.contiguous()?.reshape(self.weight_shape())?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// Transposes each row-major (rows, cols) matrix in `src` into (cols, rows) in `dst`.
+fn transpose_batched(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    if rows * cols == 0 {
+        return;
+    }
+    dst.par_chunks_mut(rows * cols)
+        .zip(src.par_chunks(rows * cols))
+        .for_each(|(d, s)| {
+            // Blocks of 16 source rows keep the strided writes within a few cache lines.
+            for r0 in (0..rows).step_by(16) {
+                let r1 = (r0 + 16).min(rows);
+                for c in 0..cols {
+                    let out = &mut d[c * rows + r0..c * rows + r1];
+                    for (o, r) in out.iter_mut().zip(r0..r1) {
+                        *o = s[r * cols + c];
+                    }
+                }
+            }
+        });
+}
