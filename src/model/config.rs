@@ -77,15 +77,17 @@ impl UNetConfig {
             in_channels: 3,
             out_channels: 3,
             sample_size: 32,
-            block_out_channels: vec![32, 64, 64],
+            block_out_channels: vec![32, 64, 128],
+            // Attention only at 8x8 (and in the mid block): 64 tokens keep self-attention cheap,
+            // and cross-attention there is enough to place colours and shapes.
             down_block_types: vec![
                 "DownBlock2D".into(),
-                "CrossAttnDownBlock2D".into(),
+                "DownBlock2D".into(),
                 "CrossAttnDownBlock2D".into(),
             ],
             up_block_types: vec![
                 "CrossAttnUpBlock2D".into(),
-                "CrossAttnUpBlock2D".into(),
+                "UpBlock2D".into(),
                 "UpBlock2D".into(),
             ],
             layers_per_block: 1,
