@@ -3,6 +3,7 @@
 //! trainable weights). Loading and saving live in [`checkpoint`].
 
 pub mod checkpoint;
+pub mod init;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
@@ -106,10 +107,10 @@ impl Policy {
         })
     }
 
-    /// A freshly initialised, trainable policy (the start of pretraining).
-    pub fn new_random(config: PolicyConfig, device: &Device) -> anyhow::Result<Self> {
+    /// A freshly initialised, trainable policy (the start of pretraining); same seed, same weights.
+    pub fn new_random(config: PolicyConfig, seed: u64, device: &Device) -> anyhow::Result<Self> {
         let varmap = VarMap::new();
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let vb = init::seeded_var_builder(&varmap, seed, device);
         Self::from_var_builder(config, vb, Some(varmap.clone()), device)
     }
 

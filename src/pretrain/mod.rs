@@ -142,7 +142,7 @@ impl Pretrainer {
             dir.display()
         );
         std::fs::create_dir_all(dir.join("samples")).with_context(|| format!("cannot create {}", dir.display()))?;
-        let policy = Policy::new_random(config.policy.clone(), device)?;
+        let policy = Policy::new_random(config.policy.clone(), config.seed, device)?;
         Self::assemble(config, policy, files, 0)
     }
 
