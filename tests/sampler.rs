@@ -60,7 +60,7 @@ fn every_step_has_positive_sigma() {
 }
 
 fn tiny_policy() -> Policy {
-    Policy::new_random(PolicyConfig::tiny_test(), &Device::Cpu).unwrap()
+    Policy::new_random(PolicyConfig::tiny_test(), 0, &Device::Cpu).unwrap()
 }
 
 fn prompts() -> Vec<String> {
