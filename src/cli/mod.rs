@@ -89,3 +89,12 @@ fn check_png_path(path: &Path) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Prints a line above the progress bar, or plainly when the bar is hidden (not a terminal).
+fn say(bar: &indicatif::ProgressBar, line: String) {
+    if bar.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        bar.println(line);
+    }
+}

@@ -84,10 +84,16 @@ pub fn exec(which: Which) -> anyhow::Result<()> {
             bar.set_position(step as u64);
             bar.set_message(format!("loss {l:.4} lr {lr:.1e} |g| {grad_norm:.2}"));
         }
-        Event::Checkpoint { step, path } => {
-            bar.println(format!("step {step}: checkpoint in {} ({:.0} s)", path.display(), start.elapsed().as_secs_f64()))
-        }
-        Event::Samples { step, path } => bar.println(format!("step {step}: samples {}", path.display())),
+        Event::Checkpoint { step, path } => super::say(
+            &bar,
+            format!(
+                "step {step}: loss {:.4}, checkpoint in {} ({:.0} s)",
+                ema_loss.unwrap_or(f64::NAN),
+                path.display(),
+                start.elapsed().as_secs_f64()
+            ),
+        ),
+        Event::Samples { step, path } => super::say(&bar, format!("step {step}: samples {}", path.display())),
     };
     run.run(&mut on_event, &|| stop.load(Ordering::SeqCst))?;
     bar.finish();
