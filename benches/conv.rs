@@ -114,7 +114,7 @@ impl Impl {
 
     fn conv(self, s: &Shape, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         match self {
-            Impl::Ours => ddpo::kernels::conv2d(x, w, s.stride, s.pad),
+            Impl::Ours => ddpo::kernels::conv2d(x, w, None, s.stride, s.pad),
             Impl::Candle => x.conv2d(w, s.pad, s.stride, 1, 1),
         }
     }

@@ -134,7 +134,7 @@ fn candle_backward_works(case: Case) -> bool {
 fn check_case(rng: &mut ChaCha8Rng, case: Case) -> Result<()> {
     let x = rand_tensor(rng, &[case.n, case.c, case.h, case.w])?;
     let w = rand_tensor(rng, &[case.o, case.c, case.k, case.k])?;
-    let ours = |x: &Tensor, w: &Tensor| conv2d(x, w, case.stride, case.pad);
+    let ours = |x: &Tensor, w: &Tensor| conv2d(x, w, None, case.stride, case.pad);
     let reference = |x: &Tensor, w: &Tensor| x.conv2d(w, case.pad, case.stride, 1, 1);
     let out_ref = reference(&x, &w)?;
     let r = rand_tensor(rng, out_ref.dims())?;
@@ -236,7 +236,7 @@ fn matches_candle_on_unet_like_shape() -> Result<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     let x = rand_tensor(&mut rng, &[2, 16, 16, 16])?;
     let w = rand_tensor(&mut rng, &[8, 16, 3, 3])?;
-    let (out, gx, gw) = run(|x, w| conv2d(x, w, 1, 1), &x, &w, None)?;
+    let (out, gx, gw) = run(|x, w| conv2d(x, w, None, 1, 1), &x, &w, None)?;
     let (out_r, gx_r, gw_r) = run(|x, w| x.conv2d(w, 1, 1, 1, 1), &x, &w, None)?;
     assert!(rel_err(&out, &out_r)? < TOL);
     assert!(rel_err(&gx, &gx_r)? < TOL);
@@ -268,12 +268,12 @@ fn gradients_match_finite_differences() -> Result<()> {
     for (stride, pad) in [(1, 1), (2, 0)] {
         let x = rand_tensor(&mut rng, &[1, 2, 5, 6])?;
         let w = rand_tensor(&mut rng, &[2, 2, 3, 3])?;
-        let r = rand_tensor(&mut rng, conv2d(&x, &w, stride, pad)?.dims())?;
+        let r = rand_tensor(&mut rng, conv2d(&x, &w, None, stride, pad)?.dims())?;
         let loss = |x: &Tensor, w: &Tensor| -> Result<f64> {
-            let l = (conv2d(x, w, stride, pad)? * &r)?.sum_all()?;
+            let l = (conv2d(x, w, None, stride, pad)? * &r)?.sum_all()?;
             l.to_dtype(DType::F64)?.to_scalar::<f64>()
         };
-        let (_, gx, gw) = run(|x, w| conv2d(x, w, stride, pad), &x, &w, Some(&r))?;
+        let (_, gx, gw) = run(|x, w| conv2d(x, w, None, stride, pad), &x, &w, Some(&r))?;
         check_fd(&x, &gx, |xp| loss(xp, &w))?;
         check_fd(&w, &gw, |wp| loss(&x, wp))?;
     }
@@ -316,7 +316,7 @@ fn handles_non_contiguous_inputs() -> Result<()> {
     assert!(!x_t.is_contiguous() && !x_n.is_contiguous() && !w_t.is_contiguous());
     for x in [&x_t, &x_n] {
         for (stride, pad) in [(1, 1), (2, 1), (1, 0)] {
-            let ours = |x: &Tensor, w: &Tensor| conv2d(x, w, stride, pad);
+            let ours = |x: &Tensor, w: &Tensor| conv2d(x, w, None, stride, pad);
             let reference = |x: &Tensor, w: &Tensor| {
                 x.contiguous()?.conv2d(&w.contiguous()?, pad, stride, 1, 1)
             };
@@ -329,7 +329,7 @@ fn handles_non_contiguous_inputs() -> Result<()> {
     }
     // 1x1 path with a non-contiguous input.
     let w1 = rand_tensor(&mut rng, &[5, 3, 1, 1])?;
-    let (out, gx, gw) = run(|x, w| conv2d(x, w, 1, 0), &x_t, &w1, None)?;
+    let (out, gx, gw) = run(|x, w| conv2d(x, w, None, 1, 0), &x_t, &w1, None)?;
     let (out_r, gx_r, gw_r) = run(
         |x, w| x.contiguous()?.conv2d(w, 0, 1, 1, 1),
         &x_t,
@@ -379,16 +379,16 @@ fn col2im_is_adjoint_of_im2col() -> Result<()> {
 fn rejects_bad_shapes() -> Result<()> {
     let x = Tensor::zeros((1, 3, 4, 4), DType::F32, &Device::Cpu)?;
     let w_bad_c = Tensor::zeros((2, 4, 3, 3), DType::F32, &Device::Cpu)?;
-    let err = conv2d(&x, &w_bad_c, 1, 1).unwrap_err().to_string();
+    let err = conv2d(&x, &w_bad_c, None, 1, 1).unwrap_err().to_string();
     assert!(err.contains("channels"), "{err}");
     let w_big = Tensor::zeros((2, 3, 7, 7), DType::F32, &Device::Cpu)?;
-    let err = conv2d(&x, &w_big, 1, 0).unwrap_err().to_string();
+    let err = conv2d(&x, &w_big, None, 1, 0).unwrap_err().to_string();
     assert!(err.contains("larger than padded input"), "{err}");
     let x3 = Tensor::zeros((3, 4, 4), DType::F32, &Device::Cpu)?;
-    let err = conv2d(&x3, &w_bad_c, 1, 1).unwrap_err().to_string();
+    let err = conv2d(&x3, &w_bad_c, None, 1, 1).unwrap_err().to_string();
     assert!(err.contains("[3, 4, 4]"), "{err}");
     let w = Tensor::zeros((2, 3, 3, 3), DType::F32, &Device::Cpu)?;
-    assert!(conv2d(&x, &w, 0, 1).is_err());
+    assert!(conv2d(&x, &w, None, 0, 1).is_err());
     Ok(())
 }
 
@@ -398,9 +398,97 @@ fn f64_falls_back_to_candle() -> Result<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(13);
     let x = rand_tensor(&mut rng, &[1, 2, 6, 6])?.to_dtype(DType::F64)?;
     let w = rand_tensor(&mut rng, &[3, 2, 3, 3])?.to_dtype(DType::F64)?;
-    let a = conv2d(&x, &w, 1, 1)?;
+    let a = conv2d(&x, &w, None, 1, 1)?;
     let b = x.conv2d(&w, 1, 1, 1, 1)?;
     let d = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
     assert!(d < 1e-12);
+    Ok(())
+}
+
+/// Output and gradients (x, w, b) of `loss = sum(conv(x, w, b) * r)`.
+fn run_bias(
+    conv: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    r: &Tensor,
+) -> Result<[Tensor; 4]> {
+    let (xv, wv, bv) = (Var::from_tensor(x)?, Var::from_tensor(w)?, Var::from_tensor(b)?);
+    let out = conv(xv.as_tensor(), wv.as_tensor(), bv.as_tensor())?;
+    let grads = (&out * r)?.sum_all()?.backward()?;
+    let grad = |v: &Var| grads.get(v.as_tensor()).expect("missing gradient").clone();
+    Ok([out, grad(&xv), grad(&wv), grad(&bv)])
+}
+
+/// A per-channel (O,) or per-sample (N, O) bias matches candle's conv plus broadcast add,
+/// forward and all three gradients, over 3x3, strided and 1x1 geometries.
+#[test]
+fn bias_matches_candle() -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    for (i, &(n, c, o, h, k, stride, pad)) in [
+        (2, 3, 5, 7, 3, 1, 1),
+        (3, 4, 2, 9, 3, 2, 1),
+        (1, 6, 4, 5, 1, 1, 0),
+        (4, 2, 3, 6, 3, 1, 0),
+    ]
+    .iter()
+    .enumerate()
+    {
+        for per_sample in [false, true] {
+            let x = rand_tensor(&mut rng, &[n, c, h, h])?;
+            let w = rand_tensor(&mut rng, &[o, c, k, k])?;
+            let b_dims: &[usize] = if per_sample { &[n, o] } else { &[o] };
+            let b = rand_tensor(&mut rng, b_dims)?;
+            let r = rand_tensor(&mut rng, conv2d(&x, &w, None, stride, pad)?.dims())?;
+            let ours = |x: &Tensor, w: &Tensor, b: &Tensor| conv2d(x, w, Some(b), stride, pad);
+            let reference = |x: &Tensor, w: &Tensor, b: &Tensor| {
+                let b4 = b.reshape((if per_sample { n } else { 1 }, o, 1, 1))?;
+                x.conv2d(w, pad, stride, 1, 1)?.broadcast_add(&b4)
+            };
+            let got = run_bias(ours, &x, &w, &b, &r)?;
+            let want = run_bias(reference, &x, &w, &b, &r)?;
+            for (name, (g, wt)) in ["out", "dx", "dw", "db"].iter().zip(got.iter().zip(&want)) {
+                let e = rel_err(g, wt)?;
+                assert!(e < TOL, "case {i}, per_sample {per_sample}: {name} rel err {e:e}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The bias gradient agrees with central differences of the loss along a random direction.
+#[test]
+fn bias_finite_differences() -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(23);
+    let x = rand_tensor(&mut rng, &[2, 3, 5, 5])?;
+    let w = rand_tensor(&mut rng, &[4, 3, 3, 3])?;
+    for b_dims in [&[4][..], &[2, 4][..]] {
+        let b = rand_tensor(&mut rng, b_dims)?;
+        let r = rand_tensor(&mut rng, &[2, 4, 5, 5])?;
+        let [_, _, _, gb] = run_bias(|x, w, b| conv2d(x, w, Some(b), 1, 1), &x, &w, &b, &r)?;
+        let loss = |b: &Tensor| -> Result<f64> {
+            let y = conv2d(&x, &w, Some(b), 1, 1)?.to_dtype(DType::F64)?;
+            (y * r.to_dtype(DType::F64)?)?.sum_all()?.to_scalar::<f64>()
+        };
+        let v = rand_tensor(&mut rng, b_dims)?;
+        let eps = 1e-2;
+        let numeric = (loss(&(&b + (&v * eps)?)?)? - loss(&(&b - (&v * eps)?)?)?) / (2.0 * eps);
+        let analytic = (&gb * &v)?.sum_all()?.to_scalar::<f32>()? as f64;
+        let err = (numeric - analytic).abs() / analytic.abs().max(1.0);
+        assert!(err < 1e-3, "bias {b_dims:?}: fd {numeric} vs grad {analytic}");
+    }
+    Ok(())
+}
+
+/// A bias of the wrong shape is an error naming the shapes.
+#[test]
+fn rejects_bad_bias() -> Result<()> {
+    let x = Tensor::zeros((2, 3, 4, 4), DType::F32, &Device::Cpu)?;
+    let w = Tensor::zeros((5, 3, 3, 3), DType::F32, &Device::Cpu)?;
+    for dims in [&[4][..], &[3, 5][..], &[2, 5, 1][..]] {
+        let b = Tensor::zeros(dims, DType::F32, &Device::Cpu)?;
+        let err = conv2d(&x, &w, Some(&b), 1, 1).unwrap_err().to_string();
+        assert!(err.contains(&format!("{dims:?}")), "{err}");
+    }
     Ok(())
 }

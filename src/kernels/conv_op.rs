@@ -14,10 +14,11 @@
 //!
 //! Its gradients are computed outside the graph, so second derivatives are not available.
 
-use candle_core::{CpuStorage, CustomOp2, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::im2col::{contiguous_f32, im2col_vec, Col2Im, ConvGeom, Im2Col};
+use super::slices::{sum, sum_rows, with_f32};
 
 /// 2-D convolution of a contiguous f32 CPU image (N, C, H, W) with weights (O, C, kh, kw).
 #[derive(Debug, Clone, Copy)]
@@ -94,28 +95,16 @@ impl Conv2dOp {
     }
 }
 
-impl CustomOp2 for Conv2dOp {
-    fn name(&self) -> &'static str {
-        "ddpo-conv2d"
-    }
-
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+impl Conv2dOp {
+    /// The forward pass on contiguous f32 slices: (N, O, Ho*Wo) in row-major order.
+    fn forward_vec(&self, x: &[f32], w: &[f32]) -> Result<Vec<f32>> {
         let g = &self.geom;
-        let x = contiguous_f32(xs, xl, &g.image_shape(), "conv2d input")?;
-        let w = contiguous_f32(ws, wl, &self.weight_shape(), "conv2d weight")?;
         let w = Tensor::from_slice(w, self.weight_shape(), &Device::Cpu)?;
         let w = self.weight_stack(&w)?;
         if self.pointwise() {
             // Few rows (K = C) and no unfolding: the plain orientation needs no transpose.
             let cols = Tensor::from_slice(x, (g.n, g.k(), g.p()), &Device::Cpu)?;
-            let out = w.matmul(&cols)?.flatten_all()?.to_vec1()?;
-            return Ok((CpuStorage::F32(out), self.out_shape()));
+            return w.matmul(&cols)?.flatten_all()?.to_vec1();
         }
         // W^T is materialised (it is small): with a zero batch stride candle would fold the
         // batch into the rows of one gemm, which is wrong for the column-major cols^T.
@@ -133,16 +122,22 @@ impl CustomOp2 for Conv2dOp {
             let items = xs.len() / image;
             self.forward_items(xs, &w_t.narrow(0, 0, items)?, items, os)?;
         }
-        Ok((CpuStorage::F32(out), self.out_shape()))
+        Ok(out)
     }
 
-    fn bwd(
+    /// Reads the contiguous input and weight slices, checking their shapes.
+    fn inputs<'a>(
         &self,
-        x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        (xs, xl): (&'a CpuStorage, &Layout),
+        (ws, wl): (&'a CpuStorage, &Layout),
+    ) -> Result<(&'a [f32], &'a [f32])> {
+        let x = contiguous_f32(xs, xl, &self.geom.image_shape(), "conv2d input")?;
+        let w = contiguous_f32(ws, wl, &self.weight_shape(), "conv2d weight")?;
+        Ok((x, w))
+    }
+
+    /// Both gradients (input, weight) given the output gradient.
+    fn backward(&self, x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
         let g = &self.geom;
         let (n, p) = (g.n, g.p());
         let grad = grad.detach().contiguous()?.reshape((n, self.o, p))?;
@@ -155,7 +150,95 @@ impl CustomOp2 for Conv2dOp {
         let cols = self.columns(x)?;
         let dw = cols.matmul(&grad.t()?)?.sum(0)?.t()?;
         let dw = dw.contiguous()?.reshape(self.weight_shape())?;
+        Ok((dx, dw))
+    }
+}
+
+impl CustomOp2 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "ddpo-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w) = self.inputs((xs, xl), (ws, wl))?;
+        Ok((CpuStorage::F32(self.forward_vec(x, w)?), self.out_shape()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = self.backward(x, w, grad)?;
         Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// [`Conv2dOp`] followed by a per-channel bias, as one node.
+///
+/// A separate broadcast add would cost a graph node (candle accumulates every node's input
+/// gradient into a freshly zeroed buffer) and its bias gradient a slow strided reduction over
+/// (0, 2, 3); here the bias is added to each output plane and its gradient is a contiguous
+/// sum per plane. The bias is (O,), or (N, O) for a per-sample bias (the resnet blocks fold
+/// their timestep embedding into it).
+#[derive(Debug, Clone, Copy)]
+pub struct Conv2dBiasOp {
+    pub conv: Conv2dOp,
+    /// Whether the bias is (N, O) rather than (O,).
+    pub per_sample: bool,
+}
+
+impl Conv2dBiasOp {
+    fn bias_shape(&self) -> Shape {
+        if self.per_sample {
+            (self.conv.geom.n, self.conv.o).into()
+        } else {
+            self.conv.o.into()
+        }
+    }
+}
+
+impl CustomOp3 for Conv2dBiasOp {
+    fn name(&self) -> &'static str {
+        "ddpo-conv2d-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let conv = &self.conv;
+        let (x, w) = conv.inputs((xs, xl), (ws, wl))?;
+        let b = contiguous_f32(bs, bl, &self.bias_shape(), "conv2d bias")?;
+        let mut out = conv.forward_vec(x, w)?;
+        add_plane_bias(&mut out, b, conv.o, conv.geom.p());
+        Ok((CpuStorage::F32(out), conv.out_shape()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = self.conv.backward(x, w, grad)?;
+        let db = bias_grad(grad, self.conv.o, self.per_sample)?;
+        Ok((Some(dx), Some(dw), Some(db)))
     }
 }
 
@@ -178,4 +261,34 @@ fn transpose_batched(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
                 }
             }
         });
+}
+
+/// Adds bias entry `i % b.len()` to each plane `i` of `out`, planes `p` long: a (O,) bias
+/// repeats for every sample, an (N, O) bias has one entry per plane.
+fn add_plane_bias(out: &mut [f32], b: &[f32], o: usize, p: usize) {
+    if p == 0 || o == 0 {
+        return;
+    }
+    out.par_chunks_mut(p).enumerate().for_each(|(i, plane)| {
+        let v = b[i % b.len()];
+        plane.iter_mut().for_each(|y| *y += v);
+    });
+}
+
+/// The bias gradient: each output plane's gradient summed, then over samples for (O,) biases.
+fn bias_grad(grad: &Tensor, o: usize, per_sample: bool) -> Result<Tensor> {
+    let n = grad.dim(0)?;
+    let p = grad.elem_count() / (n * o).max(1);
+    let sums: Vec<f32> = with_f32(grad, "conv2d bias backward", |g| {
+        if p == 0 {
+            vec![0f32; n * o]
+        } else {
+            g.par_chunks(p).map(sum).collect()
+        }
+    })?;
+    if per_sample {
+        Tensor::from_vec(sums, (n, o), &Device::Cpu)
+    } else {
+        Tensor::from_vec(sum_rows(&sums, o), o, &Device::Cpu)
+    }
 }

@@ -6,7 +6,12 @@
 //! convolution instead, as one autograd node ([`conv_op::Conv2dOp`]): [`im2col`] unfolds the
 //! image into columns (and folds column gradients back), candle's gemm-backed matmul does the
 //! arithmetic, and the backward pass computes both gradients with hand-picked matmul layouts.
-//! On other devices or dtypes we defer to candle's own conv2d.
+//! On other devices or dtypes we defer to candle's own conv2d. The conv's bias is added in the
+//! same node ([`conv_op::Conv2dBiasOp`]), per channel or per (sample, channel).
+//!
+//! [`group_norm`] replaces candle-nn's composed GroupNorm (and the SiLU after it) with one node
+//! whose backward is hand-written ([`norm_op`]): candle's version spends ~20x its forward in
+//! backward, mostly in strided reductions.
 //!
 //! The first CPU call also switches glibc malloc to recycling freed memory ([`alloc`]): page
 //! faults on freshly mapped tensors otherwise cost more than the convolution's copying.
@@ -14,28 +19,98 @@
 pub mod alloc;
 pub mod conv_op;
 pub mod im2col;
+pub mod norm_op;
+mod slices;
 
 use candle_core::{bail, DType, Device, Result, Tensor};
-use conv_op::Conv2dOp;
+use conv_op::{Conv2dBiasOp, Conv2dOp};
+use norm_op::GroupNormOp;
 use im2col::ConvGeom;
 
-/// 2-D convolution of `x` (N, C, H, W) with `w` (O, C, kh, kw), square stride and padding.
+/// 2-D convolution of `x` (N, C, H, W) with `w` (O, C, kh, kw), square stride and padding,
+/// plus an optional bias: (O,) per channel, or (N, O) per sample and channel.
 ///
-/// Differentiable with respect to both `x` and `w`. Returns (N, O, Ho, Wo); the caller adds
-/// any bias.
-pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+/// Differentiable with respect to `x`, `w` and the bias. Returns (N, O, Ho, Wo).
+pub fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
     let (geom, o) = geometry(x, w, stride, padding)?;
-    let fast = matches!(x.device(), Device::Cpu)
-        && matches!(w.device(), Device::Cpu)
-        && x.dtype() == DType::F32
-        && w.dtype() == DType::F32;
-    if !fast {
-        return x.conv2d(w, padding, stride, 1, 1);
+    let per_sample = match bias.map(|b| b.dims()) {
+        None => false,
+        Some(&[bo]) if bo == o => false,
+        Some(&[bn, bo]) if bn == geom.n && bo == o => true,
+        Some(d) => bail!(
+            "conv2d: bias must be ({o},) or ({}, {o}) for input {:?} and weight {:?}, got {d:?}",
+            geom.n,
+            x.dims(),
+            w.dims()
+        ),
+    };
+    if !all_cpu_f32(&[Some(x), Some(w), bias]) {
+        let y = x.conv2d(w, padding, stride, 1, 1)?;
+        return match bias {
+            Some(b) => y.broadcast_add(&b.reshape((if per_sample { geom.n } else { 1 }, o, 1, 1))?),
+            None => Ok(y),
+        };
     }
     alloc::reuse_freed_memory();
     // Contiguous copies keep autograd intact and let the op read plain row-major slices.
+    let conv = Conv2dOp { geom, o };
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    match bias {
+        None => x.apply_op2(&w, conv),
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, Conv2dBiasOp { conv, per_sample }),
+    }
+}
+
+/// GroupNorm of `x` (N, C, *spatial) as PyTorch's: `groups` groups of channels normalised
+/// with their biased variance, `eps` inside the square root, then the per-channel affine
+/// `weight`, `bias` (C,); followed by SiLU when `silu` is set.
+///
+/// Differentiable with respect to all three inputs. CPU f32 runs one fused node; other
+/// devices and dtypes run candle-nn's composed GroupNorm (and `silu`).
+pub fn group_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
+    let (n, c) = match x.dims() {
+        &[n, c, _, ..] => (n, c),
+        d => bail!("group_norm: input must be (N, C, *spatial) with a spatial dim, got {d:?}"),
+    };
+    if groups == 0 || c % groups != 0 {
+        bail!("group_norm: {groups} groups do not divide the {c} channels of input {:?}", x.dims());
+    }
+    for (name, t) in [("weight", weight), ("bias", bias)] {
+        if t.dims() != [c] {
+            bail!("group_norm: {name} must be ({c},) for input {:?}, got {:?}", x.dims(), t.dims());
+        }
+    }
+    if !all_cpu_f32(&[Some(x), Some(weight), Some(bias)]) {
+        use candle_core::Module;
+        let gn = candle_nn::GroupNorm::new(weight.clone(), bias.clone(), c, groups, eps)?;
+        let y = gn.forward(x)?;
+        return if silu { y.silu() } else { Ok(y) };
+    }
+    alloc::reuse_freed_memory();
+    let s = x.elem_count() / (n * c).max(1);
+    let op = GroupNormOp { n, c, s, groups, eps: eps as f32, silu };
     x.contiguous()?
-        .apply_op2(&w.contiguous()?, Conv2dOp { geom, o })
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)
+}
+
+/// Whether every given tensor is an f32 tensor on the CPU (the custom ops' only case).
+fn all_cpu_f32(ts: &[Option<&Tensor>]) -> bool {
+    ts.iter()
+        .flatten()
+        .all(|t| matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32)
 }
 
 /// Checks the ranks and channel counts and returns the geometry and output channel count.

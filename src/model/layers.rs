@@ -1,5 +1,5 @@
-//! Small building blocks shared by the UNet and the text encoder: convolution (through the
-//! project's fast kernel), a layer norm that keeps its gradient, activations.
+//! Small building blocks shared by the UNet and the text encoder: convolution and GroupNorm
+//! (through the project's fast kernels), a layer norm that keeps its gradient, activations.
 //!
 //! candle-nn's own `LayerNorm` takes a fused path without a backward pass when its input is
 //! contiguous, which silently stops gradients; everything here is differentiable.
@@ -37,10 +37,18 @@ impl Conv2d {
     }
 }
 
+impl Conv2d {
+    /// The convolution plus a per-sample offset `extra` (N, out_c) on each output channel,
+    /// added in the same node as the bias (the resnet blocks' timestep embedding).
+    pub fn forward_plus(&self, x: &Tensor, extra: &Tensor) -> Result<Tensor> {
+        let bias = extra.broadcast_add(&self.bias.unsqueeze(0)?)?;
+        crate::kernels::conv2d(x, &self.weight, Some(&bias), self.stride, self.padding)
+    }
+}
+
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = crate::kernels::conv2d(x, &self.weight, self.stride, self.padding)?;
-        y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
+        crate::kernels::conv2d(x, &self.weight, Some(&self.bias), self.stride, self.padding)
     }
 }
 
@@ -66,14 +74,36 @@ impl Module for LayerNorm {
     }
 }
 
-/// GroupNorm as in PyTorch (candle-nn's is composed of differentiable ops).
-pub fn group_norm(
+/// GroupNorm as in PyTorch, `weight` / `bias` named as there, through the fused kernel.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
     groups: usize,
-    channels: usize,
     eps: f64,
-    vb: VarBuilder,
-) -> Result<candle_nn::GroupNorm> {
-    candle_nn::group_norm(groups, channels, eps, vb)
+}
+
+impl GroupNorm {
+    /// Loads (or initialises to the identity) a GroupNorm over `channels` in `groups` groups.
+    pub fn new(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        if groups == 0 || channels % groups != 0 {
+            candle_core::bail!("GroupNorm: {groups} groups do not divide {channels} channels");
+        }
+        let weight = vb.get_with_hints(channels, "weight", Init::Const(1.0))?;
+        let bias = vb.get_with_hints(channels, "bias", Init::Const(0.0))?;
+        Ok(Self { weight, bias, groups, eps })
+    }
+
+    /// GroupNorm followed by SiLU, fused into one node.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        crate::kernels::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, true)
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        crate::kernels::group_norm(x, &self.weight, &self.bias, self.groups, self.eps, false)
+    }
 }
 
 /// Linear layer with bias (PyTorch default init).

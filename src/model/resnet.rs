@@ -3,14 +3,14 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::layers::{group_norm, linear, Conv2d};
+use super::layers::{linear, Conv2d, GroupNorm};
 
 #[derive(Debug, Clone)]
 pub struct ResnetBlock2D {
-    norm1: candle_nn::GroupNorm,
+    norm1: GroupNorm,
     conv1: Conv2d,
     time_emb_proj: candle_nn::Linear,
-    norm2: candle_nn::GroupNorm,
+    norm2: GroupNorm,
     conv2: Conv2d,
     conv_shortcut: Option<Conv2d>,
     output_scale_factor: f64,
@@ -33,10 +33,10 @@ impl ResnetBlock2D {
             None
         };
         Ok(Self {
-            norm1: group_norm(cfg.groups, in_c, cfg.eps, vb.pp("norm1"))?,
+            norm1: GroupNorm::new(cfg.groups, in_c, cfg.eps, vb.pp("norm1"))?,
             conv1: Conv2d::new(in_c, out_c, 3, 1, 1, vb.pp("conv1"))?,
             time_emb_proj: linear(cfg.temb_channels, out_c, vb.pp("time_emb_proj"))?,
-            norm2: group_norm(cfg.groups, out_c, cfg.eps, vb.pp("norm2"))?,
+            norm2: GroupNorm::new(cfg.groups, out_c, cfg.eps, vb.pp("norm2"))?,
             conv2: Conv2d::new(out_c, out_c, 3, 1, 1, vb.pp("conv2"))?,
             conv_shortcut,
             output_scale_factor: cfg.output_scale_factor,
@@ -45,10 +45,10 @@ impl ResnetBlock2D {
 
     /// `x`: (N, C, H, W), `temb`: (N, temb_channels).
     pub fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
-        let t = self.time_emb_proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
-        let h = h.broadcast_add(&t)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        // The timestep embedding (N, out_c) rides on conv1's bias: one node, no broadcast add.
+        let t = self.time_emb_proj.forward(&temb.silu()?)?;
+        let h = self.conv1.forward_plus(&self.norm1.forward_silu(x)?, &t)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(x)?,
             None => x.clone(),

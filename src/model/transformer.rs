@@ -4,7 +4,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::layers::{attention, group_norm, linear, linear_no_bias, Conv2d, LayerNorm};
+use super::layers::{attention, linear, linear_no_bias, Conv2d, GroupNorm, LayerNorm};
 
 /// Multi-head attention with `to_q`, `to_k`, `to_v` (no bias) and `to_out.0` (with bias).
 #[derive(Debug, Clone)]
@@ -103,7 +103,7 @@ enum Projection {
 /// plus the residual.
 #[derive(Debug, Clone)]
 pub struct SpatialTransformer {
-    norm: candle_nn::GroupNorm,
+    norm: GroupNorm,
     proj_in: Projection,
     blocks: Vec<BasicTransformerBlock>,
     proj_out: Projection,
@@ -131,7 +131,7 @@ impl SpatialTransformer {
         };
         Ok(Self {
             // diffusers fixes this norm's eps at 1e-6, unlike the resnets' norm_eps.
-            norm: group_norm(cfg.groups, c, 1e-6, vb.pp("norm"))?,
+            norm: GroupNorm::new(cfg.groups, c, 1e-6, vb.pp("norm"))?,
             proj_in: projection("proj_in")?,
             blocks: vec![BasicTransformerBlock::new(
                 c,

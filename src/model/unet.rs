@@ -6,7 +6,7 @@ use candle_nn::VarBuilder;
 
 use super::config::UNetConfig;
 use super::embeddings::{TimestepEmbedding, Timesteps};
-use super::layers::{group_norm, Conv2d};
+use super::layers::{Conv2d, GroupNorm};
 use super::resnet::{ResnetBlock2D, ResnetConfig};
 use super::transformer::{SpatialTransformer, SpatialTransformerConfig};
 
@@ -89,7 +89,7 @@ pub struct UNet2DConditionModel {
     down_blocks: Vec<DownBlock>,
     mid_block: MidBlock,
     up_blocks: Vec<UpBlock>,
-    conv_norm_out: candle_nn::GroupNorm,
+    conv_norm_out: GroupNorm,
     conv_out: Conv2d,
     config: UNetConfig,
 }
@@ -185,7 +185,7 @@ impl UNet2DConditionModel {
             down_blocks,
             mid_block,
             up_blocks,
-            conv_norm_out: group_norm(config.norm_num_groups, ch[0], config.norm_eps, vb.pp("conv_norm_out"))?,
+            conv_norm_out: GroupNorm::new(config.norm_num_groups, ch[0], config.norm_eps, vb.pp("conv_norm_out"))?,
             conv_out: Conv2d::new(ch[0], config.out_channels, 3, 1, 1, vb.pp("conv_out"))?,
             config: config.clone(),
         })
@@ -225,7 +225,7 @@ impl UNet2DConditionModel {
         for block in &self.up_blocks {
             x = block.forward(&x, &mut skips, &temb, context)?;
         }
-        let x = self.conv_norm_out.forward(&x)?.silu()?;
+        let x = self.conv_norm_out.forward_silu(&x)?;
         self.conv_out.forward(&x)
     }
 }

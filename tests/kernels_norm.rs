@@ -1,0 +1,198 @@
+//! Correctness of `ddpo::kernels::group_norm` (with and without the fused SiLU) against the
+//! composed candle path (candle-nn's GroupNorm, then `silu`): forward values and all three
+//! gradients over randomised shapes, a finite-difference check, non-contiguous and f64 inputs,
+//! and shape errors.
+
+use candle_core::{DType, Device, Module, Result, Tensor, Var};
+use ddpo::kernels::group_norm;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+const TOL: f32 = 1e-4;
+
+fn rand_tensor(rng: &mut ChaCha8Rng, dims: &[usize], lo: f32, hi: f32) -> Result<Tensor> {
+    let n: usize = dims.iter().product();
+    let data: Vec<f32> = (0..n).map(|_| rng.random_range(lo..hi)).collect();
+    Tensor::from_vec(data, dims, &Device::Cpu)
+}
+
+/// Max |a - b| / max(1, max |b|): relative to the reference's scale, robust to zeros.
+fn rel_err(a: &Tensor, b: &Tensor) -> Result<f32> {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    let a = a.to_dtype(DType::F32)?;
+    let b = b.to_dtype(DType::F32)?;
+    let diff = (&a - &b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.max(1.0);
+    Ok(diff / scale)
+}
+
+/// One GroupNorm problem: input, affine parameters, and the upstream gradient `r`.
+struct Problem {
+    x: Tensor,
+    w: Tensor,
+    b: Tensor,
+    r: Tensor,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+}
+
+type Norm<'a> = &'a dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>;
+
+/// Output and gradients (x, w, b) of `loss = sum(norm(x, w, b) * r)`.
+fn run(norm: Norm, p: &Problem) -> Result<[Tensor; 4]> {
+    let (xv, wv, bv) = (Var::from_tensor(&p.x)?, Var::from_tensor(&p.w)?, Var::from_tensor(&p.b)?);
+    let out = norm(xv.as_tensor(), wv.as_tensor(), bv.as_tensor())?;
+    let grads = (&out * &p.r)?.sum_all()?.backward()?;
+    let grad = |v: &Var| grads.get(v.as_tensor()).expect("missing gradient").clone();
+    Ok([out, grad(&xv), grad(&wv), grad(&bv)])
+}
+
+fn ours(p: &Problem) -> impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + '_ {
+    move |x, w, b| group_norm(x, w, b, p.groups, p.eps, p.silu)
+}
+
+/// candle-nn's composed GroupNorm, then SiLU: the semantics the fused op must reproduce.
+fn reference(p: &Problem) -> impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + '_ {
+    move |x, w, b| {
+        let gn = candle_nn::GroupNorm::new(w.clone(), b.clone(), x.dim(1)?, p.groups, p.eps)?;
+        let y = gn.forward(x)?;
+        if p.silu {
+            y.silu()
+        } else {
+            Ok(y)
+        }
+    }
+}
+
+/// Asserts that the op's output and gradients match the reference's.
+fn check(p: &Problem, what: &str) -> Result<()> {
+    let got = run(&ours(p), p)?;
+    let want = run(&reference(p), p)?;
+    for (name, (g, w)) in ["out", "dx", "dw", "db"].iter().zip(got.iter().zip(&want)) {
+        let e = rel_err(g, w)?;
+        assert!(e < TOL, "{what}: {name} rel err {e:e}");
+    }
+    Ok(())
+}
+
+/// A random problem; x is offset and scaled so that the mean and variance matter.
+fn problem(rng: &mut ChaCha8Rng, dims: &[usize], groups: usize, silu: bool) -> Result<Problem> {
+    let c = dims[1];
+    let offset = rng.random_range(-3.0f32..3.0);
+    let scale = rng.random_range(0.1f32..4.0);
+    let x = ((rand_tensor(rng, dims, -1.0, 1.0)? * scale as f64)? + offset as f64)?;
+    Ok(Problem {
+        x,
+        w: rand_tensor(rng, &[c], -1.5, 1.5)?,
+        b: rand_tensor(rng, &[c], -1.0, 1.0)?,
+        r: rand_tensor(rng, dims, -1.0, 1.0)?,
+        groups,
+        eps: 1e-5,
+        silu,
+    })
+}
+
+/// Randomised shapes: N 1-4, 1-8 groups of 1-4 channels (so groups == C occurs), one or two
+/// spatial dims of odd and even sizes, with and without SiLU.
+#[test]
+fn matches_candle_over_random_shapes() -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    for case in 0..40 {
+        let n = rng.random_range(1..=4);
+        let groups = rng.random_range(1..=8);
+        let c = groups * rng.random_range(1..=4);
+        let mut dims = vec![n, c, rng.random_range(1..=9)];
+        if rng.random_bool(0.7) {
+            dims.push(rng.random_range(1..=9));
+        }
+        let silu = case % 2 == 0;
+        let p = problem(&mut rng, &dims, groups, silu)?;
+        check(&p, &format!("case {case}: dims {dims:?}, {groups} groups, silu {silu}"))?;
+    }
+    Ok(())
+}
+
+/// The UNet's shapes: 32 groups of one channel at 32x32 and of two at 16x16, eps 1e-6.
+#[test]
+fn matches_candle_at_model_shapes() -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    for (dims, silu) in [([2, 32, 32, 32], true), ([2, 64, 16, 16], false)] {
+        let mut p = problem(&mut rng, &dims, 32, silu)?;
+        p.eps = 1e-6;
+        check(&p, &format!("dims {dims:?}, silu {silu}"))?;
+    }
+    Ok(())
+}
+
+/// Central differences of the loss along random directions agree with the gradients.
+#[test]
+fn finite_differences() -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    for silu in [false, true] {
+        let p = problem(&mut rng, &[2, 4, 3, 3], 2, silu)?;
+        let [_, gx, gw, gb] = run(&ours(&p), &p)?;
+        let loss = |x: &Tensor, w: &Tensor, b: &Tensor| -> Result<f64> {
+            let y = group_norm(x, w, b, p.groups, p.eps, p.silu)?;
+            let y = (y.to_dtype(DType::F64)? * p.r.to_dtype(DType::F64)?)?;
+            y.sum_all()?.to_scalar::<f64>()
+        };
+        let eps = 1e-2;
+        for (i, grad) in [gx, gw, gb].iter().enumerate() {
+            let v = rand_tensor(&mut rng, grad.dims(), -1.0, 1.0)?;
+            let mut args = [p.x.clone(), p.w.clone(), p.b.clone()];
+            let base = args[i].clone();
+            args[i] = (&base + (&v * eps)?)?;
+            let up = loss(&args[0], &args[1], &args[2])?;
+            args[i] = (&base - (&v * eps)?)?;
+            let down = loss(&args[0], &args[1], &args[2])?;
+            let numeric = (up - down) / (2.0 * eps);
+            let analytic = (grad * &v)?.sum_all()?.to_scalar::<f32>()? as f64;
+            let err = (numeric - analytic).abs() / analytic.abs().max(1.0);
+            assert!(err < 2e-3, "silu {silu}, arg {i}: fd {numeric} vs grad {analytic}");
+        }
+    }
+    Ok(())
+}
+
+/// A transposed (non-contiguous) input gives the same result as its contiguous copy.
+#[test]
+fn non_contiguous_input() -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let mut p = problem(&mut rng, &[2, 6, 5, 7], 3, true)?;
+    p.x = p.x.transpose(2, 3)?;
+    p.r = p.r.transpose(2, 3)?.contiguous()?;
+    assert!(!p.x.is_contiguous());
+    check(&p, "transposed input")
+}
+
+/// Non-f32 inputs fall back to candle's composed path.
+#[test]
+fn f64_falls_back_to_candle() -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let p = problem(&mut rng, &[2, 4, 3, 5], 2, true)?;
+    let to64 = |t: &Tensor| t.to_dtype(DType::F64);
+    let (x, w, b) = (to64(&p.x)?, to64(&p.w)?, to64(&p.b)?);
+    let a = group_norm(&x, &w, &b, 2, 1e-5, true)?;
+    let want = group_norm(&p.x, &p.w, &p.b, 2, 1e-5, true)?;
+    assert_eq!(a.dtype(), DType::F64);
+    assert!(rel_err(&a, &want)? < TOL);
+    Ok(())
+}
+
+/// Bad shapes are reported as errors naming the shape, not panics.
+#[test]
+fn rejects_bad_shapes() -> Result<()> {
+    let x = Tensor::zeros((2, 6, 4, 4), DType::F32, &Device::Cpu)?;
+    let w = Tensor::ones(6, DType::F32, &Device::Cpu)?;
+    let err = group_norm(&x, &w, &w, 4, 1e-5, false).unwrap_err().to_string();
+    assert!(err.contains("[2, 6, 4, 4]"), "{err}");
+    let w5 = Tensor::ones(5, DType::F32, &Device::Cpu)?;
+    let err = group_norm(&x, &w5, &w, 3, 1e-5, false).unwrap_err().to_string();
+    assert!(err.contains("[5]"), "{err}");
+    let x2 = Tensor::zeros((2, 6), DType::F32, &Device::Cpu)?;
+    let err = group_norm(&x2, &w, &w, 3, 1e-5, false).unwrap_err().to_string();
+    assert!(err.contains("[2, 6]"), "{err}");
+    assert!(group_norm(&x, &w, &w, 0, 1e-5, false).is_err());
+    Ok(())
+}
