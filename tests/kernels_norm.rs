@@ -196,3 +196,16 @@ fn rejects_bad_shapes() -> Result<()> {
     assert!(group_norm(&x, &w, &w, 0, 1e-5, false).is_err());
     Ok(())
 }
+
+/// Large affine weights push the pre-activations far into both tails of SiLU (up to
+/// hundreds), where it and its gradient must saturate like candle's without overflow.
+#[test]
+fn silu_saturates() -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(17);
+    for scale in [10.0, 40.0, 500.0] {
+        let mut p = problem(&mut rng, &[2, 4, 6, 5], 2, true)?;
+        p.w = (rand_tensor(&mut rng, &[4], -1.0, 1.0)? * scale)?;
+        check(&p, &format!("weights scaled by {scale}"))?;
+    }
+    Ok(())
+}

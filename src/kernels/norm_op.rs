@@ -18,7 +18,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, Device, Layout, Result, Shape, Te
 use rayon::prelude::*;
 
 use super::im2col::contiguous_f32;
-use super::slices::{dot, sum, sum_rows, sum_sq_dev, with_f32};
+use super::slices::{dot, exp, sum, sum_rows, sum_sq_dev, with_f32};
 
 /// GroupNorm of a contiguous f32 CPU tensor (N, C, *spatial), per-channel affine, optional SiLU.
 #[derive(Debug, Clone, Copy)]
@@ -214,12 +214,12 @@ impl CustomOp3 for GroupNormOp {
 /// SiLU: y · sigmoid(y).
 #[inline(always)]
 pub(crate) fn silu(y: f32) -> f32 {
-    y / (1.0 + (-y).exp())
+    y / (1.0 + exp(-y))
 }
 
 /// d silu / dy = s · (1 + y · (1 - s)), s = sigmoid(y).
 #[inline(always)]
 pub(crate) fn silu_grad(y: f32) -> f32 {
-    let s = 1.0 / (1.0 + (-y).exp());
+    let s = 1.0 / (1.0 + exp(-y));
     s * (1.0 + y * (1.0 - s))
 }
