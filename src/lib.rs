@@ -11,14 +11,18 @@
 //! - [`optim`]: AdamW, gradient clipping and EMA with state we own (for exact resume).
 //! - [`sampler`]: noise schedule and the DDIM step with per-step log-probabilities.
 //! - [`pretrain`]: DDPM pretraining of the embedded default model.
+//! - [`ddpo`]: advantages, DDPO-IS / SF / RWR losses and the training epoch.
+//! - [`reward`]: the `Reward` trait and built-in rewards (JPEG size, brightness).
 //! - [`cli`]: the command line (clap), progress bars and user-facing errors.
 
 pub mod cli;
+pub mod ddpo;
 pub mod kernels;
 pub mod model;
 pub mod optim;
 pub mod policy;
 pub mod pretrain;
 pub mod render;
+pub mod reward;
 pub mod sampler;
 pub mod world;

@@ -54,14 +54,19 @@ impl AdamW {
         self.config.lr = lr;
     }
 
-    /// One update from `grads`; variables without a gradient are left untouched.
-    pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+    /// The gradients of this optimiser's variables, in its variable order.
+    pub fn collect(&self, grads: &GradStore) -> Grads {
+        self.vars.iter().map(|(_, v)| grads.get(v.as_tensor()).cloned()).collect()
+    }
+
+    /// One update from `grads` (in variable order); variables without a gradient are left untouched.
+    pub fn step(&mut self, grads: &Grads) -> Result<()> {
         self.step += 1;
         let c = self.config;
         let bias1 = 1.0 - c.beta1.powi(self.step as i32);
         let bias2 = 1.0 - c.beta2.powi(self.step as i32);
         for (i, (_, var)) in self.vars.iter().enumerate() {
-            let Some(g) = grads.get(var.as_tensor()) else { continue };
+            let Some(g) = &grads[i] else { continue };
             let m = ((&self.m[i] * c.beta1)? + (g * (1.0 - c.beta1))?)?;
             let v = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let update = ((&m / bias1)? / ((&v / bias2)?.sqrt()? + c.eps)?)?;
@@ -106,21 +111,37 @@ impl AdamW {
     }
 }
 
-/// Scales all gradients so their global L2 norm is at most `max_norm`; returns the norm before.
-pub fn clip_grad_norm(vars: &[(String, Var)], grads: &mut GradStore, max_norm: f64) -> Result<f64> {
-    let mut total = 0.0f64;
-    for (_, var) in vars {
-        if let Some(g) = grads.get(var.as_tensor()) {
-            total += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+/// Gradients aligned with an optimiser's variables (`None`: the variable got no gradient).
+pub type Grads = Vec<Option<Tensor>>;
+
+/// Adds `more` into `acc` scaled by `scale` (gradient accumulation over several backward passes).
+pub fn accumulate(acc: &mut Grads, more: &Grads, scale: f64) -> Result<()> {
+    if acc.is_empty() {
+        acc.resize(more.len(), None);
+    }
+    for (a, m) in acc.iter_mut().zip(more) {
+        if let Some(m) = m {
+            let m = (m * scale)?;
+            *a = Some(match a.take() {
+                Some(prev) => (prev + m)?,
+                None => m,
+            });
         }
+    }
+    Ok(())
+}
+
+/// Scales all gradients so their global L2 norm is at most `max_norm`; returns the norm before.
+pub fn clip_grad_norm(grads: &mut Grads, max_norm: f64) -> Result<f64> {
+    let mut total = 0.0f64;
+    for g in grads.iter().flatten() {
+        total += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
     }
     let norm = total.sqrt();
     if norm > max_norm && norm.is_finite() {
         let scale = max_norm / (norm + 1e-6);
-        for (_, var) in vars {
-            if let Some(g) = grads.remove(var.as_tensor()) {
-                grads.insert(var.as_tensor(), (g * scale)?);
-            }
+        for g in grads.iter_mut().flatten() {
+            *g = (&*g * scale)?;
         }
     }
     Ok(norm)

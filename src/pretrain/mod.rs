@@ -232,8 +232,8 @@ impl Pretrainer {
         let loss = (pred - noise)?.sqr()?.mean_all()?;
         let loss_value = loss.to_scalar::<f32>()? as f64;
         anyhow::ensure!(loss_value.is_finite(), "pretraining loss became {loss_value} at step {}", self.step);
-        let mut grads = loss.backward()?;
-        let grad_norm = clip_grad_norm(self.opt.vars(), &mut grads, cfg.grad_clip)?;
+        let mut grads = self.opt.collect(&loss.backward()?);
+        let grad_norm = clip_grad_norm(&mut grads, cfg.grad_clip)?;
         self.opt.set_lr(cfg.lr_at(self.step));
         self.opt.step(&grads)?;
         self.ema.update(self.opt.vars())?;

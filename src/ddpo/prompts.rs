@@ -1,0 +1,28 @@
+//! Where training prompts come from. The Rhai host plugs `prompts.rhai` in behind the same trait.
+
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+/// A distribution over prompts, drawn from with the run's seeded generator.
+pub trait PromptSource: Send {
+    fn next_prompt(&mut self, rng: &mut ChaCha8Rng) -> anyhow::Result<String>;
+}
+
+/// Uniform choice from a fixed list.
+pub struct FixedPrompts(pub Vec<String>);
+
+impl FixedPrompts {
+    /// The default training prompts: a fixed set drawn from the shapes-world grammar, repeated
+    /// often enough that per-prompt reward statistics fill up.
+    pub fn shapes_default() -> Self {
+        let world = crate::world::ShapesWorld::default();
+        Self(world.prompts(7, 8).into_iter().map(|p| p.caption).collect())
+    }
+}
+
+impl PromptSource for FixedPrompts {
+    fn next_prompt(&mut self, rng: &mut ChaCha8Rng) -> anyhow::Result<String> {
+        anyhow::ensure!(!self.0.is_empty(), "the prompt list is empty");
+        Ok(self.0[rng.random_range(0..self.0.len())].clone())
+    }
+}

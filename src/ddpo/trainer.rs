@@ -1,0 +1,446 @@
+//! One DDPO epoch: sample trajectories (rewards computed on a worker pool while the next batch
+//! samples), turn rewards into advantages, then update the policy over inner epochs and
+//! minibatches with DDPO-IS, DDPO-SF or RWR.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::{Tensor, D};
+use rand::seq::SliceRandom;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use super::advantage::{Normalisation, StatTracker};
+use super::loss::{ppo_clip_loss, rwr_weights, score_function_loss};
+use super::prompts::PromptSource;
+use crate::optim::{accumulate, clip_grad_norm, AdamW, AdamWConfig, Grads};
+use crate::policy::Policy;
+use crate::reward::{check_finite, Reward, Score};
+use crate::sampler::{self, NoiseRng, SamplerConfig, Trajectory};
+
+/// The policy-gradient estimator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Algorithm {
+    /// Importance sampling with PPO clipping (several updates per batch).
+    Is,
+    /// Score function (REINFORCE): one gradient step per sampled batch.
+    Sf,
+    /// Reward-weighted regression on the denoising loss (the paper's baseline).
+    Rwr,
+}
+
+/// Every DDPO hyper-parameter, validated once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub algorithm: Algorithm,
+    pub samples_per_epoch: usize,
+    pub sample_batch_size: usize,
+    pub train_batch_size: usize,
+    pub inner_epochs: usize,
+    /// Minibatches whose gradients are summed before one optimiser step.
+    pub grad_accum: usize,
+    /// Fraction of each trajectory's steps trained on (a random subset per sample).
+    pub timestep_fraction: f64,
+    pub clip_range: f64,
+    pub adv_clip: f64,
+    pub normalisation: Normalisation,
+    pub rwr_beta: f64,
+    pub optimizer: AdamWConfig,
+    pub grad_clip: f64,
+    pub sampler: SamplerConfig,
+    pub reward_workers: usize,
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            algorithm: Algorithm::Is,
+            samples_per_epoch: 32,
+            sample_batch_size: 16,
+            train_batch_size: 8,
+            inner_epochs: 1,
+            grad_accum: 1,
+            timestep_fraction: 1.0,
+            clip_range: 1e-4,
+            adv_clip: 5.0,
+            normalisation: Normalisation::PerPrompt { buffer_size: 32, min_count: 16 },
+            rwr_beta: 1.0,
+            optimizer: AdamWConfig::default(),
+            grad_clip: 1.0,
+            sampler: SamplerConfig::default(),
+            reward_workers: 1,
+            seed: 0,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let c = self;
+        anyhow::ensure!(c.samples_per_epoch > 0, "--samples-per-epoch must be at least 1");
+        anyhow::ensure!(c.sample_batch_size > 0, "--sample-batch-size must be at least 1");
+        anyhow::ensure!(c.train_batch_size > 0, "--train-batch-size must be at least 1");
+        anyhow::ensure!(
+            c.train_batch_size <= c.samples_per_epoch,
+            "--train-batch-size {} is larger than --samples-per-epoch {}",
+            c.train_batch_size,
+            c.samples_per_epoch
+        );
+        anyhow::ensure!(c.inner_epochs > 0, "--inner-epochs must be at least 1");
+        anyhow::ensure!(c.grad_accum > 0, "--grad-accum must be at least 1");
+        anyhow::ensure!(
+            c.timestep_fraction > 0.0 && c.timestep_fraction <= 1.0,
+            "--timestep-fraction must be in (0, 1], got {}",
+            c.timestep_fraction
+        );
+        anyhow::ensure!(c.optimizer.lr > 0.0 && c.optimizer.lr.is_finite(), "--lr must be a positive number, got {}", c.optimizer.lr);
+        anyhow::ensure!(c.clip_range > 0.0, "--clip-range must be positive, got {}", c.clip_range);
+        anyhow::ensure!(c.rwr_beta > 0.0, "RWR beta must be positive, got {}", c.rwr_beta);
+        anyhow::ensure!(c.reward_workers > 0, "--reward-workers must be at least 1");
+        Ok(())
+    }
+
+    /// Trajectory steps trained on per sample.
+    fn train_steps(&self) -> usize {
+        ((self.sampler.steps as f64 * self.timestep_fraction).ceil() as usize).clamp(1, self.sampler.steps)
+    }
+}
+
+/// What one epoch did, for logging and the run folder.
+#[derive(Debug, Clone)]
+pub struct EpochReport {
+    pub epoch: usize,
+    pub prompts: Vec<String>,
+    pub scores: Vec<Score>,
+    pub images: Vec<image::RgbImage>,
+    pub loss: f64,
+    pub approx_kl: f64,
+    pub clipfrac: f64,
+    /// Loss of the first minibatch before any update (for IS its ratio is exactly 1).
+    pub first_ratio_max_dev: f64,
+    pub lr: f64,
+    pub optimizer_steps: usize,
+    pub seconds_sampling: f64,
+    pub seconds_reward: f64,
+    pub seconds_training: f64,
+}
+
+impl EpochReport {
+    pub fn rewards(&self) -> Vec<f64> {
+        self.scores.iter().map(|s| s.total).collect()
+    }
+}
+
+/// The DDPO training state that a checkpoint must hold (besides the weights).
+pub struct Trainer {
+    pub config: TrainConfig,
+    pub policy: Policy,
+    pub opt: AdamW,
+    pub stats: StatTracker,
+    pub rng: NoiseRng,
+    pub epoch: usize,
+    reward: Arc<dyn Reward>,
+    prompts: Box<dyn PromptSource>,
+}
+
+/// One epoch's samples, flattened over batches.
+struct Samples {
+    prompts: Vec<String>,
+    /// (N, steps + 1, C, H, W)
+    latents: Tensor,
+    /// (N, steps)
+    log_probs: Tensor,
+    timesteps: Vec<usize>,
+}
+
+impl Trainer {
+    pub fn new(
+        config: TrainConfig,
+        policy: Policy,
+        reward: Arc<dyn Reward>,
+        prompts: Box<dyn PromptSource>,
+    ) -> anyhow::Result<Self> {
+        config.validate()?;
+        config.sampler.validate(policy.schedule.num_train_timesteps())?;
+        let vars = policy.trainable_vars();
+        anyhow::ensure!(!vars.is_empty(), "the policy has no trainable weights (load it with load_trainable)");
+        let opt = AdamW::new(vars, config.optimizer)?;
+        let rng = NoiseRng::new(config.seed);
+        Ok(Self { config, policy, opt, stats: StatTracker::default(), rng, epoch: 0, reward, prompts })
+    }
+
+    /// Replaces the reward (e.g. after a script reload); state is kept.
+    pub fn set_reward(&mut self, reward: Arc<dyn Reward>) {
+        self.reward = reward;
+    }
+
+    /// Samples, scores and trains once. On a bad reward nothing is updated.
+    pub fn run_epoch(&mut self) -> anyhow::Result<EpochReport> {
+        let epoch = self.epoch;
+        let t0 = Instant::now();
+        let (samples, scores, images, seconds_reward) =
+            self.sample_and_score().with_context(|| format!("epoch {epoch}"))?;
+        let seconds_sampling = t0.elapsed().as_secs_f64() - seconds_reward;
+        let rewards: Vec<f64> = scores.iter().map(|s| s.total).collect();
+        let adv = self.stats.advantages(&samples.prompts, &rewards, self.config.normalisation);
+        let adv: Vec<f64> = adv.iter().map(|a| a.clamp(-self.config.adv_clip, self.config.adv_clip)).collect();
+        let t1 = Instant::now();
+        let update = match self.config.algorithm {
+            Algorithm::Is | Algorithm::Sf => self.policy_gradient_update(&samples, &adv),
+            Algorithm::Rwr => self.rwr_update(&samples, &adv),
+        }
+        .with_context(|| format!("epoch {epoch}: policy update"))?;
+        self.epoch += 1;
+        Ok(EpochReport {
+            epoch,
+            prompts: samples.prompts,
+            scores,
+            images,
+            loss: update.loss,
+            approx_kl: update.approx_kl,
+            clipfrac: update.clipfrac,
+            first_ratio_max_dev: update.first_ratio_max_dev,
+            lr: self.opt.config.lr,
+            optimizer_steps: update.steps,
+            seconds_sampling,
+            seconds_reward,
+            seconds_training: t1.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Samples the epoch's trajectories batch by batch; each finished batch goes to the reward
+    /// workers while the next one samples. Returns the samples, scores, images and the seconds
+    /// spent waiting for rewards after sampling finished.
+    fn sample_and_score(&mut self) -> anyhow::Result<(Samples, Vec<Score>, Vec<image::RgbImage>, f64)> {
+        let cfg = self.config.clone();
+        let prompts = (0..cfg.samples_per_epoch)
+            .map(|_| self.prompts.next_prompt(self.rng.rng()))
+            .collect::<anyhow::Result<Vec<_>>>()
+            .context("drawing prompts")?;
+        let batches: Vec<&[String]> = prompts.chunks(cfg.sample_batch_size).collect();
+        let (job_tx, job_rx) = crossbeam::channel::unbounded::<(usize, Vec<image::RgbImage>, Vec<String>)>();
+        let (res_tx, res_rx) = crossbeam::channel::unbounded();
+        let policy = &self.policy;
+        let rng = &mut self.rng;
+        let reward = self.reward.clone();
+        let (trajectories, mut results, wait) = crossbeam::scope(|s| -> anyhow::Result<_> {
+            for _ in 0..cfg.reward_workers {
+                let (job_rx, res_tx, reward) = (job_rx.clone(), res_tx.clone(), reward.clone());
+                s.spawn(move |_| {
+                    for (i, images, prompts) in job_rx {
+                        let scores = reward.score(&images, &prompts);
+                        let _ = res_tx.send((i, scores, images));
+                    }
+                });
+            }
+            drop(res_tx);
+            let mut trajectories: Vec<Trajectory> = Vec::new();
+            for (i, batch) in batches.iter().enumerate() {
+                let traj = sampler::sample(policy, batch, &cfg.sampler, rng)?;
+                let images = crate::render::tensor_to_images(traj.final_sample())?;
+                job_tx.send((i, images, batch.to_vec())).expect("reward workers alive");
+                trajectories.push(traj);
+            }
+            drop(job_tx);
+            let waiting = Instant::now();
+            let results: Vec<_> = res_rx.iter().collect();
+            Ok((trajectories, results, waiting.elapsed().as_secs_f64()))
+        })
+        .map_err(|_| anyhow::anyhow!("a reward worker panicked"))??;
+        results.sort_by_key(|r| r.0);
+        let (mut scores, mut images) = (Vec::new(), Vec::new());
+        for (i, batch_scores, batch_images) in results {
+            let batch_scores = batch_scores.with_context(|| format!("reward {}", reward.name()))?;
+            anyhow::ensure!(batch_scores.len() == batch_images.len(), "reward {} returned {} scores for {} images", reward.name(), batch_scores.len(), batch_images.len());
+            check_finite(&batch_scores, batches[i], i * cfg.sample_batch_size)?;
+            scores.extend(batch_scores);
+            images.extend(batch_images);
+        }
+        let latents: Vec<Tensor> = trajectories.iter().map(|t| Tensor::stack(&t.latents, 1)).collect::<candle_core::Result<_>>()?;
+        let log_probs: Vec<&Tensor> = trajectories.iter().map(|t| &t.log_probs).collect();
+        let samples = Samples {
+            prompts,
+            latents: Tensor::cat(&latents, 0)?,
+            log_probs: Tensor::cat(&log_probs, 0)?,
+            timesteps: trajectories[0].timesteps.clone(),
+        };
+        Ok((samples, scores, images, wait))
+    }
+
+    /// DDPO-IS / DDPO-SF over inner epochs, minibatches and (a random subset of) timesteps.
+    fn policy_gradient_update(&mut self, s: &Samples, adv: &[f64]) -> anyhow::Result<UpdateStats> {
+        let cfg = self.config.clone();
+        let n = s.prompts.len();
+        let steps = cfg.sampler.steps;
+        let k = cfg.train_steps();
+        let sf = cfg.algorithm == Algorithm::Sf;
+        let inner = if sf { 1 } else { cfg.inner_epochs };
+        let minibatches = n.div_ceil(cfg.train_batch_size);
+        let accum = if sf { minibatches } else { cfg.grad_accum };
+        let mut stats = UpdateStats::default();
+        let mut grads: Grads = Vec::new();
+        let mut pending = 0;
+        for _ in 0..inner {
+            let mut order: Vec<usize> = (0..n).collect();
+            order.shuffle(self.rng.rng());
+            let step_order: Vec<Vec<usize>> = (0..n)
+                .map(|_| {
+                    let mut p: Vec<usize> = (0..steps).collect();
+                    p.shuffle(self.rng.rng());
+                    p
+                })
+                .collect();
+            for mb in order.chunks(cfg.train_batch_size) {
+                for j in 0..k {
+                    let ks: Vec<usize> = mb.iter().map(|&i| step_order[i][j]).collect();
+                    let terms = self.transition_loss(s, mb, &ks, adv)?;
+                    if stats.terms == 0 {
+                        stats.first_ratio_max_dev = terms.3;
+                    }
+                    let g = self.opt.collect(&terms.0.backward()?);
+                    accumulate(&mut grads, &g, 1.0 / (k * accum) as f64)?;
+                    stats.add(terms.0.to_scalar::<f32>()? as f64, terms.1, terms.2);
+                }
+                pending += 1;
+                if pending == accum {
+                    self.optimizer_step(&mut grads, &mut stats)?;
+                    pending = 0;
+                }
+            }
+        }
+        if pending > 0 {
+            self.optimizer_step(&mut grads, &mut stats)?;
+        }
+        Ok(stats.finish())
+    }
+
+    /// Loss of one minibatch at one trajectory step per sample: (loss, approx_kl, clipfrac,
+    /// max |ratio - 1|).
+    fn transition_loss(&self, s: &Samples, mb: &[usize], ks: &[usize], adv: &[f64]) -> anyhow::Result<(Tensor, f64, f64, f64)> {
+        let pick = |offset: usize| -> candle_core::Result<Tensor> {
+            let rows: Vec<Tensor> = mb
+                .iter()
+                .zip(ks)
+                .map(|(&i, &k)| s.latents.get(i)?.get(k + offset))
+                .collect::<candle_core::Result<_>>()?;
+            Tensor::stack(&rows, 0)
+        };
+        let (x_t, x_prev) = (pick(0)?, pick(1)?);
+        let timesteps: Vec<usize> = ks.iter().map(|&k| s.timesteps[k]).collect();
+        let prompts: Vec<String> = mb.iter().map(|&i| s.prompts[i].clone()).collect();
+        let old: Vec<f32> = mb
+            .iter()
+            .zip(ks)
+            .map(|(&i, &k)| s.log_probs.get(i)?.get(k)?.to_scalar::<f32>())
+            .collect::<candle_core::Result<_>>()?;
+        let device = &self.policy.device;
+        let old = Tensor::from_vec(old, mb.len(), device)?;
+        let a = Tensor::from_vec(mb.iter().map(|&i| adv[i] as f32).collect::<Vec<_>>(), mb.len(), device)?;
+        let new = sampler::transition_log_prob(&self.policy, &prompts, &x_t, &x_prev, &timesteps, &self.config.sampler)?;
+        let ratio_dev = (new.detach() - &old)?.exp()?.affine(1.0, -1.0)?.abs()?.max(D::Minus1)?.to_scalar::<f32>()? as f64;
+        let l = match self.config.algorithm {
+            Algorithm::Sf => score_function_loss(&new, &old, &a)?,
+            _ => ppo_clip_loss(&new, &old, &a, self.config.clip_range)?,
+        };
+        Ok((l.loss, l.approx_kl, l.clipfrac, ratio_dev))
+    }
+
+    /// RWR: the DDPM denoising loss on the epoch's own samples, weighted by softmax(A / beta).
+    fn rwr_update(&mut self, s: &Samples, adv: &[f64]) -> anyhow::Result<UpdateStats> {
+        let cfg = self.config.clone();
+        let n = s.prompts.len();
+        let weights = rwr_weights(adv, cfg.rwr_beta);
+        let last = cfg.sampler.steps;
+        let device = self.policy.device.clone();
+        let mut stats = UpdateStats::default();
+        let mut grads: Grads = Vec::new();
+        let mut pending = 0;
+        let k = cfg.train_steps();
+        for _ in 0..cfg.inner_epochs {
+            let mut order: Vec<usize> = (0..n).collect();
+            order.shuffle(self.rng.rng());
+            for mb in order.chunks(cfg.train_batch_size) {
+                let rows: Vec<Tensor> = mb.iter().map(|&i| s.latents.get(i)?.get(last)).collect::<candle_core::Result<_>>()?;
+                let x0 = Tensor::stack(&rows, 0)?;
+                let prompts: Vec<String> = mb.iter().map(|&i| s.prompts[i].clone()).collect();
+                let w = Tensor::from_vec(mb.iter().map(|&i| weights[i] as f32).collect::<Vec<_>>(), mb.len(), &device)?;
+                for _ in 0..k {
+                    let t: Vec<usize> = mb.iter().map(|_| self.rng.rng().random_range(0..self.policy.schedule.num_train_timesteps())).collect();
+                    let noise = self.rng.randn(x0.shape(), &device)?;
+                    let x_t = self.policy.schedule.add_noise(&x0, &noise, &t)?;
+                    let ctx = self.policy.encode_prompts(&prompts)?;
+                    let tt = Tensor::from_vec(t.iter().map(|&v| v as f32).collect::<Vec<_>>(), mb.len(), &device)?;
+                    let pred = self.policy.unet.forward(&x_t, &tt, &ctx)?;
+                    let per_sample = (pred - noise)?.sqr()?.flatten_from(1)?.mean(1)?;
+                    let loss = (per_sample * &w)?.mean_all()?;
+                    let g = self.opt.collect(&loss.backward()?);
+                    accumulate(&mut grads, &g, 1.0 / (k * cfg.grad_accum) as f64)?;
+                    stats.add(loss.to_scalar::<f32>()? as f64, 0.0, 0.0);
+                }
+                pending += 1;
+                if pending == cfg.grad_accum {
+                    self.optimizer_step(&mut grads, &mut stats)?;
+                    pending = 0;
+                }
+            }
+        }
+        if pending > 0 {
+            self.optimizer_step(&mut grads, &mut stats)?;
+        }
+        Ok(stats.finish())
+    }
+
+    fn optimizer_step(&mut self, grads: &mut Grads, stats: &mut UpdateStats) -> anyhow::Result<()> {
+        let norm = clip_grad_norm(grads, self.config.grad_clip)?;
+        anyhow::ensure!(norm.is_finite(), "gradient norm is {norm}; the update was skipped and the weights are unchanged");
+        self.opt.step(grads)?;
+        grads.clear();
+        stats.steps += 1;
+        Ok(())
+    }
+}
+
+/// Running means of the update's diagnostics.
+#[derive(Debug, Default)]
+struct UpdateStats {
+    loss: f64,
+    approx_kl: f64,
+    clipfrac: f64,
+    terms: usize,
+    steps: usize,
+    first_ratio_max_dev: f64,
+}
+
+impl UpdateStats {
+    fn add(&mut self, loss: f64, kl: f64, clipfrac: f64) {
+        self.loss += loss;
+        self.approx_kl += kl;
+        self.clipfrac += clipfrac;
+        self.terms += 1;
+    }
+
+    fn finish(mut self) -> Self {
+        let n = self.terms.max(1) as f64;
+        self.loss /= n;
+        self.approx_kl /= n;
+        self.clipfrac /= n;
+        self
+    }
+}
+
+/// Component-wise means of scores, keyed `reward/<name>`.
+pub fn component_means(scores: &[Score]) -> BTreeMap<String, f64> {
+    let mut sums: BTreeMap<String, (f64, usize)> = BTreeMap::new();
+    for s in scores {
+        for (k, v) in &s.components {
+            let e = sums.entry(format!("reward/{k}")).or_default();
+            e.0 += v;
+            e.1 += 1;
+        }
+    }
+    sums.into_iter().map(|(k, (s, n))| (k, s / n as f64)).collect()
+}
