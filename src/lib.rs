@@ -13,6 +13,7 @@
 //! - [`pretrain`]: DDPM pretraining of the embedded default model.
 //! - [`ddpo`]: advantages, DDPO-IS / SF / RWR losses and the training epoch.
 //! - [`reward`]: the `Reward` trait and built-in rewards (JPEG size, brightness).
+//! - [`run`]: the training run folder: metrics, sample grids, reward curve, checkpoints.
 //! - [`cli`]: the command line (clap), progress bars and user-facing errors.
 
 pub mod cli;
@@ -24,5 +25,6 @@ pub mod policy;
 pub mod pretrain;
 pub mod render;
 pub mod reward;
+pub mod run;
 pub mod sampler;
 pub mod world;

@@ -4,6 +4,7 @@
 mod eval;
 mod pretrain;
 mod sample;
+mod train;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,6 +22,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Finetune a diffusion model on a reward with DDPO (the main job).
+    Train(train::Args),
     /// Sample images for a prompt and write a labelled grid PNG.
     Sample(sample::Args),
     /// Pretrain the embedded default models on the shapes world.
@@ -33,6 +36,7 @@ enum Command {
 /// Parses the command line and runs the chosen subcommand.
 pub fn run() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Train(args) => train::exec(args),
         Command::Sample(args) => sample::exec(args),
         Command::Pretrain(which) => pretrain::exec(which),
         Command::Eval(args) => eval::exec(args),

@@ -4,7 +4,9 @@
 
 pub mod font;
 pub mod grid;
+pub mod plot;
 pub mod tensor;
 
 pub use grid::{labelled_grid, save_png};
+pub use plot::reward_curve;
 pub use tensor::{images_to_tensor, tensor_to_images};

@@ -1,0 +1,175 @@
+//! `ddpo train`: DDPO finetuning of a diffusion policy on a reward, with a run folder that
+//! records everything and resumes after an interruption.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::ddpo::{Algorithm, FixedPrompts, Normalisation, TrainConfig, Trainer};
+use crate::optim::AdamWConfig;
+use crate::policy::Policy;
+use crate::run::{RunConfig, RunDir};
+use crate::sampler::SamplerConfig;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Model to finetune (.safetensors with its .json config beside it).
+    #[arg(long, default_value = super::DEFAULT_MODEL)]
+    model: PathBuf,
+    /// Run folder (default: runs/<date-time>).
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Continue the run in this folder from its last checkpoint (other flags are ignored).
+    #[arg(long, conflicts_with = "run_dir")]
+    resume: Option<PathBuf>,
+    /// Built-in reward: compressibility, incompressibility or brightness.
+    #[arg(long, default_value = "compressibility")]
+    reward: String,
+    /// Policy-gradient estimator.
+    #[arg(long, value_enum, default_value = "is")]
+    algo: Algorithm,
+    #[arg(long, default_value_t = 20)]
+    epochs: usize,
+    #[arg(long, default_value_t = 32)]
+    samples_per_epoch: usize,
+    #[arg(long, default_value_t = 16)]
+    sample_batch_size: usize,
+    #[arg(long, default_value_t = 8)]
+    train_batch_size: usize,
+    #[arg(long, default_value_t = 1)]
+    inner_epochs: usize,
+    /// Minibatches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    #[arg(long, default_value_t = 1.0)]
+    timestep_fraction: f64,
+    /// DDIM steps per sample.
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    #[arg(long, default_value_t = 1.0)]
+    eta: f64,
+    #[arg(long, default_value_t = 5.0)]
+    guidance: f64,
+    #[arg(long, default_value_t = 3e-4)]
+    lr: f64,
+    /// PPO clip range of the per-step importance ratio.
+    #[arg(long, default_value_t = 1e-4)]
+    clip_range: f64,
+    /// Normalise rewards over the batch instead of per prompt.
+    #[arg(long)]
+    batch_norm_rewards: bool,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Epochs between checkpoints.
+    #[arg(long, default_value_t = 5)]
+    checkpoint_every: usize,
+    /// Training prompt (repeatable); default: 8 fixed shapes-world prompts.
+    #[arg(long = "prompt")]
+    prompts: Vec<String>,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+impl Args {
+    fn run_config(&self) -> anyhow::Result<RunConfig> {
+        anyhow::ensure!(self.epochs > 0, "--epochs must be at least 1");
+        anyhow::ensure!(self.checkpoint_every > 0, "--checkpoint-every must be at least 1");
+        let prompts = if self.prompts.is_empty() { FixedPrompts::shapes_default().0 } else { self.prompts.clone() };
+        anyhow::ensure!(prompts.iter().all(|p| !p.trim().is_empty()), "--prompt must not be empty");
+        let train = TrainConfig {
+            algorithm: self.algo,
+            samples_per_epoch: self.samples_per_epoch,
+            sample_batch_size: self.sample_batch_size,
+            train_batch_size: self.train_batch_size,
+            inner_epochs: self.inner_epochs,
+            grad_accum: self.grad_accum,
+            timestep_fraction: self.timestep_fraction,
+            clip_range: self.clip_range,
+            normalisation: if self.batch_norm_rewards { Normalisation::Batch } else { TrainConfig::default().normalisation },
+            optimizer: AdamWConfig { lr: self.lr, ..Default::default() },
+            sampler: SamplerConfig { steps: self.steps, eta: self.eta, guidance: self.guidance },
+            seed: self.seed,
+            ..Default::default()
+        };
+        train.validate()?;
+        crate::reward::builtin(&self.reward)?;
+        Ok(RunConfig {
+            train,
+            model: super::resolve_model(&self.model),
+            reward: self.reward.clone(),
+            prompts,
+            epochs: self.epochs,
+            checkpoint_every: self.checkpoint_every,
+        })
+    }
+}
+
+pub fn exec(args: Args) -> anyhow::Result<()> {
+    let device = super::device(&args.device)?;
+    let (mut run, config) = match &args.resume {
+        Some(dir) => RunDir::open(dir)?,
+        None => {
+            let config = args.run_config()?;
+            let dir = args.run_dir.clone().unwrap_or_else(default_run_dir);
+            (RunDir::create(&dir, &config)?, config)
+        }
+    };
+    let policy = Policy::load_trainable(&config.model, &device)?;
+    let reward: Arc<dyn crate::reward::Reward> = Arc::from(crate::reward::builtin(&config.reward)?);
+    let prompts = Box::new(FixedPrompts(config.prompts.clone()));
+    let mut trainer = Trainer::new(config.train.clone(), policy, reward, prompts)?;
+    if args.resume.is_some() {
+        run.restore(&mut trainer)?;
+        eprintln!("resuming {} at epoch {}", run.dir.display(), trainer.epoch);
+    } else {
+        eprintln!("training {} with {} ({:?}) into {}", config.model.display(), config.reward, config.train.algorithm, run.dir.display());
+    }
+    let stop = super::interrupt_flag();
+    while trainer.epoch < config.epochs {
+        let report = trainer.run_epoch().with_context(|| {
+            format!("the last checkpoint in {} is intact; fix the problem and use --resume", run.dir.display())
+        })?;
+        let m = run.record(&report)?;
+        eprintln!(
+            "epoch {:>3}  reward {:+.4} ± {:.4}  loss {:+.2e}  kl {:.1e}  clip {:.2}  sample {:.1}s reward {:.2}s train {:.1}s",
+            report.epoch,
+            m["reward_mean"].as_f64().unwrap_or(f64::NAN),
+            m["reward_std"].as_f64().unwrap_or(f64::NAN),
+            report.loss,
+            report.approx_kl,
+            report.clipfrac,
+            report.seconds_sampling,
+            report.seconds_reward,
+            report.seconds_training
+        );
+        let interrupted = stop.load(Ordering::SeqCst);
+        if trainer.epoch % config.checkpoint_every == 0 || trainer.epoch == config.epochs || interrupted {
+            run.save_checkpoint(&trainer)?;
+        }
+        if interrupted {
+            eprintln!("stopped after epoch {}; continue with --resume {}", trainer.epoch - 1, run.dir.display());
+            return Ok(());
+        }
+    }
+    eprintln!("done: {} (finetuned weights in {})", run.dir.display(), run.policy_path().display());
+    Ok(())
+}
+
+/// `runs/<YYYYmmdd-HHMMSS>` in UTC, without a date-time dependency.
+fn default_run_dir() -> PathBuf {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + (m <= 2) as i64;
+    PathBuf::from(format!("runs/{y:04}{m:02}{d:02}-{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60))
+}

@@ -1,0 +1,190 @@
+//! The run folder of `ddpo train`: the config used, `metrics.jsonl` (one JSON object per epoch),
+//! `samples/epoch_NNNN.png`, `reward.png`, and a checkpoint that resumes the same run.
+//!
+//! A checkpoint is a folder written whole and then swapped in by renames, so a crash at any
+//! moment leaves either the previous checkpoint or the new one, never a mix.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+use crate::ddpo::trainer::component_means;
+use crate::ddpo::{EpochReport, StatTracker, TrainConfig, Trainer};
+use crate::policy::checkpoint::{save_tensors_atomic, write_atomic};
+use crate::sampler::{NoiseRng, NoiseRngState};
+
+/// What a run was started with (saved as `config.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunConfig {
+    pub train: TrainConfig,
+    /// The model the run started from.
+    pub model: PathBuf,
+    /// The reward's name.
+    pub reward: String,
+    pub prompts: Vec<String>,
+    pub epochs: usize,
+    pub checkpoint_every: usize,
+}
+
+/// Training state besides weights and optimiser moments.
+#[derive(Debug, Serialize, Deserialize)]
+struct TrainerState {
+    /// Epochs completed.
+    epoch: usize,
+    rng: NoiseRngState,
+    stats: StatTracker,
+}
+
+/// An open run folder.
+pub struct RunDir {
+    pub dir: PathBuf,
+    reward_mean: Vec<f64>,
+    reward_std: Vec<f64>,
+}
+
+impl RunDir {
+    /// Creates a fresh run folder (refusing one that already holds a run).
+    pub fn create(dir: &Path, config: &RunConfig) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            !dir.join("config.json").exists(),
+            "{} already holds a run: use --resume {} to continue it, or choose another --run-dir",
+            dir.display(),
+            dir.display()
+        );
+        std::fs::create_dir_all(dir.join("samples")).with_context(|| format!("cannot create run folder {}", dir.display()))?;
+        write_atomic(&dir.join("config.json"), serde_json::to_string_pretty(config)?.as_bytes())?;
+        Ok(Self { dir: dir.to_path_buf(), reward_mean: Vec::new(), reward_std: Vec::new() })
+    }
+
+    /// Opens an existing run folder and its config.
+    pub fn open(dir: &Path) -> anyhow::Result<(Self, RunConfig)> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).with_context(|| format!("{} is not a run folder (no config.json)", dir.display()))?;
+        let config: RunConfig = serde_json::from_str(&text).with_context(|| format!("{} is corrupt", path.display()))?;
+        let mut run = Self { dir: dir.to_path_buf(), reward_mean: Vec::new(), reward_std: Vec::new() };
+        run.reload_curve()?;
+        Ok((run, config))
+    }
+
+    fn reload_curve(&mut self) -> anyhow::Result<()> {
+        let Ok(text) = std::fs::read_to_string(self.dir.join("metrics.jsonl")) else { return Ok(()) };
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let v: serde_json::Value = serde_json::from_str(line)?;
+            self.reward_mean.push(v["reward_mean"].as_f64().unwrap_or(f64::NAN));
+            self.reward_std.push(v["reward_std"].as_f64().unwrap_or(f64::NAN));
+        }
+        Ok(())
+    }
+
+    pub fn checkpoint_dir(&self) -> PathBuf {
+        self.dir.join("checkpoint")
+    }
+
+    /// The weights of the latest checkpoint (loadable by `ddpo sample --model`).
+    pub fn policy_path(&self) -> PathBuf {
+        self.checkpoint_dir().join("policy.safetensors")
+    }
+
+    /// Appends the epoch's metrics, writes its sample grid and redraws the reward curve.
+    pub fn record(&mut self, r: &EpochReport) -> anyhow::Result<serde_json::Value> {
+        let rewards = r.rewards();
+        let n = rewards.len().max(1) as f64;
+        let mean = rewards.iter().sum::<f64>() / n;
+        let std = (rewards.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n).sqrt();
+        let mut m = serde_json::json!({
+            "epoch": r.epoch,
+            "reward_mean": mean,
+            "reward_std": std,
+            "reward_min": rewards.iter().cloned().fold(f64::INFINITY, f64::min),
+            "reward_max": rewards.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
+            "loss": r.loss,
+            "approx_kl": r.approx_kl,
+            "clipfrac": r.clipfrac,
+            "lr": r.lr,
+            "optimizer_steps": r.optimizer_steps,
+            "seconds_sampling": r.seconds_sampling,
+            "seconds_reward": r.seconds_reward,
+            "seconds_training": r.seconds_training,
+        });
+        for (k, v) in component_means(&r.scores) {
+            m[k] = serde_json::json!(v);
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("metrics.jsonl"))
+            .with_context(|| format!("cannot append to {}/metrics.jsonl", self.dir.display()))?;
+        writeln!(file, "{m}")?;
+        self.write_grid(r)?;
+        self.reward_mean.push(mean);
+        self.reward_std.push(std);
+        let curve = crate::render::reward_curve(&self.reward_mean, &self.reward_std, 480, 240, "reward mean +- std");
+        crate::render::save_png(&curve, &self.dir.join("reward.png"))?;
+        Ok(m)
+    }
+
+    fn write_grid(&self, r: &EpochReport) -> anyhow::Result<()> {
+        let shown = r.images.len().min(16);
+        let labels: Vec<String> = (0..shown).map(|i| format!("{:.3} {}", r.scores[i].total, r.prompts[i])).collect();
+        let grid = crate::render::labelled_grid(&r.images[..shown], &labels, 4, 3);
+        crate::render::save_png(&grid, &self.dir.join("samples").join(format!("epoch_{:04}.png", r.epoch)))
+    }
+
+    /// Writes weights, optimiser state, RNG, stat tracker and epoch as one checkpoint folder.
+    pub fn save_checkpoint(&self, trainer: &Trainer) -> anyhow::Result<()> {
+        let fresh = self.dir.join("checkpoint.new");
+        let _ = std::fs::remove_dir_all(&fresh);
+        std::fs::create_dir_all(&fresh)?;
+        trainer.policy.save(&fresh.join("policy.safetensors"))?;
+        let opt: HashMap<_, _> = trainer.opt.state_tensors()?;
+        save_tensors_atomic(&opt, &fresh.join("optimizer.safetensors"))?;
+        let state = TrainerState { epoch: trainer.epoch, rng: trainer.rng.state(), stats: trainer.stats.clone() };
+        write_atomic(&fresh.join("state.json"), serde_json::to_string_pretty(&state)?.as_bytes())?;
+        let current = self.checkpoint_dir();
+        let old = self.dir.join("checkpoint.old");
+        let _ = std::fs::remove_dir_all(&old);
+        if current.exists() {
+            std::fs::rename(&current, &old)?;
+        }
+        std::fs::rename(&fresh, &current)?;
+        let _ = std::fs::remove_dir_all(&old);
+        Ok(())
+    }
+
+    /// Restores the trainer's weights and state from the latest checkpoint.
+    pub fn restore(&mut self, trainer: &mut Trainer) -> anyhow::Result<()> {
+        let mut dir = self.checkpoint_dir();
+        if !dir.exists() && self.dir.join("checkpoint.old").exists() {
+            dir = self.dir.join("checkpoint.old"); // interrupted between the two renames
+        }
+        anyhow::ensure!(dir.exists(), "{} has no checkpoint to resume from", self.dir.display());
+        let weights = candle_core::safetensors::load(dir.join("policy.safetensors"), &trainer.policy.device)
+            .with_context(|| format!("cannot read {}/policy.safetensors", dir.display()))?;
+        for (name, var) in trainer.opt.vars() {
+            let t = weights.get(name).with_context(|| format!("checkpoint lacks weight {name}"))?;
+            var.set(t)?;
+        }
+        let opt = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &trainer.policy.device)?;
+        trainer.opt.load_state(&opt)?;
+        let text = std::fs::read_to_string(dir.join("state.json"))?;
+        let state: TrainerState = serde_json::from_str(&text).with_context(|| format!("{}/state.json is corrupt", dir.display()))?;
+        trainer.epoch = state.epoch;
+        trainer.rng = NoiseRng::restore(state.rng);
+        trainer.stats = state.stats;
+        // Metrics of epochs after the checkpoint are replayed by the resumed run: drop them.
+        self.truncate_metrics(state.epoch)?;
+        self.reward_mean.clear();
+        self.reward_std.clear();
+        self.reload_curve()
+    }
+
+    fn truncate_metrics(&self, epochs: usize) -> anyhow::Result<()> {
+        let path = self.dir.join("metrics.jsonl");
+        let Ok(text) = std::fs::read_to_string(&path) else { return Ok(()) };
+        let kept: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).take(epochs).collect();
+        write_atomic(&path, (kept.join("\n") + if kept.is_empty() { "" } else { "\n" }).as_bytes())
+    }
+}

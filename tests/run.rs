@@ -1,0 +1,133 @@
+//! The training run folder: metrics and artefacts per epoch, checkpoints that resume the same
+//! run, and a bad reward that stops an epoch without touching the last checkpoint.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::Device;
+use ddpo::ddpo::{FixedPrompts, Normalisation, TrainConfig, Trainer};
+use ddpo::optim::AdamWConfig;
+use ddpo::policy::{Policy, PolicyConfig};
+use ddpo::reward::{Brightness, Reward, Score};
+use ddpo::run::{RunConfig, RunDir};
+use ddpo::sampler::SamplerConfig;
+
+fn config() -> TrainConfig {
+    TrainConfig {
+        samples_per_epoch: 8,
+        sample_batch_size: 4,
+        train_batch_size: 4,
+        clip_range: 0.2,
+        normalisation: Normalisation::PerPrompt { buffer_size: 8, min_count: 4 },
+        optimizer: AdamWConfig { lr: 1e-3, ..Default::default() },
+        sampler: SamplerConfig { steps: 3, eta: 1.0, guidance: 2.0 },
+        timestep_fraction: 0.67,
+        seed: 5,
+        ..Default::default()
+    }
+}
+
+fn trainer(reward: Arc<dyn Reward>) -> Trainer {
+    let policy = Policy::new_random(PolicyConfig::tiny_test(), 2, &Device::Cpu).unwrap();
+    let prompts = FixedPrompts(vec!["a red circle on a blue background".into(), "two small green squares on a black background".into()]);
+    Trainer::new(config(), policy, reward, Box::new(prompts)).unwrap()
+}
+
+fn run_config() -> RunConfig {
+    RunConfig { train: config(), model: "tiny".into(), reward: "brightness".into(), prompts: vec![], epochs: 3, checkpoint_every: 1 }
+}
+
+/// metrics.jsonl without the wall-clock fields.
+fn metrics(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            for k in ["seconds_sampling", "seconds_reward", "seconds_training"] {
+                v.as_object_mut().unwrap().remove(k);
+            }
+            v
+        })
+        .collect()
+}
+
+#[test]
+fn run_folder_records_every_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut run = RunDir::create(dir.path(), &run_config()).unwrap();
+    let mut t = trainer(Arc::new(Brightness));
+    for _ in 0..2 {
+        let r = t.run_epoch().unwrap();
+        run.record(&r).unwrap();
+    }
+    run.save_checkpoint(&t).unwrap();
+    let m = metrics(dir.path());
+    assert_eq!(m.len(), 2);
+    for key in ["epoch", "reward_mean", "reward_std", "reward_min", "reward_max", "loss", "approx_kl", "clipfrac", "lr"] {
+        assert!(m[1][key].is_number(), "metrics lack {key}: {}", m[1]);
+    }
+    for f in ["config.json", "reward.png", "samples/epoch_0000.png", "samples/epoch_0001.png", "checkpoint/policy.safetensors", "checkpoint/policy.json", "checkpoint/optimizer.safetensors", "checkpoint/state.json"] {
+        assert!(dir.path().join(f).exists(), "{f} missing");
+    }
+    // The finetuned checkpoint samples like any model.
+    Policy::load(&run.policy_path(), &Device::Cpu).unwrap();
+    assert!(RunDir::create(dir.path(), &run_config()).is_err());
+}
+
+#[test]
+fn resumed_run_reproduces_the_uninterrupted_one() {
+    let straight = tempfile::tempdir().unwrap();
+    let mut run = RunDir::create(straight.path(), &run_config()).unwrap();
+    let mut t = trainer(Arc::new(Brightness));
+    for _ in 0..3 {
+        let r = t.run_epoch().unwrap();
+        run.record(&r).unwrap();
+    }
+
+    let resumed = tempfile::tempdir().unwrap();
+    let mut run = RunDir::create(resumed.path(), &run_config()).unwrap();
+    let mut t = trainer(Arc::new(Brightness));
+    let r = t.run_epoch().unwrap();
+    run.record(&r).unwrap();
+    run.save_checkpoint(&t).unwrap();
+    // An epoch that ran after the checkpoint but was lost (crash) is replayed on resume.
+    let r = t.run_epoch().unwrap();
+    run.record(&r).unwrap();
+    drop((run, t));
+
+    let (mut run, _) = RunDir::open(resumed.path()).unwrap();
+    let mut t = trainer(Arc::new(Brightness));
+    run.restore(&mut t).unwrap();
+    assert_eq!(t.epoch, 1);
+    for _ in 0..2 {
+        let r = t.run_epoch().unwrap();
+        run.record(&r).unwrap();
+    }
+    assert_eq!(metrics(straight.path()), metrics(resumed.path()));
+}
+
+/// A reward that returns NaN for one image.
+struct NanReward;
+
+impl Reward for NanReward {
+    fn name(&self) -> &str {
+        "nan"
+    }
+    fn score(&self, images: &[image::RgbImage], _: &[String]) -> anyhow::Result<Vec<Score>> {
+        Ok((0..images.len()).map(|i| Score::new(if i == 2 { f64::NAN } else { 1.0 })).collect())
+    }
+}
+
+#[test]
+fn nan_reward_aborts_the_epoch_naming_prompt_and_sample() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = RunDir::create(dir.path(), &run_config()).unwrap();
+    let mut t = trainer(Arc::new(NanReward));
+    run.save_checkpoint(&t).unwrap();
+    let before = std::fs::read(dir.path().join("checkpoint/policy.safetensors")).unwrap();
+    let err = format!("{:#}", t.run_epoch().unwrap_err());
+    assert!(err.contains("sample 2") && err.contains("prompt") && err.contains("epoch 0"), "{err}");
+    assert_eq!(t.epoch, 0);
+    assert_eq!(before, std::fs::read(dir.path().join("checkpoint/policy.safetensors")).unwrap());
+}
