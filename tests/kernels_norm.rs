@@ -1,10 +1,10 @@
 //! Correctness of `ddpo::kernels::group_norm` (with and without the fused SiLU) against the
 //! composed candle path (candle-nn's GroupNorm, then `silu`): forward values and all three
 //! gradients over randomised shapes, a finite-difference check, non-contiguous and f64 inputs,
-//! and shape errors.
+//! and shape errors. Also `ddpo::kernels::layer_norm` against candle-nn's `layer_norm_slow`.
 
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
-use ddpo::kernels::group_norm;
+use ddpo::kernels::{group_norm, layer_norm};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -207,5 +207,44 @@ fn silu_saturates() -> Result<()> {
         p.w = (rand_tensor(&mut rng, &[4], -1.0, 1.0)? * scale)?;
         check(&p, &format!("weights scaled by {scale}"))?;
     }
+    Ok(())
+}
+
+/// Layer norm over the last dimension matches candle-nn's differentiable `layer_norm_slow`,
+/// forward and all three gradients, over row counts and widths that are not multiples of
+/// the backward's task size, and on a transposed input.
+#[test]
+fn layer_norm_matches_candle() -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(29);
+    for (i, dims) in [&[3, 5][..], &[2, 7, 33], &[4, 50, 16], &[1, 130, 9], &[65, 128]].iter().enumerate() {
+        let d = *dims.last().expect("non-empty dims");
+        let p = Problem {
+            x: ((rand_tensor(&mut rng, dims, -2.0, 2.0)? * 3.0)? + 1.0)?,
+            w: rand_tensor(&mut rng, &[d], -1.5, 1.5)?,
+            b: rand_tensor(&mut rng, &[d], -1.0, 1.0)?,
+            r: rand_tensor(&mut rng, dims, -1.0, 1.0)?,
+            groups: 1,
+            eps: 1e-5,
+            silu: false,
+        };
+        let ours = |x: &Tensor, w: &Tensor, b: &Tensor| layer_norm(x, w, b, p.eps);
+        let slow = |x: &Tensor, w: &Tensor, b: &Tensor| {
+            candle_nn::ops::layer_norm_slow(x, w, b, p.eps as f32)
+        };
+        let got = run(&ours, &p)?;
+        let want = run(&slow, &p)?;
+        for (name, (g, w)) in ["out", "dx", "dw", "db"].iter().zip(got.iter().zip(&want)) {
+            let e = rel_err(g, w)?;
+            assert!(e < TOL, "case {i} {dims:?}: {name} rel err {e:e}");
+        }
+    }
+    let x = rand_tensor(&mut rng, &[3, 8, 6], -1.0, 1.0)?;
+    let (w, b) = (rand_tensor(&mut rng, &[8], -1.0, 1.0)?, rand_tensor(&mut rng, &[8], -1.0, 1.0)?);
+    let xt = x.transpose(1, 2)?;
+    let a = layer_norm(&xt, &w, &b, 1e-5)?;
+    let want = candle_nn::ops::layer_norm_slow(&xt.contiguous()?, &w, &b, 1e-5)?;
+    assert!(rel_err(&a, &want)? < TOL);
+    let err = layer_norm(&x, &b.narrow(0, 0, 5)?, &b, 1e-5).unwrap_err().to_string();
+    assert!(err.contains("[5]"), "{err}");
     Ok(())
 }

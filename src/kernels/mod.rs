@@ -11,7 +11,8 @@
 //!
 //! [`group_norm`] replaces candle-nn's composed GroupNorm (and the SiLU after it) with one node
 //! whose backward is hand-written ([`norm_op`]): candle's version spends ~20x its forward in
-//! backward, mostly in strided reductions.
+//! backward, mostly in strided reductions. [`layer_norm`] does the same for the transformers'
+//! layer norms ([`layer_norm_op`]).
 //!
 //! The first CPU call also switches glibc malloc to recycling freed memory ([`alloc`]): page
 //! faults on freshly mapped tensors otherwise cost more than the convolution's copying.
@@ -19,11 +20,13 @@
 pub mod alloc;
 pub mod conv_op;
 pub mod im2col;
+pub mod layer_norm_op;
 pub mod norm_op;
 mod slices;
 
 use candle_core::{bail, DType, Device, Result, Tensor};
 use conv_op::{Conv2dBiasOp, Conv2dOp};
+use layer_norm_op::LayerNormOp;
 use norm_op::GroupNormOp;
 use im2col::ConvGeom;
 
@@ -102,6 +105,30 @@ pub fn group_norm(
     alloc::reuse_freed_memory();
     let s = x.elem_count() / (n * c).max(1);
     let op = GroupNormOp { n, c, s, groups, eps: eps as f32, silu };
+    x.contiguous()?
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)
+}
+
+/// Layer norm of `x` over its last dimension (biased variance, `eps` inside the square
+/// root), then the elementwise affine `weight`, `bias` of that dimension's length.
+///
+/// Differentiable with respect to all three inputs. CPU f32 runs one fused node; other
+/// devices and dtypes run candle-nn's differentiable `layer_norm_slow`.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let d = match x.dims().last() {
+        Some(&d) => d,
+        None => bail!("layer_norm: input must have at least one dimension, got a scalar"),
+    };
+    for (name, t) in [("weight", weight), ("bias", bias)] {
+        if t.dims() != [d] {
+            bail!("layer_norm: {name} must be ({d},) for input {:?}, got {:?}", x.dims(), t.dims());
+        }
+    }
+    if !all_cpu_f32(&[Some(x), Some(weight), Some(bias)]) {
+        return candle_nn::ops::layer_norm_slow(x, weight, bias, eps as f32);
+    }
+    alloc::reuse_freed_memory();
+    let op = LayerNormOp { d, eps: eps as f32 };
     x.contiguous()?
         .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)
 }

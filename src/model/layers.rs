@@ -1,5 +1,5 @@
-//! Small building blocks shared by the UNet and the text encoder: convolution and GroupNorm
-//! (through the project's fast kernels), a layer norm that keeps its gradient, activations.
+//! Small building blocks shared by the UNet and the text encoder: convolution, GroupNorm and
+//! layer norm (through the project's fast kernels, all differentiable), linear layers, attention.
 //!
 //! candle-nn's own `LayerNorm` takes a fused path without a backward pass when its input is
 //! contiguous, which silently stops gradients; everything here is differentiable.
@@ -57,20 +57,20 @@ impl Module for Conv2d {
 pub struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
-    eps: f32,
+    eps: f64,
 }
 
 impl LayerNorm {
     pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
         let weight = vb.get_with_hints(dim, "weight", Init::Const(1.0))?;
         let bias = vb.get_with_hints(dim, "bias", Init::Const(0.0))?;
-        Ok(Self { weight, bias, eps: eps as f32 })
+        Ok(Self { weight, bias, eps })
     }
 }
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps)
+        crate::kernels::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
 
