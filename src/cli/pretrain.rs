@@ -76,6 +76,7 @@ pub fn exec(which: Which) -> anyhow::Result<()> {
     );
     let stop = super::interrupt_flag();
     let start = Instant::now();
+    let first_step = run.step;
     let mut ema_loss = None::<f64>;
     let mut on_event = |e: Event| match e {
         Event::Step { step, loss, lr, grad_norm } => {
@@ -83,6 +84,10 @@ pub fn exec(which: Which) -> anyhow::Result<()> {
             ema_loss = Some(l);
             bar.set_position(step as u64);
             bar.set_message(format!("loss {l:.4} lr {lr:.1e} |g| {grad_norm:.2}"));
+            if bar.is_hidden() && step % 25 == 0 {
+                let rate = (step - first_step) as f64 / start.elapsed().as_secs_f64();
+                eprintln!("step {step}: loss {l:.4} lr {lr:.1e} |g| {grad_norm:.2} ({rate:.2} steps/s)");
+            }
         }
         Event::Checkpoint { step, path } => super::say(
             &bar,
