@@ -106,14 +106,15 @@ impl Conv2dOp {
             let cols = Tensor::from_slice(x, (g.n, g.k(), g.p()), &Device::Cpu)?;
             return w.matmul(&cols)?.flatten_all()?.to_vec1();
         }
-        // W^T is materialised (it is small): with a zero batch stride candle would fold the
-        // batch into the rows of one gemm, which is wrong for the column-major cols^T.
-        let w_t = w.t()?.contiguous()?;
         let mut out = vec![0f32; g.n * self.o * g.p()];
         // Batch chunks whose columns fit in cache: unfolding and multiplying them back to back
         // keeps the columns out of main memory, and bounds the forward's extra memory.
         let per_item = g.k() * g.p();
         let chunk = (COLS_CHUNK_FLOATS / per_item).clamp(1, g.n);
+        // W^T is materialised once per chunk item, not per batch item (a (N, K, O) copy is
+        // tens of MB for the wide layers): with a zero batch stride candle would fold the
+        // batch into the rows of one gemm, which is wrong for the column-major cols^T.
+        let w_t = w.narrow(0, 0, chunk)?.t()?.contiguous()?;
         let (image, out_item) = (g.c * g.h * g.w, self.o * g.p());
         for (xs, os) in x
             .chunks(chunk * image)
