@@ -42,8 +42,8 @@ fn open_weights(weights: &Path) -> anyhow::Result<MmapedSafetensors> {
 impl Policy {
     /// Loads a frozen policy for sampling (weights memory-mapped).
     pub fn load(weights: &Path, device: &Device) -> anyhow::Result<Self> {
-        let config = load_config(weights)?;
         open_weights(weights)?;
+        let config = load_config(weights)?;
         // SAFETY: as in `open_weights`.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[weights], DType::F32, device) }?;
         Self::from_var_builder(config, vb, None, device)
@@ -52,8 +52,8 @@ impl Policy {
 
     /// Loads a policy whose weights are trainable variables.
     pub fn load_trainable(weights: &Path, device: &Device) -> anyhow::Result<Self> {
-        let config = load_config(weights)?;
         let st = open_weights(weights)?;
+        let config = load_config(weights)?;
         let varmap = VarMap::new();
         {
             let mut data = varmap.data().lock().expect("varmap lock");
