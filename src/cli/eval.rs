@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use crate::policy::Policy;
 use crate::pretrain::eval::prompt_following;
-use crate::sampler::SamplerConfig;
 use crate::world::{ShapesWorld, WorldConfig};
 
 #[derive(Debug, clap::Args)]
@@ -15,12 +14,8 @@ pub struct Args {
     /// Number of prompts drawn from the caption grammar.
     #[arg(short = 'n', long, default_value_t = 200)]
     n: usize,
-    #[arg(long, default_value_t = 20)]
-    steps: usize,
-    #[arg(long, default_value_t = 1.0)]
-    eta: f64,
-    #[arg(long, default_value_t = 5.0)]
-    guidance: f64,
+    #[command(flatten)]
+    sampler: super::SamplerArgs,
     /// Seed of the prompt draw.
     #[arg(long, default_value_t = 2024)]
     prompt_seed: u64,
@@ -35,8 +30,7 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(args.n > 0, "-n must be at least 1");
     let device = super::device(&args.device)?;
     let policy = Policy::load(&super::resolve_model(&args.model), &device)?;
-    let cfg = SamplerConfig { steps: args.steps, eta: args.eta, guidance: args.guidance };
-    cfg.validate(policy.schedule.num_train_timesteps())?;
+    let cfg = args.sampler.config(policy.schedule.num_train_timesteps())?;
     let world = ShapesWorld::new(WorldConfig { size: policy.config.image_size as u32, ..Default::default() })?;
     let r = prompt_following(&policy, &world, args.n, &cfg, args.prompt_seed, args.seed)?;
     println!("{}", serde_json::to_string(&r)?);

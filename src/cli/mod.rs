@@ -102,3 +102,26 @@ fn say(bar: &indicatif::ProgressBar, line: String) {
         bar.println(line);
     }
 }
+
+/// The DDIM sampler flags shared by every command that samples.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SamplerArgs {
+    /// DDIM steps.
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// DDIM stochasticity (1.0 = DDPM-like, as DDPO uses).
+    #[arg(long, default_value_t = 1.0)]
+    pub eta: f64,
+    /// Classifier-free guidance scale.
+    #[arg(long, default_value_t = 5.0)]
+    pub guidance: f64,
+}
+
+impl SamplerArgs {
+    /// The validated sampler settings for a schedule of `num_train_timesteps`.
+    pub fn config(&self, num_train_timesteps: usize) -> anyhow::Result<crate::sampler::SamplerConfig> {
+        let cfg = crate::sampler::SamplerConfig { steps: self.steps, eta: self.eta, guidance: self.guidance };
+        cfg.validate(num_train_timesteps)?;
+        Ok(cfg)
+    }
+}

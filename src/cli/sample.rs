@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use crate::policy::Policy;
 use crate::pretrain::eval::write_sample_grid;
-use crate::sampler::SamplerConfig;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -14,15 +13,8 @@ pub struct Args {
     /// Number of images.
     #[arg(short = 'n', long, default_value_t = 8)]
     n: usize,
-    /// DDIM steps.
-    #[arg(long, default_value_t = 20)]
-    steps: usize,
-    /// DDIM stochasticity (1.0 = DDPM-like, as DDPO uses).
-    #[arg(long, default_value_t = 1.0)]
-    eta: f64,
-    /// Classifier-free guidance scale.
-    #[arg(long, default_value_t = 5.0)]
-    guidance: f64,
+    #[command(flatten)]
+    sampler: super::SamplerArgs,
     /// Random seed (same seed, same images).
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -43,8 +35,7 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
     super::check_png_path(&args.out)?;
     let device = super::device(&args.device)?;
     let policy = Policy::load(&super::resolve_model(&args.model), &device)?;
-    let cfg = SamplerConfig { steps: args.steps, eta: args.eta, guidance: args.guidance };
-    cfg.validate(policy.schedule.num_train_timesteps())?;
+    let cfg = args.sampler.config(policy.schedule.num_train_timesteps())?;
     let prompts = vec![args.prompt.clone(); args.n];
     write_sample_grid(&policy, &prompts, &cfg, args.seed, &args.out)?;
     eprintln!("wrote {} ({} images of {:?})", args.out.display(), args.n, args.prompt);
