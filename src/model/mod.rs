@@ -7,11 +7,13 @@
 pub mod config;
 pub mod embeddings;
 pub mod layers;
+pub mod lora;
 pub mod resnet;
 pub mod text;
 pub mod transformer;
 pub mod unet;
 
 pub use config::{HeadDims, TextConfig, UNetConfig};
+pub use lora::{Lora, LoraConfig};
 pub use text::TextEncoder;
 pub use unet::UNet2DConditionModel;

@@ -5,24 +5,31 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::layers::{attention, linear, linear_no_bias, Conv2d, GroupNorm, LayerNorm};
+use super::lora::{Lora, LoraLinear};
 
-/// Multi-head attention with `to_q`, `to_k`, `to_v` (no bias) and `to_out.0` (with bias).
+/// Multi-head attention with `to_q`, `to_k`, `to_v` (no bias) and `to_out.0` (with bias), each
+/// optionally carrying a LoRA adapter (the reference's LoRA targets).
 #[derive(Debug, Clone)]
 pub struct Attention {
-    to_q: candle_nn::Linear,
-    to_k: candle_nn::Linear,
-    to_v: candle_nn::Linear,
-    to_out: candle_nn::Linear,
+    to_q: LoraLinear,
+    to_k: LoraLinear,
+    to_v: LoraLinear,
+    to_out: LoraLinear,
     heads: usize,
 }
 
 impl Attention {
-    pub fn new(query_dim: usize, context_dim: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(query_dim: usize, context_dim: usize, heads: usize, vb: VarBuilder, lora: Option<&Lora>) -> Result<Self> {
+        let proj = |name: &str, in_dim: usize, bias: bool| -> Result<LoraLinear> {
+            let vb = vb.pp(name);
+            let base = if bias { linear(in_dim, query_dim, vb.clone())? } else { linear_no_bias(in_dim, query_dim, vb.clone())? };
+            LoraLinear::build(base, in_dim, query_dim, &vb, lora)
+        };
         Ok(Self {
-            to_q: linear_no_bias(query_dim, query_dim, vb.pp("to_q"))?,
-            to_k: linear_no_bias(context_dim, query_dim, vb.pp("to_k"))?,
-            to_v: linear_no_bias(context_dim, query_dim, vb.pp("to_v"))?,
-            to_out: linear(query_dim, query_dim, vb.pp("to_out.0"))?,
+            to_q: proj("to_q", query_dim, false)?,
+            to_k: proj("to_k", context_dim, false)?,
+            to_v: proj("to_v", context_dim, false)?,
+            to_out: proj("to_out.0", query_dim, true)?,
             heads,
         })
     }
@@ -74,12 +81,12 @@ struct BasicTransformerBlock {
 }
 
 impl BasicTransformerBlock {
-    fn new(dim: usize, context_dim: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(dim: usize, context_dim: usize, heads: usize, vb: VarBuilder, lora: Option<&Lora>) -> Result<Self> {
         Ok(Self {
             norm1: LayerNorm::new(dim, 1e-5, vb.pp("norm1"))?,
-            attn1: Attention::new(dim, dim, heads, vb.pp("attn1"))?,
+            attn1: Attention::new(dim, dim, heads, vb.pp("attn1"), lora)?,
             norm2: LayerNorm::new(dim, 1e-5, vb.pp("norm2"))?,
-            attn2: Attention::new(dim, context_dim, heads, vb.pp("attn2"))?,
+            attn2: Attention::new(dim, context_dim, heads, vb.pp("attn2"), lora)?,
             norm3: LayerNorm::new(dim, 1e-5, vb.pp("norm3"))?,
             ff: FeedForward::new(dim, vb.pp("ff"))?,
         })
@@ -120,7 +127,7 @@ pub struct SpatialTransformerConfig {
 }
 
 impl SpatialTransformer {
-    pub fn new(cfg: SpatialTransformerConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: SpatialTransformerConfig, vb: VarBuilder, lora: Option<&Lora>) -> Result<Self> {
         let c = cfg.channels;
         let projection = |name: &str| -> Result<Projection> {
             Ok(if cfg.use_linear_projection {
@@ -138,6 +145,7 @@ impl SpatialTransformer {
                 cfg.context_dim,
                 cfg.heads,
                 vb.pp("transformer_blocks.0"),
+                lora,
             )?],
             proj_out: projection("proj_out")?,
         })

@@ -6,6 +6,7 @@ use candle_nn::VarBuilder;
 
 use super::config::UNetConfig;
 use super::embeddings::{TimestepEmbedding, Timesteps};
+use super::lora::Lora;
 use super::layers::{Conv2d, GroupNorm};
 use super::resnet::{ResnetBlock2D, ResnetConfig};
 use super::transformer::{SpatialTransformer, SpatialTransformerConfig};
@@ -96,6 +97,12 @@ pub struct UNet2DConditionModel {
 
 impl UNet2DConditionModel {
     pub fn new(config: &UNetConfig, vb: VarBuilder) -> Result<Self> {
+        Self::new_with_lora(config, vb, None)
+    }
+
+    /// The UNet with LoRA adapters on every attention projection (`to_q`, `to_k`, `to_v`,
+    /// `to_out.0`), created through `lora`.
+    pub fn new_with_lora(config: &UNetConfig, vb: VarBuilder, lora: Option<&Lora>) -> Result<Self> {
         config.validate().map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
         let ch = &config.block_out_channels;
         let n = ch.len();
@@ -126,7 +133,7 @@ impl UNet2DConditionModel {
                 resnets.push(ResnetBlock2D::new(in_c, ch[i], resnet_cfg, vb.pp(format!("resnets.{j}")))?);
                 if has_attn {
                     let cfg = transformer_cfg(ch[i], heads);
-                    attentions.push(SpatialTransformer::new(cfg, vb.pp(format!("attentions.{j}")))?);
+                    attentions.push(SpatialTransformer::new(cfg, vb.pp(format!("attentions.{j}")), lora)?);
                 }
             }
             let downsampler = if i + 1 < n {
@@ -145,6 +152,7 @@ impl UNet2DConditionModel {
             attention: SpatialTransformer::new(
                 transformer_cfg(ch[n - 1], config.attention_head_dim.at(n - 1)),
                 vb_mid.pp("attentions.0"),
+                lora,
             )?,
             resnet_out: ResnetBlock2D::new(ch[n - 1], ch[n - 1], mid_cfg, vb_mid.pp("resnets.1"))?,
         };
@@ -167,7 +175,7 @@ impl UNet2DConditionModel {
                 resnets.push(ResnetBlock2D::new(in_c + skip_c, out_c, resnet_cfg, vb.pp(format!("resnets.{j}")))?);
                 if has_attn {
                     let cfg = transformer_cfg(out_c, heads);
-                    attentions.push(SpatialTransformer::new(cfg, vb.pp(format!("attentions.{j}")))?);
+                    attentions.push(SpatialTransformer::new(cfg, vb.pp(format!("attentions.{j}")), lora)?);
                 }
             }
             let upsampler = if i + 1 < n {

@@ -9,7 +9,7 @@ use candle_core::{Device, Result, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
-use crate::model::{TextConfig, TextEncoder, UNet2DConditionModel, UNetConfig};
+use crate::model::{Lora, LoraConfig, TextConfig, TextEncoder, UNet2DConditionModel, UNetConfig};
 use crate::sampler::{NoiseSchedule, ScheduleConfig};
 use crate::world::Tokenizer;
 
@@ -93,8 +93,18 @@ impl Policy {
         varmap: Option<VarMap>,
         device: &Device,
     ) -> anyhow::Result<Self> {
+        Self::build(config, vb, None, varmap, device)
+    }
+
+    fn build(
+        config: PolicyConfig,
+        vb: VarBuilder,
+        lora: Option<&Lora>,
+        varmap: Option<VarMap>,
+        device: &Device,
+    ) -> anyhow::Result<Self> {
         config.validate()?;
-        let unet = UNet2DConditionModel::new(&config.unet, vb.pp("unet"))?;
+        let unet = UNet2DConditionModel::new_with_lora(&config.unet, vb.pp("unet"), lora)?;
         let text = TextEncoder::new(&config.text_encoder, vb.pp("text_encoder"))?;
         Ok(Self {
             tokenizer: Tokenizer::shapes_world(config.max_tokens),
@@ -112,6 +122,15 @@ impl Policy {
         let varmap = VarMap::new();
         let vb = init::seeded_var_builder(&varmap, seed, device);
         Self::from_var_builder(config, vb, Some(varmap.clone()), device)
+    }
+
+    /// A policy whose base weights (from `vb`) stay frozen and whose only trainable variables
+    /// are LoRA adapters on the UNet's attention projections, initialised from `seed`.
+    pub fn with_lora(config: PolicyConfig, vb: VarBuilder, lora: LoraConfig, seed: u64, device: &Device) -> anyhow::Result<Self> {
+        anyhow::ensure!(lora.rank > 0, "LoRA rank must be at least 1");
+        let varmap = VarMap::new();
+        let adapters = Lora::new(lora, init::seeded_var_builder(&varmap, seed, device));
+        Self::build(config, vb, Some(&adapters), Some(varmap), device)
     }
 
     /// The trainable variables, sorted by name (empty for a frozen policy).
