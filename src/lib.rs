@@ -14,8 +14,10 @@
 //! - [`ddpo`]: advantages, DDPO-IS / SF / RWR losses and the training epoch.
 //! - [`reward`]: the `Reward` trait and built-in rewards (JPEG size, brightness).
 //! - [`run`]: the training run folder: metrics, sample grids, reward curve, checkpoints.
+//! - [`bench`]: the fixed benchmark workloads and JSON report behind `ddpo bench`.
 //! - [`cli`]: the command line (clap), progress bars and user-facing errors.
 
+pub mod bench;
 pub mod cli;
 pub mod ddpo;
 pub mod kernels;

@@ -1,0 +1,39 @@
+//! `ddpo bench`: times the fixed benchmark workloads ([`crate::bench`]) on the default model
+//! configuration and prints one JSON object to stdout.
+
+use crate::bench::{self, BenchConfig};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Timed runs per workload (the report gives their median, min and max).
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+    /// Untimed runs per workload before the timed ones.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Run one workload: conv, group_norm, attention, unet_fwd, train_step, ddim or ddpo_epoch.
+    #[arg(long)]
+    only: Option<String>,
+    /// Small sizes, one repeat and no warmup: a smoke test of the harness, not a measurement.
+    #[arg(long)]
+    quick: bool,
+    /// Print the default policy configuration (JSON, diffusers field names) and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+pub fn exec(args: Args) -> anyhow::Result<()> {
+    if args.print_config {
+        let cfg = crate::policy::PolicyConfig::shapes_default();
+        println!("{}", serde_json::to_string_pretty(&cfg)?);
+        return Ok(());
+    }
+    let cfg = if args.quick {
+        BenchConfig { repeats: 1, warmup: 0, quick: true }
+    } else {
+        BenchConfig { repeats: args.repeats, warmup: args.warmup, quick: false }
+    };
+    let report = bench::run(&cfg, args.only.as_deref())?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
