@@ -137,7 +137,7 @@ fn attention(sizes: &Sizes, cfg: &BenchConfig) -> anyhow::Result<Timing> {
         groups: unet.norm_num_groups,
         use_linear_projection: unet.use_linear_projection,
     };
-    let block = SpatialTransformer::new(st_cfg, seeded_var_builder(&varmap, 0, &Device::Cpu))?;
+    let block = SpatialTransformer::new(st_cfg, seeded_var_builder(&varmap, 0, &Device::Cpu), None)?;
     let x = Var::from_tensor(&randn(1, &[b, c, side, side], 1.0)?)?;
     let ctx = randn(2, &[b, ctx_len, d], 1.0)?;
     let shape = format!("x {b}x{c}x{side}x{side}, {heads} heads, context {b}x{ctx_len}x{d}");
