@@ -145,7 +145,20 @@ pub struct Trainer {
     pub epoch: usize,
     reward: Arc<dyn Reward>,
     prompts: Box<dyn PromptSource>,
+    progress: Option<ProgressFn>,
 }
+
+/// The part of an epoch that is running, for progress bars.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Sampling trajectories (counted in images).
+    Sampling,
+    /// Policy updates (counted in backward passes).
+    Training,
+}
+
+/// Called with (stage, done, total) as an epoch advances.
+pub type ProgressFn = Box<dyn FnMut(Stage, usize, usize) + Send>;
 
 /// One epoch's samples, flattened over batches.
 struct Samples {
@@ -170,7 +183,18 @@ impl Trainer {
         anyhow::ensure!(!vars.is_empty(), "the policy has no trainable weights (load it with load_trainable)");
         let opt = AdamW::new(vars, config.optimizer)?;
         let rng = NoiseRng::new(config.seed);
-        Ok(Self { config, policy, opt, stats: StatTracker::default(), rng, epoch: 0, reward, prompts })
+        Ok(Self { config, policy, opt, stats: StatTracker::default(), rng, epoch: 0, reward, prompts, progress: None })
+    }
+
+    /// Reports sampling and training progress to `f` (e.g. to draw progress bars).
+    pub fn set_progress(&mut self, f: ProgressFn) {
+        self.progress = Some(f);
+    }
+
+    fn report(&mut self, stage: Stage, done: usize, total: usize) {
+        if let Some(f) = self.progress.as_mut() {
+            f(stage, done, total);
+        }
     }
 
     /// Replaces the reward (e.g. after a script reload); state is kept.
@@ -225,6 +249,8 @@ impl Trainer {
         let (job_tx, job_rx) = crossbeam::channel::unbounded::<(usize, Vec<image::RgbImage>, Vec<String>)>();
         let (res_tx, res_rx) = crossbeam::channel::unbounded();
         let policy = &self.policy;
+        let progress = &mut self.progress;
+        let total = prompts.len();
         let rng = &mut self.rng;
         let reward = self.reward.clone();
         let (trajectories, mut results, wait) = crossbeam::scope(|s| -> anyhow::Result<_> {
@@ -244,6 +270,9 @@ impl Trainer {
                 let images = crate::render::tensor_to_images(traj.final_sample())?;
                 job_tx.send((i, images, batch.to_vec())).expect("reward workers alive");
                 trajectories.push(traj);
+                if let Some(f) = progress.as_mut() {
+                    f(Stage::Sampling, ((i + 1) * cfg.sample_batch_size).min(total), total);
+                }
             }
             drop(job_tx);
             let waiting = Instant::now();
@@ -304,6 +333,7 @@ impl Trainer {
                     let g = self.opt.collect(&terms.0.backward()?);
                     accumulate(&mut grads, &g, 1.0 / (k * accum) as f64)?;
                     stats.add(terms.0.to_scalar::<f32>()? as f64, terms.1, terms.2);
+                    self.report(Stage::Training, stats.terms, inner * minibatches * k);
                 }
                 pending += 1;
                 if pending == accum {
@@ -380,6 +410,7 @@ impl Trainer {
                     let g = self.opt.collect(&loss.backward()?);
                     accumulate(&mut grads, &g, 1.0 / (k * cfg.grad_accum) as f64)?;
                     stats.add(loss.to_scalar::<f32>()? as f64, 0.0, 0.0);
+                    self.report(Stage::Training, stats.terms, cfg.inner_epochs * n.div_ceil(cfg.train_batch_size) * k);
                 }
                 pending += 1;
                 if pending == cfg.grad_accum {
