@@ -1,6 +1,7 @@
 //! The command line: clap subcommands (one file each), progress bars and user-facing errors.
 //! This is the only module that prints; `main.rs` just calls [`run`].
 
+mod check;
 mod eval;
 mod pretrain;
 mod sample;
@@ -31,6 +32,8 @@ enum Command {
     Pretrain(pretrain::Which),
     /// Measure how well a model follows shapes-world prompts (pixel-level judge).
     Eval(eval::Args),
+    /// Compile and dry-run Rhai reward/prompt scripts; prints ok or file:line:col: message.
+    Check(check::Args),
 }
 
 /// Parses the command line and runs the chosen subcommand.
@@ -40,6 +43,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Sample(args) => sample::exec(args),
         Command::Pretrain(which) => pretrain::exec(which),
         Command::Eval(args) => eval::exec(args),
+        Command::Check(args) => check::exec(args),
     }
 }
 
