@@ -360,3 +360,55 @@ fn api_md_matches_the_registration() {
         assert!(names.contains(&expected), "{expected} is not registered");
     }
 }
+
+fn ddpo(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ddpo")).args(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!stderr.contains("panicked"), "ddpo {args:?} panicked: {stderr}");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string(), stderr)
+}
+
+#[test]
+fn cli_check_prints_ok_or_positioned_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/reward.rhai");
+    let bad = write(dir.path(), "reward.rhai", "fn reward(img, prompt, meta) {\n  img.jpeg_size(95) +\n}\n");
+    let (ok, stdout, _) = ddpo(&["check", good.to_str().unwrap()]);
+    assert!(ok && stdout.contains("reward.rhai: ok"), "{stdout}");
+    let (ok, stdout, stderr) = ddpo(&["check", good.to_str().unwrap(), bad.to_str().unwrap()]);
+    assert!(!ok, "{stdout}");
+    assert!(stdout.contains(&format!("{}:3:1: ", bad.display())), "{stdout}");
+    assert!(stderr.contains("1 of 2 scripts failed"), "{stderr}");
+}
+
+#[test]
+fn cli_train_runs_scripts_and_keeps_their_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.safetensors");
+    ddpo::policy::Policy::new_random(ddpo::policy::PolicyConfig::tiny_test(), 0, &candle_core::Device::Cpu).unwrap().save(&model).unwrap();
+    let reward = write(dir.path(), "reward.rhai", "fn reward(img, prompt, meta) {\n  print(`epoch ${context().epoch}`);\n  #{ total: -img.jpeg_size(95), bright: img.brightness() }\n}\n");
+    let prompts = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/prompts.rhai");
+    let run = dir.path().join("run");
+    let common = ["--model", model.to_str().unwrap(), "--epochs", "2", "--samples-per-epoch", "4", "--sample-batch-size", "2", "--train-batch-size", "2", "--steps", "2"];
+    let mut args = vec!["train", "--run-dir", run.to_str().unwrap(), "--reward", reward.to_str().unwrap(), "--prompts", prompts.to_str().unwrap()];
+    args.extend(common);
+    let (ok, _, stderr) = ddpo(&args);
+    assert!(ok, "{stderr}");
+    let hash = ScriptSet::new(Limits::default(), quiet()).load_reward(&reward).unwrap().hash();
+    assert!(stderr.contains(&format!("reward.rhai@{}", &hash[..8])), "{stderr}");
+    assert!(stderr.contains("[reward.rhai] epoch 1"), "{stderr}");
+    assert!(run.join(format!("scripts/reward.{hash}.rhai")).exists());
+    let epochs = std::fs::read_to_string(run.join("scripts/epochs.jsonl")).unwrap();
+    assert_eq!(epochs.lines().count(), 2, "{epochs}");
+    assert!(epochs.lines().all(|l| l.contains(&hash) && l.contains("prompts.rhai")), "{epochs}");
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert!(metrics.contains("bright"), "{metrics}");
+
+    // A broken script stops `train` before any work, with its position.
+    let bad = write(dir.path(), "bad.rhai", "fn reward(img, prompt, meta) {\n  1 +\n}\n");
+    let run2 = dir.path().join("run2");
+    let mut args = vec!["train", "--run-dir", run2.to_str().unwrap(), "--reward", bad.to_str().unwrap()];
+    args.extend(common);
+    let (ok, _, stderr) = ddpo(&args);
+    assert!(!ok && stderr.contains("bad.rhai:3:1: "), "{stderr}");
+}

@@ -92,6 +92,11 @@ impl ScriptSet {
         Ok((host, current))
     }
 
+    /// Whether no script is loaded.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
     /// Sets what `context()` returns.
     pub fn set_context(&self, context: Context) {
         *self.shared.context.write().unwrap() = context;
