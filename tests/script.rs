@@ -124,6 +124,8 @@ fn deep_recursion_and_huge_data_are_stopped() {
     assert!(e.contains("call depth limit of 32"), "{e}");
     let e = load_err(dir.path(), "reward.rhai", "fn reward(img, prompt, meta) {\n  let s = \"x\";\n  loop { s += s; }\n}\n", Limits::default());
     assert!(e.contains("size limit"), "{e}");
+    let e = load_err(dir.path(), "reward.rhai", "fn reward(img, prompt, meta) {\n  let a = [];\n  loop { a.push(img.resize(64, 64)); }\n}\n", Limits { max_image_pixels: 10_000, ..Limits::default() });
+    assert!(e.contains("image memory limit of 10000 pixels"), "{e}");
 }
 
 #[test]

@@ -15,6 +15,8 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rhai::{Array, Dynamic, Engine, EvalAltResult, Map, FLOAT, INT};
 
+use super::engine::charge_pixels;
+
 type Res<T> = Result<T, Box<EvalAltResult>>;
 
 /// An image handed to scripts: cheap to clone (shared pixels), immutable.
@@ -139,14 +141,15 @@ pub(crate) fn register(engine: &mut Engine, context: Arc<RwLock<Context>>) -> Ve
             Ok(counts.iter().map(|&c| Dynamic::from_float(c as f64 / coloured.max(1) as f64)).collect())
         });
     api!(fn "to_gray", "img.to_gray() -> Image", "Greyscale copy (luma, Rec. 601 weights) with three equal channels.",
-        |img: &mut Image| -> Image {
+        |img: &mut Image| -> Res<Image> {
+            charge_pixels(img.0.width() as u64 * img.0.height() as u64)?;
             let mut out = (*img.0).clone();
             for p in out.pixels_mut() {
                 let [r, g, b] = p.0;
                 let y = (0.299 * r as f64 + 0.587 * g as f64 + 0.114 * b as f64).round().clamp(0.0, 255.0) as u8;
                 p.0 = [y, y, y];
             }
-            Image::new(out)
+            Ok(Image::new(out))
         });
     api!(fn "crop", "img.crop(x, y, w, h) -> Image", "The w x h rectangle whose top left is (x, y); it must lie inside the image.",
         |img: &mut Image, x: INT, y: INT, w: INT, h: INT| -> Res<Image> {
@@ -154,13 +157,15 @@ pub(crate) fn register(engine: &mut Engine, context: Arc<RwLock<Context>>) -> Ve
             if x < 0 || y < 0 || w < 1 || h < 1 || x + w > iw as INT || y + h > ih as INT {
                 return Err(format!("crop({x}, {y}, {w}, {h}) is not a non-empty rectangle inside the {iw}x{ih} image").into());
             }
+            charge_pixels(w as u64 * h as u64)?;
             Ok(Image::new(image::imageops::crop_imm(&*img.0, x as u32, y as u32, w as u32, h as u32).to_image()))
         });
-    api!(fn "resize", "img.resize(w, h) -> Image", "Resized copy (bilinear), 1 to 4096 pixels a side.",
+    api!(fn "resize", "img.resize(w, h) -> Image", "Resized copy (bilinear), 1 to 1024 pixels a side.",
         |img: &mut Image, w: INT, h: INT| -> Res<Image> {
-            if !(1..=4096).contains(&w) || !(1..=4096).contains(&h) {
-                return Err(format!("resize({w}, {h}): sides must be between 1 and 4096").into());
+            if !(1..=1024).contains(&w) || !(1..=1024).contains(&h) {
+                return Err(format!("resize({w}, {h}): sides must be between 1 and 1024").into());
             }
+            charge_pixels(w as u64 * h as u64)?;
             Ok(Image::new(image::imageops::resize(&*img.0, w as u32, h as u32, image::imageops::FilterType::Triangle)))
         });
     api!(fn "jpeg_size", "img.jpeg_size(quality) -> float",

@@ -40,6 +40,9 @@ pub struct Limits {
     pub max_modules: usize,
     /// Wall-clock time per call.
     pub time_limit: Duration,
+    /// Pixels of all images one call may create (`resize`, `crop`, `to_gray`), so an untrusted
+    /// script cannot exhaust memory before the deadline.
+    pub max_image_pixels: u64,
 }
 
 impl Default for Limits {
@@ -54,6 +57,7 @@ impl Default for Limits {
             max_map_size: 10_000,
             max_modules: 16,
             time_limit: Duration::from_secs(1),
+            max_image_pixels: 16 * 1024 * 1024,
         }
     }
 }
@@ -61,15 +65,34 @@ impl Default for Limits {
 thread_local! {
     /// The deadline of the script call running on this thread, if any.
     static DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
+    /// Image pixels the call running on this thread may still create.
+    static PIXELS_LEFT: Cell<u64> = const { Cell::new(u64::MAX) };
 }
 
-/// Runs `f` (one script call) with a deadline of `limit` from now on this thread.
-pub(crate) fn with_deadline<T>(limit: Duration, f: impl FnOnce() -> T) -> T {
-    let previous = DEADLINE.with(|d| d.replace(Some(Instant::now() + limit)));
+/// Runs `f` (one script call) on this thread with a deadline of `time_limit` from now and a
+/// fresh image-pixel budget.
+pub(crate) fn within_limits<T>(limits: &Limits, f: impl FnOnce() -> T) -> T {
+    let previous = DEADLINE.with(|d| d.replace(Some(Instant::now() + limits.time_limit)));
+    let pixels = PIXELS_LEFT.with(|p| p.replace(limits.max_image_pixels));
     let out = f();
     DEADLINE.with(|d| d.set(previous));
+    PIXELS_LEFT.with(|p| p.set(pixels));
     out
 }
+
+/// Charges the creation of an image of `pixels` pixels to the running call's budget.
+pub(crate) fn charge_pixels(pixels: u64) -> Result<(), Box<EvalAltResult>> {
+    PIXELS_LEFT.with(|p| match p.get().checked_sub(pixels) {
+        Some(left) => {
+            p.set(left);
+            Ok(())
+        }
+        None => Err(format!("{IMAGE_LIMIT}: the script created more image pixels than the limit per call").into()),
+    })
+}
+
+/// The prefix of the image-budget error, recognised by [`script_error`].
+const IMAGE_LIMIT: &str = "stopped: image memory limit";
 
 /// The token an `on_progress` stop carries, recognised by [`script_error`].
 const DEADLINE_TOKEN: &str = "ddpo: time limit";
@@ -89,7 +112,8 @@ pub(crate) fn new_engine(name: &str, root: &Path, limits: &Limits, log: Log) -> 
         .set_strict_variables(true)
         .disable_symbol("eval");
     engine.on_progress(|ops| {
-        if ops % 1024 != 0 {
+        // Often enough that slow host calls (image operations) cannot overrun much.
+        if ops % 16 != 0 {
             return None;
         }
         let late = DEADLINE.with(|d| d.get()).is_some_and(|t| Instant::now() > t);
@@ -257,6 +281,10 @@ pub(crate) fn script_error(file: &str, root: &Path, err: &EvalAltResult, limits:
             limits.max_expr_depth, limits.max_fn_expr_depth
         ),
         EvalAltResult::ErrorSystem(msg, inner) => format!("{msg}: {inner}"),
+        EvalAltResult::ErrorRuntime(value, _) if value.to_string().starts_with(IMAGE_LIMIT) => format!(
+            "stopped: the script exceeded the image memory limit of {} pixels created per call",
+            limits.max_image_pixels
+        ),
         EvalAltResult::ErrorRuntime(value, _) => value.to_string(),
         other => {
             let text = other.to_string();

@@ -103,7 +103,7 @@ impl Host {
     pub fn compile(&self) -> Result<Version, ScriptError> {
         let source = self.read(&self.path)?;
         let (ast, files) = engine::record_imports(|| {
-            engine::with_deadline(self.limits.time_limit, || self.engine.compile_into_self_contained(&Scope::new(), &source))
+            engine::within_limits(&self.limits, || self.engine.compile_into_self_contained(&Scope::new(), &source))
         });
         let ast = ast.map_err(|e| self.error(&e))?;
         let imports: Vec<(PathBuf, String)> =
@@ -115,7 +115,7 @@ impl Host {
 
     /// Calls script function `name` of `version` under the deadline.
     pub fn call(&self, version: &Version, name: &str, args: impl FuncArgs) -> Result<Dynamic, ScriptError> {
-        engine::with_deadline(self.limits.time_limit, || self.engine.call_fn::<Dynamic>(&mut Scope::new(), &version.ast, name, args))
+        engine::within_limits(&self.limits, || self.engine.call_fn::<Dynamic>(&mut Scope::new(), &version.ast, name, args))
             .map_err(|e| self.error(&e))
     }
 
