@@ -106,7 +106,7 @@ impl Args {
         let reward = if is_script(&self.reward) {
             script_path(Path::new(&self.reward), "--reward")?.display().to_string()
         } else {
-            crate::reward::builtin(&self.reward)?;
+            crate::reward::builtin(&self.reward).map_err(|e| anyhow::anyhow!("{e}, or a reward script ending in .rhai"))?;
             self.reward.clone()
         };
         // With a prompt script the fixed list is unused (the script's path is kept in the run folder).
