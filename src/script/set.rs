@@ -4,7 +4,7 @@
 //! [`check_file`], the engine of `ddpo check`.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, RwLock};
 
 use rand::SeedableRng;
@@ -205,9 +205,4 @@ pub fn check_file(path: &Path, limits: &Limits, log: Log) -> anyhow::Result<Stri
         return Ok("module (compiled; defines neither `fn reward(img, prompt, meta)` nor `fn prompt()`)".into());
     };
     dry_run(&host, &shared, &version, kind)
-}
-
-/// The scripts folder of the source checkout (default scripts and examples).
-pub fn checkout_scripts() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts")
 }
