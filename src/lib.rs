@@ -13,6 +13,7 @@
 //! - [`pretrain`]: DDPM pretraining of the embedded default model.
 //! - [`ddpo`]: advantages, DDPO-IS / SF / RWR losses and the training epoch.
 //! - [`reward`]: the `Reward` trait and built-in rewards (JPEG size, brightness).
+//! - [`script`]: the sandboxed Rhai host: script rewards and prompts, host API, hot reload.
 //! - [`run`]: the training run folder: metrics, sample grids, reward curve, checkpoints.
 //! - [`bench`]: the fixed benchmark workloads and JSON report behind `ddpo bench`.
 //! - [`cli`]: the command line (clap), progress bars and user-facing errors.
@@ -29,4 +30,5 @@ pub mod render;
 pub mod reward;
 pub mod run;
 pub mod sampler;
+pub mod script;
 pub mod world;

@@ -2,6 +2,7 @@
 //! This is the only module that prints; `main.rs` just calls [`run`].
 
 mod bench;
+mod check;
 mod eval;
 mod pretrain;
 mod sample;
@@ -34,6 +35,8 @@ enum Command {
     Eval(eval::Args),
     /// Time fixed workloads on the default configuration and print a JSON report.
     Bench(bench::Args),
+    /// Compile and dry-run Rhai reward/prompt scripts; prints ok or file:line:col: message.
+    Check(check::Args),
 }
 
 /// Parses the command line and runs the chosen subcommand.
@@ -44,6 +47,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Pretrain(which) => pretrain::exec(which),
         Command::Eval(args) => eval::exec(args),
         Command::Bench(args) => bench::exec(args),
+        Command::Check(args) => check::exec(args),
     }
 }
 

@@ -1,7 +1,9 @@
 //! `ddpo train`: DDPO finetuning of a diffusion policy on a reward, with a run folder that
-//! records everything and resumes after an interruption.
+//! records everything and resumes after an interruption. Reward and prompt scripts (`.rhai`) are
+//! reloaded at each epoch boundary; each version used is kept in `<run>/scripts/`.
 
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -12,6 +14,8 @@ use crate::optim::AdamWConfig;
 use crate::policy::Policy;
 use crate::run::{RunConfig, RunDir};
 use crate::sampler::SamplerConfig;
+use crate::script::engine::stderr_log;
+use crate::script::{Context as ScriptContext, Limits, ScriptSet};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -24,9 +28,14 @@ pub struct Args {
     /// Continue the run in this folder from its last checkpoint (other flags are ignored).
     #[arg(long, conflicts_with = "run_dir")]
     resume: Option<PathBuf>,
-    /// Built-in reward: compressibility, incompressibility or brightness.
+    /// Built-in reward (compressibility, incompressibility, brightness) or a reward script
+    /// (a path ending in .rhai, e.g. scripts/reward.rhai), reloaded at each epoch boundary.
     #[arg(long, default_value = "compressibility")]
     reward: String,
+    /// Prompt script (a path ending in .rhai defining `fn prompt()`), reloaded at each epoch
+    /// boundary; replaces the fixed prompt list.
+    #[arg(long = "prompts", value_name = "FILE.rhai", conflicts_with = "prompts")]
+    prompt_script: Option<PathBuf>,
     /// Policy-gradient estimator.
     #[arg(long, value_enum, default_value = "is")]
     algo: Algorithm,
@@ -94,11 +103,18 @@ impl Args {
             ..Default::default()
         };
         train.validate()?;
-        crate::reward::builtin(&self.reward)?;
+        let reward = if is_script(&self.reward) {
+            script_path(Path::new(&self.reward), "--reward")?.display().to_string()
+        } else {
+            crate::reward::builtin(&self.reward).map_err(|e| anyhow::anyhow!("{e}, or a reward script ending in .rhai"))?;
+            self.reward.clone()
+        };
+        // With a prompt script the fixed list is unused (the script's path is kept in the run folder).
+        let prompts = if self.prompt_script.is_some() { Vec::new() } else { prompts };
         Ok(RunConfig {
             train,
             model: super::resolve_model(&self.model),
-            reward: self.reward.clone(),
+            reward,
             prompts,
             epochs: self.epochs,
             checkpoint_every: self.checkpoint_every,
@@ -108,17 +124,36 @@ impl Args {
 
 pub fn exec(args: Args) -> anyhow::Result<()> {
     let device = super::device(&args.device)?;
-    let (mut run, config) = match &args.resume {
-        Some(dir) => RunDir::open(dir)?,
+    let (mut run, config, prompt_script) = match &args.resume {
+        Some(dir) => {
+            let (run, config) = RunDir::open(dir)?;
+            let prompt_script = read_prompt_script(&run.dir)?;
+            (run, config, prompt_script)
+        }
         None => {
             let config = args.run_config()?;
+            let prompt_script = args.prompt_script.as_deref().map(|p| script_path(p, "--prompts")).transpose()?;
             let dir = args.run_dir.clone().unwrap_or_else(default_run_dir);
-            (RunDir::create(&dir, &config)?, config)
+            let run = RunDir::create(&dir, &config)?;
+            if let Some(p) = &prompt_script {
+                std::fs::create_dir_all(run.dir.join("scripts"))?;
+                let sources = serde_json::json!({ "prompts": p });
+                std::fs::write(run.dir.join(PROMPT_SCRIPT_FILE), serde_json::to_string_pretty(&sources)?)?;
+            }
+            (run, config, prompt_script)
         }
     };
     let policy = Policy::load_trainable(&config.model, &device)?;
-    let reward: Arc<dyn crate::reward::Reward> = Arc::from(crate::reward::builtin(&config.reward)?);
-    let prompts = Box::new(FixedPrompts(config.prompts.clone()));
+    let mut scripts = ScriptSet::new(Limits::default(), stderr_log());
+    let reward: Arc<dyn crate::reward::Reward> = if is_script(&config.reward) {
+        Arc::new(scripts.load_reward(Path::new(&config.reward))?)
+    } else {
+        Arc::from(crate::reward::builtin(&config.reward)?)
+    };
+    let prompts: Box<dyn crate::ddpo::PromptSource> = match &prompt_script {
+        Some(p) => Box::new(scripts.load_prompts(p)?),
+        None => Box::new(FixedPrompts(config.prompts.clone())),
+    };
     let mut trainer = Trainer::new(config.train.clone(), policy, reward, prompts)?;
     if args.resume.is_some() {
         run.restore(&mut trainer)?;
@@ -127,13 +162,29 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         eprintln!("training {} with {} ({:?}) into {}", config.model.display(), config.reward, config.train.algorithm, run.dir.display());
     }
     let stop = super::interrupt_flag();
+    let (mut reward_mean, mut reward_std) = reward_history(&run.dir);
+    let mut first = true;
     while trainer.epoch < config.epochs {
+        if !scripts.is_empty() {
+            // Epoch boundary: pick up edited scripts (a broken edit keeps the previous version).
+            if !first {
+                for reload in scripts.reload() {
+                    eprintln!("{reload}");
+                }
+            }
+            scripts.set_context(ScriptContext { epoch: trainer.epoch, reward_mean: reward_mean.clone(), reward_std: reward_std.clone() });
+            scripts.save_versions(&run.dir.join("scripts"))?;
+        }
+        first = false;
         let report = trainer.run_epoch().with_context(|| {
             format!("the last checkpoint in {} is intact; fix the problem and use --resume", run.dir.display())
         })?;
         let m = run.record(&report)?;
+        reward_mean.push(m["reward_mean"].as_f64().unwrap_or(f64::NAN));
+        reward_std.push(m["reward_std"].as_f64().unwrap_or(f64::NAN));
+        let hashes = record_script_hashes(&run.dir, report.epoch, &scripts)?;
         eprintln!(
-            "epoch {:>3}  reward {:+.4} ± {:.4}  loss {:+.2e}  kl {:.1e}  clip {:.2}  sample {:.1}s reward {:.2}s train {:.1}s",
+            "epoch {:>3}  reward {:+.4} ± {:.4}  loss {:+.2e}  kl {:.1e}  clip {:.2}  sample {:.1}s reward {:.2}s train {:.1}s{hashes}",
             report.epoch,
             m["reward_mean"].as_f64().unwrap_or(f64::NAN),
             m["reward_std"].as_f64().unwrap_or(f64::NAN),
@@ -155,6 +206,49 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
     }
     eprintln!("done: {} (finetuned weights in {})", run.dir.display(), run.policy_path().display());
     Ok(())
+}
+
+/// Where a run started with `--prompts FILE.rhai` keeps the script's path (for `--resume`).
+const PROMPT_SCRIPT_FILE: &str = "scripts/sources.json";
+
+/// Whether `--reward` names a script rather than a built-in reward.
+fn is_script(reward: &str) -> bool {
+    reward.ends_with(".rhai")
+}
+
+/// An existing `.rhai` file, made absolute so `--resume` finds it from anywhere.
+fn script_path(path: &Path, flag: &str) -> anyhow::Result<PathBuf> {
+    anyhow::ensure!(path.extension().is_some_and(|e| e == "rhai"), "{flag} {}: a script must end in .rhai", path.display());
+    std::fs::canonicalize(path).with_context(|| format!("{flag} {}: no such script", path.display()))
+}
+
+fn read_prompt_script(run_dir: &Path) -> anyhow::Result<Option<PathBuf>> {
+    let Ok(text) = std::fs::read_to_string(run_dir.join(PROMPT_SCRIPT_FILE)) else { return Ok(None) };
+    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}/{PROMPT_SCRIPT_FILE} is corrupt", run_dir.display()))?;
+    Ok(v["prompts"].as_str().map(PathBuf::from))
+}
+
+/// Reward mean and std of the epochs already in `metrics.jsonl` (for scripts' `context()`).
+fn reward_history(run_dir: &Path) -> (Vec<f64>, Vec<f64>) {
+    let text = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| (v["reward_mean"].as_f64().unwrap_or(f64::NAN), v["reward_std"].as_f64().unwrap_or(f64::NAN)))
+        .unzip()
+}
+
+/// Appends the epoch's script hashes to `scripts/epochs.jsonl` (the versions themselves are
+/// `scripts/<name>.<hash>.rhai`); returns them for the epoch's log line.
+fn record_script_hashes(run_dir: &Path, epoch: usize, scripts: &ScriptSet) -> anyhow::Result<String> {
+    if scripts.is_empty() {
+        return Ok(String::new());
+    }
+    let hashes = scripts.hashes();
+    let line = serde_json::json!({ "epoch": epoch, "scripts": hashes });
+    let path = run_dir.join("scripts/epochs.jsonl");
+    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("cannot append to {}", path.display()))?;
+    writeln!(file, "{line}")?;
+    Ok(hashes.iter().map(|(name, h)| format!("  {name}@{}", &h[..8])).collect())
 }
 
 /// `runs/<YYYYmmdd-HHMMSS>` in UTC, without a date-time dependency.

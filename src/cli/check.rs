@@ -1,0 +1,28 @@
+//! `ddpo check FILE...`: compiles each script and dry-runs it (rewards on a few shapes-world
+//! images, prompt scripts by drawing a few prompts); prints `ok` or `file:line:col: message`.
+
+use std::path::PathBuf;
+
+use crate::script::{check_file, engine::stderr_log, Limits};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Rhai scripts to check (reward scripts, prompt scripts or modules).
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+}
+
+pub fn exec(args: Args) -> anyhow::Result<()> {
+    let mut failed = 0;
+    for file in &args.files {
+        match check_file(file, &Limits::default(), stderr_log()) {
+            Ok(summary) => println!("{}: ok ({summary})", file.display()),
+            Err(e) => {
+                failed += 1;
+                println!("{e:#}");
+            }
+        }
+    }
+    anyhow::ensure!(failed == 0, "{failed} of {} scripts failed the check", args.files.len());
+    Ok(())
+}

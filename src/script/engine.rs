@@ -1,0 +1,314 @@
+//! The sandboxed Rhai engine: limits (operations, call depth, expression depth, data sizes and a
+//! wall-clock deadline per call), `print`/`debug` routed to a log callback, `eval` disabled,
+//! strict variables, and an `import` resolver that refuses anything outside the scripts folder.
+//! Also turns Rhai errors into `file:line:col: message` [`ScriptError`]s written for the user.
+
+use std::cell::{Cell, RefCell};
+use std::fmt;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rhai::module_resolvers::FileModuleResolver;
+use rhai::{Engine, EvalAltResult, ModuleResolver, ParseErrorType, Position};
+
+/// Where script `print` and `debug` output goes: one line per call.
+pub type Log = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// A log that writes `[file] line` to stderr (the CLI's choice; stdout stays clean).
+pub fn stderr_log() -> Log {
+    Arc::new(|line: &str| eprintln!("{line}"))
+}
+
+/// Resource limits of one script call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Rhai operations per call (statements, expressions, loop iterations).
+    pub max_operations: u64,
+    /// Nested function calls.
+    pub max_call_levels: usize,
+    /// Expression nesting depth (global level, inside functions).
+    pub max_expr_depth: usize,
+    pub max_fn_expr_depth: usize,
+    /// Characters in one string.
+    pub max_string_size: usize,
+    /// Elements in one array.
+    pub max_array_size: usize,
+    /// Entries in one object map.
+    pub max_map_size: usize,
+    /// Modules one script may import.
+    pub max_modules: usize,
+    /// Wall-clock time per call.
+    pub time_limit: Duration,
+    /// Pixels of all images one call may create (`resize`, `crop`, `to_gray`), so an untrusted
+    /// script cannot exhaust memory before the deadline.
+    pub max_image_pixels: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_operations: 10_000_000,
+            max_call_levels: 32,
+            max_expr_depth: 64,
+            max_fn_expr_depth: 32,
+            max_string_size: 64 * 1024,
+            max_array_size: 100_000,
+            max_map_size: 10_000,
+            max_modules: 16,
+            time_limit: Duration::from_secs(1),
+            max_image_pixels: 16 * 1024 * 1024,
+        }
+    }
+}
+
+thread_local! {
+    /// The deadline of the script call running on this thread, if any.
+    static DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
+    /// Image pixels the call running on this thread may still create.
+    static PIXELS_LEFT: Cell<u64> = const { Cell::new(u64::MAX) };
+}
+
+/// Runs `f` (one script call) on this thread with a deadline of `time_limit` from now and a
+/// fresh image-pixel budget.
+pub(crate) fn within_limits<T>(limits: &Limits, f: impl FnOnce() -> T) -> T {
+    let previous = DEADLINE.with(|d| d.replace(Some(Instant::now() + limits.time_limit)));
+    let pixels = PIXELS_LEFT.with(|p| p.replace(limits.max_image_pixels));
+    let out = f();
+    DEADLINE.with(|d| d.set(previous));
+    PIXELS_LEFT.with(|p| p.set(pixels));
+    out
+}
+
+/// Charges the creation of an image of `pixels` pixels to the running call's budget.
+pub(crate) fn charge_pixels(pixels: u64) -> Result<(), Box<EvalAltResult>> {
+    PIXELS_LEFT.with(|p| match p.get().checked_sub(pixels) {
+        Some(left) => {
+            p.set(left);
+            Ok(())
+        }
+        None => Err(format!("{IMAGE_LIMIT}: the script created more image pixels than the limit per call").into()),
+    })
+}
+
+/// The prefix of the image-budget error, recognised by [`script_error`].
+const IMAGE_LIMIT: &str = "stopped: image memory limit";
+
+/// The token an `on_progress` stop carries, recognised by [`script_error`].
+const DEADLINE_TOKEN: &str = "ddpo: time limit";
+
+/// A fresh engine with the sandbox applied. `name` labels log lines; `root` is the only folder
+/// `import` may read from.
+pub(crate) fn new_engine(name: &str, root: &Path, limits: &Limits, log: Log) -> Engine {
+    let mut engine = Engine::new();
+    engine
+        .set_max_operations(limits.max_operations)
+        .set_max_call_levels(limits.max_call_levels)
+        .set_max_expr_depths(limits.max_expr_depth, limits.max_fn_expr_depth)
+        .set_max_string_size(limits.max_string_size)
+        .set_max_array_size(limits.max_array_size)
+        .set_max_map_size(limits.max_map_size)
+        .set_max_modules(limits.max_modules)
+        .set_strict_variables(true)
+        .disable_symbol("eval");
+    engine.on_progress(|ops| {
+        // Often enough that slow host calls (image operations) cannot overrun much.
+        if ops % 16 != 0 {
+            return None;
+        }
+        let late = DEADLINE.with(|d| d.get()).is_some_and(|t| Instant::now() > t);
+        late.then(|| DEADLINE_TOKEN.into())
+    });
+    let (print_log, print_name) = (log.clone(), name.to_string());
+    engine.on_print(move |s| print_log(&format!("[{print_name}] {s}")));
+    let debug_name = name.to_string();
+    engine.on_debug(move |s, src, pos| {
+        let file = src.map(|s| format!("{s}.rhai")).unwrap_or_else(|| debug_name.clone());
+        match (pos.line(), pos.position()) {
+            (Some(l), Some(c)) => log(&format!("[{file}:{l}:{c}] {s}")),
+            _ => log(&format!("[{file}] {s}")),
+        }
+    });
+    engine.set_module_resolver(SandboxResolver::new(root));
+    engine
+}
+
+/// `import` inside the scripts folder only: relative paths without `..`, which must still be
+/// inside the folder after resolving symbolic links. Modules are read fresh on every compile
+/// (no cache), so hot reload sees edited helpers.
+pub(crate) struct SandboxResolver {
+    root: PathBuf,
+    inner: FileModuleResolver,
+}
+
+impl SandboxResolver {
+    fn new(root: &Path) -> Self {
+        let root = root.canonicalize().unwrap_or_else(|_| root.to_path_buf());
+        let mut inner = FileModuleResolver::new_with_path(&root);
+        inner.enable_cache(false);
+        Self { root, inner }
+    }
+
+    /// The file `path` names, if it is allowed.
+    fn check(&self, path: &str, pos: Position) -> Result<PathBuf, Box<EvalAltResult>> {
+        let refuse = |why: &str| -> Box<EvalAltResult> {
+            EvalAltResult::ErrorRuntime(
+                format!("import {path:?} refused: {why} (modules must be .rhai files inside {})", self.root.display()).into(),
+                pos,
+            )
+            .into()
+        };
+        let p = Path::new(path);
+        if p.is_absolute() || p.components().any(|c| !matches!(c, Component::Normal(_))) {
+            return Err(refuse("absolute paths and '..' are not allowed"));
+        }
+        let file = self.inner.get_file_path(path, None);
+        if let Ok(real) = file.canonicalize() {
+            if !real.starts_with(&self.root) {
+                return Err(refuse("it leads outside the scripts folder"));
+            }
+        }
+        Ok(file)
+    }
+}
+
+thread_local! {
+    /// Set while compiling on this thread: the module files the compile resolved.
+    static IMPORTS: RefCell<Option<Vec<PathBuf>>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` (a compile) and returns the module files it imported, in order.
+pub(crate) fn record_imports<T>(f: impl FnOnce() -> T) -> (T, Vec<PathBuf>) {
+    IMPORTS.with(|r| *r.borrow_mut() = Some(Vec::new()));
+    let out = f();
+    let files = IMPORTS.with(|r| r.borrow_mut().take()).unwrap_or_default();
+    (out, files)
+}
+
+impl ModuleResolver for SandboxResolver {
+    fn resolve(&self, engine: &Engine, source: Option<&str>, path: &str, pos: Position) -> Result<Arc<rhai::Module>, Box<EvalAltResult>> {
+        let file = self.check(path, pos)?;
+        // The recorder is per thread: only the thread that compiles records.
+        IMPORTS.with(|r| {
+            if let Some(list) = r.borrow_mut().as_mut() {
+                if !list.contains(&file) {
+                    list.push(file.clone());
+                }
+            }
+        });
+        self.inner.resolve(engine, source, path, pos)
+    }
+
+    fn resolve_ast(&self, engine: &Engine, source: Option<&str>, path: &str, pos: Position) -> Option<Result<rhai::AST, Box<EvalAltResult>>> {
+        if let Err(e) = self.check(path, pos) {
+            return Some(Err(e));
+        }
+        self.inner.resolve_ast(engine, source, path, pos)
+    }
+}
+
+/// A script problem, printed as `file:line:col: message` (or `file: message` without a position).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScriptError {
+    pub file: String,
+    pub line: Option<usize>,
+    pub col: Option<usize>,
+    pub message: String,
+}
+
+impl ScriptError {
+    pub fn new(file: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { file: file.into(), line: None, col: None, message: message.into() }
+    }
+
+    fn at(file: &str, pos: Position, message: String) -> Self {
+        Self { file: file.to_string(), line: pos.line(), col: pos.position(), message }
+    }
+}
+
+impl fmt::Display for ScriptError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.line, self.col) {
+            (Some(l), Some(c)) => write!(f, "{}:{l}:{c}: {}", self.file, self.message),
+            (Some(l), None) => write!(f, "{}:{l}: {}", self.file, self.message),
+            _ => write!(f, "{}: {}", self.file, self.message),
+        }
+    }
+}
+
+impl std::error::Error for ScriptError {}
+
+/// Converts a Rhai error raised by script `file` (whose modules live in `root`) into a
+/// [`ScriptError`] at the innermost position, naming the limit for limit errors.
+pub(crate) fn script_error(file: &str, root: &Path, err: &EvalAltResult, limits: &Limits) -> ScriptError {
+    let mut file = file.to_string();
+    let mut err = err;
+    let mut calls: Vec<String> = Vec::new();
+    loop {
+        match err {
+            EvalAltResult::ErrorInModule(module, inner, _) => {
+                file = module_file(root, module);
+                err = inner;
+            }
+            EvalAltResult::ErrorInFunctionCall(name, source, inner, _) => {
+                if !source.is_empty() {
+                    file = module_file(root, source);
+                }
+                calls.push(format!("{name}()"));
+                err = inner;
+            }
+            _ => break,
+        }
+    }
+    let message = match err {
+        EvalAltResult::ErrorTooManyOperations(_) => format!(
+            "stopped: the script exceeded the operation limit of {} operations per call (an endless loop?)",
+            limits.max_operations
+        ),
+        EvalAltResult::ErrorTerminated(token, _) if token.clone().into_string().ok().as_deref() == Some(DEADLINE_TOKEN) => {
+            format!("stopped: the script exceeded the time limit of {} ms per call", limits.time_limit.as_millis())
+        }
+        EvalAltResult::ErrorStackOverflow(_) => {
+            format!("stopped: the script exceeded the call depth limit of {} nested calls (endless recursion?)", limits.max_call_levels)
+        }
+        EvalAltResult::ErrorDataTooLarge(what, _) => format!(
+            "stopped: {what} exceeds the size limit (strings {} characters, arrays {} elements, maps {} entries)",
+            limits.max_string_size, limits.max_array_size, limits.max_map_size
+        ),
+        EvalAltResult::ErrorTooManyModules(_) => format!("stopped: the script imports more than {} modules", limits.max_modules),
+        EvalAltResult::ErrorParsing(ParseErrorType::ExprTooDeep, _) => format!(
+            "expression nested deeper than the limit ({} levels, {} inside functions)",
+            limits.max_expr_depth, limits.max_fn_expr_depth
+        ),
+        EvalAltResult::ErrorSystem(msg, inner) => format!("{msg}: {inner}"),
+        EvalAltResult::ErrorRuntime(value, _) if value.to_string().starts_with(IMAGE_LIMIT) => format!(
+            "stopped: the script exceeded the image memory limit of {} pixels created per call",
+            limits.max_image_pixels
+        ),
+        EvalAltResult::ErrorRuntime(value, _) => value.to_string(),
+        other => {
+            let text = other.to_string();
+            let suffix = format!(" ({})", other.position());
+            text.strip_suffix(&suffix).unwrap_or(&text).to_string()
+        }
+    };
+    let message = if calls.is_empty() { message } else { format!("{message} (in {})", calls.join(" -> ")) };
+    ScriptError::at(&file, err.position(), message)
+}
+
+/// A script value's type as scripts call it (`int`, `float`, ..).
+pub(crate) fn type_name(v: &rhai::Dynamic) -> &'static str {
+    match v.type_name() {
+        "i64" | "i32" => "int",
+        "f64" | "f32" => "float",
+        "string" | "ImmutableString" => "string",
+        other => other.rsplit("::").next().unwrap_or(other),
+    }
+}
+
+/// The display name of module `name` (as written in `import`).
+fn module_file(root: &Path, name: &str) -> String {
+    let p = Path::new(name);
+    let p = if p.extension().is_some() { p.to_path_buf() } else { p.with_extension("rhai") };
+    root.join(p).display().to_string()
+}

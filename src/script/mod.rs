@@ -1,0 +1,130 @@
+//! The Rhai scripting host: prompts and rewards written as `.rhai` scripts, run sandboxed (shared
+//! scripts are untrusted) and hot-reloaded between epochs. This is the only module that uses rhai.
+//!
+//! - [`engine`]: the sandbox (limits, deadline, `import` confined to the scripts folder) and
+//!   `file:line:col: message` errors.
+//! - [`api`]: the host API scripts see, registered and documented in one place (`scripts/API.md`).
+//! - [`reward`]: [`ScriptReward`], a [`crate::reward::Reward`] backed by `fn reward(img, prompt, meta)`.
+//! - [`prompts`]: [`ScriptPrompts`], a [`crate::ddpo::PromptSource`] backed by `fn prompt()`.
+//! - [`set`]: [`ScriptSet`], the scripts of a run: loading, dry runs, hot reload, saved versions,
+//!   and [`check_file`] for `ddpo check`.
+
+pub mod api;
+pub mod engine;
+pub mod prompts;
+pub mod reward;
+pub mod set;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use rhai::{Dynamic, Engine, FuncArgs, Scope, AST};
+
+pub use api::{Context, Image};
+pub use engine::{Limits, Log, ScriptError};
+pub use prompts::ScriptPrompts;
+pub use reward::ScriptReward;
+pub use set::{check_file, Kind, Reload, ReloadOutcome, ScriptSet};
+
+/// A stable 64-bit FNV-1a "content hash" of a script and the modules it imports, as 16 hex digits.
+pub fn content_hash(parts: &[&str]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            h = (h ^ 0xff).wrapping_mul(0x0000_0100_0000_01b3); // separator
+        }
+        for b in part.bytes() {
+            h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    format!("{h:016x}")
+}
+
+/// State shared by the scripts of one run: the read-only context and the `meta` that prompt
+/// scripts attach to prompts (handed to the reward of the same prompt).
+#[derive(Clone, Default)]
+pub(crate) struct Shared {
+    pub context: Arc<RwLock<Context>>,
+    pub meta: Arc<Mutex<HashMap<String, rhai::Map>>>,
+}
+
+/// One compiled version of a script file.
+pub struct Version {
+    /// Content hash of the source and its imported modules.
+    pub hash: String,
+    pub source: String,
+    /// Imported module files and their sources, as compiled.
+    pub imports: Vec<(PathBuf, String)>,
+    ast: AST,
+}
+
+/// A script file with its own sandboxed engine (its folder is the only one it may import from).
+pub(crate) struct Host {
+    /// The path as the user gave it; errors start with it.
+    pub display: String,
+    pub path: PathBuf,
+    pub root: PathBuf,
+    pub limits: Limits,
+    engine: Engine,
+}
+
+impl Host {
+    pub fn new(path: &Path, limits: &Limits, shared: &Shared, log: Log) -> Self {
+        let root = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let mut engine = engine::new_engine(&name, &root, limits, log);
+        api::register(&mut engine, shared.context.clone());
+        Self { display: path.display().to_string(), path: path.to_path_buf(), root, limits: limits.clone(), engine }
+    }
+
+    /// The file name, e.g. `reward.rhai`.
+    pub fn file_name(&self) -> String {
+        self.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| self.display.clone())
+    }
+
+    fn read(&self, path: &Path) -> Result<String, ScriptError> {
+        std::fs::read_to_string(path).map_err(|e| ScriptError::new(path.display().to_string(), format!("cannot read the script: {e}")))
+    }
+
+    /// The content hash the file and `previous`'s imports have on disk now.
+    pub fn current_hash(&self, previous: &Version) -> Result<String, ScriptError> {
+        let mut texts = vec![self.read(&self.path)?];
+        for (p, _) in &previous.imports {
+            texts.push(std::fs::read_to_string(p).unwrap_or_else(|_| "\0missing".into()));
+        }
+        Ok(content_hash(&texts.iter().map(String::as_str).collect::<Vec<_>>()))
+    }
+
+    /// Reads and compiles the file now on disk, resolving its imports.
+    pub fn compile(&self) -> Result<Version, ScriptError> {
+        let source = self.read(&self.path)?;
+        let (ast, files) = engine::record_imports(|| {
+            engine::within_limits(&self.limits, || self.engine.compile_into_self_contained(&Scope::new(), &source))
+        });
+        let ast = ast.map_err(|e| self.error(&e))?;
+        let imports: Vec<(PathBuf, String)> =
+            files.into_iter().map(|p| (p.clone(), std::fs::read_to_string(&p).unwrap_or_default())).collect();
+        let mut texts = vec![source.as_str()];
+        texts.extend(imports.iter().map(|(_, s)| s.as_str()));
+        Ok(Version { hash: content_hash(&texts), source, imports, ast })
+    }
+
+    /// Calls script function `name` of `version` under the deadline.
+    pub fn call(&self, version: &Version, name: &str, args: impl FuncArgs) -> Result<Dynamic, ScriptError> {
+        engine::within_limits(&self.limits, || self.engine.call_fn::<Dynamic>(&mut Scope::new(), &version.ast, name, args))
+            .map_err(|e| self.error(&e))
+    }
+
+    /// Whether `version` defines `fn name` with `params` parameters.
+    pub fn defines(version: &Version, name: &str, params: usize) -> bool {
+        version.ast.iter_functions().any(|f| f.name == name && f.params.len() == params)
+    }
+
+    fn error(&self, e: &rhai::EvalAltResult) -> ScriptError {
+        engine::script_error(&self.display, &self.root, e, &self.limits)
+    }
+}

@@ -1,0 +1,82 @@
+//! [`ScriptReward`]: a [`Reward`] whose score is `fn reward(img, prompt, meta)` of a script.
+//! The function returns a number (the total) or a map of named components with a `total`;
+//! anything else, NaN or infinity is an error naming the file, the prompt and the sample.
+
+use std::sync::{Arc, RwLock};
+
+use image::RgbImage;
+use rhai::{Dynamic, Map};
+
+use super::{Host, Image, ScriptError, Shared, Version};
+use crate::reward::{Reward, Score};
+
+/// A script reward; the version it runs can be swapped by [`super::ScriptSet::reload`].
+pub struct ScriptReward {
+    pub(crate) name: String,
+    pub(crate) host: Arc<Host>,
+    pub(crate) current: Arc<RwLock<Arc<Version>>>,
+    pub(crate) shared: Shared,
+}
+
+impl ScriptReward {
+    /// Content hash of the version in use.
+    pub fn hash(&self) -> String {
+        self.current.read().unwrap().hash.clone()
+    }
+
+    /// Scores one image with `version`; `sample` is its index in the batch.
+    pub(crate) fn score_one(host: &Host, shared: &Shared, version: &Version, img: &RgbImage, prompt: &str, sample: usize) -> anyhow::Result<Score> {
+        let meta = shared.meta.lock().unwrap().get(prompt).cloned().unwrap_or_default();
+        let at = || format!("sample {sample}, prompt {prompt:?}");
+        let value = host
+            .call(version, "reward", (Image::new(img.clone()), prompt.to_string(), meta))
+            .map_err(|e| ScriptError { message: format!("{} ({})", e.message, at()), ..e })?;
+        let bad = |what: String| ScriptError::new(&host.display, format!("reward for {} {what}", at()));
+        let score = if let Some(total) = number(&value) {
+            Score::new(total)
+        } else if let Some(map) = value.clone().try_cast::<Map>() {
+            let mut score = Score::new(f64::NAN);
+            let mut total = None;
+            for (k, v) in map {
+                let Some(x) = number(&v) else {
+                    return Err(bad(format!("has component {k:?} = {v} ({}), not a number", super::engine::type_name(&v))).into());
+                };
+                if k == "total" {
+                    total = Some(x);
+                } else {
+                    score.components.insert(k.to_string(), x);
+                }
+            }
+            score.total = total.ok_or_else(|| bad("is a map without a `total` entry".into()))?;
+            score
+        } else {
+            return Err(bad(format!("is {value} ({}), not a number or a map with a `total`", super::engine::type_name(&value))).into());
+        };
+        if !score.total.is_finite() || score.components.values().any(|v| !v.is_finite()) {
+            return Err(bad(format!("is not a finite number: total {}, components {:?}", score.total, score.components)).into());
+        }
+        Ok(score)
+    }
+}
+
+/// A script number (float or int) as f64.
+fn number(v: &Dynamic) -> Option<f64> {
+    v.as_float().ok().or_else(|| v.as_int().ok().map(|i| i as f64))
+}
+
+impl Reward for ScriptReward {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn score(&self, images: &[RgbImage], prompts: &[String]) -> anyhow::Result<Vec<Score>> {
+        anyhow::ensure!(images.len() == prompts.len(), "{} images but {} prompts", images.len(), prompts.len());
+        let version = self.current.read().unwrap().clone();
+        images
+            .iter()
+            .zip(prompts)
+            .enumerate()
+            .map(|(i, (img, p))| Self::score_one(&self.host, &self.shared, &version, img, p, i))
+            .collect()
+    }
+}

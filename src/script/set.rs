@@ -1,0 +1,208 @@
+//! [`ScriptSet`]: the scripts of a training run. Loads reward and prompt scripts (compile + dry
+//! run), reloads the ones whose content hash changed between epochs (keeping the previous version
+//! when the new one fails), and saves every version used into the run folder. Also
+//! [`check_file`], the engine of `ddpo check`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use super::{Context, Host, Limits, Log, ScriptError, ScriptPrompts, ScriptReward, Shared, Version};
+
+/// What a script is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Defines `fn reward(img, prompt, meta)`.
+    Reward,
+    /// Defines `fn prompt()`.
+    Prompts,
+}
+
+/// The result of reloading one changed script.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReloadOutcome {
+    /// The new version compiled and passed its dry run; it is in use now.
+    Reloaded { old: String, new: String },
+    /// The new version failed; the previous one (`hash`) stays in use.
+    Kept { hash: String, error: String },
+}
+
+/// One changed script found by [`ScriptSet::reload`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reload {
+    /// The file name, e.g. `reward.rhai`.
+    pub file: String,
+    pub outcome: ReloadOutcome,
+}
+
+impl std::fmt::Display for Reload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.outcome {
+            ReloadOutcome::Reloaded { new, .. } => write!(f, "reloaded {} ({})", self.file, &new[..8]),
+            ReloadOutcome::Kept { hash, error } => write!(f, "kept {} ({}): the new version failed: {error}", self.file, &hash[..8]),
+        }
+    }
+}
+
+struct Entry {
+    kind: Kind,
+    host: Arc<Host>,
+    current: Arc<RwLock<Arc<Version>>>,
+}
+
+/// The scripts of a run, sharing one context and prompt-meta registry.
+pub struct ScriptSet {
+    limits: Limits,
+    log: Log,
+    shared: Shared,
+    entries: Vec<Entry>,
+}
+
+/// Images and captions reward scripts are dry-run on.
+fn dry_run_batch() -> (Vec<image::RgbImage>, Vec<String>) {
+    crate::world::ShapesWorld::default().batch(0, 4).into_iter().map(|s| (s.image, s.caption)).unzip()
+}
+
+impl ScriptSet {
+    pub fn new(limits: Limits, log: Log) -> Self {
+        Self { limits, log, shared: Shared::default(), entries: Vec::new() }
+    }
+
+    /// Loads a reward script (compiled and dry-run on a few shapes-world images).
+    pub fn load_reward(&mut self, path: &Path) -> anyhow::Result<ScriptReward> {
+        let (host, current) = self.load(path, Kind::Reward)?;
+        Ok(ScriptReward { name: host.file_name(), host, current, shared: self.shared.clone() })
+    }
+
+    /// Loads a prompt script (compiled and dry-run by drawing a few prompts).
+    pub fn load_prompts(&mut self, path: &Path) -> anyhow::Result<ScriptPrompts> {
+        let (host, current) = self.load(path, Kind::Prompts)?;
+        Ok(ScriptPrompts { host, current, shared: self.shared.clone() })
+    }
+
+    fn load(&mut self, path: &Path, kind: Kind) -> anyhow::Result<(Arc<Host>, Arc<RwLock<Arc<Version>>>)> {
+        let host = Arc::new(Host::new(path, &self.limits, &self.shared, self.log.clone()));
+        let version = host.compile()?;
+        dry_run(&host, &self.shared, &version, kind)?;
+        let current = Arc::new(RwLock::new(Arc::new(version)));
+        self.entries.push(Entry { kind, host: host.clone(), current: current.clone() });
+        Ok((host, current))
+    }
+
+    /// Whether no script is loaded.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Sets what `context()` returns.
+    pub fn set_context(&self, context: Context) {
+        *self.shared.context.write().unwrap() = context;
+    }
+
+    /// Re-reads every script; each one whose content hash changed is compiled, dry-run and swapped
+    /// in, or else the previous version is kept. Returns what changed (nothing when nothing did).
+    pub fn reload(&mut self) -> Vec<Reload> {
+        let mut out = Vec::new();
+        for e in &self.entries {
+            let old = e.current.read().unwrap().clone();
+            let file = e.host.file_name();
+            let changed = match e.host.current_hash(&old) {
+                Ok(h) => h != old.hash,
+                Err(err) => {
+                    out.push(Reload { file, outcome: ReloadOutcome::Kept { hash: old.hash.clone(), error: err.to_string() } });
+                    continue;
+                }
+            };
+            if !changed {
+                continue;
+            }
+            let fresh = e.host.compile().map_err(anyhow::Error::from).and_then(|v| dry_run(&e.host, &self.shared, &v, e.kind).map(|_| v));
+            let outcome = match fresh {
+                Ok(v) if v.hash == old.hash => continue, // e.g. an edit undone before the reload
+                Ok(v) => {
+                    let new = v.hash.clone();
+                    *e.current.write().unwrap() = Arc::new(v);
+                    ReloadOutcome::Reloaded { old: old.hash.clone(), new }
+                }
+                Err(err) => ReloadOutcome::Kept { hash: old.hash.clone(), error: format!("{err:#}") },
+            };
+            out.push(Reload { file, outcome });
+        }
+        out
+    }
+
+    /// File name -> content hash of each script in use.
+    pub fn hashes(&self) -> BTreeMap<String, String> {
+        self.entries.iter().map(|e| (e.host.file_name(), e.current.read().unwrap().hash.clone())).collect()
+    }
+
+    /// Writes each version in use (and the modules it imports) as `dir/<stem>.<hash>.rhai`,
+    /// once per version.
+    pub fn save_versions(&self, dir: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        for e in &self.entries {
+            let v = e.current.read().unwrap().clone();
+            save_once(dir, &e.host.path, &v.hash, &v.source)?;
+            for (p, text) in &v.imports {
+                save_once(dir, p, &super::content_hash(&[text]), text)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn save_once(dir: &Path, path: &Path, hash: &str, text: &str) -> anyhow::Result<()> {
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "script".into());
+    let file = dir.join(format!("{stem}.{hash}.rhai"));
+    if !file.exists() {
+        std::fs::write(&file, text).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", file.display()))?;
+    }
+    Ok(())
+}
+
+/// Runs a freshly compiled version on sample inputs; returns a one-line summary.
+fn dry_run(host: &Host, shared: &Shared, version: &Version, kind: Kind) -> anyhow::Result<String> {
+    match kind {
+        Kind::Reward => {
+            anyhow::ensure!(
+                Host::defines(version, "reward", 3),
+                ScriptError::new(&host.display, "a reward script must define `fn reward(img, prompt, meta)`")
+            );
+            let (images, captions) = dry_run_batch();
+            let mut totals = Vec::new();
+            for (i, (img, caption)) in images.iter().zip(&captions).enumerate() {
+                totals.push(ScriptReward::score_one(host, shared, version, img, caption, i)?.total);
+            }
+            let shown: Vec<String> = totals.iter().map(|t| format!("{t:.4}")).collect();
+            Ok(format!("reward, {} shapes-world images: {}", totals.len(), shown.join(" ")))
+        }
+        Kind::Prompts => {
+            anyhow::ensure!(
+                Host::defines(version, "prompt", 0),
+                ScriptError::new(&host.display, "a prompt script must define `fn prompt()`")
+            );
+            let mut rng = ChaCha8Rng::seed_from_u64(0);
+            let drawn = (0..4).map(|_| ScriptPrompts::draw(host, shared, version, &mut rng)).collect::<Result<Vec<_>, _>>()?;
+            Ok(format!("prompts: {}", drawn.iter().map(|p| format!("{p:?}")).collect::<Vec<_>>().join(", ")))
+        }
+    }
+}
+
+/// Compiles `path` and dry-runs it as what it defines (`fn reward` or `fn prompt`; a module with
+/// neither is only compiled). Returns a one-line summary, or the error as `file:line:col: message`.
+pub fn check_file(path: &Path, limits: &Limits, log: Log) -> anyhow::Result<String> {
+    let shared = Shared::default();
+    let host = Host::new(path, limits, &shared, log);
+    let version = host.compile()?;
+    let kind = if Host::defines(&version, "reward", 3) {
+        Kind::Reward
+    } else if Host::defines(&version, "prompt", 0) {
+        Kind::Prompts
+    } else {
+        return Ok("module (compiled; defines neither `fn reward(img, prompt, meta)` nor `fn prompt()`)".into());
+    };
+    dry_run(&host, &shared, &version, kind)
+}
