@@ -34,7 +34,7 @@ fn trainer(reward: Arc<dyn Reward>) -> Trainer {
 }
 
 fn run_config() -> RunConfig {
-    RunConfig { train: config(), model: "tiny".into(), reward: "brightness".into(), prompts: vec![], epochs: 3, checkpoint_every: 1 }
+    RunConfig { train: config(), model: "tiny".into(), reward: "brightness".into(), prompts: vec![], epochs: 3, checkpoint_every: 1, lora: None }
 }
 
 /// metrics.jsonl without the wall-clock fields.
@@ -59,7 +59,7 @@ fn run_folder_records_every_epoch() {
     let mut t = trainer(Arc::new(Brightness));
     for _ in 0..2 {
         let r = t.run_epoch().unwrap();
-        run.record(&r).unwrap();
+        run.record(&r, serde_json::Value::Null).unwrap();
     }
     run.save_checkpoint(&t).unwrap();
     let m = metrics(dir.path());
@@ -82,18 +82,18 @@ fn resumed_run_reproduces_the_uninterrupted_one() {
     let mut t = trainer(Arc::new(Brightness));
     for _ in 0..3 {
         let r = t.run_epoch().unwrap();
-        run.record(&r).unwrap();
+        run.record(&r, serde_json::Value::Null).unwrap();
     }
 
     let resumed = tempfile::tempdir().unwrap();
     let mut run = RunDir::create(resumed.path(), &run_config()).unwrap();
     let mut t = trainer(Arc::new(Brightness));
     let r = t.run_epoch().unwrap();
-    run.record(&r).unwrap();
+    run.record(&r, serde_json::Value::Null).unwrap();
     run.save_checkpoint(&t).unwrap();
     // An epoch that ran after the checkpoint but was lost (crash) is replayed on resume.
     let r = t.run_epoch().unwrap();
-    run.record(&r).unwrap();
+    run.record(&r, serde_json::Value::Null).unwrap();
     drop((run, t));
 
     let (mut run, _) = RunDir::open(resumed.path()).unwrap();
@@ -102,7 +102,7 @@ fn resumed_run_reproduces_the_uninterrupted_one() {
     assert_eq!(t.epoch, 1);
     for _ in 0..2 {
         let r = t.run_epoch().unwrap();
-        run.record(&r).unwrap();
+        run.record(&r, serde_json::Value::Null).unwrap();
     }
     assert_eq!(metrics(straight.path()), metrics(resumed.path()));
 }

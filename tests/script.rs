@@ -411,6 +411,7 @@ fn cli_train_runs_scripts_and_keeps_their_versions() {
     assert!(epochs.lines().all(|l| l.contains(&hash) && l.contains("prompts.rhai")), "{epochs}");
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     assert!(metrics.contains("bright"), "{metrics}");
+    assert!(metrics.lines().all(|l| l.contains(&format!("\"reward.rhai\":\"{hash}\""))), "{metrics}");
 
     // A broken script stops `train` before any work, with its position.
     let bad = write(dir.path(), "bad.rhai", "fn reward(img, prompt, meta) {\n  1 +\n}\n");

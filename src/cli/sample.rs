@@ -21,6 +21,10 @@ pub struct Args {
     /// Model weights (.safetensors with its .json config beside it).
     #[arg(long, default_value = super::DEFAULT_MODEL)]
     model: PathBuf,
+    /// A LoRA adapter trained on --model (e.g. RUN/checkpoint/policy.safetensors of a
+    /// `ddpo train --lora-rank R` run).
+    #[arg(long)]
+    lora: Option<PathBuf>,
     /// Output PNG file.
     #[arg(long)]
     out: PathBuf,
@@ -34,7 +38,11 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(args.n > 0, "-n must be at least 1");
     super::check_png_path(&args.out)?;
     let device = super::device(&args.device)?;
-    let policy = Policy::load(&super::resolve_model(&args.model), &device)?;
+    let model = super::resolve_model(&args.model);
+    let policy = match &args.lora {
+        Some(adapter) => Policy::load_with_adapter(&model, adapter, &device)?,
+        None => Policy::load(&model, &device)?,
+    };
     let cfg = args.sampler.config(policy.schedule.num_train_timesteps())?;
     let prompts = vec![args.prompt.clone(); args.n];
     write_sample_grid(&policy, &prompts, &cfg, args.seed, &args.out)?;

@@ -9,7 +9,10 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-use crate::ddpo::{Algorithm, FixedPrompts, Normalisation, TrainConfig, Trainer};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::ddpo::{Algorithm, FixedPrompts, Normalisation, Stage, TrainConfig, Trainer};
+use crate::model::LoraConfig;
 use crate::optim::AdamWConfig;
 use crate::policy::Policy;
 use crate::run::{RunConfig, RunDir};
@@ -54,13 +57,8 @@ pub struct Args {
     grad_accum: usize,
     #[arg(long, default_value_t = 1.0)]
     timestep_fraction: f64,
-    /// DDIM steps per sample.
-    #[arg(long, default_value_t = 20)]
-    steps: usize,
-    #[arg(long, default_value_t = 1.0)]
-    eta: f64,
-    #[arg(long, default_value_t = 5.0)]
-    guidance: f64,
+    #[command(flatten)]
+    sampler: super::SamplerArgs,
     #[arg(long, default_value_t = 3e-4)]
     lr: f64,
     /// PPO clip range of the per-step importance ratio.
@@ -74,6 +72,13 @@ pub struct Args {
     /// Epochs between checkpoints.
     #[arg(long, default_value_t = 5)]
     checkpoint_every: usize,
+    /// Train LoRA adapters of this rank on the UNet's attention projections instead of all
+    /// weights (0: full finetuning).
+    #[arg(long, default_value_t = 0)]
+    lora_rank: usize,
+    /// LoRA scale numerator (alpha / rank scales the adapter); default: the rank.
+    #[arg(long)]
+    lora_alpha: Option<f64>,
     /// Training prompt (repeatable); default: 8 fixed shapes-world prompts.
     #[arg(long = "prompt")]
     prompts: Vec<String>,
@@ -98,7 +103,7 @@ impl Args {
             clip_range: self.clip_range,
             normalisation: if self.batch_norm_rewards { Normalisation::Batch } else { TrainConfig::default().normalisation },
             optimizer: AdamWConfig { lr: self.lr, ..Default::default() },
-            sampler: SamplerConfig { steps: self.steps, eta: self.eta, guidance: self.guidance },
+            sampler: SamplerConfig { steps: self.sampler.steps, eta: self.sampler.eta, guidance: self.sampler.guidance },
             seed: self.seed,
             ..Default::default()
         };
@@ -118,6 +123,10 @@ impl Args {
             prompts,
             epochs: self.epochs,
             checkpoint_every: self.checkpoint_every,
+            lora: (self.lora_rank > 0).then(|| LoraConfig {
+                rank: self.lora_rank,
+                alpha: self.lora_alpha.unwrap_or(self.lora_rank as f64),
+            }),
         })
     }
 }
@@ -143,7 +152,10 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
             (run, config, prompt_script)
         }
     };
-    let policy = Policy::load_trainable(&config.model, &device)?;
+    let policy = match config.lora {
+        Some(lora) => Policy::load_with_new_lora(&config.model, lora, config.train.seed, &device)?,
+        None => Policy::load_trainable(&config.model, &device)?,
+    };
     let mut scripts = ScriptSet::new(Limits::default(), stderr_log());
     let reward: Arc<dyn crate::reward::Reward> = if is_script(&config.reward) {
         Arc::new(scripts.load_reward(Path::new(&config.reward))?)
@@ -161,6 +173,21 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
     } else {
         eprintln!("training {} with {} ({:?}) into {}", config.model.display(), config.reward, config.train.algorithm, run.dir.display());
     }
+    let bar = stage_bar();
+    let stage_bar = bar.clone();
+    let mut last_stage = None;
+    trainer.set_progress(Box::new(move |stage, done, total| {
+        if last_stage != Some(stage) {
+            last_stage = Some(stage);
+            stage_bar.reset();
+            stage_bar.set_prefix(match stage {
+                Stage::Sampling => "sampling",
+                Stage::Training => "training",
+            });
+        }
+        stage_bar.set_length(total as u64);
+        stage_bar.set_position(done as u64);
+    }));
     let stop = super::interrupt_flag();
     let (mut reward_mean, mut reward_std) = reward_history(&run.dir);
     let mut first = true;
@@ -179,11 +206,11 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         let report = trainer.run_epoch().with_context(|| {
             format!("the last checkpoint in {} is intact; fix the problem and use --resume", run.dir.display())
         })?;
-        let m = run.record(&report)?;
+        let hashes = record_script_hashes(&run.dir, report.epoch, &scripts)?;
+        let m = run.record(&report, serde_json::json!({ "scripts": scripts.hashes() }))?;
         reward_mean.push(m["reward_mean"].as_f64().unwrap_or(f64::NAN));
         reward_std.push(m["reward_std"].as_f64().unwrap_or(f64::NAN));
-        let hashes = record_script_hashes(&run.dir, report.epoch, &scripts)?;
-        eprintln!(
+        super::say(&bar, format!(
             "epoch {:>3}  reward {:+.4} ± {:.4}  loss {:+.2e}  kl {:.1e}  clip {:.2}  sample {:.1}s reward {:.2}s train {:.1}s{hashes}",
             report.epoch,
             m["reward_mean"].as_f64().unwrap_or(f64::NAN),
@@ -194,7 +221,7 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
             report.seconds_sampling,
             report.seconds_reward,
             report.seconds_training
-        );
+        ));
         let interrupted = stop.load(Ordering::SeqCst);
         if trainer.epoch % config.checkpoint_every == 0 || trainer.epoch == config.epochs || interrupted {
             run.save_checkpoint(&trainer)?;
@@ -249,6 +276,15 @@ fn record_script_hashes(run_dir: &Path, epoch: usize, scripts: &ScriptSet) -> an
     let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("cannot append to {}", path.display()))?;
     writeln!(file, "{line}")?;
     Ok(hashes.iter().map(|(name, h)| format!("  {name}@{}", &h[..8])).collect())
+}
+
+/// One progress bar reused for each stage of each epoch (hidden when stderr is not a terminal).
+fn stage_bar() -> ProgressBar {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>9} {bar:30} {pos}/{len} {per_sec} {elapsed}").expect("valid template"),
+    );
+    bar
 }
 
 /// `runs/<YYYYmmdd-HHMMSS>` in UTC, without a date-time dependency.

@@ -10,6 +10,7 @@ use candle_core::{safetensors::MmapedSafetensors, DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 
 use super::{Policy, PolicyConfig};
+use crate::model::LoraConfig;
 
 /// The JSON config that belongs to a weights file.
 pub fn config_path(weights: &Path) -> PathBuf {
@@ -72,6 +73,38 @@ impl Policy {
             "{} holds {found} tensors but the config's architecture has {expected}",
             weights.display()
         );
+        Ok(policy)
+    }
+
+    /// Loads frozen base weights and attaches fresh LoRA adapters (seeded) as the only trainable
+    /// variables.
+    pub fn load_with_new_lora(weights: &Path, lora: LoraConfig, seed: u64, device: &Device) -> anyhow::Result<Self> {
+        open_weights(weights)?;
+        let config = load_config(weights)?;
+        anyhow::ensure!(config.lora.is_none(), "{} is already a LoRA adapter; pass its base model", weights.display());
+        // SAFETY: as in `open_weights`.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[weights], DType::F32, device) }?;
+        Self::with_lora(config, vb, lora, seed, device)
+            .with_context(|| format!("{} does not match its config", weights.display()))
+    }
+
+    /// Loads a base model with a trained LoRA adapter (saved by a LoRA training run).
+    pub fn load_with_adapter(base: &Path, adapter: &Path, device: &Device) -> anyhow::Result<Self> {
+        let st = open_weights(adapter)?;
+        let lora = load_config(adapter)?
+            .lora
+            .with_context(|| format!("{} is not a LoRA adapter (its config has no lora field)", adapter.display()))?;
+        let policy = Self::load_with_new_lora(base, lora, 0, device)?;
+        for (name, var) in policy.trainable_vars() {
+            let t = st.load(&name, device).with_context(|| format!("adapter {} lacks tensor {name}", adapter.display()))?;
+            anyhow::ensure!(
+                t.dims() == var.dims(),
+                "adapter tensor {name} has shape {:?}, the model expects {:?}",
+                t.dims(),
+                var.dims()
+            );
+            var.set(&t)?;
+        }
         Ok(policy)
     }
 

@@ -23,6 +23,9 @@ pub struct PolicyConfig {
     pub max_tokens: usize,
     /// Side of the square images the policy generates, in pixels.
     pub image_size: usize,
+    /// LoRA adapters on the UNet's attention projections, when the policy carries them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraConfig>,
 }
 
 impl PolicyConfig {
@@ -35,6 +38,7 @@ impl PolicyConfig {
             scheduler: ScheduleConfig::pixel_default(),
             max_tokens: 16,
             image_size: 32,
+            lora: None,
         }
     }
 
@@ -52,6 +56,7 @@ impl PolicyConfig {
             scheduler: ScheduleConfig::pixel_default(),
             max_tokens: 8,
             image_size: 16,
+            lora: None,
         }
     }
 
@@ -126,8 +131,9 @@ impl Policy {
 
     /// A policy whose base weights (from `vb`) stay frozen and whose only trainable variables
     /// are LoRA adapters on the UNet's attention projections, initialised from `seed`.
-    pub fn with_lora(config: PolicyConfig, vb: VarBuilder, lora: LoraConfig, seed: u64, device: &Device) -> anyhow::Result<Self> {
+    pub fn with_lora(mut config: PolicyConfig, vb: VarBuilder, lora: LoraConfig, seed: u64, device: &Device) -> anyhow::Result<Self> {
         anyhow::ensure!(lora.rank > 0, "LoRA rank must be at least 1");
+        config.lora = Some(lora);
         let varmap = VarMap::new();
         let adapters = Lora::new(lora, init::seeded_var_builder(&varmap, seed, device));
         Self::build(config, vb, Some(&adapters), Some(varmap), device)

@@ -27,6 +27,9 @@ pub struct RunConfig {
     pub prompts: Vec<String>,
     pub epochs: usize,
     pub checkpoint_every: usize,
+    /// Train LoRA adapters instead of all weights.
+    #[serde(default)]
+    pub lora: Option<crate::model::LoraConfig>,
 }
 
 /// Training state besides weights and optimiser moments.
@@ -88,8 +91,9 @@ impl RunDir {
         self.checkpoint_dir().join("policy.safetensors")
     }
 
-    /// Appends the epoch's metrics, writes its sample grid and redraws the reward curve.
-    pub fn record(&mut self, r: &EpochReport) -> anyhow::Result<serde_json::Value> {
+    /// Appends the epoch's metrics (plus the fields of `extra`, e.g. script hashes), writes its
+    /// sample grid and redraws the reward curve.
+    pub fn record(&mut self, r: &EpochReport, extra: serde_json::Value) -> anyhow::Result<serde_json::Value> {
         let rewards = r.rewards();
         let n = rewards.len().max(1) as f64;
         let mean = rewards.iter().sum::<f64>() / n;
@@ -111,6 +115,11 @@ impl RunDir {
         });
         for (k, v) in component_means(&r.scores) {
             m[k] = serde_json::json!(v);
+        }
+        if let serde_json::Value::Object(fields) = extra {
+            for (k, v) in fields {
+                m[k] = v;
+            }
         }
         let mut file = std::fs::OpenOptions::new()
             .create(true)
