@@ -64,8 +64,7 @@ impl FeedForward {
 impl Module for FeedForward {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.proj_in.forward(x)?;
-        let chunks = h.chunk(2, candle_core::D::Minus1)?;
-        self.proj_out.forward(&(&chunks[0] * chunks[1].gelu_erf()?)?)
+        self.proj_out.forward(&crate::kernels::geglu(&h)?)
     }
 }
 
