@@ -17,6 +17,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, Device, Layout, Result, Shape, Te
 use rayon::prelude::*;
 
 use super::im2col::contiguous_f32;
+use super::simd::dispatch_avx2;
 use super::slices::{exp, with_f32};
 use super::{all_cpu_f32, alloc};
 
@@ -73,12 +74,7 @@ impl CustomOp1 for GegluOp {
             out.par_chunks_mut(n)
                 .zip(h.par_chunks(2 * n))
                 .with_min_len(ROWS_PER_TASK)
-                .for_each(|(o, hr)| {
-                    let (a, g) = hr.split_at(n);
-                    for ((o, &a), &g) in o.iter_mut().zip(a).zip(g) {
-                        *o = a * g * phi_cdf(g);
-                    }
-                });
+                .for_each(|(o, hr)| forward_row(hr, o));
         }
         Ok((CpuStorage::F32(out), shape))
     }
@@ -100,8 +96,26 @@ impl CustomOp1 for GegluOp {
     }
 }
 
-/// One row: `dh = [dy ⊙ gelu(g), dy ⊙ a ⊙ gelu'(g)]` for `h = [a, g]`.
-fn backward_row(h: &[f32], dy: &[f32], dh: &mut [f32]) {
+dispatch_avx2! {
+    /// One row: `out = a ⊙ gelu(g)` for `h = [a, g]`.
+    fn forward_row(h: &[f32], out: &mut [f32]) => forward_row_generic
+}
+
+#[inline(always)]
+fn forward_row_generic(h: &[f32], out: &mut [f32]) {
+    let (a, g) = h.split_at(out.len());
+    for ((o, &a), &g) in out.iter_mut().zip(a).zip(g) {
+        *o = a * g * phi_cdf(g);
+    }
+}
+
+dispatch_avx2! {
+    /// One row: `dh = [dy ⊙ gelu(g), dy ⊙ a ⊙ gelu'(g)]` for `h = [a, g]`.
+    fn backward_row(h: &[f32], dy: &[f32], dh: &mut [f32]) => backward_row_generic
+}
+
+#[inline(always)]
+fn backward_row_generic(h: &[f32], dy: &[f32], dh: &mut [f32]) {
     let n = dy.len();
     let (a, g) = h.split_at(n);
     let (da, dg) = dh.split_at_mut(n);

@@ -16,6 +16,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Device, Layout, Result
 use rayon::prelude::*;
 
 use super::im2col::contiguous_f32;
+use super::simd::dispatch_avx2;
 use super::slices::{dot, exp, sum, with_f32};
 use super::{all_cpu_f32, alloc};
 
@@ -81,32 +82,6 @@ const ROWS_PER_TASK: usize = 64;
 const EXP_CUTOFF: f32 = -87.0;
 
 impl SoftmaxOp {
-    /// One row: `out = softmax(scale · x + mask)`.
-    fn forward_row(&self, x: &[f32], mask: Option<&[f32]>, out: &mut [f32]) {
-        match mask {
-            Some(m) => {
-                for ((o, &v), &mv) in out.iter_mut().zip(x).zip(m) {
-                    *o = v * self.scale + mv;
-                }
-            }
-            None => {
-                for (o, &v) in out.iter_mut().zip(x) {
-                    *o = v * self.scale;
-                }
-            }
-        }
-        let m = max(out);
-        for o in out.iter_mut() {
-            let z = *o - m;
-            // Branch-free select so that the loop vectorises; NaN (a fully masked row) stays NaN.
-            *o = if z < EXP_CUTOFF { 0.0 } else { exp(z) };
-        }
-        let inv = 1.0 / sum(out);
-        for o in out.iter_mut() {
-            *o *= inv;
-        }
-    }
-
     /// Forward over contiguous rows, the mask (if any) being `mask_rows` rows repeated.
     fn forward(&self, x: &[f32], mask: Option<(&[f32], usize)>) -> Vec<f32> {
         let mut out = vec![0f32; x.len()];
@@ -120,7 +95,7 @@ impl SoftmaxOp {
             .with_min_len(ROWS_PER_TASK)
             .for_each(|(r, (o, xr))| {
                 let m = mask.map(|(m, rows)| &m[(r % rows) * len..][..len]);
-                self.forward_row(xr, m, o);
+                forward_row(self.scale, xr, m, o);
             });
         out
     }
@@ -136,12 +111,7 @@ impl SoftmaxOp {
                     dz.par_chunks_mut(len)
                         .zip(y.par_chunks(len).zip(g.par_chunks(len)))
                         .with_min_len(ROWS_PER_TASK)
-                        .for_each(|(d, (yr, gr))| {
-                            let s = dot(gr, yr);
-                            for ((d, &y), &g) in d.iter_mut().zip(yr).zip(gr) {
-                                *d = factor * y * (g - s);
-                            }
-                        });
+                        .for_each(|(d, (yr, gr))| backward_row(factor, yr, gr, d));
                 })
             })??;
         }
@@ -149,8 +119,53 @@ impl SoftmaxOp {
     }
 }
 
+dispatch_avx2! {
+    /// One row: `out = softmax(scale · x + mask)`.
+    fn forward_row(scale: f32, x: &[f32], mask: Option<&[f32]>, out: &mut [f32]) => forward_row_generic
+}
+
+#[inline(always)]
+fn forward_row_generic(scale: f32, x: &[f32], mask: Option<&[f32]>, out: &mut [f32]) {
+    match mask {
+        Some(m) => {
+            for ((o, &v), &mv) in out.iter_mut().zip(x).zip(m) {
+                *o = v * scale + mv;
+            }
+        }
+        None => {
+            for (o, &v) in out.iter_mut().zip(x) {
+                *o = v * scale;
+            }
+        }
+    }
+    let m = max(out);
+    for o in out.iter_mut() {
+        let z = *o - m;
+        // Branch-free select so that the loop vectorises; NaN (a fully masked row) stays NaN.
+        *o = if z < EXP_CUTOFF { 0.0 } else { exp(z) };
+    }
+    let inv = 1.0 / sum(out);
+    for o in out.iter_mut() {
+        *o *= inv;
+    }
+}
+
+dispatch_avx2! {
+    /// One row of the backward: `d = factor · y ⊙ (g - Σ g ⊙ y)`.
+    fn backward_row(factor: f32, y: &[f32], g: &[f32], d: &mut [f32]) => backward_row_generic
+}
+
+#[inline(always)]
+fn backward_row_generic(factor: f32, y: &[f32], g: &[f32], d: &mut [f32]) {
+    let s = dot(g, y);
+    for ((d, &y), &g) in d.iter_mut().zip(y).zip(g) {
+        *d = factor * y * (g - s);
+    }
+}
+
 /// max of a slice in independent lanes (vectorises; f32::max ignores NaN, which then shows up
 /// in the exp instead). `-inf` for an empty slice.
+#[inline(always)]
 fn max(x: &[f32]) -> f32 {
     const LANES: usize = 16;
     let mut acc = [f32::NEG_INFINITY; LANES];
