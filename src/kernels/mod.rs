@@ -14,18 +14,28 @@
 //! backward, mostly in strided reductions. [`layer_norm`] does the same for the transformers'
 //! layer norms ([`layer_norm_op`]).
 //!
+//! The attention's [`softmax_last_dim`] (scale, mask and softmax, [`softmax_op`]) and the
+//! feed-forward's [`geglu`] gate ([`geglu_op`]) are single nodes for the same reason: composed,
+//! they are five to seven small candle ops, each an allocation forward and a zeroed gradient
+//! buffer plus an accumulation backward.
+//!
 //! The first CPU call also switches glibc malloc to recycling freed memory ([`alloc`]): page
 //! faults on freshly mapped tensors otherwise cost more than the convolution's copying.
 
 pub mod alloc;
 pub mod conv_op;
+pub mod geglu_op;
 pub mod im2col;
 pub mod layer_norm_op;
 pub mod norm_op;
+mod simd;
 mod slices;
+pub mod softmax_op;
 
 use candle_core::{bail, DType, Device, Result, Tensor};
 use conv_op::{Conv2dBiasOp, Conv2dOp};
+pub use geglu_op::geglu;
+pub use softmax_op::softmax_last_dim;
 use layer_norm_op::LayerNormOp;
 use norm_op::GroupNormOp;
 use im2col::ConvGeom;

@@ -116,8 +116,9 @@ pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<c
     candle_nn::linear_no_bias(in_dim, out_dim, vb)
 }
 
-/// Multi-head scaled dot-product attention on (B, L, H*D) projections; `mask` is added to the
-/// scores (e.g. a causal mask). Uses the differentiable softmax.
+/// Multi-head scaled dot-product attention on (B, L, H*D) projections; `mask` (Lq, Lk) is added
+/// to the scores (e.g. a causal mask). The scale, mask and softmax are one differentiable node
+/// ([`crate::kernels::softmax_last_dim`]).
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -130,12 +131,8 @@ pub fn attention(
     let d = inner / heads;
     let split = |t: &Tensor, l: usize| t.reshape((b, l, heads, d))?.transpose(1, 2)?.contiguous();
     let (q, k, v) = (split(q, lq)?, split(k, lk)?, split(v, lk)?);
-    let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
-    let scores = match mask {
-        Some(m) => scores.broadcast_add(m)?,
-        None => scores,
-    };
-    let probs = candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?;
+    let scores = q.matmul(&k.t()?)?;
+    let probs = crate::kernels::softmax_last_dim(&scores, 1.0 / (d as f64).sqrt(), mask)?;
     probs
         .matmul(&v)?
         .transpose(1, 2)?

@@ -62,10 +62,23 @@ impl FeedForward {
 }
 
 impl Module for FeedForward {
+    /// `x`: (.., C). Runs on (rows, C): candle-nn's `Linear` multiplies a 3-D input by its
+    /// weight broadcast to one copy per sample, whose backward then builds a weight gradient
+    /// per sample and sums them with a slow strided reduction; 2-D it is one matmul each way.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.proj_in.forward(x)?;
-        let chunks = h.chunk(2, candle_core::D::Minus1)?;
-        self.proj_out.forward(&(&chunks[0] * chunks[1].gelu_erf()?)?)
+        let dims = x.dims();
+        let c = match dims.last() {
+            Some(&c) if c > 0 => c,
+            _ => candle_core::bail!("FeedForward: input must be (.., C) with C > 0, got {dims:?}"),
+        };
+        let rows = x.reshape((x.elem_count() / c, c))?;
+        let h = self.proj_in.forward(&rows)?;
+        let y = self.proj_out.forward(&crate::kernels::geglu(&h)?)?;
+        let mut out_dims = dims.to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = y.dim(1)?;
+        }
+        y.reshape(out_dims)
     }
 }
 
