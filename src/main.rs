@@ -5,6 +5,11 @@ fn main() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
+    // Without it candle parses /proc/cpuinfo on every matmul to size gemm's thread pool.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::env::set_var("RAYON_NUM_THREADS", cores.to_string());
+    }
     if let Err(err) = ddpo::cli::run() {
         eprintln!("error: {err:#}");
         std::process::exit(1);

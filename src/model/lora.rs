@@ -73,10 +73,17 @@ impl LoraLinear {
 
 impl Module for LoraLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.base.forward(x)?;
-        match &self.adapter {
-            Some((down, up)) => y + (up.forward(&down.forward(x)?)? * self.scale)?,
-            None => Ok(y),
-        }
+        // On (B, L, C) inputs candle-nn's Linear broadcasts its weight per sample, and its
+        // backward then sums B weight gradients with a slow reduction: work on (B*L, C) rows.
+        let dims = x.dims().to_vec();
+        let rows = x.flatten_to(dims.len().saturating_sub(2))?;
+        let y = self.base.forward(&rows)?;
+        let y = match &self.adapter {
+            Some((down, up)) => (y + (up.forward(&down.forward(&rows)?)? * self.scale)?)?,
+            None => y,
+        };
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("linear input has a last dimension") = y.dim(candle_core::D::Minus1)?;
+        y.reshape(out_dims)
     }
 }
