@@ -162,10 +162,13 @@ impl Ema {
         Ok(Self { decay, weights })
     }
 
-    /// ema = decay * ema + (1 - decay) * current; `vars` in the same order as at construction.
-    pub fn update(&mut self, vars: &[(String, Var)]) -> Result<()> {
+    /// ema = d * ema + (1 - d) * current after optimiser step `step` (0-based), with the usual
+    /// warm-up d = min(decay, (1 + step) / (10 + step)): without it the average would remember
+    /// the random initialisation for thousands of steps. `vars` in construction order.
+    pub fn update(&mut self, vars: &[(String, Var)], step: usize) -> Result<()> {
+        let d = self.decay.min((1.0 + step as f64) / (10.0 + step as f64));
         for ((_, ema), (_, var)) in self.weights.iter_mut().zip(vars) {
-            *ema = ((&*ema * self.decay)? + (var.as_tensor() * (1.0 - self.decay))?)?;
+            *ema = ((&*ema * d)? + (var.as_tensor() * (1.0 - d))?)?;
         }
         Ok(())
     }

@@ -236,7 +236,7 @@ impl Pretrainer {
         let grad_norm = clip_grad_norm(&mut grads, cfg.grad_clip)?;
         self.opt.set_lr(cfg.lr_at(self.step));
         self.opt.step(&grads)?;
-        self.ema.update(self.opt.vars())?;
+        self.ema.update(self.opt.vars(), self.step)?;
         self.step += 1;
         Ok((loss_value, grad_norm))
     }
