@@ -2,6 +2,8 @@
 //! prompts and returns, per image, a total plus named components (logged as `reward/<name>`).
 //! Rewards never see gradients. Script rewards (Rhai) plug in behind the same trait.
 
+pub mod aesthetic;
+pub mod clip;
 pub mod jpeg;
 pub mod stats;
 
