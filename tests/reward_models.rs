@@ -141,6 +141,7 @@ fn clip_load_errors_name_file_and_tensor() {
         candle_core::safetensors::save(&tensors, &path).unwrap();
         let err = format!("{:#}", Clip::load(&path, cfg.clone(), &Device::Cpu).unwrap_err());
         assert!(err.contains("partial.safetensors") && err.contains(drop), "{err}");
+        eprintln!("missing {drop}: {err}");
     }
 }
 
@@ -329,11 +330,13 @@ fn aesthetic_mlp_errors_name_file_and_tensor() {
         err.contains("ok.safetensors") && err.contains("layers.0.weight") && err.contains("512"),
         "{err}"
     );
+    eprintln!("aesthetic wrong width: {err}");
     // Missing tensor.
     tensors.remove("layers.6.bias");
     let bad = dir.path().join("bad.safetensors");
     candle_core::safetensors::save(&tensors, &bad).unwrap();
     let err = format!("{:#}", AestheticMlp::load(&bad, &Device::Cpu).unwrap_err());
+    eprintln!("aesthetic missing tensor: {err}");
     assert!(err.contains("bad.safetensors") && err.contains("layers.6.bias"), "{err}");
     // Unknown extension.
     let err =

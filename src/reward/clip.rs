@@ -170,15 +170,18 @@ pub fn similarity(img_emb: &Tensor, txt_emb: &Tensor) -> anyhow::Result<Tensor> 
     Ok(a.matmul(&b.t()?)?)
 }
 
-/// Resizes so the shorter side is `size` (bicubic, aspect kept) and crops the centre square.
+/// Resizes so the shorter side is `size` (bicubic, aspect kept; Catmull-Rom, PIL's bicubic
+/// kernel, with antialiasing when shrinking) and crops the centre square.
 pub fn resize_center_crop(image: &RgbImage, size: usize) -> anyhow::Result<RgbImage> {
     let (w, h) = image.dimensions();
     anyhow::ensure!(w > 0 && h > 0, "cannot preprocess an empty {w}x{h} image for CLIP");
     let s = size as u32;
+    // Long side as Hugging Face's CLIPImageProcessor and torchvision's Resize compute it:
+    // int(size * long / short), truncated; crop offset floor((new - size) / 2) as in HF.
     let (nw, nh) = if w <= h {
-        (s, ((h as f64 * s as f64 / w as f64).round() as u32).max(s))
+        (s, ((h as u64 * s as u64 / w as u64) as u32).max(s))
     } else {
-        (((w as f64 * s as f64 / h as f64).round() as u32).max(s), s)
+        (((w as u64 * s as u64 / h as u64) as u32).max(s), s)
     };
     let resized = if (nw, nh) == (w, h) {
         image.clone()
