@@ -379,3 +379,24 @@ fn clip_aesthetic_reward_scores_clip_embeddings() {
     }
     assert!(reward.score(&[], &[]).unwrap().is_empty());
 }
+
+/// The original PyTorch format without needing Python: `tests/fixtures/aesthetic-tiny/` holds an
+/// 8-wide LAION-layout MLP written by `torch.save` (and the same weights as safetensors), with
+/// inputs and the scores PyTorch computed for them.
+#[test]
+fn aesthetic_mlp_loads_a_torch_saved_pth_fixture() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/aesthetic-tiny");
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let rows: Vec<Vec<f32>> = serde_json::from_value(expected["x"].clone()).unwrap();
+    let want: Vec<f64> = serde_json::from_value(expected["scores"].clone()).unwrap();
+    let x = Tensor::new(rows, &Device::Cpu).unwrap();
+    let from_pth = AestheticMlp::load_with_input_dim(&dir.join("mlp.pth"), 8, &Device::Cpu).unwrap();
+    let from_st = AestheticMlp::load_with_input_dim(&dir.join("mlp.safetensors"), 8, &Device::Cpu).unwrap();
+    let a = from_pth.score(&x).unwrap().to_vec1::<f32>().unwrap();
+    let b = from_st.score(&x).unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(a, b, ".pth and safetensors scores differ");
+    for (got, want) in a.iter().zip(&want) {
+        assert!((*got as f64 - want).abs() < 1e-5 * (1.0 + want.abs()), "{got} vs torch {want}");
+    }
+}
