@@ -7,6 +7,7 @@
 //! - [`render`]: turning tensors into images, labelled sample grids, a tiny bitmap font.
 //! - [`kernels`]: project-owned CPU kernels (fast convolution) that candle lacks.
 //! - [`model`]: the Stable-Diffusion-architecture UNet and CLIP-style text encoder.
+//! - [`sd`]: loading real Stable Diffusion pieces (diffusers folders): CLIP BPE tokenizer, VAE decoder.
 //! - [`policy`]: the diffusion policy (text encoder + UNet + schedule) and its checkpoints.
 //! - [`optim`]: AdamW, gradient clipping and EMA with state we own (for exact resume).
 //! - [`sampler`]: noise schedule and the DDIM step with per-step log-probabilities.
@@ -31,4 +32,5 @@ pub mod reward;
 pub mod run;
 pub mod sampler;
 pub mod script;
+pub mod sd;
 pub mod world;
