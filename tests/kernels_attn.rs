@@ -5,29 +5,18 @@
 //! masks, mask gradients, finite differences on tiny cases, f64 fallbacks, the GELU's accuracy
 //! against f64 erf, shape errors, and `layers::attention` end to end.
 
+mod common;
+
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use ddpo::kernels::{geglu, softmax_last_dim};
+use common::{rand_tensor, rel_err};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 const FWD_TOL: f32 = 1e-5;
 const GRAD_TOL: f32 = 1e-4;
 
-fn rand_tensor(rng: &mut ChaCha8Rng, dims: &[usize], lo: f32, hi: f32) -> Result<Tensor> {
-    let n: usize = dims.iter().product();
-    let data: Vec<f32> = (0..n).map(|_| rng.random_range(lo..hi)).collect();
-    Tensor::from_vec(data, dims, &Device::Cpu)
-}
 
-/// Max |a - b| / max(1, max |b|): relative to the reference's scale, robust to zeros.
-fn rel_err(a: &Tensor, b: &Tensor) -> Result<f32> {
-    assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    let a = a.to_dtype(DType::F32)?;
-    let b = b.to_dtype(DType::F32)?;
-    let diff = (&a - &b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-    let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.max(1.0);
-    Ok(diff / scale)
-}
 
 /// An (L, L) additive mask: 0 on and below the diagonal, -inf above, as the text encoder's.
 fn causal_mask(len: usize) -> Result<Tensor> {

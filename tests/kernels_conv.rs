@@ -1,26 +1,22 @@
 //! Correctness of `ddpo::kernels::conv2d` against candle's own conv2d: forward values, both
 //! gradients through autograd, finite differences, and non-contiguous inputs.
 
+mod common;
+
 use candle_core::{DType, Device, Result, Tensor, Var};
 use ddpo::kernels::conv2d;
+use common::rel_err;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 const TOL: f32 = 1e-4;
 
+/// Entries uniform in [-1, 1).
 fn rand_tensor(rng: &mut ChaCha8Rng, dims: &[usize]) -> Result<Tensor> {
-    let n: usize = dims.iter().product();
-    let data: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-    Tensor::from_vec(data, dims, &Device::Cpu)
+    common::rand_tensor(rng, dims, -1.0, 1.0)
 }
 
-/// Max |a - b| / max(1, max |b|): relative to the reference's scale, robust to zeros.
-fn rel_err(a: &Tensor, b: &Tensor) -> Result<f32> {
-    assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    let diff = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-    let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.max(1.0);
-    Ok(diff / scale)
-}
+
 
 /// Output and gradients (x, w) of `loss = sum(conv(x, w) * r)`.
 fn run(

@@ -3,28 +3,17 @@
 //! gradients over randomised shapes, a finite-difference check, non-contiguous and f64 inputs,
 //! and shape errors. Also `ddpo::kernels::layer_norm` against candle-nn's `layer_norm_slow`.
 
+mod common;
+
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
 use ddpo::kernels::{group_norm, layer_norm};
+use common::{rand_tensor, rel_err};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 const TOL: f32 = 1e-4;
 
-fn rand_tensor(rng: &mut ChaCha8Rng, dims: &[usize], lo: f32, hi: f32) -> Result<Tensor> {
-    let n: usize = dims.iter().product();
-    let data: Vec<f32> = (0..n).map(|_| rng.random_range(lo..hi)).collect();
-    Tensor::from_vec(data, dims, &Device::Cpu)
-}
 
-/// Max |a - b| / max(1, max |b|): relative to the reference's scale, robust to zeros.
-fn rel_err(a: &Tensor, b: &Tensor) -> Result<f32> {
-    assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    let a = a.to_dtype(DType::F32)?;
-    let b = b.to_dtype(DType::F32)?;
-    let diff = (&a - &b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-    let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.max(1.0);
-    Ok(diff / scale)
-}
 
 /// One GroupNorm problem: input, affine parameters, and the upstream gradient `r`.
 struct Problem {
