@@ -6,26 +6,14 @@
 //! Criterion does the careful timing; a short summary pass afterwards prints median ms and
 //! the ours/candle ratio per case (skip it with `ATTN_SUMMARY=0`).
 
+mod common;
+
 use std::hint::black_box;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use candle_core::{Device, Result, Tensor, Var, D};
+use common::{median_ms, Impl};
 use criterion::Criterion;
-
-#[derive(Clone, Copy, PartialEq)]
-enum Impl {
-    Ours,
-    Candle,
-}
-
-impl Impl {
-    fn label(self) -> &'static str {
-        match self {
-            Impl::Ours => "ours",
-            Impl::Candle => "candle",
-        }
-    }
-}
 
 /// One benchmarked case: an input variable and how to run it.
 struct Case {
@@ -108,19 +96,6 @@ fn bench_all(c: &mut Criterion, cases: &[Case]) {
         }
         group.finish();
     }
-}
-
-/// Median wall time in ms of `reps` runs after one warm-up run.
-fn median_ms(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    f()?;
-    let mut times: Vec<f64> = (0..reps)
-        .map(|_| {
-            let t = Instant::now();
-            f().map(|_| t.elapsed().as_secs_f64() * 1e3)
-        })
-        .collect::<Result<_>>()?;
-    times.sort_by(f64::total_cmp);
-    Ok(times[reps / 2])
 }
 
 /// Prints median ms and ours/candle per case.

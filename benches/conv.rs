@@ -5,10 +5,13 @@
 //! GFLOP/s and the ours/candle ratio per shape (skip it with `CONV_SUMMARY=0`, restrict it to
 //! shapes whose name contains `CONV_SHAPE`). `CONV_PARTS=1` adds a breakdown of our pieces.
 
+mod common;
+
 use std::hint::black_box;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use candle_core::{Device, Result, Tensor, Var};
+use common::{median_ms, Impl};
 use criterion::Criterion;
 
 /// One benchmarked convolution: x (n, c, h, w), o output channels, k x k kernel.
@@ -98,20 +101,7 @@ impl Shape {
     }
 }
 
-#[derive(Clone, Copy, PartialEq)]
-enum Impl {
-    Ours,
-    Candle,
-}
-
 impl Impl {
-    fn label(self) -> &'static str {
-        match self {
-            Impl::Ours => "ours",
-            Impl::Candle => "candle",
-        }
-    }
-
     fn conv(self, s: &Shape, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         match self {
             Impl::Ours => ddpo::kernels::conv2d(x, w, None, s.stride, s.pad),
@@ -147,19 +137,6 @@ fn bench_all(c: &mut Criterion) -> Result<()> {
         group.finish();
     }
     Ok(())
-}
-
-/// Median wall time in ms of `reps` runs after one warm-up run.
-fn median_ms(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    f()?;
-    let mut times: Vec<f64> = (0..reps)
-        .map(|_| {
-            let t = Instant::now();
-            f().map(|_| t.elapsed().as_secs_f64() * 1e3)
-        })
-        .collect::<Result<_>>()?;
-    times.sort_by(f64::total_cmp);
-    Ok(times[reps / 2])
 }
 
 /// Prints median ms, GFLOP/s and ours/candle per shape for forward and forward+backward.

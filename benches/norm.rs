@@ -5,10 +5,13 @@
 //! Criterion does the careful timing; a short summary pass afterwards prints median ms and
 //! the ours/candle ratio per case (skip it with `NORM_SUMMARY=0`).
 
+mod common;
+
 use std::hint::black_box;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use candle_core::{Device, Module, Result, Tensor, Var};
+use common::{median_ms, Impl};
 use criterion::Criterion;
 
 /// One benchmarked GroupNorm: x (n, c, h, w) in `groups` groups, optionally followed by SiLU.
@@ -26,21 +29,6 @@ const NORMS: &[NormCase] = &[
     NormCase { name: "gn_64x64x16x16", dims: (64, 64, 16, 16), groups: 32, silu: false },
     NormCase { name: "gn_silu_64x64x16x16", dims: (64, 64, 16, 16), groups: 32, silu: true },
 ];
-
-#[derive(Clone, Copy, PartialEq)]
-enum Impl {
-    Ours,
-    Candle,
-}
-
-impl Impl {
-    fn label(self) -> &'static str {
-        match self {
-            Impl::Ours => "ours",
-            Impl::Candle => "candle",
-        }
-    }
-}
 
 /// The inputs of one GroupNorm case, as variables so that backward reaches them.
 struct NormInputs {
@@ -138,19 +126,6 @@ fn bench_all(c: &mut Criterion) -> Result<()> {
     }
     group.finish();
     Ok(())
-}
-
-/// Median wall time in ms of `reps` runs after one warm-up run.
-fn median_ms(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    f()?;
-    let mut times: Vec<f64> = (0..reps)
-        .map(|_| {
-            let t = Instant::now();
-            f().map(|_| t.elapsed().as_secs_f64() * 1e3)
-        })
-        .collect::<Result<_>>()?;
-    times.sort_by(f64::total_cmp);
-    Ok(times[reps / 2])
 }
 
 fn print_row(name: &str, pass: &str, ours: f64, candle: f64) {
