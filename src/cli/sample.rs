@@ -21,10 +21,17 @@ pub struct Args {
     /// Model weights (.safetensors with its .json config beside it).
     #[arg(long, default_value = super::DEFAULT_MODEL)]
     model: PathBuf,
-    /// A LoRA adapter trained on --model (e.g. RUN/checkpoint/policy.safetensors of a
-    /// `ddpo train --lora-rank R` run).
+    /// A diffusers Stable Diffusion folder to sample from instead of --model.
+    #[arg(long, value_name = "DIR", conflicts_with = "model")]
+    model_dir: Option<PathBuf>,
+    /// A LoRA adapter trained on the model (e.g. RUN/checkpoint/policy.safetensors of a
+    /// `ddpo train --lora-rank R` run); with --model-dir also diffusers/peft LoRA files, or a
+    /// run's fully finetuned UNet.
     #[arg(long)]
     lora: Option<PathBuf>,
+    /// dtype of the frozen weights of a --model-dir model.
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: crate::policy::WeightDtype,
     /// Output PNG file.
     #[arg(long)]
     out: PathBuf,
@@ -38,11 +45,8 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(args.n > 0, "-n must be at least 1");
     super::check_png_path(&args.out)?;
     let device = super::device(&args.device)?;
-    let model = super::resolve_model(&args.model);
-    let policy = match &args.lora {
-        Some(adapter) => Policy::load_with_adapter(&model, adapter, &device)?,
-        None => Policy::load(&model, &device)?,
-    };
+    let model = args.model_dir.clone().unwrap_or_else(|| super::resolve_model(&args.model));
+    let policy = Policy::open_frozen(&model, args.lora.as_deref(), args.dtype, &device)?;
     let cfg = args.sampler.config(policy.schedule.num_train_timesteps())?;
     let prompts = vec![args.prompt.clone(); args.n];
     write_sample_grid(&policy, &prompts, &cfg, args.seed, &args.out)?;

@@ -18,6 +18,14 @@ impl FixedPrompts {
         let world = crate::world::ShapesWorld::default();
         Self(world.prompts(7, 8).into_iter().map(|p| p.caption).collect())
     }
+
+    /// The DDPO reference's `simple_animals` prompts, the default for Stable Diffusion models.
+    pub fn animals() -> Self {
+        let names = "cat dog horse monkey rabbit zebra spider bird sheep deer cow goat lion tiger bear \
+                     raccoon fox wolf lizard beetle ant butterfly fish shark whale dolphin squirrel mouse rat \
+                     snake turtle frog chicken duck goose bee pig turkey fly llama camel bat gorilla hedgehog kangaroo";
+        Self(names.split_whitespace().map(String::from).collect())
+    }
 }
 
 impl PromptSource for FixedPrompts {

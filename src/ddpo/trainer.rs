@@ -267,7 +267,7 @@ impl Trainer {
             let mut trajectories: Vec<Trajectory> = Vec::new();
             for (i, batch) in batches.iter().enumerate() {
                 let traj = sampler::sample(policy, batch, &cfg.sampler, rng)?;
-                let images = crate::render::tensor_to_images(traj.final_sample())?;
+                let images = policy.images(traj.final_sample())?;
                 job_tx.send((i, images, batch.to_vec())).expect("reward workers alive");
                 trajectories.push(traj);
                 if let Some(f) = progress.as_mut() {
@@ -403,8 +403,7 @@ impl Trainer {
                     let noise = self.rng.randn(x0.shape(), &device)?;
                     let x_t = self.policy.schedule.add_noise(&x0, &noise, &t)?;
                     let ctx = self.policy.encode_prompts(&prompts)?;
-                    let tt = Tensor::from_vec(t.iter().map(|&v| v as f32).collect::<Vec<_>>(), mb.len(), &device)?;
-                    let pred = self.policy.unet.forward(&x_t, &tt, &ctx)?;
+                    let pred = self.policy.predict_eps(&x_t, &t, &ctx)?;
                     let per_sample = (pred - noise)?.sqr()?.flatten_from(1)?.mean(1)?;
                     let loss = (per_sample * &w)?.mean_all()?;
                     let g = self.opt.collect(&loss.backward()?);

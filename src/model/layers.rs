@@ -4,7 +4,7 @@
 //! candle-nn's own `LayerNorm` takes a fused path without a backward pass when its input is
 //! contiguous, which silently stops gradients; everything here is differentiable.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 /// 2-D convolution with bias, weights named `weight` / `bias` as in PyTorch.
@@ -131,9 +131,16 @@ pub fn attention(
     let d = inner / heads;
     let split = |t: &Tensor, l: usize| t.reshape((b, l, heads, d))?.transpose(1, 2)?.contiguous();
     let (q, k, v) = (split(q, lq)?, split(k, lk)?, split(v, lk)?);
-    let scores = q.matmul(&k.t()?)?;
+    // Half-precision weights (GPU): scores and softmax in f32, as diffusers' `upcast_attention`
+    // does for SD 2.x, since f16 q.k overflows there. All of this is a no-op in f32.
+    let scores = if q.dtype() == DType::F16 {
+        q.to_dtype(DType::F32)?.matmul(&k.to_dtype(DType::F32)?.t()?)?
+    } else {
+        q.matmul(&k.t()?)?.to_dtype(DType::F32)?
+    };
     let probs = crate::kernels::softmax_last_dim(&scores, 1.0 / (d as f64).sqrt(), mask)?;
     probs
+        .to_dtype(v.dtype())?
         .matmul(&v)?
         .transpose(1, 2)?
         .reshape((b, lq, inner))

@@ -3,7 +3,7 @@
 //! convention (`<layer>.lora_A.weight`, `<layer>.lora_B.weight`) so other tools load our adapters.
 //! B starts at zero, so attaching an adapter leaves the model's output unchanged.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Init, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
@@ -79,7 +79,12 @@ impl Module for LoraLinear {
         let rows = x.flatten_to(dims.len().saturating_sub(2))?;
         let y = self.base.forward(&rows)?;
         let y = match &self.adapter {
-            Some((down, up)) => (y + (up.forward(&down.forward(&rows)?)? * self.scale)?)?,
+            Some((down, up)) => {
+                // Adapters stay f32 (trained) while frozen weights may be f16/bf16: run the
+                // adapter in f32 and add it in the base's dtype (both casts are no-ops in f32).
+                let delta = up.forward(&down.forward(&rows.to_dtype(DType::F32)?)?)?;
+                (y + (delta * self.scale)?.to_dtype(rows.dtype())?)?
+            }
             None => y,
         };
         let mut out_dims = dims;

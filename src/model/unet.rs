@@ -218,7 +218,8 @@ impl UNet2DConditionModel {
             )
         }
         let x = if self.config.center_input_sample { ((x * 2.0)? - 1.0)? } else { x.clone() };
-        let temb = self.time_embedding.forward(&self.time_proj.forward(t)?)?;
+        // The sinusoids are computed in f32; the MLP runs in the weights' dtype (that of `x`).
+        let temb = self.time_embedding.forward(&self.time_proj.forward(t)?.to_dtype(x.dtype())?)?;
         let mut x = self.conv_in.forward(&x)?;
         let mut skips = vec![x.clone()];
         for block in &self.down_blocks {

@@ -9,6 +9,7 @@ use anyhow::Context;
 use candle_core::{safetensors::MmapedSafetensors, DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 
+use super::diffusers::{LORA_TARGETS, META_ALPHA, META_RANK, META_TARGETS};
 use super::{Policy, PolicyConfig};
 use crate::model::LoraConfig;
 
@@ -119,18 +120,35 @@ impl Policy {
     }
 }
 
-/// Writes `tensors` as a policy checkpoint with its config, atomically.
+/// Writes `tensors` as a policy checkpoint with its config, atomically. An adapter also records
+/// its rank, alpha and target modules in the safetensors metadata, so the file alone says how to
+/// apply it.
 pub fn save_weights(config: &PolicyConfig, tensors: &[(String, Tensor)], weights: &Path) -> anyhow::Result<()> {
     let map: HashMap<String, Tensor> = tensors.iter().cloned().collect();
-    save_tensors_atomic(&map, weights)?;
+    let mut meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    if let Some(lora) = config.lora {
+        meta.insert(META_RANK.into(), lora.rank.to_string());
+        meta.insert(META_ALPHA.into(), lora.alpha.to_string());
+        meta.insert(META_TARGETS.into(), LORA_TARGETS.into());
+    }
+    save_tensors_atomic_with_metadata(&map, Some(meta), weights)?;
     let json = serde_json::to_string_pretty(config)?;
     write_atomic(&config_path(weights), json.as_bytes())
 }
 
 /// Writes a safetensors file through a temporary file and a rename.
 pub fn save_tensors_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -> anyhow::Result<()> {
+    save_tensors_atomic_with_metadata(tensors, None, path)
+}
+
+/// As [`save_tensors_atomic`], with string metadata in the file's header.
+pub fn save_tensors_atomic_with_metadata(
+    tensors: &HashMap<String, Tensor>,
+    metadata: Option<HashMap<String, String>>,
+    path: &Path,
+) -> anyhow::Result<()> {
     let tmp = tmp_path(path);
-    candle_core::safetensors::save(tensors, &tmp)
+    safetensors::serialize_to_file(tensors.iter(), metadata, &tmp)
         .with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", path.display()))
 }

@@ -1,17 +1,28 @@
-//! The diffusion policy: text encoder + UNet + noise schedule + tokenizer, behind the few
-//! operations that sampling and training need (encode prompts, predict guided noise, list the
-//! trainable weights). Loading and saving live in [`checkpoint`].
+//! The diffusion policy: text encoder + UNet + noise schedule + tokenizer (+ a VAE in latent
+//! space), behind the few operations that sampling and training need: encode prompts, predict
+//! guided noise, decode final samples to images, give the sample shape and the trainable weights.
+//!
+//! The embedded default (pixel space, shapes-world tokenizer) and a diffusers Stable Diffusion
+//! folder (latent space, CLIP BPE tokenizer, VAE) are the same struct: the prompt tokenizer is an
+//! enum and the VAE optional, so the sampler and the trainer never ask which one they hold.
+//! Loading and saving checkpoints live in [`checkpoint`], diffusers folders in [`diffusers`].
 
 pub mod checkpoint;
+pub mod diffusers;
 pub mod init;
 
-use candle_core::{Device, Result, Tensor, Var};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
 use crate::model::{Lora, LoraConfig, TextConfig, TextEncoder, UNet2DConditionModel, UNetConfig};
 use crate::sampler::{NoiseSchedule, ScheduleConfig};
+use crate::sd::{ClipTokenizer, Vae};
 use crate::world::Tokenizer;
+
+pub use diffusers::Finetune;
 
 /// Everything that defines a policy's architecture; saved as JSON next to its weights.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -26,6 +37,10 @@ pub struct PolicyConfig {
     /// LoRA adapters on the UNet's attention projections, when the policy carries them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora: Option<LoraConfig>,
+    /// The diffusers folder whose UNet these weights finetune (absent for the embedded default):
+    /// such a checkpoint is applied to its folder with `--model-dir DIR --lora FILE`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diffusers_dir: Option<PathBuf>,
 }
 
 impl PolicyConfig {
@@ -39,6 +54,7 @@ impl PolicyConfig {
             max_tokens: 16,
             image_size: 32,
             lora: None,
+            diffusers_dir: None,
         }
     }
 
@@ -57,6 +73,7 @@ impl PolicyConfig {
             max_tokens: 8,
             image_size: 16,
             lora: None,
+            diffusers_dir: None,
         }
     }
 
@@ -78,16 +95,58 @@ impl PolicyConfig {
     }
 }
 
+/// How prompts become token ids: the shapes world's word tokenizer or Stable Diffusion's CLIP BPE.
+#[derive(Debug, Clone)]
+pub enum PromptTokenizer {
+    Shapes(Tokenizer),
+    Clip(ClipTokenizer),
+}
+
+impl PromptTokenizer {
+    /// Token ids of `text`, padded to the encoder's sequence length.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        match self {
+            PromptTokenizer::Shapes(t) => Ok(t.encode(text)),
+            PromptTokenizer::Clip(t) => t.encode(text).map_err(|e| candle_core::Error::Msg(format!("{e:#}"))),
+        }
+    }
+}
+
+/// The dtype of frozen weights (`--dtype`). Trained weights (LoRA adapters, or the UNet when
+/// finetuned in full) and the sampler's latents and log-probs always stay f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightDtype {
+    #[default]
+    F32,
+    F16,
+    Bf16,
+}
+
+impl WeightDtype {
+    pub fn dtype(self) -> DType {
+        match self {
+            WeightDtype::F32 => DType::F32,
+            WeightDtype::F16 => DType::F16,
+            WeightDtype::Bf16 => DType::BF16,
+        }
+    }
+}
+
 /// A text-conditioned diffusion policy ready to sample or train.
 pub struct Policy {
     pub config: PolicyConfig,
     pub unet: UNet2DConditionModel,
     pub text: TextEncoder,
-    pub tokenizer: Tokenizer,
+    pub tokenizer: PromptTokenizer,
+    /// Latent-space policies decode their final samples with this; pixel-space ones have none.
+    pub vae: Option<Vae>,
     pub schedule: NoiseSchedule,
     /// The trainable variables, when the policy was built for training.
     pub varmap: Option<VarMap>,
     pub device: Device,
+    /// The dtype the UNet computes in (that of its base weights).
+    pub unet_dtype: DType,
 }
 
 impl Policy {
@@ -109,16 +168,23 @@ impl Policy {
         device: &Device,
     ) -> anyhow::Result<Self> {
         config.validate()?;
+        anyhow::ensure!(
+            config.diffusers_dir.is_none(),
+            "these weights finetune the diffusers folder {}: load them with --model-dir that folder and --lora the weights file",
+            config.diffusers_dir.as_ref().map(|d| d.display().to_string()).unwrap_or_default()
+        );
         let unet = UNet2DConditionModel::new_with_lora(&config.unet, vb.pp("unet"), lora)?;
         let text = TextEncoder::new(&config.text_encoder, vb.pp("text_encoder"))?;
         Ok(Self {
-            tokenizer: Tokenizer::shapes_world(config.max_tokens),
+            tokenizer: PromptTokenizer::Shapes(Tokenizer::shapes_world(config.max_tokens)),
+            vae: None,
             schedule: NoiseSchedule::new(config.scheduler.clone())?,
             config,
             unet,
             text,
             varmap,
             device: device.clone(),
+            unet_dtype: DType::F32,
         })
     }
 
@@ -152,11 +218,56 @@ impl Policy {
         self.trainable_vars().iter().map(|(_, v)| v.elem_count()).sum()
     }
 
+    /// Opens `model` for training: a diffusers folder (a directory) or a policy checkpoint file;
+    /// with `lora`, fresh adapters (seeded) are the only trainable weights.
+    pub fn open_trainable(model: &Path, lora: Option<LoraConfig>, seed: u64, dtype: WeightDtype, device: &Device) -> anyhow::Result<Self> {
+        if model.is_dir() {
+            let finetune = match lora {
+                Some(config) => Finetune::Lora { config, seed },
+                None => Finetune::FullUnet,
+            };
+            return Self::load_diffusers(model, finetune, dtype.dtype(), device);
+        }
+        check_checkpoint_dtype(model, dtype)?;
+        match lora {
+            Some(lora) => Self::load_with_new_lora(model, lora, seed, device),
+            None => Self::load_trainable(model, device),
+        }
+    }
+
+    /// Opens `model` for sampling, with trained `weights` applied (a LoRA adapter, or for a
+    /// diffusers folder also a finetuned UNet).
+    pub fn open_frozen(model: &Path, weights: Option<&Path>, dtype: WeightDtype, device: &Device) -> anyhow::Result<Self> {
+        if model.is_dir() {
+            return match weights {
+                Some(w) => Self::load_diffusers_with_weights(model, w, dtype.dtype(), device),
+                None => Self::load_diffusers(model, Finetune::Frozen, dtype.dtype(), device),
+            };
+        }
+        check_checkpoint_dtype(model, dtype)?;
+        match weights {
+            Some(adapter) => Self::load_with_adapter(model, adapter, device),
+            None => Self::load(model, device),
+        }
+    }
+
     /// Text states (B, L, D) for `prompts`; the empty prompt is the unconditional one.
     pub fn encode_prompts<S: AsRef<str>>(&self, prompts: &[S]) -> Result<Tensor> {
-        let ids: Vec<u32> = prompts.iter().flat_map(|p| self.tokenizer.encode(p.as_ref())).collect();
+        let mut ids = Vec::with_capacity(prompts.len() * self.config.max_tokens);
+        for p in prompts {
+            ids.extend(self.tokenizer.encode(p.as_ref())?);
+        }
         let ids = Tensor::from_vec(ids, (prompts.len(), self.config.max_tokens), &self.device)?;
         self.text.forward(&ids)
+    }
+
+    /// Unguided noise prediction for `x` at `timesteps` given text states `context`, in f32
+    /// whatever the weights' dtype.
+    pub fn predict_eps(&self, x: &Tensor, timesteps: &[usize], context: &Tensor) -> Result<Tensor> {
+        let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
+        let t = Tensor::from_vec(t, timesteps.len(), x.device())?;
+        let dt = self.unet_dtype;
+        self.unet.forward(&x.to_dtype(dt)?, &t, &context.to_dtype(dt)?)?.to_dtype(DType::F32)
     }
 
     /// Classifier-free-guided noise prediction: eps_u + g (eps_c - eps_u), both in one UNet call.
@@ -169,22 +280,45 @@ impl Policy {
         guidance: f64,
     ) -> Result<Tensor> {
         let n = x.dim(0)?;
-        let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
         if guidance == 1.0 {
-            let t = Tensor::from_vec(t, n, x.device())?;
-            return self.unet.forward(x, &t, cond);
+            return self.predict_eps(x, timesteps, cond);
         }
-        let t2 = Tensor::from_vec([t.clone(), t].concat(), 2 * n, x.device())?;
         let x2 = Tensor::cat(&[x, x], 0)?;
         let ctx = Tensor::cat(&[uncond, cond], 0)?;
-        let eps = self.unet.forward(&x2, &t2, &ctx)?;
+        let eps = self.predict_eps(&x2, &[timesteps, timesteps].concat(), &ctx)?;
         let (eps_u, eps_c) = (eps.narrow(0, 0, n)?, eps.narrow(0, n, n)?);
         eps_u.clone() + ((eps_c - eps_u)? * guidance)?
     }
 
-    /// Shape of one batch of the policy's samples.
+    /// Shape of one batch of the policy's samples (latents for a latent-space policy).
     pub fn sample_shape(&self, n: usize) -> (usize, usize, usize, usize) {
-        let s = self.config.image_size;
+        let s = match self.vae {
+            Some(_) => self.config.unet.sample_size,
+            None => self.config.image_size,
+        };
         (n, self.config.unet.in_channels, s, s)
     }
+
+    /// Final samples to images in -1..1: the identity in pixel space, the VAE in latent space.
+    pub fn decode(&self, samples: &Tensor) -> anyhow::Result<Tensor> {
+        match &self.vae {
+            Some(vae) => vae.decode(samples),
+            None => Ok(samples.clone()),
+        }
+    }
+
+    /// Final samples as RGB images (what rewards score).
+    pub fn images(&self, samples: &Tensor) -> anyhow::Result<Vec<image::RgbImage>> {
+        Ok(crate::render::tensor_to_images(&self.decode(samples)?)?)
+    }
+}
+
+/// The embedded default is small and CPU-bound: it only runs in f32.
+fn check_checkpoint_dtype(model: &Path, dtype: WeightDtype) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        dtype == WeightDtype::F32,
+        "--dtype {dtype:?} applies to diffusers folders (--model-dir); {} runs in f32",
+        model.display()
+    );
+    Ok(())
 }

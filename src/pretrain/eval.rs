@@ -30,7 +30,7 @@ pub fn sample_images(
     let mut images = Vec::with_capacity(prompts.len());
     for chunk in prompts.chunks(batch.max(1)) {
         let traj = sampler::sample(policy, chunk, cfg, &mut rng)?;
-        images.extend(crate::render::tensor_to_images(traj.final_sample())?);
+        images.extend(policy.images(traj.final_sample())?);
     }
     Ok(images)
 }

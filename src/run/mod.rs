@@ -30,6 +30,9 @@ pub struct RunConfig {
     /// Train LoRA adapters instead of all weights.
     #[serde(default)]
     pub lora: Option<crate::model::LoraConfig>,
+    /// The dtype of frozen weights (diffusers folders only).
+    #[serde(default)]
+    pub dtype: crate::policy::WeightDtype,
 }
 
 /// Training state besides weights and optimiser moments.

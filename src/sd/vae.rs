@@ -78,11 +78,18 @@ impl VaeConfig {
 pub struct Vae {
     decoder: Decoder,
     config: VaeConfig,
+    dtype: DType,
 }
 
 impl Vae {
     /// Loads `config.json` and `diffusion_pytorch_model.safetensors` from a diffusers `vae/` folder.
     pub fn from_dir(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        Self::from_dir_with_dtype(dir, DType::F32, device)
+    }
+
+    /// As [`Vae::from_dir`], with the weights in `dtype` (f16 / bf16 halve the memory on a GPU);
+    /// [`Vae::decode`] still takes and returns f32.
+    pub fn from_dir_with_dtype(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<Self> {
         let dir = dir.as_ref();
         let config = VaeConfig::from_file(&dir.join(CONFIG))?;
         let weights = dir.join(WEIGHTS);
@@ -90,7 +97,7 @@ impl Vae {
             anyhow::bail!("VAE weights {} not found", weights.display());
         }
         // SAFETY: the file is memory-mapped read-only and not modified while we hold it.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device) }
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], dtype, device) }
             .with_context(|| format!("opening VAE weights {}", weights.display()))?;
         let decoder = Decoder::new(&config, vb).with_context(|| {
             format!(
@@ -98,7 +105,7 @@ impl Vae {
                 weights.display()
             )
         })?;
-        Ok(Self { decoder, config })
+        Ok(Self { decoder, config, dtype })
     }
 
     pub fn config(&self) -> &VaeConfig {
@@ -109,8 +116,9 @@ impl Vae {
     /// latents (N, C, H, W): the decoder applied to `latents / scaling_factor`, as diffusers'
     /// pipelines do.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        let scaled = (latents / self.config.scaling_factor)?;
-        self.decoder.forward(&scaled).context("VAE decode")
+        let scaled = (latents.to_dtype(self.dtype)? / self.config.scaling_factor)?;
+        let image = self.decoder.forward(&scaled).context("VAE decode")?;
+        Ok(image.to_dtype(DType::F32)?)
     }
 
     /// Images in 0..1: `decode` then `(x / 2 + 0.5).clamp(0, 1)`.
