@@ -58,6 +58,10 @@ impl Policy {
     /// Loads the pipeline in `dir` with frozen weights in `dtype` and `finetune` deciding what
     /// trains. Every file, config field and tensor shape is checked, and errors name them.
     pub fn load_diffusers(dir: &Path, finetune: Finetune, dtype: DType, device: &Device) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            !(device.is_cpu() && dtype == DType::BF16),
+            "--dtype bf16 needs --device cuda (candle's CPU matmul has no bf16); use f16 or f32 on the CPU"
+        );
         let folder = DiffusersFolder::open(dir)?;
         let unet_cfg = folder.unet_config()?;
         let text_cfg = folder.text_config()?;
