@@ -1,6 +1,6 @@
 //! The benchmark harness behind `ddpo bench`: fixed workloads on the default configuration
-//! (single kernels, the attention block, the whole UNet, a training step, DDIM sampling and a
-//! DDPO epoch), timed over repeats, with achieved GFLOP/s where the FLOP count is known and the
+//! (single kernels, the attention block, the whole UNet, a training step, DDIM sampling, a
+//! DDPO epoch, and DDPO epochs on the tiny Stable Diffusion fixture with LoRA or the full UNet), timed over repeats, with achieved GFLOP/s where the FLOP count is known and the
 //! process's peak resident memory. Owns the timing and the JSON report, not the printing.
 
 mod workloads;
@@ -13,7 +13,8 @@ use serde::Serialize;
 pub use workloads::Sizes;
 
 /// The workload groups, in run order; `--only` takes one of these names.
-pub const WORKLOADS: &[&str] = &["conv", "group_norm", "attention", "unet_fwd", "train_step", "ddim", "ddpo_epoch"];
+pub const WORKLOADS: &[&str] =
+    &["conv", "group_norm", "attention", "unet_fwd", "train_step", "ddim", "ddpo_epoch", "sd_epoch_lora", "sd_epoch_full"];
 
 /// How a bench run is carried out.
 #[derive(Debug, Clone, Copy)]

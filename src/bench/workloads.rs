@@ -12,7 +12,8 @@ use crate::ddpo::{FixedPrompts, TrainConfig, Trainer};
 use crate::kernels;
 use crate::model::transformer::{SpatialTransformer, SpatialTransformerConfig};
 use crate::optim::{AdamW, AdamWConfig};
-use crate::policy::{init::seeded_var_builder, Policy, PolicyConfig};
+use crate::model::LoraConfig;
+use crate::policy::{init::seeded_var_builder, Finetune, Policy, PolicyConfig};
 use crate::reward::JpegCompressibility;
 use crate::sampler::{self, NoiseRng, SamplerConfig};
 
@@ -34,6 +35,8 @@ pub struct Sizes {
     pub ddim: (usize, usize),
     /// Samples and DDIM steps of one DDPO epoch.
     pub epoch: (usize, usize),
+    /// Samples, sample batch, train batch and DDIM steps of one DDPO epoch on tiny-sd.
+    pub sd_epoch: (usize, usize, usize, usize),
 }
 
 impl Default for Sizes {
@@ -46,6 +49,8 @@ impl Default for Sizes {
             train_batch: 64,
             ddim: (64, 20),
             epoch: (32, 20),
+            // The reference timing of tests/fixtures/tiny-sd/README.md.
+            sd_epoch: (8, 4, 2, 20),
         }
     }
 }
@@ -61,6 +66,7 @@ impl Sizes {
             train_batch: 2,
             ddim: (2, 2),
             epoch: (4, 2),
+            sd_epoch: (4, 2, 2, 2),
         }
     }
 }
@@ -78,6 +84,8 @@ pub fn run_group(name: &str, sizes: &Sizes, cfg: &BenchConfig) -> anyhow::Result
         "train_step" => vec![keyed("train_step", train_step(sizes, cfg))?],
         "ddim" => vec![keyed("ddim_sample", ddim(sizes, cfg))?],
         "ddpo_epoch" => vec![keyed("ddpo_epoch", ddpo_epoch(sizes, cfg))?],
+        "sd_epoch_lora" => vec![keyed("sd_epoch_lora", sd_epoch(sizes, cfg, true))?],
+        "sd_epoch_full" => vec![keyed("sd_epoch_full", sd_epoch(sizes, cfg, false))?],
         other => anyhow::bail!("unknown workload {other:?}"),
     })
 }
@@ -229,12 +237,44 @@ fn ddpo_epoch(sizes: &Sizes, cfg: &BenchConfig) -> anyhow::Result<Timing> {
         Arc::new(JpegCompressibility),
         Box::new(FixedPrompts::shapes_default()),
     )?;
-    measure(cfg, shape, None, || {
-        let r = trainer.run_epoch()?;
-        Ok(BTreeMap::from([
-            ("sampling".to_string(), r.seconds_sampling),
-            ("reward".to_string(), r.seconds_reward),
-            ("training".to_string(), r.seconds_training),
-        ]))
-    })
+    measure(cfg, shape, None, || epoch_parts(&mut trainer))
+}
+
+fn epoch_parts(trainer: &mut Trainer) -> anyhow::Result<Parts> {
+    let r = trainer.run_epoch()?;
+    Ok(BTreeMap::from([
+        ("sampling".to_string(), r.seconds_sampling),
+        ("reward".to_string(), r.seconds_reward),
+        ("training".to_string(), r.seconds_training),
+    ]))
+}
+
+/// The tiny Stable Diffusion pipeline shipped with the tests (latent 16x16, images 32x32).
+const TINY_SD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-sd");
+
+/// One DDPO-IS epoch on tiny-sd with the reference timing's settings (tests/fixtures/tiny-sd/
+/// README.md: 8 samples in batches of 4, 20 steps, eta 1, guidance 5, train batch 2, timestep
+/// fraction 1, JPEG compressibility), training LoRA adapters (rank 4) or the whole UNet.
+fn sd_epoch(sizes: &Sizes, cfg: &BenchConfig, lora: bool) -> anyhow::Result<Timing> {
+    let (samples, sample_batch, train_batch, steps) = sizes.sd_epoch;
+    let config = TrainConfig {
+        samples_per_epoch: samples,
+        sample_batch_size: sample_batch,
+        train_batch_size: train_batch,
+        sampler: SamplerConfig { steps, ..SamplerConfig::default() },
+        ..TrainConfig::default()
+    };
+    let finetune = if lora {
+        Finetune::Lora { config: LoraConfig { rank: 4, alpha: 4.0 }, seed: 0 }
+    } else {
+        Finetune::FullUnet
+    };
+    let policy = Policy::load_diffusers(std::path::Path::new(TINY_SD), finetune, candle_core::DType::F32, &Device::Cpu)
+        .context("loading tests/fixtures/tiny-sd (run the bench from the source checkout)")?;
+    let shape = format!(
+        "tiny-sd {}, {samples} samples (batches of {sample_batch}), {steps} steps, train batch {train_batch}, jpeg reward",
+        if lora { "LoRA rank 4" } else { "full UNet" }
+    );
+    let mut trainer = Trainer::new(config, policy, Arc::new(JpegCompressibility), Box::new(FixedPrompts::animals()))?;
+    measure(cfg, shape, None, || epoch_parts(&mut trainer))
 }

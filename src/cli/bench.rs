@@ -11,7 +11,8 @@ pub struct Args {
     /// Untimed runs per workload before the timed ones.
     #[arg(long, default_value_t = 1)]
     warmup: usize,
-    /// Run one workload: conv, group_norm, attention, unet_fwd, train_step, ddim or ddpo_epoch.
+    /// Run one workload: conv, group_norm, attention, unet_fwd, train_step, ddim, ddpo_epoch,
+    /// sd_epoch_lora or sd_epoch_full (the last two on tests/fixtures/tiny-sd).
     #[arg(long)]
     only: Option<String>,
     /// Small sizes, one repeat and no warmup: a smoke test of the harness, not a measurement.
