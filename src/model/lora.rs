@@ -3,9 +3,28 @@
 //! convention (`<layer>.lora_A.weight`, `<layer>.lora_B.weight`) so other tools load our adapters.
 //! B starts at zero, so attaching an adapter leaves the model's output unchanged.
 
+use std::cell::Cell;
+
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Init, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
+
+thread_local! {
+    /// Set while sampling: adapters act as constants, so no autograd graph is kept.
+    static DETACHED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with every adapter detached from the autograd graph (PyTorch's `no_grad` for LoRA).
+///
+/// The adapters are the only variables of a LoRA policy; while they are attached, each UNet
+/// forward pass keeps every intermediate tensor alive for a backward pass that sampling never
+/// runs, which on Stable Diffusion is the memory of a training step. Values are unchanged.
+pub fn with_adapters_detached<T>(f: impl FnOnce() -> T) -> T {
+    let before = DETACHED.with(|d| d.replace(true));
+    let out = f();
+    DETACHED.with(|d| d.set(before));
+    out
+}
 
 /// Rank and scale of the adapters.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -82,6 +101,11 @@ impl Module for LoraLinear {
             Some((down, up)) => {
                 // Adapters stay f32 (trained) while frozen weights may be f16/bf16: run the
                 // adapter in f32 and add it in the base's dtype (both casts are no-ops in f32).
+                let (down, up) = if DETACHED.with(Cell::get) {
+                    (Linear::new(down.weight().detach(), None), Linear::new(up.weight().detach(), None))
+                } else {
+                    (down.clone(), up.clone())
+                };
                 let delta = up.forward(&down.forward(&rows.to_dtype(DType::F32)?)?)?;
                 (y + (delta * self.scale)?.to_dtype(rows.dtype())?)?
             }

@@ -55,6 +55,10 @@ impl Trajectory {
 
 /// Samples one trajectory per prompt with DDIM, recording transitions and log-probs. No gradient.
 pub fn sample(policy: &Policy, prompts: &[String], cfg: &SamplerConfig, rng: &mut NoiseRng) -> Result<Trajectory> {
+    crate::model::lora::with_adapters_detached(|| sample_untracked(policy, prompts, cfg, rng))
+}
+
+fn sample_untracked(policy: &Policy, prompts: &[String], cfg: &SamplerConfig, rng: &mut NoiseRng) -> Result<Trajectory> {
     let n = prompts.len();
     let cond = policy.encode_prompts(prompts)?.detach();
     let uncond = policy.encode_prompts(&vec![""; n])?.detach();
