@@ -239,12 +239,9 @@ fn half_precision_frozen_weights_track_f32() -> Result<()> {
     Ok(())
 }
 
-/// DDPO with LoRA on the tiny SD pipeline: finite losses, the adapter moves, and a reload of the
-/// saved adapter reproduces the finetuned policy's samples exactly.
-#[test]
-fn ddpo_with_lora_trains_and_reloads() -> Result<()> {
-    let cfg = TrainConfig {
-        samples_per_epoch: 4,
+fn small_train_config(samples: usize) -> TrainConfig {
+    TrainConfig {
+        samples_per_epoch: samples,
         sample_batch_size: 2,
         train_batch_size: 2,
         timestep_fraction: 0.5,
@@ -253,10 +250,20 @@ fn ddpo_with_lora_trains_and_reloads() -> Result<()> {
         optimizer: AdamWConfig { lr: 1e-2, ..Default::default() },
         sampler: SamplerConfig { steps: 4, ..Default::default() },
         ..Default::default()
-    };
+    }
+}
+
+fn trainer(policy: Policy, samples: usize) -> Result<Trainer> {
     let reward = Arc::from(ddpo::reward::builtin("compressibility")?);
     let prompts = Box::new(FixedPrompts(vec!["cat".into(), "dog".into()]));
-    let mut trainer = Trainer::new(cfg, lora_policy(0)?, reward, prompts)?;
+    Trainer::new(small_train_config(samples), policy, reward, prompts)
+}
+
+/// DDPO with LoRA on the tiny SD pipeline: finite losses, the adapter moves, and a reload of the
+/// saved adapter reproduces the finetuned policy's samples exactly.
+#[test]
+fn ddpo_with_lora_trains_and_reloads() -> Result<()> {
+    let mut trainer = trainer(lora_policy(0)?, 4)?;
     for _ in 0..2 {
         let report = trainer.run_epoch()?;
         assert!(report.loss.is_finite() && report.approx_kl.is_finite(), "loss {} kl {}", report.loss, report.approx_kl);
@@ -272,6 +279,26 @@ fn ddpo_with_lora_trains_and_reloads() -> Result<()> {
     trainer.policy.save(&file)?;
     let reloaded = Policy::load_diffusers_with_weights(fixture(), &file, DType::F32, &Device::Cpu)?;
     assert_eq!(max_abs_diff(&samples(&reloaded, 3)?, &samples(&trainer.policy, 3)?)?, 0.0);
+    Ok(())
+}
+
+/// Full finetuning trains the UNet only (in f32), and its checkpoint reloads onto the folder.
+#[test]
+fn full_unet_finetuning_saves_the_unet_and_reloads() -> Result<()> {
+    let policy = Policy::load_diffusers(fixture(), Finetune::FullUnet, DType::F16, &Device::Cpu)?;
+    let names: Vec<String> = policy.trainable_vars().into_iter().map(|(n, _)| n).collect();
+    assert!(names.iter().all(|n| n.starts_with("unet.")) && names.contains(&"unet.conv_in.weight".to_string()), "{names:?}");
+    let mut trainer = trainer(policy, 2)?;
+    let report = trainer.run_epoch()?;
+    assert!(report.loss.is_finite(), "loss {}", report.loss);
+    let tmp = tempfile::tempdir()?;
+    let file = tmp.path().join("policy.safetensors");
+    trainer.policy.save(&file)?;
+    let reloaded = Policy::load_diffusers_with_weights(fixture(), &file, DType::F16, &Device::Cpu)?;
+    assert_eq!(reloaded.trainable_vars().len(), names.len());
+    assert_eq!(max_abs_diff(&samples(&reloaded, 2)?, &samples(&trainer.policy, 2)?)?, 0.0);
+    let base = Policy::load_diffusers(fixture(), Finetune::Frozen, DType::F16, &Device::Cpu)?;
+    assert!(max_abs_diff(&samples(&reloaded, 2)?, &samples(&base, 2)?)? > 0.0, "training changed nothing");
     Ok(())
 }
 
@@ -306,6 +333,6 @@ fn cli_trains_on_a_model_dir_and_samples_with_the_result() -> Result<()> {
     let (ok, stderr) = ddpo_cli(&["sample", "--model", adapter.to_str().unwrap(), "--prompt", "cat", "--out", out.to_str().unwrap()]);
     assert!(!ok && stderr.contains("--model-dir"), "{stderr}");
     let (ok, stderr) = ddpo_cli(&["sample", "--model-dir", "/no/such/dir", "--prompt", "cat", "--out", out.to_str().unwrap()]);
-    assert!(!ok && stderr.contains("/no/such/dir"), "{stderr}");
+    assert!(!ok && stderr.contains("/no/such/dir: not a folder"), "{stderr}");
     Ok(())
 }

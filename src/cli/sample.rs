@@ -45,6 +45,9 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(args.n > 0, "-n must be at least 1");
     super::check_png_path(&args.out)?;
     let device = super::device(&args.device)?;
+    if let Some(dir) = &args.model_dir {
+        crate::sd::DiffusersFolder::open(dir)?;
+    }
     let model = args.model_dir.clone().unwrap_or_else(|| super::resolve_model(&args.model));
     let policy = Policy::open_frozen(&model, args.lora.as_deref(), args.dtype, &device)?;
     let cfg = args.sampler.config(policy.schedule.num_train_timesteps())?;

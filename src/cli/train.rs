@@ -133,7 +133,7 @@ impl Args {
             train,
             model: match &self.model_dir {
                 // Absolute, so `--resume` finds the folder from anywhere.
-                Some(dir) => std::fs::canonicalize(dir).with_context(|| format!("--model-dir {}: no such folder", dir.display()))?,
+                Some(dir) => std::fs::canonicalize(crate::sd::DiffusersFolder::open(dir)?.dir)?,
                 None => super::resolve_model(&self.model),
             },
             dtype: self.dtype,
