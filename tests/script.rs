@@ -105,12 +105,12 @@ fn endless_loop_is_stopped_by_the_operation_limit() {
     // The operation limit alone (a generous deadline).
     let limits = Limits { max_operations: 1_000_000, time_limit: Duration::from_secs(30), ..Limits::default() };
     let e = load_err(dir.path(), "reward.rhai", endless, limits);
-    assert!(e.contains("reward.rhai: stopped: ") && e.contains("operation limit of 1000000") && e.contains("sample 0"), "{e}");
+    assert!(e.contains("reward.rhai:3:") && e.contains("reward() exceeded the operation limit (max_operations = 1000000)") && e.contains("sample 0"), "{e}");
     // With the defaults, whichever limit comes first stops it fast, even on a loaded machine.
     let t = Instant::now();
     let e = load_err(dir.path(), "reward.rhai", endless, Limits::default());
     assert!(t.elapsed() < Duration::from_secs(2), "took {:?}", t.elapsed());
-    assert!(e.contains("reward.rhai: stopped: the script exceeded the "), "{e}");
+    assert!(e.contains("reward.rhai:3:") && e.contains("reward() exceeded the "), "{e}");
 }
 
 #[test]
@@ -120,18 +120,46 @@ fn slow_script_is_stopped_by_the_deadline() {
     let t = Instant::now();
     let e = load_err(dir.path(), "reward.rhai", "fn reward(img, prompt, meta) {\n  loop { img.resize(64, 64); }\n}\n", limits);
     assert!(t.elapsed() < Duration::from_secs(2), "took {:?}", t.elapsed());
-    assert!(e.contains("reward.rhai: stopped: ") && e.contains("time limit of 200 ms"), "{e}");
+    assert!(e.contains("reward.rhai:2:") && e.contains("reward() exceeded the time limit (time_limit = 200 ms"), "{e}");
 }
 
 #[test]
 fn deep_recursion_and_huge_data_are_stopped() {
     let dir = tempfile::tempdir().unwrap();
     let e = load_err(dir.path(), "reward.rhai", "fn f(n) { f(n + 1) }\nfn reward(img, prompt, meta) { f(0) }\n", Limits::default());
-    assert!(e.contains("call depth limit of 32"), "{e}");
+    assert!(e.contains("reward.rhai:1:17: reward() exceeded the call depth limit (max_call_levels = 32)"), "{e}");
     let e = load_err(dir.path(), "reward.rhai", "fn reward(img, prompt, meta) {\n  let s = \"x\";\n  loop { s += s; }\n}\n", Limits::default());
-    assert!(e.contains("size limit"), "{e}");
+    assert!(e.contains("reward.rhai:3:") && e.contains("size limit of a string (max_string_size = 65536)"), "{e}");
     let e = load_err(dir.path(), "reward.rhai", "fn reward(img, prompt, meta) {\n  let a = [];\n  loop { a.push(img.resize(64, 64)); }\n}\n", Limits { max_image_pixels: 10_000, ..Limits::default() });
-    assert!(e.contains("image memory limit of 10000 pixels"), "{e}");
+    assert!(e.contains("reward.rhai:3:") && e.contains("image memory limit (max_image_pixels = 10000"), "{e}");
+}
+
+/// The hostile corpus: each script in tests/fixtures/hostile states the error it must produce
+/// (`// expect: ...`) and the line it must name (`// at: N`); each fails within a few seconds.
+#[test]
+fn hostile_scripts_fail_fast_with_clear_positioned_errors() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hostile");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    assert!(files.len() >= 10, "{files:?}");
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let header = |key: &str| text.lines().find_map(|l| l.strip_prefix(&format!("// {key}: ")).map(str::to_string));
+        let expect = header("expect").unwrap_or_else(|| panic!("{} has no `// expect:` line", file.display()));
+        let t = Instant::now();
+        let e = match ScriptSet::new(Limits::default(), quiet()).load_reward(&file) {
+            Ok(_) => panic!("{} loaded", file.display()),
+            Err(e) => format!("{e:#}"),
+        };
+        let took = t.elapsed();
+        println!("{took:>8.2?}  {e}");
+        assert!(took < Duration::from_secs(5), "{}: took {took:?}", file.display());
+        assert!(e.contains(&expect), "{}: expected {expect:?} in {e}", file.display());
+        assert!(e.starts_with(&file.display().to_string()), "{e}");
+        if let Some(line) = header("at") {
+            assert!(e.starts_with(&format!("{}:{line}:", file.display())), "expected line {line}: {e}");
+        }
+    }
 }
 
 #[test]
