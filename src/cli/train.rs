@@ -341,7 +341,7 @@ fn stage_bar() -> ProgressBar {
 }
 
 /// `runs/<YYYYmmdd-HHMMSS>` in UTC, without a date-time dependency.
-fn default_run_dir() -> PathBuf {
+pub(super) fn default_run_dir() -> PathBuf {
     let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).

@@ -6,12 +6,14 @@
 //! - [`api`]: the host API scripts see, registered and documented in one place (`scripts/API.md`).
 //! - [`reward`]: [`ScriptReward`], a [`crate::reward::Reward`] backed by `fn reward(img, prompt, meta)`.
 //! - [`prompts`]: [`ScriptPrompts`], a [`crate::ddpo::PromptSource`] backed by `fn prompt()`.
+//! - [`repl`]: the Rhai side of `ddpo repl` (REPL functions over a [`repl::ReplHost`]).
 //! - [`set`]: [`ScriptSet`], the scripts of a run: loading, dry runs, hot reload, saved versions,
 //!   and [`check_file`] for `ddpo check`.
 
 pub mod api;
 pub mod engine;
 pub mod prompts;
+pub mod repl;
 pub mod reward;
 pub mod set;
 
@@ -26,6 +28,11 @@ pub use engine::{Limits, Log, ScriptError};
 pub use prompts::ScriptPrompts;
 pub use reward::ScriptReward;
 pub use set::{check_file, Kind, Reload, ReloadOutcome, ScriptSet};
+
+/// `scripts/API.md`: the host API and the REPL functions, generated from their registration.
+pub fn api_md() -> String {
+    format!("{}{}", api::markdown(), repl::markdown())
+}
 
 /// A stable 64-bit FNV-1a "content hash" of a script and the modules it imports, as 16 hex digits.
 pub fn content_hash(parts: &[&str]) -> String {

@@ -27,6 +27,16 @@ impl ScriptReward {
     /// Scores one image with `version`; `sample` is its index in the batch.
     pub(crate) fn score_one(host: &Host, shared: &Shared, version: &Version, img: &RgbImage, prompt: &str, sample: usize) -> anyhow::Result<Score> {
         let meta = shared.meta.lock().unwrap().get(prompt).cloned().unwrap_or_default();
+        Self::score_meta(host, version, img, prompt, meta, sample)
+    }
+
+    /// Scores one image with the version in use and an explicit `meta` (the REPL's `reward`).
+    pub fn score_with_meta(&self, img: &RgbImage, prompt: &str, meta: Map) -> anyhow::Result<Score> {
+        let version = self.current.read().unwrap().clone();
+        Self::score_meta(&self.host, &version, img, prompt, meta, 0)
+    }
+
+    fn score_meta(host: &Host, version: &Version, img: &RgbImage, prompt: &str, meta: Map, sample: usize) -> anyhow::Result<Score> {
         let at = || format!("sample {sample}, prompt {prompt:?}");
         let value = host
             .call(version, "reward", vec![Dynamic::from(Image::new(img.clone())), prompt.into(), meta.into()])
