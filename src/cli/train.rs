@@ -84,6 +84,9 @@ pub struct Args {
     prompts: Vec<String>,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Threads scoring rewards while sampling goes on (script rewards share one compiled AST).
+    #[arg(long, default_value_t = 1)]
+    reward_workers: usize,
     /// When a reward or prompt script fails during an epoch (throws, returns a non-number, NaN,
     /// or hits a sandbox limit): `wait` keeps the model untouched and waits for a fixed script to
     /// be saved, then retries the epoch; `exit` checkpoints and exits.
@@ -117,6 +120,7 @@ impl Args {
             optimizer: AdamWConfig { lr: self.lr, ..Default::default() },
             sampler: SamplerConfig { steps: self.sampler.steps, eta: self.sampler.eta, guidance: self.sampler.guidance },
             seed: self.seed,
+            reward_workers: self.reward_workers,
             ..Default::default()
         };
         train.validate()?;
