@@ -384,7 +384,7 @@ fn shipped_scripts_pass_the_check() {
 #[test]
 fn api_md_matches_the_registration() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/API.md");
-    let generated = api::markdown();
+    let generated = ddpo::script::api_md();
     if std::env::var_os("DDPO_WRITE_API_MD").is_some() {
         std::fs::write(&path, &generated).unwrap();
     }
