@@ -106,10 +106,11 @@ fn endless_loop_is_stopped_by_the_operation_limit() {
     let limits = Limits { max_operations: 1_000_000, time_limit: Duration::from_secs(30), ..Limits::default() };
     let e = load_err(dir.path(), "reward.rhai", endless, limits);
     assert!(e.contains("reward.rhai:3:") && e.contains("reward() exceeded the operation limit (max_operations = 1000000)") && e.contains("sample 0"), "{e}");
-    // With the defaults, whichever limit comes first stops it fast, even on a loaded machine.
+    // With the defaults, whichever limit comes first stops it within a few seconds (the bound is
+    // loose: the 1 s deadline plus the positioning replay, on a loaded 2-core CI machine).
     let t = Instant::now();
     let e = load_err(dir.path(), "reward.rhai", endless, Limits::default());
-    assert!(t.elapsed() < Duration::from_secs(2), "took {:?}", t.elapsed());
+    assert!(t.elapsed() < Duration::from_secs(10), "took {:?}", t.elapsed());
     assert!(e.contains("reward.rhai:3:") && e.contains("reward() exceeded the "), "{e}");
 }
 
@@ -119,7 +120,7 @@ fn slow_script_is_stopped_by_the_deadline() {
     let limits = Limits { max_operations: 0, time_limit: Duration::from_millis(200), ..Limits::default() }; // 0: unlimited
     let t = Instant::now();
     let e = load_err(dir.path(), "reward.rhai", "fn reward(img, prompt, meta) {\n  loop { img.resize(64, 64); }\n}\n", limits);
-    assert!(t.elapsed() < Duration::from_secs(2), "took {:?}", t.elapsed());
+    assert!(t.elapsed() < Duration::from_secs(10), "took {:?}", t.elapsed());
     assert!(e.contains("reward.rhai:2:") && e.contains("reward() exceeded the time limit (time_limit = 200 ms"), "{e}");
 }
 
@@ -153,7 +154,7 @@ fn hostile_scripts_fail_fast_with_clear_positioned_errors() {
         };
         let took = t.elapsed();
         println!("{took:>8.2?}  {e}");
-        assert!(took < Duration::from_secs(5), "{}: took {took:?}", file.display());
+        assert!(took < Duration::from_secs(10), "{}: took {took:?}", file.display());
         assert!(e.contains(&expect), "{}: expected {expect:?} in {e}", file.display());
         assert!(e.starts_with(&file.display().to_string()), "{e}");
         if let Some(line) = header("at") {
