@@ -73,3 +73,20 @@ fn exported_ema_policy_loads_and_refuses_to_overwrite_a_run() {
     let err = Pretrainer::create(tiny(2), dir.path(), &Device::Cpu).err().unwrap();
     assert!(format!("{err:#}").contains("--resume"), "{err:#}");
 }
+
+#[test]
+fn resumed_run_writes_sample_grids_in_a_fresh_clone() {
+    // The samples folder is not versioned, so a run resumed from a clone does not have it.
+    let dir = tempfile::tempdir().unwrap();
+    let config = PretrainConfig { sample_every: 4, ..tiny(4) };
+    let mut first = Pretrainer::create(config, dir.path(), &Device::Cpu).unwrap();
+    let done = std::cell::Cell::new(0);
+    first.run(&mut |_| done.set(done.get() + 1), &|| done.get() >= 2).unwrap();
+    let samples = dir.path().join("samples");
+    if samples.exists() {
+        std::fs::remove_dir_all(&samples).unwrap();
+    }
+    let mut second = Pretrainer::resume(dir.path(), None, &Device::Cpu).unwrap();
+    losses(&mut second);
+    assert!(samples.join("step_000004.png").is_file());
+}

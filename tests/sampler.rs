@@ -22,30 +22,41 @@ fn linear_schedule_alphas_follow_ddpm_definition() {
     assert_eq!(s.prev_timestep(0, 4), 0);
 }
 
+/// log p(prev | x, eps) of one DDIM step computed by hand, in f64; x0 clamped to +-1 when `clip`.
+fn hand_computed_log_prob(s: &NoiseSchedule, t: usize, t_prev: usize, eta: f64, x: &[f32], eps: &[f32], prev: &[f32], clip: bool) -> f64 {
+    let ab_t = s.alpha_bar(t);
+    let ab_p = s.alpha_bar(t_prev);
+    let sigma = eta * ((1.0 - ab_p) / (1.0 - ab_t) * (1.0 - ab_t / ab_p)).sqrt();
+    let mut sum = 0.0;
+    for i in 0..x.len() {
+        let x0 = (x[i] as f64 - (1.0 - ab_t).sqrt() * eps[i] as f64) / ab_t.sqrt();
+        let x0 = if clip { x0.clamp(-1.0, 1.0) } else { x0 };
+        let mean = ab_p.sqrt() * x0 + (1.0 - ab_p - sigma * sigma).sqrt() * eps[i] as f64;
+        let d = prev[i] as f64 - mean;
+        sum += -d * d / (2.0 * sigma * sigma) - sigma.ln() - (2.0 * std::f64::consts::PI).sqrt().ln();
+    }
+    sum / x.len() as f64
+}
+
 #[test]
 fn ddim_log_prob_equals_hand_computed_gaussian() {
-    let s = pixel_schedule();
     let (t, steps, eta) = (500usize, 10usize, 0.7);
+    // The last element's predicted x0 is ~2.9, so clip_sample changes its mean.
     let x = [0.3f32, -0.2, 0.5, 1.0];
     let eps = [0.1f32, 0.4, -0.3, 0.2];
     let prev = [0.25f32, -0.1, 0.4, 0.9];
     let dev = Device::Cpu;
     let tensor = |v: &[f32]| Tensor::from_slice(v, (1, 1, 2, 2), &dev).unwrap();
-    let out = ddim_step(&s, &tensor(&eps), &[t], &tensor(&x), steps, eta, Some(&tensor(&prev)), None).unwrap();
-
-    let ab_t = s.alpha_bar(t);
-    let ab_p = s.alpha_bar(t - 100);
-    let sigma = eta * ((1.0 - ab_p) / (1.0 - ab_t) * (1.0 - ab_t / ab_p)).sqrt();
-    let mut want = 0.0;
-    for i in 0..4 {
-        let x0 = (x[i] as f64 - (1.0 - ab_t).sqrt() * eps[i] as f64) / ab_t.sqrt();
-        let mean = ab_p.sqrt() * x0 + (1.0 - ab_p - sigma * sigma).sqrt() * eps[i] as f64;
-        let d = prev[i] as f64 - mean;
-        want += -d * d / (2.0 * sigma * sigma) - sigma.ln() - (2.0 * std::f64::consts::PI).sqrt().ln();
+    let mut results = Vec::new();
+    for clip in [false, true] {
+        let s = NoiseSchedule::new(ScheduleConfig { clip_sample: clip, ..ScheduleConfig::pixel_default() }).unwrap();
+        let out = ddim_step(&s, &tensor(&eps), &[t], &tensor(&x), steps, eta, Some(&tensor(&prev)), None).unwrap();
+        let want = hand_computed_log_prob(&s, t, t - 100, eta, &x, &eps, &prev, clip);
+        let got = out.log_prob.to_vec1::<f32>().unwrap()[0] as f64;
+        assert!((got - want).abs() < 1e-4 * want.abs().max(1.0), "clip {clip}: got {got}, want {want}");
+        results.push(got);
     }
-    want /= 4.0;
-    let got = out.log_prob.to_vec1::<f32>().unwrap()[0] as f64;
-    assert!((got - want).abs() < 1e-4 * want.abs().max(1.0), "got {got}, want {want}");
+    assert!((results[0] - results[1]).abs() > 1e-2, "clip_sample must change the step: {results:?}");
 }
 
 #[test]

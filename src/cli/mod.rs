@@ -5,6 +5,7 @@ mod bench;
 mod check;
 mod eval;
 mod pretrain;
+pub mod repl;
 mod sample;
 mod train;
 
@@ -37,6 +38,8 @@ enum Command {
     Bench(bench::Args),
     /// Compile and dry-run Rhai reward/prompt scripts; prints ok or file:line:col: message.
     Check(check::Args),
+    /// Interactive Rhai session with the model and scripts loaded: sample, score, show, train.
+    Repl(repl::Args),
 }
 
 /// Parses the command line and runs the chosen subcommand.
@@ -48,6 +51,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Eval(args) => eval::exec(args),
         Command::Bench(args) => bench::exec(args),
         Command::Check(args) => check::exec(args),
+        Command::Repl(args) => repl::exec(args),
     }
 }
 

@@ -93,6 +93,21 @@ pub struct Args {
     prompts: Vec<String>,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Threads scoring rewards while sampling goes on (script rewards share one compiled AST).
+    #[arg(long, default_value_t = 1)]
+    reward_workers: usize,
+    /// When a reward or prompt script fails during an epoch (throws, returns a non-number, NaN,
+    /// or hits a sandbox limit): `wait` keeps the model untouched and waits for a fixed script to
+    /// be saved, then retries the epoch; `exit` checkpoints and exits.
+    #[arg(long, value_enum, default_value = "wait")]
+    on_error: OnError,
+}
+
+/// What `train` does when a script fails mid-run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnError {
+    Wait,
+    Exit,
 }
 
 impl Args {
@@ -118,6 +133,7 @@ impl Args {
             optimizer: AdamWConfig { lr: self.lr, ..Default::default() },
             sampler: SamplerConfig { steps: self.sampler.steps, eta: self.sampler.eta, guidance: self.sampler.guidance },
             seed: self.seed,
+            reward_workers: self.reward_workers,
             ..Default::default()
         };
         train.validate()?;
@@ -218,9 +234,25 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
             scripts.save_versions(&run.dir.join("scripts"))?;
         }
         first = false;
-        let report = trainer.run_epoch().with_context(|| {
-            format!("the last checkpoint in {} is intact; fix the problem and use --resume", run.dir.display())
-        })?;
+        let report = match trainer.run_epoch() {
+            Ok(report) => report,
+            Err(e) if is_script_error(&e) => {
+                // Nothing was updated: the epoch's samples are dropped and the epoch is retried.
+                super::say(&bar, format!("epoch {} aborted, the model is untouched: {e:#}", trainer.epoch));
+                if args.on_error == OnError::Exit || !wait_for_fix(&mut scripts, &stop, &bar) {
+                    run.save_checkpoint(&trainer)?;
+                    anyhow::bail!(
+                        "stopped at epoch {} on a script error; the run is checkpointed: fix the script and continue with --resume {}",
+                        trainer.epoch,
+                        run.dir.display()
+                    );
+                }
+                continue;
+            }
+            Err(e) => {
+                return Err(e.context(format!("the last checkpoint in {} is intact; fix the problem and use --resume", run.dir.display())))
+            }
+        };
         let hashes = record_script_hashes(&run.dir, report.epoch, &scripts)?;
         let m = run.record(&report, serde_json::json!({ "scripts": scripts.hashes() }))?;
         reward_mean.push(m["reward_mean"].as_f64().unwrap_or(f64::NAN));
@@ -248,6 +280,31 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
     }
     eprintln!("done: {} (finetuned weights in {})", run.dir.display(), run.policy_path().display());
     Ok(())
+}
+
+/// Whether an epoch failed because of a script (rather than, say, the model).
+fn is_script_error(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<crate::script::ScriptError>().is_some())
+}
+
+/// Watches the scripts until a changed version compiles and passes its dry run (true), or
+/// Ctrl-C (false). Failed versions are reported once each.
+fn wait_for_fix(scripts: &mut ScriptSet, stop: &std::sync::atomic::AtomicBool, bar: &ProgressBar) -> bool {
+    super::say(bar, "waiting for a fixed script: save it and the epoch is retried (Ctrl-C checkpoints and stops)".into());
+    let mut shown = std::collections::HashSet::new();
+    while !stop.load(Ordering::SeqCst) {
+        let reloads = scripts.reload();
+        for r in &reloads {
+            if shown.insert(r.to_string()) {
+                super::say(bar, r.to_string());
+            }
+        }
+        if reloads.iter().any(|r| matches!(r.outcome, crate::script::ReloadOutcome::Reloaded { .. })) {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    false
 }
 
 /// Where a run started with `--prompts FILE.rhai` keeps the script's path (for `--resume`).
@@ -303,7 +360,7 @@ fn stage_bar() -> ProgressBar {
 }
 
 /// `runs/<YYYYmmdd-HHMMSS>` in UTC, without a date-time dependency.
-fn default_run_dir() -> PathBuf {
+pub(super) fn default_run_dir() -> PathBuf {
     let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).

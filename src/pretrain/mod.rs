@@ -141,7 +141,7 @@ impl Pretrainer {
             "{} already holds a pretraining run: pass --resume to continue it, or choose another --out",
             dir.display()
         );
-        std::fs::create_dir_all(dir.join("samples")).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let policy = Policy::new_random(config.policy.clone(), config.seed, device)?;
         Self::assemble(config, policy, files, 0)
     }
@@ -272,6 +272,11 @@ impl Pretrainer {
 
     /// A labelled grid of EMA samples for a fixed set of prompts.
     pub fn write_samples(&self, path: &Path) -> anyhow::Result<()> {
+        // Created here, not at `create`: the folder is not versioned, so a resumed run from a
+        // fresh clone does not have it.
+        if let Some(folder) = path.parent() {
+            std::fs::create_dir_all(folder).with_context(|| format!("cannot create {}", folder.display()))?;
+        }
         let policy = self.ema_policy()?;
         eval::write_sample_grid(&policy, &eval::grid_prompts(&self.world), &Default::default(), self.config.seed, path)
     }

@@ -2,6 +2,7 @@
 //! model tensors, labelled sample grids for humans, and the bitmap font those
 //! labels are drawn with.
 
+pub mod ansi;
 pub mod font;
 pub mod grid;
 pub mod plot;

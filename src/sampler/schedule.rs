@@ -20,6 +20,18 @@ pub struct ScheduleConfig {
     pub timestep_spacing: String,
     #[serde(default = "default_prediction")]
     pub prediction_type: String,
+    /// Clamp the predicted x0 to +-`clip_sample_range` inside each DDIM step (diffusers'
+    /// `clip_sample`). Pixel-space models need it: early in the reverse process x0 is the noisy
+    /// input divided by sqrt(alpha-bar) ~ 0.01, so small noise errors blow up into saturated,
+    /// off-palette colours. Latent models (Stable Diffusion) leave it off.
+    #[serde(default)]
+    pub clip_sample: bool,
+    #[serde(default = "default_clip_range")]
+    pub clip_sample_range: f64,
+}
+
+fn default_clip_range() -> f64 {
+    1.0
 }
 
 fn default_train_steps() -> usize {
@@ -45,6 +57,8 @@ impl ScheduleConfig {
             steps_offset: 1,
             timestep_spacing: "leading".into(),
             prediction_type: "epsilon".into(),
+            clip_sample: false,
+            clip_sample_range: 1.0,
         }
     }
 }

@@ -65,8 +65,50 @@ impl Default for Limits {
 thread_local! {
     /// The deadline of the script call running on this thread, if any.
     static DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
+    /// The operation count at which the deadline stopped the last call on this thread.
+    static STOPPED_AT: Cell<u64> = const { Cell::new(0) };
+    /// While a locator replays a call: stop at this operation count (where the deadline struck).
+    static REPLAY_UNTIL: Cell<Option<u64>> = const { Cell::new(None) };
+    /// While a locator replays a call: the last statement or expression reached (source, position).
+    static LAST_STEP: RefCell<Option<(Option<String>, Position)>> = const { RefCell::new(None) };
     /// Image pixels the call running on this thread may still create.
     static PIXELS_LEFT: Cell<u64> = const { Cell::new(u64::MAX) };
+}
+
+/// Whether `err` is a sandbox limit (which Rhai reports without a position).
+pub(crate) fn is_limit(err: &EvalAltResult) -> bool {
+    match err {
+        EvalAltResult::ErrorInFunctionCall(_, _, inner, _) | EvalAltResult::ErrorInModule(_, inner, _) => is_limit(inner),
+        EvalAltResult::ErrorTooManyOperations(_)
+        | EvalAltResult::ErrorTerminated(..)
+        | EvalAltResult::ErrorStackOverflow(_)
+        | EvalAltResult::ErrorDataTooLarge(..)
+        | EvalAltResult::ErrorTooManyModules(_) => true,
+        EvalAltResult::ErrorRuntime(v, _) => v.to_string().starts_with(IMAGE_LIMIT),
+        _ => false,
+    }
+}
+
+/// Replays a call that hit a limit (`err`) with `replay` (a call on a [`new_locator`] engine)
+/// and returns the source and position of the last step it reached: where the limit struck.
+/// Operation, depth and size limits recur at the same step; a deadline stop is replayed up to
+/// the operation count at which it struck.
+pub(crate) fn locate(err: &EvalAltResult, limits: &Limits, replay: impl FnOnce()) -> Option<(Option<String>, Position)> {
+    let deadline = matches!(innermost(err), EvalAltResult::ErrorTerminated(..));
+    REPLAY_UNTIL.with(|r| r.set(deadline.then(|| STOPPED_AT.with(|s| s.get()))));
+    LAST_STEP.with(|l| l.borrow_mut().take());
+    // The replay is slower (the step hook); if its deadline strikes first, the step it reached
+    // is still inside the runaway code, and the error arrives within twice the time limit.
+    within_limits(limits, replay);
+    REPLAY_UNTIL.with(|r| r.set(None));
+    LAST_STEP.with(|l| l.borrow_mut().take())
+}
+
+fn innermost(mut err: &EvalAltResult) -> &EvalAltResult {
+    while let EvalAltResult::ErrorInFunctionCall(_, _, inner, _) | EvalAltResult::ErrorInModule(_, inner, _) = err {
+        err = inner;
+    }
+    err
 }
 
 /// Runs `f` (one script call) on this thread with a deadline of `time_limit` from now and a
@@ -100,6 +142,17 @@ const DEADLINE_TOKEN: &str = "ddpo: time limit";
 /// A fresh engine with the sandbox applied. `name` labels log lines; `root` is the only folder
 /// `import` may read from.
 pub(crate) fn new_engine(name: &str, root: &Path, limits: &Limits, log: Log) -> Engine {
+    sandboxed(name, root, limits, log, false)
+}
+
+/// A "locator": the sandboxed engine plus a debugger hook that records every step's position.
+/// Rhai reports limit errors without a position, so a call that hits one is replayed once on
+/// the locator (see [`locate`]) to find the line it stopped at; normal calls never pay for it.
+pub(crate) fn new_locator(root: &Path, limits: &Limits) -> Engine {
+    sandboxed("", root, limits, Arc::new(|_: &str| {}), true)
+}
+
+fn sandboxed(name: &str, root: &Path, limits: &Limits, log: Log, locator: bool) -> Engine {
     let mut engine = Engine::new();
     engine
         .set_max_operations(limits.max_operations)
@@ -111,14 +164,35 @@ pub(crate) fn new_engine(name: &str, root: &Path, limits: &Limits, log: Log) -> 
         .set_max_modules(limits.max_modules)
         .set_strict_variables(true)
         .disable_symbol("eval");
-    engine.on_progress(|ops| {
+    engine.on_progress(move |ops| {
+        if locator {
+            if REPLAY_UNTIL.with(|r| r.get()).is_some_and(|until| ops >= until) {
+                return Some(DEADLINE_TOKEN.into());
+            }
+        }
         // Often enough that slow host calls (image operations) cannot overrun much.
         if ops % 16 != 0 {
             return None;
         }
         let late = DEADLINE.with(|d| d.get()).is_some_and(|t| Instant::now() > t);
+        if late && !locator {
+            STOPPED_AT.with(|s| s.set(ops));
+        }
         late.then(|| DEADLINE_TOKEN.into())
     });
+    if locator {
+        #[allow(deprecated)] // "volatile", not deprecated
+        engine.register_debugger(
+            |_, dbg| dbg,
+            |_, event, _, source, pos| {
+                // Only steps: function-exit events point at the closing brace.
+                if matches!(event, rhai::debugger::DebuggerEvent::Step) && !pos.is_none() {
+                    LAST_STEP.with(|l| *l.borrow_mut() = Some((source.map(str::to_string), pos)));
+                }
+                Ok(rhai::debugger::DebuggerCommand::StepInto)
+            },
+        );
+    }
     let (print_log, print_name) = (log.clone(), name.to_string());
     engine.on_print(move |s| print_log(&format!("[{print_name}] {s}")));
     let debug_name = name.to_string();
@@ -151,6 +225,7 @@ impl SandboxResolver {
 
     /// The file `path` names, if it is allowed.
     fn check(&self, path: &str, pos: Position) -> Result<PathBuf, Box<EvalAltResult>> {
+        let pos = if pos.is_none() { import_position(path) } else { pos };
         let refuse = |why: &str| -> Box<EvalAltResult> {
             EvalAltResult::ErrorRuntime(
                 format!("import {path:?} refused: {why} (modules must be .rhai files inside {})", self.root.display()).into(),
@@ -175,14 +250,34 @@ impl SandboxResolver {
 thread_local! {
     /// Set while compiling on this thread: the module files the compile resolved.
     static IMPORTS: RefCell<Option<Vec<PathBuf>>> = const { RefCell::new(None) };
+    /// Set while compiling on this thread: the source being compiled (to place refused imports).
+    static COMPILING: RefCell<String> = const { RefCell::new(String::new()) };
 }
 
-/// Runs `f` (a compile) and returns the module files it imported, in order.
-pub(crate) fn record_imports<T>(f: impl FnOnce() -> T) -> (T, Vec<PathBuf>) {
+/// Runs `f` (a compile of `source`) and returns the module files it imported, in order.
+pub(crate) fn record_imports<T>(source: &str, f: impl FnOnce() -> T) -> (T, Vec<PathBuf>) {
     IMPORTS.with(|r| *r.borrow_mut() = Some(Vec::new()));
+    COMPILING.with(|c| *c.borrow_mut() = source.to_string());
     let out = f();
+    COMPILING.with(|c| c.borrow_mut().clear());
     let files = IMPORTS.with(|r| r.borrow_mut().take()).unwrap_or_default();
     (out, files)
+}
+
+/// Where the source being compiled says `import "path"`: Rhai resolves the imports of a
+/// self-contained compile without positions.
+fn import_position(path: &str) -> Position {
+    let quoted = format!("{path:?}");
+    COMPILING.with(|c| {
+        c.borrow()
+            .lines()
+            .enumerate()
+            .find_map(|(i, line)| {
+                let col = line.len() - line.trim_start().len();
+                (line[col..].starts_with("import") && line.contains(&quoted)).then(|| Position::new(i as u16 + 1, col as u16 + 1))
+            })
+            .unwrap_or(Position::NONE)
+    })
 }
 
 impl ModuleResolver for SandboxResolver {
@@ -239,8 +334,17 @@ impl fmt::Display for ScriptError {
 impl std::error::Error for ScriptError {}
 
 /// Converts a Rhai error raised by script `file` (whose modules live in `root`) into a
-/// [`ScriptError`] at the innermost position, naming the limit for limit errors.
-pub(crate) fn script_error(file: &str, root: &Path, err: &EvalAltResult, limits: &Limits) -> ScriptError {
+/// [`ScriptError`] at the innermost position. `call` is the entry point that was called (e.g.
+/// `reward`), named by limit errors; `located` is where a limit struck (from [`locate`]), since
+/// Rhai gives limit errors no position.
+pub(crate) fn script_error(
+    file: &str,
+    root: &Path,
+    err: &EvalAltResult,
+    limits: &Limits,
+    call: Option<&str>,
+    located: Option<(Option<String>, Position)>,
+) -> ScriptError {
     let mut file = file.to_string();
     let mut err = err;
     let mut calls: Vec<String> = Vec::new();
@@ -260,29 +364,36 @@ pub(crate) fn script_error(file: &str, root: &Path, err: &EvalAltResult, limits:
             _ => break,
         }
     }
+    let who = call.map(|c| format!("{c}()")).unwrap_or_else(|| "the script".into());
     let message = match err {
         EvalAltResult::ErrorTooManyOperations(_) => format!(
-            "stopped: the script exceeded the operation limit of {} operations per call (an endless loop?)",
+            "{who} exceeded the operation limit (max_operations = {}): an endless loop?",
             limits.max_operations
         ),
         EvalAltResult::ErrorTerminated(token, _) if token.clone().into_string().ok().as_deref() == Some(DEADLINE_TOKEN) => {
-            format!("stopped: the script exceeded the time limit of {} ms per call", limits.time_limit.as_millis())
+            format!("{who} exceeded the time limit (time_limit = {} ms per call)", limits.time_limit.as_millis())
         }
         EvalAltResult::ErrorStackOverflow(_) => {
-            format!("stopped: the script exceeded the call depth limit of {} nested calls (endless recursion?)", limits.max_call_levels)
+            format!("{who} exceeded the call depth limit (max_call_levels = {}): endless recursion?", limits.max_call_levels)
         }
-        EvalAltResult::ErrorDataTooLarge(what, _) => format!(
-            "stopped: {what} exceeds the size limit (strings {} characters, arrays {} elements, maps {} entries)",
-            limits.max_string_size, limits.max_array_size, limits.max_map_size
-        ),
-        EvalAltResult::ErrorTooManyModules(_) => format!("stopped: the script imports more than {} modules", limits.max_modules),
+        EvalAltResult::ErrorDataTooLarge(what, _) => {
+            let (thing, limit, n) = if what.contains("string") {
+                ("a string", "max_string_size", limits.max_string_size)
+            } else if what.contains("array") {
+                ("an array", "max_array_size", limits.max_array_size)
+            } else {
+                ("an object map", "max_map_size", limits.max_map_size)
+            };
+            format!("{who} exceeded the size limit of {thing} ({limit} = {n})")
+        }
+        EvalAltResult::ErrorTooManyModules(_) => format!("{who} exceeded the module limit (max_modules = {})", limits.max_modules),
         EvalAltResult::ErrorParsing(ParseErrorType::ExprTooDeep, _) => format!(
-            "expression nested deeper than the limit ({} levels, {} inside functions)",
+            "expression nested deeper than the limit (max_expr_depth = {}, max_fn_expr_depth = {} inside functions)",
             limits.max_expr_depth, limits.max_fn_expr_depth
         ),
         EvalAltResult::ErrorSystem(msg, inner) => format!("{msg}: {inner}"),
         EvalAltResult::ErrorRuntime(value, _) if value.to_string().starts_with(IMAGE_LIMIT) => format!(
-            "stopped: the script exceeded the image memory limit of {} pixels created per call",
+            "{who} exceeded the image memory limit (max_image_pixels = {} created per call)",
             limits.max_image_pixels
         ),
         EvalAltResult::ErrorRuntime(value, _) => value.to_string(),
@@ -293,7 +404,16 @@ pub(crate) fn script_error(file: &str, root: &Path, err: &EvalAltResult, limits:
         }
     };
     let message = if calls.is_empty() { message } else { format!("{message} (in {})", calls.join(" -> ")) };
-    ScriptError::at(&file, err.position(), message)
+    let mut pos = err.position();
+    if pos.is_none() {
+        if let Some((source, at)) = located {
+            if let Some(src) = source.filter(|s| !s.is_empty()) {
+                file = module_file(root, &src);
+            }
+            pos = at;
+        }
+    }
+    ScriptError::at(&file, pos, message)
 }
 
 /// A script value's type as scripts call it (`int`, `float`, ..).

@@ -6,12 +6,14 @@
 //! - [`api`]: the host API scripts see, registered and documented in one place (`scripts/API.md`).
 //! - [`reward`]: [`ScriptReward`], a [`crate::reward::Reward`] backed by `fn reward(img, prompt, meta)`.
 //! - [`prompts`]: [`ScriptPrompts`], a [`crate::ddpo::PromptSource`] backed by `fn prompt()`.
+//! - [`repl`]: the Rhai side of `ddpo repl` (REPL functions over a [`repl::ReplHost`]).
 //! - [`set`]: [`ScriptSet`], the scripts of a run: loading, dry runs, hot reload, saved versions,
 //!   and [`check_file`] for `ddpo check`.
 
 pub mod api;
 pub mod engine;
 pub mod prompts;
+pub mod repl;
 pub mod reward;
 pub mod set;
 
@@ -19,13 +21,18 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
-use rhai::{Dynamic, Engine, FuncArgs, Scope, AST};
+use rhai::{Dynamic, Engine, Scope, AST};
 
 pub use api::{Context, Image};
 pub use engine::{Limits, Log, ScriptError};
 pub use prompts::ScriptPrompts;
 pub use reward::ScriptReward;
 pub use set::{check_file, Kind, Reload, ReloadOutcome, ScriptSet};
+
+/// `scripts/API.md`: the host API and the REPL functions, generated from their registration.
+pub fn api_md() -> String {
+    format!("{}{}", api::markdown(), repl::markdown())
+}
 
 /// A stable 64-bit FNV-1a "content hash" of a script and the modules it imports, as 16 hex digits.
 pub fn content_hash(parts: &[&str]) -> String {
@@ -67,6 +74,8 @@ pub(crate) struct Host {
     pub root: PathBuf,
     pub limits: Limits,
     engine: Engine,
+    /// The same sandbox with a step recorder, to find where a limit struck.
+    locator: Engine,
 }
 
 impl Host {
@@ -78,7 +87,9 @@ impl Host {
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let mut engine = engine::new_engine(&name, &root, limits, log);
         api::register(&mut engine, shared.context.clone());
-        Self { display: path.display().to_string(), path: path.to_path_buf(), root, limits: limits.clone(), engine }
+        let mut locator = engine::new_locator(&root, limits);
+        api::register(&mut locator, shared.context.clone());
+        Self { display: path.display().to_string(), path: path.to_path_buf(), root, limits: limits.clone(), engine, locator }
     }
 
     /// The file name, e.g. `reward.rhai`.
@@ -102,10 +113,10 @@ impl Host {
     /// Reads and compiles the file now on disk, resolving its imports.
     pub fn compile(&self) -> Result<Version, ScriptError> {
         let source = self.read(&self.path)?;
-        let (ast, files) = engine::record_imports(|| {
+        let (ast, files) = engine::record_imports(&source, || {
             engine::within_limits(&self.limits, || self.engine.compile_into_self_contained(&Scope::new(), &source))
         });
-        let ast = ast.map_err(|e| self.error(&e))?;
+        let ast = ast.map_err(|e| engine::script_error(&self.display, &self.root, &e, &self.limits, None, None))?;
         let imports: Vec<(PathBuf, String)> =
             files.into_iter().map(|p| (p.clone(), std::fs::read_to_string(&p).unwrap_or_default())).collect();
         let mut texts = vec![source.as_str()];
@@ -113,18 +124,24 @@ impl Host {
         Ok(Version { hash: content_hash(&texts), source, imports, ast })
     }
 
-    /// Calls script function `name` of `version` under the deadline.
-    pub fn call(&self, version: &Version, name: &str, args: impl FuncArgs) -> Result<Dynamic, ScriptError> {
-        engine::within_limits(&self.limits, || self.engine.call_fn::<Dynamic>(&mut Scope::new(), &version.ast, name, args))
-            .map_err(|e| self.error(&e))
+    /// Calls script function `name` of `version` under the limits. A call stopped by a limit is
+    /// replayed on the locator to name the line it stopped at.
+    pub fn call(&self, version: &Version, name: &str, args: Vec<Dynamic>) -> Result<Dynamic, ScriptError> {
+        let replay_args = args.clone();
+        let err = match engine::within_limits(&self.limits, || self.engine.call_fn::<Dynamic>(&mut Scope::new(), &version.ast, name, args)) {
+            Ok(v) => return Ok(v),
+            Err(e) => e,
+        };
+        let located = engine::is_limit(&err).then(|| {
+            engine::locate(&err, &self.limits, || {
+                let _ = self.locator.call_fn::<Dynamic>(&mut Scope::new(), &version.ast, name, replay_args);
+            })
+        });
+        Err(engine::script_error(&self.display, &self.root, &err, &self.limits, Some(name), located.flatten()))
     }
 
     /// Whether `version` defines `fn name` with `params` parameters.
     pub fn defines(version: &Version, name: &str, params: usize) -> bool {
         version.ast.iter_functions().any(|f| f.name == name && f.params.len() == params)
-    }
-
-    fn error(&self, e: &rhai::EvalAltResult) -> ScriptError {
-        engine::script_error(&self.display, &self.root, e, &self.limits)
     }
 }

@@ -25,7 +25,7 @@ impl ScriptPrompts {
 
     /// Draws one prompt from `version`, recording its meta for the reward.
     pub(crate) fn draw(host: &Host, shared: &Shared, version: &Version, rng: &mut ChaCha8Rng) -> Result<String, ScriptError> {
-        let value = super::api::with_rng(rng, || host.call(version, "prompt", ()))?;
+        let value = super::api::with_rng(rng, || host.call(version, "prompt", Vec::new()))?;
         let bad = |what: String| ScriptError::new(&host.display, format!("prompt() returned {what}"));
         let (prompt, meta) = if value.is_string() {
             (value.into_string().unwrap_or_default(), Map::new())

@@ -27,9 +27,19 @@ impl ScriptReward {
     /// Scores one image with `version`; `sample` is its index in the batch.
     pub(crate) fn score_one(host: &Host, shared: &Shared, version: &Version, img: &RgbImage, prompt: &str, sample: usize) -> anyhow::Result<Score> {
         let meta = shared.meta.lock().unwrap().get(prompt).cloned().unwrap_or_default();
+        Self::score_meta(host, version, img, prompt, meta, sample)
+    }
+
+    /// Scores one image with the version in use and an explicit `meta` (the REPL's `reward`).
+    pub fn score_with_meta(&self, img: &RgbImage, prompt: &str, meta: Map) -> anyhow::Result<Score> {
+        let version = self.current.read().unwrap().clone();
+        Self::score_meta(&self.host, &version, img, prompt, meta, 0)
+    }
+
+    fn score_meta(host: &Host, version: &Version, img: &RgbImage, prompt: &str, meta: Map, sample: usize) -> anyhow::Result<Score> {
         let at = || format!("sample {sample}, prompt {prompt:?}");
         let value = host
-            .call(version, "reward", (Image::new(img.clone()), prompt.to_string(), meta))
+            .call(version, "reward", vec![Dynamic::from(Image::new(img.clone())), prompt.into(), meta.into()])
             .map_err(|e| ScriptError { message: format!("{} ({})", e.message, at()), ..e })?;
         let bad = |what: String| ScriptError::new(&host.display, format!("reward for {} {what}", at()));
         let score = if let Some(total) = number(&value) {
@@ -50,7 +60,7 @@ impl ScriptReward {
             score.total = total.ok_or_else(|| bad("is a map without a `total` entry".into()))?;
             score
         } else {
-            return Err(bad(format!("is {value} ({}), not a number or a map with a `total`", super::engine::type_name(&value))).into());
+            return Err(bad(format!("is {value:?} ({}), not a number or a map with a `total`", super::engine::type_name(&value))).into());
         };
         if !score.total.is_finite() || score.components.values().any(|v| !v.is_finite()) {
             return Err(bad(format!("is not a finite number: total {}, components {:?}", score.total, score.components)).into());

@@ -172,12 +172,15 @@ fn dry_run(host: &Host, shared: &Shared, version: &Version, kind: Kind) -> anyho
                 ScriptError::new(&host.display, "a reward script must define `fn reward(img, prompt, meta)`")
             );
             let (images, captions) = dry_run_batch();
-            let mut totals = Vec::new();
+            let t = std::time::Instant::now();
+            let mut shown = Vec::new();
             for (i, (img, caption)) in images.iter().zip(&captions).enumerate() {
-                totals.push(ScriptReward::score_one(host, shared, version, img, caption, i)?.total);
+                let s = ScriptReward::score_one(host, shared, version, img, caption, i)?;
+                let parts: Vec<String> = s.components.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+                shown.push(if parts.is_empty() { format!("{:.4}", s.total) } else { format!("{:.4} ({})", s.total, parts.join(", ")) });
             }
-            let shown: Vec<String> = totals.iter().map(|t| format!("{t:.4}")).collect();
-            Ok(format!("reward, {} shapes-world images: {}", totals.len(), shown.join(" ")))
+            let per_call = t.elapsed().as_secs_f64() * 1e3 / images.len() as f64;
+            Ok(format!("reward, {} shapes-world images: {}; {per_call:.2} ms per call", images.len(), shown.join(" ")))
         }
         Kind::Prompts => {
             anyhow::ensure!(
@@ -185,8 +188,10 @@ fn dry_run(host: &Host, shared: &Shared, version: &Version, kind: Kind) -> anyho
                 ScriptError::new(&host.display, "a prompt script must define `fn prompt()`")
             );
             let mut rng = ChaCha8Rng::seed_from_u64(0);
+            let t = std::time::Instant::now();
             let drawn = (0..4).map(|_| ScriptPrompts::draw(host, shared, version, &mut rng)).collect::<Result<Vec<_>, _>>()?;
-            Ok(format!("prompts: {}", drawn.iter().map(|p| format!("{p:?}")).collect::<Vec<_>>().join(", ")))
+            let per_call = t.elapsed().as_secs_f64() * 1e3 / drawn.len() as f64;
+            Ok(format!("prompts: {}; {per_call:.2} ms per call", drawn.iter().map(|p| format!("{p:?}")).collect::<Vec<_>>().join(", ")))
         }
     }
 }

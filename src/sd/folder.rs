@@ -136,8 +136,8 @@ impl DiffusersFolder {
         let supported = [
             ("prediction_type", json!("epsilon")),
             ("timestep_spacing", json!("leading")),
-            // Our DDIM step (like the reference's) neither clips nor thresholds x0.
-            ("clip_sample", json!(false)),
+            // `clip_sample` (with `clip_sample_range`) is read by ScheduleConfig and applied by our
+            // DDIM step as by the reference's; dynamic thresholding is not implemented.
             ("thresholding", json!(false)),
             ("rescale_betas_zero_snr", json!(false)),
             ("trained_betas", Value::Null),
