@@ -7,8 +7,9 @@
 //! - [`render`]: turning tensors into images, labelled sample grids, a tiny bitmap font.
 //! - [`kernels`]: project-owned CPU kernels (fast convolution) that candle lacks.
 //! - [`model`]: the Stable-Diffusion-architecture UNet and CLIP-style text encoder.
-//! - [`sd`]: loading real Stable Diffusion pieces (diffusers folders): CLIP BPE tokenizer, VAE decoder.
-//! - [`policy`]: the diffusion policy (text encoder + UNet + schedule) and its checkpoints.
+//! - [`sd`]: real Stable Diffusion pieces (diffusers folders): configs, CLIP BPE tokenizer, VAE decoder.
+//! - [`policy`]: the diffusion policy (text encoder + UNet + schedule, + VAE in latent space), its
+//!   checkpoints and LoRA adapters, from our own files or a diffusers folder.
 //! - [`optim`]: AdamW, gradient clipping and EMA with state we own (for exact resume).
 //! - [`sampler`]: noise schedule and the DDIM step with per-step log-probabilities.
 //! - [`pretrain`]: DDPM pretraining of the embedded default model.
