@@ -6,12 +6,15 @@
 //! - [`api`]: the host API scripts see, registered and documented in one place (`scripts/API.md`).
 //! - [`reward`]: [`ScriptReward`], a [`crate::reward::Reward`] backed by `fn reward(img, prompt, meta)`.
 //! - [`prompts`]: [`ScriptPrompts`], a [`crate::ddpo::PromptSource`] backed by `fn prompt()`.
+//! - [`hooks`]: [`ScriptHooks`] (`on_epoch_start` / `on_epoch_end`) and the [`Schedule`] that
+//!   applies their overrides (lr, guidance, reward weights, prompts, early stop) to a trainer.
 //! - [`repl`]: the Rhai side of `ddpo repl` (REPL functions over a [`repl::ReplHost`]).
 //! - [`set`]: [`ScriptSet`], the scripts of a run: loading, dry runs, hot reload, saved versions,
 //!   and [`check_file`] for `ddpo check`.
 
 pub mod api;
 pub mod engine;
+pub mod hooks;
 pub mod prompts;
 pub mod repl;
 pub mod reward;
@@ -25,13 +28,15 @@ use rhai::{Dynamic, Engine, Scope, AST};
 
 pub use api::{Context, Image};
 pub use engine::{Limits, Log, ScriptError};
+pub use hooks::{HookOutcome, Overrides, Schedule, ScriptHooks};
 pub use prompts::ScriptPrompts;
 pub use reward::ScriptReward;
 pub use set::{check_file, Kind, Reload, ReloadOutcome, ScriptSet};
 
-/// `scripts/API.md`: the host API and the REPL functions, generated from their registration.
+/// `scripts/API.md`: the host API, the schedule hooks and the REPL functions, generated from
+/// their registration.
 pub fn api_md() -> String {
-    format!("{}{}", api::markdown(), repl::markdown())
+    format!("{}{}{}", api::markdown(), hooks::markdown(), repl::markdown())
 }
 
 /// A stable 64-bit FNV-1a "content hash" of a script and the modules it imports, as 16 hex digits.
@@ -54,6 +59,8 @@ pub fn content_hash(parts: &[&str]) -> String {
 pub(crate) struct Shared {
     pub context: Arc<RwLock<Context>>,
     pub meta: Arc<Mutex<HashMap<String, rhai::Map>>>,
+    /// Reward-component weights set by hooks (empty: the reward's own total counts).
+    pub weights: Arc<RwLock<std::collections::BTreeMap<String, f64>>>,
 }
 
 /// One compiled version of a script file.
@@ -138,6 +145,15 @@ impl Host {
             })
         });
         Err(engine::script_error(&self.display, &self.root, &err, &self.limits, Some(name), located.flatten()))
+    }
+
+    /// The line of the last step a successful call of `name` reached in the script itself (not
+    /// in a module), found by replaying it on the locator (whose `print` goes nowhere).
+    pub fn last_line(&self, version: &Version, name: &str, args: Vec<Dynamic>) -> Option<usize> {
+        let (source, pos) = engine::last_step(&self.limits, || {
+            let _ = self.locator.call_fn::<Dynamic>(&mut Scope::new(), &version.ast, name, args);
+        })?;
+        source.filter(|s| !s.is_empty()).is_none().then(|| pos.line()).flatten()
     }
 
     /// Whether `version` defines `fn name` with `params` parameters.
