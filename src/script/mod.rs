@@ -73,14 +73,21 @@ pub struct Version {
     ast: AST,
 }
 
-/// A script file with its own sandboxed engine (its folder is the only one it may import from).
+/// A script file with its sandboxed engines (its folder is the only one it may import from).
+/// Versions (compiled ASTs) are shared behind `Arc`s; engines are not: each thread calling the
+/// script at the same time (each reward worker) checks out an engine of its own from a pool.
 pub(crate) struct Host {
     /// The path as the user gave it; errors start with it.
     pub display: String,
     pub path: PathBuf,
     pub root: PathBuf,
     pub limits: Limits,
+    /// Compiles versions.
     engine: Engine,
+    /// Idle engines for calls, built on demand: at most one per thread calling concurrently.
+    pool: Mutex<Vec<Engine>>,
+    /// Builds one more sandboxed engine with the host API (for the pool).
+    build: Box<dyn Fn() -> Engine + Send + Sync>,
     /// The same sandbox with a step recorder, to find where a limit struck.
     locator: Engine,
 }
@@ -92,11 +99,24 @@ impl Host {
             _ => PathBuf::from("."),
         };
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let mut engine = engine::new_engine(&name, &root, limits, log);
-        api::register(&mut engine, shared.context.clone());
+        let (dir, sandbox, context) = (root.clone(), limits.clone(), shared.context.clone());
+        let build = Box::new(move || {
+            let mut engine = engine::new_engine(&name, &dir, &sandbox, log.clone());
+            api::register(&mut engine, context.clone());
+            engine
+        });
         let mut locator = engine::new_locator(&root, limits);
         api::register(&mut locator, shared.context.clone());
-        Self { display: path.display().to_string(), path: path.to_path_buf(), root, limits: limits.clone(), engine, locator }
+        Self {
+            display: path.display().to_string(),
+            path: path.to_path_buf(),
+            root,
+            limits: limits.clone(),
+            engine: build(),
+            pool: Mutex::new(Vec::new()),
+            build,
+            locator,
+        }
     }
 
     /// The file name, e.g. `reward.rhai`.
@@ -135,7 +155,10 @@ impl Host {
     /// replayed on the locator to name the line it stopped at.
     pub fn call(&self, version: &Version, name: &str, args: Vec<Dynamic>) -> Result<Dynamic, ScriptError> {
         let replay_args = args.clone();
-        let err = match engine::within_limits(&self.limits, || self.engine.call_fn::<Dynamic>(&mut Scope::new(), &version.ast, name, args)) {
+        let engine = self.pool.lock().unwrap().pop().unwrap_or_else(|| (self.build)());
+        let result = engine::within_limits(&self.limits, || engine.call_fn::<Dynamic>(&mut Scope::new(), &version.ast, name, args));
+        self.pool.lock().unwrap().push(engine);
+        let err = match result {
             Ok(v) => return Ok(v),
             Err(e) => e,
         };
