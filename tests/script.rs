@@ -716,6 +716,16 @@ fn cli_train_applies_hook_overrides_and_stops_early() {
     // The hooks script is versioned like the others.
     let hash = records[3]["scripts"]["hooks.rhai"].as_str().unwrap();
     assert!(run.join(format!("scripts/hooks.{hash}.rhai")).exists());
+
+    // --resume re-applies the settings the hooks made (lr, weights, prompt list) and goes on.
+    let (ok, _, stderr) = ddpo(&["train", "--resume", run.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    let records: Vec<serde_json::Value> =
+        std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(records.len(), 10, "{stderr}");
+    for r in &records[4..] {
+        assert_eq!((r["lr"].as_f64(), r["reward_mean"].as_f64(), r["reward/listed"].as_f64()), (Some(0.001), Some(4.0), Some(1.0)), "{r}");
+    }
 }
 
 #[test]
