@@ -34,14 +34,13 @@ fn main() -> anyhow::Result<()> {
     let mut prompts = scripts.load_prompts(&root.join("scripts/prompts.rhai"))?;
     let hooks = scripts.load_hooks(&root.join("scripts/hooks.rhai"))?;
     let builtin = ddpo::reward::JpegCompressibility;
-    let wrap = candle_core::Error::wrap;
-    let script_ms = common::median_ms(5, || script.score(&images, &batch).map(|_| ()).map_err(wrap))?;
-    let rust_ms = common::median_ms(5, || builtin.score(&images, &batch).map(|_| ()).map_err(wrap))?;
+    let script_ms = common::median_ms(5, || script.score(&images, &batch).map(|_| ()).map_err(candle_core::Error::wrap))?;
+    let rust_ms = common::median_ms(5, || builtin.score(&images, &batch).map(|_| ()).map_err(candle_core::Error::wrap))?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let prompts_ms = common::median_ms(5, || {
-        (0..config.samples_per_epoch).try_for_each(|_| prompts.next_prompt(&mut rng).map(|_| ())).map_err(wrap)
+        (0..config.samples_per_epoch).try_for_each(|_| prompts.next_prompt(&mut rng).map(|_| ())).map_err(candle_core::Error::wrap)
     })?;
-    let hooks_ms = common::median_ms(5, || hooks.on_epoch_start(rhai::Map::new()).map(|_| ()).map_err(wrap))?;
+    let hooks_ms = common::median_ms(5, || hooks.on_epoch_start(rhai::Map::new()).map(|_| ()).map_err(candle_core::Error::wrap))?;
     // Two reward workers, each scoring half the batch at once.
     let half = images.len() / 2;
     let parallel_ms = common::median_ms(5, || {
@@ -50,7 +49,7 @@ fn main() -> anyhow::Result<()> {
             let handles: Vec<_> = parts.iter().map(|(i, p)| s.spawn(|| script.score(i, p).map(|_| ()))).collect();
             handles.into_iter().try_for_each(|h| h.join().expect("worker"))
         })
-        .map_err(wrap)
+        .map_err(candle_core::Error::wrap)
     })?;
 
     let prompts = scripts.load_prompts(&root.join("scripts/prompts.rhai"))?;
