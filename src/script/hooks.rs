@@ -405,7 +405,7 @@ impl Schedule {
     /// Checks overrides against the trainer and the reward (guidance range, weighted components).
     fn check(&self, trainer: &Trainer, o: &Overrides) -> Result<(), BadValue> {
         if let Some(g) = o.guidance {
-            let sampler = crate::sampler::SamplerConfig { guidance: g, ..trainer.config.sampler.clone() };
+            let sampler = crate::sampler::SamplerConfig { guidance: g, ..trainer.config.sampler };
             sampler.validate(trainer.policy.schedule.num_train_timesteps()).map_err(|e| BadValue::new(Some("guidance"), format!("on_epoch_start(): {e}")))?;
         }
         if let Some(w) = o.weights.as_ref().filter(|w| !w.is_empty()) {
