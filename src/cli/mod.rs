@@ -37,7 +37,7 @@ enum Command {
     Eval(eval::Args),
     /// Time fixed workloads on the default configuration and print a JSON report.
     Bench(bench::Args),
-    /// Compile and dry-run Rhai reward/prompt scripts; prints ok or file:line:col: message.
+    /// Compile and dry-run Rhai reward/prompt/hooks scripts; prints ok or file:line:col: message.
     Check(check::Args),
     /// Interactive Rhai session with the model and scripts loaded: sample, score, show, train.
     Repl(repl::Args),
