@@ -3,7 +3,8 @@
 //! session running.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use ddpo::cli::repl::{open, Options};
 use ddpo::script::repl::Repl;
@@ -11,28 +12,47 @@ use ddpo::script::repl::Repl;
 struct Session {
     repl: Repl,
     dir: tempfile::TempDir,
+    /// Lines the scripts printed.
+    printed: Arc<Mutex<Vec<String>>>,
+    /// The session's Ctrl-C flag.
+    interrupt: Arc<AtomicBool>,
 }
 
 impl Session {
     fn new() -> Self {
+        Self::with_hooks(None)
+    }
+
+    /// A session whose `scripts/hooks.rhai` is `hooks` (none when `None`); hook prints are kept.
+    fn with_hooks(hooks_text: Option<&str>) -> Self {
         let dir = tempfile::tempdir().unwrap();
+        let printed = Arc::new(Mutex::new(Vec::new()));
+        let sink = printed.clone();
+        let log: ddpo::script::Log = Arc::new(move |line: &str| sink.lock().unwrap().push(line.to_string()));
+        let interrupt = Arc::new(AtomicBool::new(false));
+        let hooks = hooks_text.is_some();
         let model = dir.path().join("tiny.safetensors");
         ddpo::policy::Policy::new_random(ddpo::policy::PolicyConfig::tiny_test(), 0, &candle_core::Device::Cpu).unwrap().save(&model).unwrap();
         let scripts = dir.path().join("scripts");
         std::fs::create_dir(&scripts).unwrap();
         std::fs::write(scripts.join("reward.rhai"), "fn reward(img, prompt, meta) {\n  #{ total: img.brightness(), kb: img.jpeg_size(95) }\n}\n").unwrap();
         std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/prompts.rhai"), scripts.join("prompts.rhai")).unwrap();
+        if let Some(text) = hooks_text {
+            std::fs::write(scripts.join("hooks.rhai"), text).unwrap();
+        }
         let repl = open(Options {
             model,
             reward: scripts.join("reward.rhai"),
             prompts: scripts.join("prompts.rhai"),
+            hooks: hooks.then(|| scripts.join("hooks.rhai")),
             run_dir: dir.path().join("run"),
             seed: 0,
             device: candle_core::Device::Cpu,
-            log: Arc::new(|_: &str| {}),
+            log,
+            interrupt: interrupt.clone(),
         })
         .unwrap();
-        Self { repl, dir }
+        Self { repl, dir, printed, interrupt }
     }
 
     /// Output of one complete line.
@@ -141,4 +161,54 @@ fn set_reload_and_train() {
     assert!(s.run().join("checkpoint/policy.safetensors").exists());
     // Training continues from where it stopped.
     assert!(s.eval("train(1)").contains("epoch   2  reward "));
+}
+
+/// Sets the options that make an epoch small.
+fn small_epochs(s: &mut Session) {
+    for (k, v) in [("steps", "2"), ("train_batch_size", "2"), ("samples_per_epoch", "4"), ("sample_batch_size", "2")] {
+        assert_eq!(s.eval(&format!("set(\"{k}\", {v})")), "", "{k}");
+    }
+}
+
+#[test]
+fn train_calls_the_hooks_and_stops_on_request() {
+    let hooks = "fn on_epoch_start(ctx) {\n  print(`start ${ctx.epoch} of ${ctx.epochs}`);\n  #{ lr: 0.001 * (ctx.epoch + 1) }\n}\nfn on_epoch_end(ctx) {\n  if ctx.epoch == 1 { #{ stop: true } }\n}\n";
+    let mut s = Session::with_hooks(Some(hooks));
+    small_epochs(&mut s);
+    let out = s.eval("train(5)");
+    assert!(out.contains("epoch   0  reward ") && out.contains("hooks: lr=1.000e-3"), "{out}");
+    assert!(out.contains("epoch   1  reward ") && out.contains("hooks: lr=2.000e-3"), "{out}");
+    assert!(out.contains("stopped by the hooks after epoch 1") && !out.contains("epoch   2"), "{out}");
+    assert_eq!(s.eval("options().lr"), "0.002\n");
+    assert_eq!(*s.printed.lock().unwrap(), ["[hooks.rhai] start 0 of 5", "[hooks.rhai] start 1 of 5"]);
+    let metrics = std::fs::read_to_string(s.run().join("metrics.jsonl")).unwrap();
+    let lr: Vec<f64> = metrics.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["hooks"]["lr"].as_f64().unwrap()).collect();
+    assert_eq!(lr, [0.001, 0.002]);
+}
+
+#[test]
+fn ctrl_c_stops_train_at_the_next_epoch_boundary() {
+    let mut s = Session::new();
+    small_epochs(&mut s);
+    // A Ctrl-C from before train() is not for it.
+    s.interrupt.store(true, Ordering::SeqCst);
+    assert!(s.eval("train(1)").contains("epoch   0  reward "));
+    // Ctrl-C (once) while a long train() runs: it finishes the epoch in progress and returns.
+    let (flag, metrics) = (s.interrupt.clone(), s.run().join("metrics.jsonl"));
+    let presser = std::thread::spawn(move || {
+        while std::fs::read_to_string(&metrics).unwrap_or_default().lines().count() < 2 {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        flag.store(true, Ordering::SeqCst);
+    });
+    let out = s.eval("train(200)");
+    presser.join().unwrap();
+    let last: usize = out.split("interrupted: stopped after epoch ").nth(1).and_then(|t| t.trim_end().split('\n').next()).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{out}"));
+    assert!((1..10).contains(&last) && out.contains("checkpoint: "), "{out}");
+    assert!(!out.contains(&format!("epoch {:>3}  reward", last + 1)), "{out}");
+    let records = std::fs::read_to_string(s.run().join("metrics.jsonl")).unwrap().lines().count();
+    assert_eq!(records, last + 1);
+    assert!(!s.interrupt.load(Ordering::SeqCst), "the flag is spent");
+    // The session goes on.
+    assert!(s.eval("train(1)").contains(&format!("epoch {:>3}  reward", last + 1)));
 }

@@ -62,6 +62,18 @@ fn shipped_default_reward_matches_builtin() {
 }
 
 #[test]
+fn shipped_default_prompts_match_builtin() {
+    // `ddpo train` with no flags uses scripts/prompts.rhai: the same draws as the built-in list.
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/prompts.rhai");
+    let mut script = ScriptSet::new(Limits::default(), quiet()).load_prompts(&p).unwrap();
+    let mut builtin = ddpo::ddpo::FixedPrompts::shapes_default();
+    let (mut r1, mut r2) = (ChaCha8Rng::seed_from_u64(5), ChaCha8Rng::seed_from_u64(5));
+    let a: Vec<String> = (0..64).map(|_| script.next_prompt(&mut r1).unwrap()).collect();
+    let b: Vec<String> = (0..64).map(|_| builtin.next_prompt(&mut r2).unwrap()).collect();
+    assert_eq!(a, b, "scripts/prompts.rhai should list {:?}", builtin.0);
+}
+
+#[test]
 fn map_reward_returns_components() {
     let dir = tempfile::tempdir().unwrap();
     let p = write(
@@ -341,18 +353,19 @@ fn context_and_image_functions() {
   let h = img.hue_histogram(6);
   let hs = 0.0; for x in h { hs += x; }
   let px = img.pixel(0, 0);
-  #{ total: c.epoch + c.reward_mean.len, last: if c.reward_mean.len > 0 { c.reward_mean[-1] } else { 0.0 },
+  #{ total: c.epoch + c.reward_mean.len, step: c.step, last: if c.reward_mean.len > 0 { c.reward_mean[-1] } else { 0.0 },
      gray_sat: g.saturation(), crop_w: img.crop(1, 2, 5, 7).width, resized_h: img.resize(8, 4).height,
      m: m[0] + m[1] + m[2], b: img.brightness(), hist: hs, png: img.png_size(), px: px.len }
 }"#,
     );
     let mut set = ScriptSet::new(Limits::default(), quiet());
     let reward = set.load_reward(&p).unwrap();
-    set.set_context(Context { epoch: 3, reward_mean: vec![0.5, 0.25], reward_std: vec![0.1, 0.1] });
+    set.set_context(Context { epoch: 3, step: 7, reward_mean: vec![0.5, 0.25], reward_std: vec![0.1, 0.1] });
     let (images, prompts) = world(1);
     let s = &reward.score(&images, &prompts).unwrap()[0];
     assert_eq!(s.total, 5.0);
     assert_eq!(s.components["last"], 0.25);
+    assert_eq!(s.components["step"], 7.0);
     assert_eq!(s.components["gray_sat"], 0.0);
     assert_eq!(s.components["crop_w"], 5.0);
     assert_eq!(s.components["resized_h"], 4.0);
@@ -535,6 +548,14 @@ fn scripts_copy(dir: &Path, reward: &str) -> PathBuf {
     write(&scripts, "reward.rhai", reward)
 }
 
+/// Saves `text` as an editor does, atomically: a running `train` polling the file must never see
+/// it truncated (an empty script fails its reload and would be reported as a "kept" version).
+fn save(path: &Path, text: &str) {
+    let tmp = path.with_extension("rhai.tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
 /// Compiles and passes the dry run (32x32 shapes-world images) but throws on the tiny policy's
 /// 16x16 samples: a runtime failure mid-run.
 const THROWS_ON_SMALL: &str = "fn reward(img, prompt, meta) {\n  if img.width < 32 { throw `too small: ${img.width}` }\n  3.0\n}\n";
@@ -547,26 +568,26 @@ fn cli_train_hot_reloads_keeps_old_on_errors_and_waits_for_fixes() {
     assert_eq!(run.next_epoch_reward(), 1.0);
 
     // An edit is picked up at the next epoch boundary: every epoch after the reload scores 2.
-    std::fs::write(&reward, "fn reward(img, prompt, meta) { 2.0 }\n").unwrap();
+    save(&reward, "fn reward(img, prompt, meta) { 2.0 }\n");
     run.until("reloaded reward.rhai (");
     assert_eq!(run.next_epoch_reward(), 2.0);
 
     // A syntax error is reported with its position and the run goes on with the old version.
-    std::fs::write(&reward, "fn reward(img, prompt, meta) {\n  3.0 *\n}\n").unwrap();
+    save(&reward, "fn reward(img, prompt, meta) {\n  3.0 *\n}\n");
     let kept = run.until("kept reward.rhai");
     assert!(kept.contains(&format!("{}:3:1: ", reward.display())), "{kept}");
     assert_eq!(run.next_epoch_reward(), 2.0);
     assert_eq!(run.next_epoch_reward(), 2.0);
 
     // A version that throws on the real samples aborts its epoch (no update) and the run waits.
-    std::fs::write(&reward, THROWS_ON_SMALL).unwrap();
+    save(&reward, THROWS_ON_SMALL);
     run.until("reloaded reward.rhai (");
     let aborted = run.until("aborted, the model is untouched");
     assert!(aborted.contains("reward.rhai:2:") && aborted.contains("too small: 16") && aborted.contains("sample 0"), "{aborted}");
     run.until("waiting for a fixed script");
 
     // The fix is picked up and training goes on.
-    std::fs::write(&reward, "fn reward(img, prompt, meta) { 4.0 }\n").unwrap();
+    save(&reward, "fn reward(img, prompt, meta) { 4.0 }\n");
     run.until("reloaded reward.rhai (");
     assert_eq!(run.next_epoch_reward(), 4.0);
     drop(run);
@@ -598,4 +619,143 @@ fn cli_train_on_error_exit_checkpoints_and_stops() {
     assert!(stderr.contains("epoch 0 aborted") && stderr.contains("too small: 16"), "{stderr}");
     assert!(stderr.contains("--resume") && !stderr.contains("panicked"), "{stderr}");
     assert!(dir.path().join("run/checkpoint/state.json").exists(), "the run is checkpointed");
+}
+
+/// `ddpo check` on a hooks script: ok, or `file:line:col: message` at the offending key.
+fn check_hooks(dir: &Path, text: &str) -> Result<String, String> {
+    let p = write(dir, "hooks.rhai", text);
+    check_file(&p, &Limits::default(), quiet()).map_err(|e| format!("{e:#}"))
+}
+
+#[test]
+fn hook_overrides_are_validated_with_positions() {
+    let dir = tempfile::tempdir().unwrap();
+    let ok = check_hooks(dir.path(), "fn on_epoch_start(ctx) {\n  #{ lr: ctx.base_lr / 2, guidance: 3, weights: #{ kb: -1 }, prompts: [\"a red circle\"] }\n}\n").unwrap();
+    assert!(ok.contains("on_epoch_start returns lr=1.500e-4 guidance=3 weights={kb: -1} prompts=1 listed"), "{ok}");
+    let ok = check_hooks(dir.path(), "fn on_epoch_end(ctx) {\n  if ctx.metrics.reward_mean >= 0.0 { #{ stop: true } }\n}\n").unwrap();
+    assert!(ok.contains("on_epoch_start returns nothing, on_epoch_end stop"), "{ok}");
+    let bad = |text: &str| check_hooks(dir.path(), text).unwrap_err();
+    // The key the hook returned, even when another branch writes the same key.
+    let e = bad("fn on_epoch_start(ctx) {\n  if ctx.epoch > 5 { return #{ lr: 1e-4 }; }\n  #{ guidance: 2.0,\n     lr: -0.5 }\n}\n");
+    assert!(e.ends_with("hooks.rhai:4:6: on_epoch_start(): `lr` must be a positive number, got -0.5 (float)"), "{e}");
+    let e = bad("fn on_epoch_start(ctx) {\n  #{ lrr: 0.1 }\n}\n");
+    assert!(e.ends_with("hooks.rhai:2:6: on_epoch_start() returned unknown key `lrr`; the keys are lr, guidance, weights, prompts, stop"), "{e}");
+    let e = bad("fn on_epoch_start(ctx) {\n  let o = #{};\n  o.guidance = \"high\";\n  o\n}\n");
+    assert!(e.contains("hooks.rhai:3:5: on_epoch_start(): `guidance` must be a number >= 0, got high (string)"), "{e}");
+    let e = bad("fn on_epoch_start(ctx) {\n  #{ weights: #{ kb: \"x\" } }\n}\n");
+    assert!(e.contains("hooks.rhai:2:18: ") && e.contains("the weight of `kb` must be a finite number"), "{e}");
+    let e = bad("fn on_epoch_start(ctx) {\n  #{ prompts: [\"\"] }\n}\n");
+    assert!(e.contains("hooks.rhai:2:6: ") && e.contains("non-empty strings"), "{e}");
+    let e = bad("fn on_epoch_start(ctx) { 0.5 }\n");
+    assert!(e.contains("hooks.rhai:1:1: on_epoch_start() returned 0.5 (float); expected nothing or a map"), "{e}");
+    let e = bad("fn on_epoch_end(ctx) {\n  #{ lr: 0.1 }\n}\n");
+    assert!(e.contains("hooks.rhai:2:6: on_epoch_end() returned unknown key `lr`; the keys are stop"), "{e}");
+    let e = bad("fn on_epoch_start() {\n  #{ stop: true }\n}\n");
+    assert!(e.contains("hooks.rhai:1:1: `fn on_epoch_start` must take one parameter"), "{e}");
+    let e = bad("fn on_epoch_start(ctx) {\n  ctx.nope()\n}\n");
+    assert!(e.contains("hooks.rhai:2:") && e.contains("nope"), "{e}");
+}
+
+/// A tiny random policy saved in `dir`, and the flags of a small, fast `ddpo train`.
+fn tiny_train_args(dir: &Path) -> Vec<String> {
+    let model = dir.join("tiny.safetensors");
+    ddpo::policy::Policy::new_random(ddpo::policy::PolicyConfig::tiny_test(), 0, &candle_core::Device::Cpu).unwrap().save(&model).unwrap();
+    ["--model", model.to_str().unwrap(), "--samples-per-epoch", "4", "--sample-batch-size", "2", "--train-batch-size", "2", "--steps", "2"]
+        .map(String::from)
+        .to_vec()
+}
+
+const HOOKED_REWARD: &str = "fn reward(img, prompt, meta) {\n  #{ total: 100.0, listed: if prompt == \"a green star on a red background\" { 1.0 } else { 0.0 }, one: 1.0, two: 2.0 }\n}\n";
+
+const HOOKS: &str = r#"fn on_epoch_start(ctx) {
+  print(`start ${ctx.epoch} step ${ctx.step} g ${ctx.guidance} w ${ctx.weights.len()}`);
+  if ctx.epoch == 0 { return #{ lr: 0.001, guidance: 2.5 }; }
+  if ctx.epoch == 1 { return #{ weights: #{ one: 3.0, two: 0.5 }, prompts: ["a green star on a red background"] }; }
+  if ctx.epoch == 2 { return #{ weights: #{ three: 1.0 } }; }
+}
+fn on_epoch_end(ctx) {
+  print(`end ${ctx.epoch} mean ${ctx.metrics.reward_mean} of ${ctx.reward_mean.len()}`);
+  if ctx.epoch == 3 { #{ stop: true } }
+}
+"#;
+
+#[test]
+fn cli_train_applies_hook_overrides_and_stops_early() {
+    let dir = tempfile::tempdir().unwrap();
+    let reward = write(dir.path(), "reward.rhai", HOOKED_REWARD);
+    let hooks = write(dir.path(), "hooks.rhai", HOOKS);
+    let run = dir.path().join("run");
+    let mut args: Vec<String> = ["train", "--run-dir", run.to_str().unwrap(), "--reward", reward.to_str().unwrap(), "--hooks", hooks.to_str().unwrap(), "--epochs", "10"]
+        .map(String::from)
+        .to_vec();
+    args.extend(tiny_train_args(dir.path()));
+    let (ok, _, stderr) = ddpo(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{stderr}");
+    let records: Vec<serde_json::Value> =
+        std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    // on_epoch_end stopped the run after epoch 3.
+    assert_eq!(records.len(), 4, "{stderr}");
+    assert!(stderr.contains("stopped by the hooks after epoch 3"), "{stderr}");
+    assert!(run.join("checkpoint/state.json").exists());
+    // Epoch 0: lr and guidance overridden; the script's own total counts.
+    assert_eq!(records[0]["hooks"], serde_json::json!({ "lr": 0.001, "guidance": 2.5 }));
+    assert_eq!(records[0]["reward_mean"], 100.0);
+    assert!(stderr.contains("hooks: lr=1.000e-3 guidance=2.5"), "{stderr}");
+    assert!(stderr.contains(&format!("[hooks.rhai] start 1 step {} g 2.5 w 0", records[0]["optimizer_steps"])), "{stderr}");
+    // Epoch 1: total = 3 * one + 0.5 * two, prompts all from the hook's list; the lr stays.
+    assert_eq!(records[1]["reward_mean"], 4.0);
+    assert_eq!(records[1]["reward/listed"], 1.0);
+    assert_eq!(records[1]["weights"], serde_json::json!({ "one": 3.0, "two": 0.5 }));
+    assert_eq!(records[1]["lr"], 0.001);
+    // Epoch 2: an unknown component is refused at its key; the previous settings stay.
+    let e = records[2]["hooks_error"].as_str().unwrap();
+    assert!(e.starts_with(&format!("{}:5:45: ", hooks.display())) && e.contains("`weights` names `three`") && e.contains("one, two"), "{e}");
+    assert!(records[2].get("hooks").is_none());
+    assert_eq!((records[2]["reward_mean"].as_f64(), records[3]["reward_mean"].as_f64()), (Some(4.0), Some(4.0)));
+    assert!(records.iter().all(|r| r["lr"] == 0.001));
+    assert!(stderr.contains("[hooks.rhai] end 2 mean 4.0 of 3"), "{stderr}");
+    // The hooks script is versioned like the others.
+    let hash = records[3]["scripts"]["hooks.rhai"].as_str().unwrap();
+    assert!(run.join(format!("scripts/hooks.{hash}.rhai")).exists());
+
+    // --resume re-applies the settings the hooks made (lr, weights, prompt list) and goes on.
+    let (ok, _, stderr) = ddpo(&["train", "--resume", run.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    let records: Vec<serde_json::Value> =
+        std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(records.len(), 10, "{stderr}");
+    for r in &records[4..] {
+        assert_eq!((r["lr"].as_f64(), r["reward_mean"].as_f64(), r["reward/listed"].as_f64()), (Some(0.001), Some(4.0), Some(1.0)), "{r}");
+    }
+}
+
+#[test]
+fn cli_train_defaults_to_the_scripts_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args: Vec<String> = ["train", "--run-dir", "run", "--epochs", "1"].map(String::from).to_vec();
+    args.extend(tiny_train_args(dir.path()));
+    let train = |cwd: &Path| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ddpo")).args(&args).current_dir(cwd).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success() && !stderr.contains("panicked"), "{stderr}");
+        stderr
+    };
+    // A folder without scripts/: the built-ins, with a note.
+    let bare = dir.path().join("bare");
+    std::fs::create_dir(&bare).unwrap();
+    let stderr = train(&bare);
+    assert!(stderr.contains("note: no scripts/reward.rhai, scripts/prompts.rhai, scripts/hooks.rhai in ")
+        && stderr.contains("using the built-in compressibility reward, the built-in prompt list, no hooks"), "{stderr}");
+    assert!(stderr.contains("with compressibility"), "{stderr}");
+    // A folder with scripts/: all three are used and versioned.
+    let project = dir.path().join("project");
+    scripts_copy(&project, HOOKED_REWARD);
+    write(&project.join("scripts"), "hooks.rhai", "fn on_epoch_start(ctx) { #{ lr: 0.002 } }\n");
+    let stderr = train(&project);
+    assert!(!stderr.contains("note: "), "{stderr}");
+    let m: serde_json::Value = serde_json::from_str(std::fs::read_to_string(project.join("run/metrics.jsonl")).unwrap().lines().next().unwrap()).unwrap();
+    assert_eq!(m["reward_mean"], 100.0);
+    assert_eq!(m["lr"], 0.002);
+    let names: Vec<&String> = m["scripts"].as_object().unwrap().keys().collect();
+    assert_eq!(names, ["hooks.rhai", "prompts.rhai", "reward.rhai"]);
 }

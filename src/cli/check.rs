@@ -1,5 +1,6 @@
 //! `ddpo check FILE...`: compiles each script and dry-runs it (rewards on a few shapes-world
-//! images, prompt scripts by drawing a few prompts); prints `ok` or `file:line:col: message`.
+//! images, prompt scripts by drawing a few prompts, hooks once each with a first epoch's
+//! context); prints `ok` or `file:line:col: message`.
 
 use std::path::PathBuf;
 
@@ -7,7 +8,7 @@ use crate::script::{check_file, engine::stderr_log, Limits};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Rhai scripts to check (reward scripts, prompt scripts or modules).
+    /// Rhai scripts to check (reward, prompt or hooks scripts, or modules).
     #[arg(required = true)]
     files: Vec<PathBuf>,
 }

@@ -7,6 +7,7 @@ mod eval;
 mod pretrain;
 pub mod repl;
 mod sample;
+mod schedule;
 mod train;
 
 use std::path::{Path, PathBuf};
@@ -36,7 +37,7 @@ enum Command {
     Eval(eval::Args),
     /// Time fixed workloads on the default configuration and print a JSON report.
     Bench(bench::Args),
-    /// Compile and dry-run Rhai reward/prompt scripts; prints ok or file:line:col: message.
+    /// Compile and dry-run Rhai reward/prompt/hooks scripts; prints ok or file:line:col: message.
     Check(check::Args),
     /// Interactive Rhai session with the model and scripts loaded: sample, score, show, train.
     Repl(repl::Args),
@@ -84,6 +85,11 @@ fn device(name: &str) -> anyhow::Result<candle_core::Device> {
 
 /// A flag set by Ctrl-C, so long jobs can checkpoint and stop cleanly.
 fn interrupt_flag() -> Arc<AtomicBool> {
+    interrupt_flag_with("\ninterrupted: finishing the current step and writing a checkpoint (Ctrl-C again to abort)")
+}
+
+/// A flag set by Ctrl-C, which prints `message`; a second Ctrl-C while it is set exits.
+fn interrupt_flag_with(message: &'static str) -> Arc<AtomicBool> {
     let flag = Arc::new(AtomicBool::new(false));
     let f = flag.clone();
     // A second handler cannot be installed (e.g. in tests); then Ctrl-C simply kills the process.
@@ -91,7 +97,7 @@ fn interrupt_flag() -> Arc<AtomicBool> {
         if f.swap(true, Ordering::SeqCst) {
             std::process::exit(130);
         }
-        eprintln!("\ninterrupted: finishing the current step and writing a checkpoint (Ctrl-C again to abort)");
+        eprintln!("{message}");
     });
     flag
 }

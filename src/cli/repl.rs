@@ -1,9 +1,11 @@
 //! `ddpo repl`: an interactive Rhai session with the model and scripts loaded. The model side
-//! ([`ModelHost`]: sampling, DDPO epochs on the loaded policy, options, reloads, a run folder)
+//! ([`ModelHost`]: sampling, DDPO epochs on the loaded policy with the schedule hooks, options,
+//! reloads, a run folder)
 //! plugs into [`crate::script::repl::Repl`]; [`open`] builds a session that tests drive line by
 //! line, and [`exec`] wraps it in a rustyline editor (history in the run folder).
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
@@ -13,7 +15,7 @@ use crate::ddpo::{TrainConfig, Trainer};
 use crate::policy::Policy;
 use crate::run::{RunConfig, RunDir};
 use crate::script::repl::{Repl, ReplHost};
-use crate::script::{Context as ScriptContext, Limits, Log, ScriptSet};
+use crate::script::{Context as ScriptContext, Limits, Log, Schedule, ScriptSet};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -26,6 +28,10 @@ pub struct Args {
     /// Prompt script `train(n)` draws its prompts from.
     #[arg(long = "prompts", default_value = "scripts/prompts.rhai")]
     prompts: PathBuf,
+    /// Schedule hooks `train(n)` calls at each epoch boundary (default: scripts/hooks.rhai
+    /// when it exists).
+    #[arg(long, value_name = "FILE.rhai")]
+    hooks: Option<PathBuf>,
     /// Run folder for `train(n)`'s metrics and checkpoints, `show`'s PNGs and the history
     /// (default: runs/repl-<date-time>).
     #[arg(long)]
@@ -42,11 +48,15 @@ pub struct Options {
     pub model: PathBuf,
     pub reward: PathBuf,
     pub prompts: PathBuf,
+    /// Schedule hooks for `train(n)`, if any.
+    pub hooks: Option<PathBuf>,
     pub run_dir: PathBuf,
     pub seed: u64,
     pub device: candle_core::Device,
     /// Where `print` of the reward and prompt scripts goes.
     pub log: Log,
+    /// Set (by Ctrl-C) to stop `train(n)` at the next epoch boundary; cleared when it does.
+    pub interrupt: Arc<AtomicBool>,
 }
 
 /// A REPL session on a loaded model: the policy (trainable), scripts and run folder.
@@ -54,8 +64,10 @@ pub fn open(o: Options) -> anyhow::Result<Repl> {
     let mut scripts = ScriptSet::new(Limits::default(), o.log.clone());
     let reward = Arc::new(scripts.load_reward(&o.reward)?);
     let prompts = scripts.load_prompts(&o.prompts)?;
+    let hooks = o.hooks.as_deref().map(|p| scripts.load_hooks(p)).transpose()?;
     let policy = Policy::load_trainable(&o.model, &o.device)?;
     let train = TrainConfig { seed: o.seed, ..TrainConfig::default() };
+    let (schedule, prompts) = Schedule::new(hooks, Some(reward.clone()), &train, Box::new(prompts));
     let config = RunConfig {
         train: train.clone(),
         model: o.model.clone(),
@@ -68,14 +80,16 @@ pub fn open(o: Options) -> anyhow::Result<Repl> {
     };
     let run = RunDir::create(&o.run_dir, &config)?;
     let reward_dyn: Arc<dyn crate::reward::Reward> = reward.clone();
-    let trainer = Trainer::new(train, policy, reward_dyn, Box::new(prompts))?;
-    let host = ModelHost { state: Mutex::new(State { trainer, scripts, run, samples: 0, history: ScriptContext::default() }) };
+    let trainer = Trainer::new(train, policy, reward_dyn, prompts)?;
+    let state = State { trainer, scripts, schedule, run, samples: 0, history: ScriptContext::default() };
+    let host = ModelHost { state: Mutex::new(state), interrupt: o.interrupt };
     Ok(Repl::new(Arc::new(host), Some(reward), o.run_dir))
 }
 
 struct State {
     trainer: Trainer,
     scripts: ScriptSet,
+    schedule: Schedule,
     run: RunDir,
     /// Images sampled so far (each `sample` call draws fresh noise from the seed).
     samples: u64,
@@ -86,6 +100,7 @@ struct State {
 /// The model side of the REPL.
 pub struct ModelHost {
     state: Mutex<State>,
+    interrupt: Arc<AtomicBool>,
 }
 
 impl ReplHost for ModelHost {
@@ -103,26 +118,48 @@ impl ReplHost for ModelHost {
         let mut guard = self.state.lock().unwrap();
         let s = &mut *guard;
         let mut out = String::new();
+        s.schedule.epochs = s.trainer.epoch + epochs;
+        // A Ctrl-C from before this call (e.g. during sample()) is not meant for it.
+        self.interrupt.store(false, Ordering::SeqCst);
         for _ in 0..epochs {
             for r in s.scripts.reload() {
                 out.push_str(&format!("{r}\n"));
             }
             s.history.epoch = s.trainer.epoch;
+            s.history.step = s.trainer.opt.step_count();
             s.scripts.set_context(s.history.clone());
             s.scripts.save_versions(&s.run.dir.join("scripts"))?;
+            let start = s.schedule.epoch_start(&mut s.trainer, &s.history);
+            out.extend(super::schedule::error_line(&start).map(|l| l + "\n"));
+            if start.stop {
+                out.push_str(&format!("stopped by the hooks before epoch {}\n", s.trainer.epoch));
+                break;
+            }
             // A failing script leaves the policy untouched: the error ends train(), not the session.
             let report = s.trainer.run_epoch().map_err(|e| anyhow::anyhow!("{out}{e:#}"))?;
-            let m = s.run.record(&report, serde_json::json!({ "scripts": s.scripts.hashes() }))?;
+            let m = s.run.record(&report, super::schedule::record_extra(&s.scripts, &s.schedule, &start))?;
             s.history.reward_mean.push(m["reward_mean"].as_f64().unwrap_or(f64::NAN));
             s.history.reward_std.push(m["reward_std"].as_f64().unwrap_or(f64::NAN));
             out.push_str(&format!(
-                "epoch {:>3}  reward {:+.4} ± {:.4}  loss {:+.2e}  {:.1}s\n",
+                "epoch {:>3}  reward {:+.4} ± {:.4}  loss {:+.2e}  {:.1}s{}\n",
                 report.epoch,
                 m["reward_mean"].as_f64().unwrap_or(f64::NAN),
                 m["reward_std"].as_f64().unwrap_or(f64::NAN),
                 report.loss,
-                report.seconds_sampling + report.seconds_reward + report.seconds_training
+                report.seconds_sampling + report.seconds_reward + report.seconds_training,
+                super::schedule::log_suffix(&start)
             ));
+            let ended = ScriptContext { epoch: report.epoch, step: s.trainer.opt.step_count(), ..s.history.clone() };
+            let end = s.schedule.epoch_end(&s.trainer, &ended, &m);
+            out.extend(super::schedule::error_line(&end).map(|l| l + "\n"));
+            if end.stop {
+                out.push_str(&format!("stopped by the hooks after epoch {}\n", report.epoch));
+                break;
+            }
+            if self.interrupt.swap(false, Ordering::SeqCst) {
+                out.push_str(&format!("interrupted: stopped after epoch {}\n", report.epoch));
+                break;
+            }
         }
         s.run.save_checkpoint(&s.trainer)?;
         out.push_str(&format!("checkpoint: {}\n", s.run.policy_path().display()));
@@ -196,14 +233,22 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         dated.with_file_name(format!("repl-{}", dated.file_name().unwrap_or_default().to_string_lossy()))
     });
     eprintln!("loading {} ...", args.model.display());
+    // Ctrl-C while a line is typed belongs to the line editor; during train(n) it stops at the
+    // next epoch boundary.
+    let interrupt = super::interrupt_flag_with("\ninterrupted: train() stops after the current epoch (Ctrl-C again to quit)");
     let mut repl = open(Options {
         model: super::resolve_model(&args.model),
         reward: resolve_script(&args.reward, "--reward")?,
         prompts: resolve_script(&args.prompts, "--prompts")?,
+        hooks: match &args.hooks {
+            Some(p) => Some(resolve_script(p, "--hooks")?),
+            None => resolve_script(Path::new("scripts/hooks.rhai"), "--hooks").ok(),
+        },
         run_dir: run_dir.clone(),
         seed: args.seed,
         device: super::device(&args.device)?,
         log: crate::script::engine::stderr_log(),
+        interrupt: interrupt.clone(),
     })?;
     eprintln!("ddpo repl: run folder {}; help() lists the functions, Ctrl-D exits", run_dir.display());
     let mut editor = rustyline::DefaultEditor::new().context("cannot start the line editor")?;
@@ -219,6 +264,8 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
                 if let Some(out) = repl.feed(&line) {
                     print!("{out}");
                 }
+                // A Ctrl-C that came during a call other than train() is spent.
+                interrupt.store(false, Ordering::SeqCst);
             }
             Err(ReadlineError::Interrupted) => repl.cancel(), // Ctrl-C: drop the line
             Err(ReadlineError::Eof) => break,

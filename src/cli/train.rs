@@ -1,6 +1,7 @@
 //! `ddpo train`: DDPO finetuning of a diffusion policy on a reward, with a run folder that
-//! records everything and resumes after an interruption. Reward and prompt scripts (`.rhai`) are
-//! reloaded at each epoch boundary; each version used is kept in `<run>/scripts/`.
+//! records everything and resumes after an interruption. Reward, prompt and hooks scripts
+//! (`.rhai`, by default the three in `scripts/`) are reloaded at each epoch boundary; each
+//! version used is kept in `<run>/scripts/`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -18,7 +19,7 @@ use crate::policy::Policy;
 use crate::run::{RunConfig, RunDir};
 use crate::sampler::SamplerConfig;
 use crate::script::engine::stderr_log;
-use crate::script::{Context as ScriptContext, Limits, ScriptSet};
+use crate::script::{Context as ScriptContext, Limits, Schedule, ScriptSet};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -40,13 +41,20 @@ pub struct Args {
     #[arg(long, conflicts_with = "run_dir")]
     resume: Option<PathBuf>,
     /// Built-in reward (compressibility, incompressibility, brightness) or a reward script
-    /// (a path ending in .rhai, e.g. scripts/reward.rhai), reloaded at each epoch boundary.
-    #[arg(long, default_value = "compressibility")]
-    reward: String,
+    /// (a path ending in .rhai), reloaded at each epoch boundary. Default: scripts/reward.rhai
+    /// when the working directory has it, else the built-in compressibility.
+    #[arg(long)]
+    reward: Option<String>,
     /// Prompt script (a path ending in .rhai defining `fn prompt()`), reloaded at each epoch
-    /// boundary; replaces the fixed prompt list.
+    /// boundary; replaces the fixed prompt list. Default: scripts/prompts.rhai when the working
+    /// directory has it (and no --prompt is given), else the built-in prompt list.
     #[arg(long = "prompts", value_name = "FILE.rhai", conflicts_with = "prompts")]
     prompt_script: Option<PathBuf>,
+    /// Schedule hooks (`fn on_epoch_start(ctx)` / `fn on_epoch_end(ctx)`: lr, guidance, reward
+    /// weights, prompts, early stop), reloaded at each epoch boundary. Default:
+    /// scripts/hooks.rhai when the working directory has it, else none.
+    #[arg(long, value_name = "FILE.rhai")]
+    hooks: Option<PathBuf>,
     /// Policy-gradient estimator.
     #[arg(long, value_enum, default_value = "is")]
     algo: Algorithm,
@@ -137,11 +145,12 @@ impl Args {
             ..Default::default()
         };
         train.validate()?;
-        let reward = if is_script(&self.reward) {
-            script_path(Path::new(&self.reward), "--reward")?.display().to_string()
+        let reward = self.reward.clone().unwrap_or_else(|| "compressibility".into());
+        let reward = if is_script(&reward) {
+            script_path(Path::new(&reward), "--reward")?.display().to_string()
         } else {
-            crate::reward::builtin(&self.reward).map_err(|e| anyhow::anyhow!("{e}, or a reward script ending in .rhai"))?;
-            self.reward.clone()
+            crate::reward::builtin(&reward).map_err(|e| anyhow::anyhow!("{e}, or a reward script ending in .rhai"))?;
+            reward
         };
         // With a prompt script the fixed list is unused (the script's path is kept in the run folder).
         let prompts = if self.prompt_script.is_some() { Vec::new() } else { prompts };
@@ -165,41 +174,51 @@ impl Args {
     }
 }
 
-pub fn exec(args: Args) -> anyhow::Result<()> {
+pub fn exec(mut args: Args) -> anyhow::Result<()> {
     let device = super::device(&args.device)?;
-    let (mut run, config, prompt_script) = match &args.resume {
+    let (mut run, config, prompt_script, hooks_script) = match &args.resume {
         Some(dir) => {
             let (run, config) = RunDir::open(dir)?;
-            let prompt_script = read_prompt_script(&run.dir)?;
-            (run, config, prompt_script)
+            let (prompt_script, hooks_script) = read_sources(&run.dir)?;
+            (run, config, prompt_script, hooks_script)
         }
         None => {
+            let defaults = super::schedule::DefaultScripts::find(args.reward.is_none(), args.prompt_script.is_none() && args.prompts.is_empty(), args.hooks.is_none());
+            defaults.note();
+            args.reward = args.reward.take().or(defaults.reward.map(|p| p.display().to_string()));
+            args.prompt_script = args.prompt_script.take().or(defaults.prompts);
+            args.hooks = args.hooks.take().or(defaults.hooks);
             let config = args.run_config()?;
             let prompt_script = args.prompt_script.as_deref().map(|p| script_path(p, "--prompts")).transpose()?;
+            let hooks_script = args.hooks.as_deref().map(|p| script_path(p, "--hooks")).transpose()?;
             let dir = args.run_dir.clone().unwrap_or_else(default_run_dir);
             let run = RunDir::create(&dir, &config)?;
-            if let Some(p) = &prompt_script {
+            if prompt_script.is_some() || hooks_script.is_some() {
                 std::fs::create_dir_all(run.dir.join("scripts"))?;
-                let sources = serde_json::json!({ "prompts": p });
+                let sources = serde_json::json!({ "prompts": prompt_script, "hooks": hooks_script });
                 std::fs::write(run.dir.join(PROMPT_SCRIPT_FILE), serde_json::to_string_pretty(&sources)?)?;
             }
-            (run, config, prompt_script)
+            (run, config, prompt_script, hooks_script)
         }
     };
     let policy = Policy::open_trainable(&config.model, config.lora, config.train.seed, config.dtype, &device)?;
     let mut scripts = ScriptSet::new(Limits::default(), stderr_log());
-    let reward: Arc<dyn crate::reward::Reward> = if is_script(&config.reward) {
-        Arc::new(scripts.load_reward(Path::new(&config.reward))?)
-    } else {
-        Arc::from(crate::reward::builtin(&config.reward)?)
+    let script_reward = is_script(&config.reward).then(|| scripts.load_reward(Path::new(&config.reward)).map(Arc::new)).transpose()?;
+    let reward: Arc<dyn crate::reward::Reward> = match &script_reward {
+        Some(r) => r.clone(),
+        None => Arc::from(crate::reward::builtin(&config.reward)?),
     };
     let prompts: Box<dyn crate::ddpo::PromptSource> = match &prompt_script {
         Some(p) => Box::new(scripts.load_prompts(p)?),
         None => Box::new(FixedPrompts(config.prompts.clone())),
     };
+    let hooks = hooks_script.as_deref().map(|p| scripts.load_hooks(p)).transpose()?;
+    let (mut schedule, prompts) = Schedule::new(hooks, script_reward, &config.train, prompts);
+    schedule.epochs = config.epochs;
     let mut trainer = Trainer::new(config.train.clone(), policy, reward, prompts)?;
     if args.resume.is_some() {
         run.restore(&mut trainer)?;
+        schedule.replay(&mut trainer, &super::schedule::metrics_records(&run.dir));
         eprintln!("resuming {} at epoch {}", run.dir.display(), trainer.epoch);
     } else {
         eprintln!("training {} with {} ({:?}) into {}", config.model.display(), config.reward, config.train.algorithm, run.dir.display());
@@ -230,10 +249,20 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
                     eprintln!("{reload}");
                 }
             }
-            scripts.set_context(ScriptContext { epoch: trainer.epoch, reward_mean: reward_mean.clone(), reward_std: reward_std.clone() });
             scripts.save_versions(&run.dir.join("scripts"))?;
         }
         first = false;
+        let context = ScriptContext { epoch: trainer.epoch, step: trainer.opt.step_count(), reward_mean: reward_mean.clone(), reward_std: reward_std.clone() };
+        scripts.set_context(context.clone());
+        let start = schedule.epoch_start(&mut trainer, &context);
+        if let Some(line) = super::schedule::error_line(&start) {
+            super::say(&bar, line);
+        }
+        if start.stop {
+            run.save_checkpoint(&trainer)?;
+            eprintln!("stopped by the hooks before epoch {} (checkpointed in {})", trainer.epoch, run.dir.display());
+            return Ok(());
+        }
         let report = match trainer.run_epoch() {
             Ok(report) => report,
             Err(e) if is_script_error(&e) => {
@@ -254,7 +283,7 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
             }
         };
         let hashes = record_script_hashes(&run.dir, report.epoch, &scripts)?;
-        let m = run.record(&report, serde_json::json!({ "scripts": scripts.hashes() }))?;
+        let m = run.record(&report, super::schedule::record_extra(&scripts, &schedule, &start))?;
         reward_mean.push(m["reward_mean"].as_f64().unwrap_or(f64::NAN));
         reward_std.push(m["reward_std"].as_f64().unwrap_or(f64::NAN));
         super::say(&bar, format!(
@@ -268,7 +297,16 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
             report.seconds_sampling,
             report.seconds_reward,
             report.seconds_training
-        ));
+        ) + super::schedule::log_suffix(&start).as_str());
+        let end = schedule.epoch_end(&trainer, &ScriptContext { epoch: report.epoch, step: trainer.opt.step_count(), reward_mean: reward_mean.clone(), reward_std: reward_std.clone() }, &m);
+        if let Some(line) = super::schedule::error_line(&end) {
+            super::say(&bar, line);
+        }
+        if end.stop {
+            run.save_checkpoint(&trainer)?;
+            eprintln!("stopped by the hooks after epoch {}; continue with --resume {}", report.epoch, run.dir.display());
+            return Ok(());
+        }
         let interrupted = stop.load(Ordering::SeqCst);
         if trainer.epoch % config.checkpoint_every == 0 || trainer.epoch == config.epochs || interrupted {
             run.save_checkpoint(&trainer)?;
@@ -307,7 +345,7 @@ fn wait_for_fix(scripts: &mut ScriptSet, stop: &std::sync::atomic::AtomicBool, b
     false
 }
 
-/// Where a run started with `--prompts FILE.rhai` keeps the script's path (for `--resume`).
+/// Where a run started with `--prompts` / `--hooks FILE.rhai` keeps the scripts' paths (for `--resume`).
 const PROMPT_SCRIPT_FILE: &str = "scripts/sources.json";
 
 /// Whether `--reward` names a script rather than a built-in reward.
@@ -321,10 +359,11 @@ fn script_path(path: &Path, flag: &str) -> anyhow::Result<PathBuf> {
     std::fs::canonicalize(path).with_context(|| format!("{flag} {}: no such script", path.display()))
 }
 
-fn read_prompt_script(run_dir: &Path) -> anyhow::Result<Option<PathBuf>> {
-    let Ok(text) = std::fs::read_to_string(run_dir.join(PROMPT_SCRIPT_FILE)) else { return Ok(None) };
+/// The prompt and hooks scripts a run was started with.
+fn read_sources(run_dir: &Path) -> anyhow::Result<(Option<PathBuf>, Option<PathBuf>)> {
+    let Ok(text) = std::fs::read_to_string(run_dir.join(PROMPT_SCRIPT_FILE)) else { return Ok((None, None)) };
     let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}/{PROMPT_SCRIPT_FILE} is corrupt", run_dir.display()))?;
-    Ok(v["prompts"].as_str().map(PathBuf::from))
+    Ok((v["prompts"].as_str().map(PathBuf::from), v["hooks"].as_str().map(PathBuf::from)))
 }
 
 /// Reward mean and std of the epochs already in `metrics.jsonl` (for scripts' `context()`).

@@ -38,16 +38,19 @@ impl Image {
 pub struct Context {
     /// The epoch about to run (0-based).
     pub epoch: usize,
+    /// Optimiser steps taken so far in the run (all epochs).
+    pub step: usize,
     /// Mean and standard deviation of the reward in each finished epoch, oldest first.
     pub reward_mean: Vec<f64>,
     pub reward_std: Vec<f64>,
 }
 
 impl Context {
-    fn to_map(&self) -> Map {
+    pub(crate) fn to_map(&self) -> Map {
         let floats = |v: &[f64]| -> Dynamic { v.iter().map(|&x| Dynamic::from_float(x)).collect::<Array>().into() };
         let mut m = Map::new();
         m.insert("epoch".into(), (self.epoch as INT).into());
+        m.insert("step".into(), (self.step as INT).into());
         m.insert("reward_mean".into(), floats(&self.reward_mean));
         m.insert("reward_std".into(), floats(&self.reward_std));
         m
@@ -242,7 +245,7 @@ pub(crate) fn register(engine: &mut Engine, context: Arc<RwLock<Context>>) -> Ve
 
     // --- the run ---
     api!(fn "context", "context() -> map",
-        "Read-only facts about the run: `epoch` (the epoch about to run, from 0), `reward_mean` and `reward_std` (arrays, one entry per finished epoch).",
+        "Read-only facts about the run: `epoch` (the epoch about to run, from 0), `step` (optimiser steps taken so far), `reward_mean` and `reward_std` (arrays, one entry per finished epoch).",
         move || -> Map { context.read().unwrap().to_map() });
     docs
 }

@@ -104,6 +104,16 @@ pub(crate) fn locate(err: &EvalAltResult, limits: &Limits, replay: impl FnOnce()
     LAST_STEP.with(|l| l.borrow_mut().take())
 }
 
+/// Replays a call that succeeded with `replay` (a call on a [`new_locator`] engine) and returns
+/// the source and position of the last step it reached: the value it returned, typically, so
+/// that a bad return value can be pointed at.
+pub(crate) fn last_step(limits: &Limits, replay: impl FnOnce()) -> Option<(Option<String>, Position)> {
+    REPLAY_UNTIL.with(|r| r.set(None));
+    LAST_STEP.with(|l| l.borrow_mut().take());
+    within_limits(limits, replay);
+    LAST_STEP.with(|l| l.borrow_mut().take())
+}
+
 fn innermost(mut err: &EvalAltResult) -> &EvalAltResult {
     while let EvalAltResult::ErrorInFunctionCall(_, _, inner, _) | EvalAltResult::ErrorInModule(_, inner, _) = err {
         err = inner;

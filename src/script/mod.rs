@@ -6,12 +6,15 @@
 //! - [`api`]: the host API scripts see, registered and documented in one place (`scripts/API.md`).
 //! - [`reward`]: [`ScriptReward`], a [`crate::reward::Reward`] backed by `fn reward(img, prompt, meta)`.
 //! - [`prompts`]: [`ScriptPrompts`], a [`crate::ddpo::PromptSource`] backed by `fn prompt()`.
+//! - [`hooks`]: [`ScriptHooks`] (`on_epoch_start` / `on_epoch_end`) and the [`Schedule`] that
+//!   applies their overrides (lr, guidance, reward weights, prompts, early stop) to a trainer.
 //! - [`repl`]: the Rhai side of `ddpo repl` (REPL functions over a [`repl::ReplHost`]).
 //! - [`set`]: [`ScriptSet`], the scripts of a run: loading, dry runs, hot reload, saved versions,
 //!   and [`check_file`] for `ddpo check`.
 
 pub mod api;
 pub mod engine;
+pub mod hooks;
 pub mod prompts;
 pub mod repl;
 pub mod reward;
@@ -25,13 +28,15 @@ use rhai::{Dynamic, Engine, Scope, AST};
 
 pub use api::{Context, Image};
 pub use engine::{Limits, Log, ScriptError};
+pub use hooks::{HookOutcome, Overrides, Schedule, ScriptHooks};
 pub use prompts::ScriptPrompts;
 pub use reward::ScriptReward;
 pub use set::{check_file, Kind, Reload, ReloadOutcome, ScriptSet};
 
-/// `scripts/API.md`: the host API and the REPL functions, generated from their registration.
+/// `scripts/API.md`: the host API, the schedule hooks and the REPL functions, generated from
+/// their registration.
 pub fn api_md() -> String {
-    format!("{}{}", api::markdown(), repl::markdown())
+    format!("{}{}{}", api::markdown(), hooks::markdown(), repl::markdown())
 }
 
 /// A stable 64-bit FNV-1a "content hash" of a script and the modules it imports, as 16 hex digits.
@@ -54,6 +59,8 @@ pub fn content_hash(parts: &[&str]) -> String {
 pub(crate) struct Shared {
     pub context: Arc<RwLock<Context>>,
     pub meta: Arc<Mutex<HashMap<String, rhai::Map>>>,
+    /// Reward-component weights set by hooks (empty: the reward's own total counts).
+    pub weights: Arc<RwLock<std::collections::BTreeMap<String, f64>>>,
 }
 
 /// One compiled version of a script file.
@@ -66,14 +73,21 @@ pub struct Version {
     ast: AST,
 }
 
-/// A script file with its own sandboxed engine (its folder is the only one it may import from).
+/// A script file with its sandboxed engines (its folder is the only one it may import from).
+/// Versions (compiled ASTs) are shared behind `Arc`s; engines are not: each thread calling the
+/// script at the same time (each reward worker) checks out an engine of its own from a pool.
 pub(crate) struct Host {
     /// The path as the user gave it; errors start with it.
     pub display: String,
     pub path: PathBuf,
     pub root: PathBuf,
     pub limits: Limits,
+    /// Compiles versions.
     engine: Engine,
+    /// Idle engines for calls, built on demand: at most one per thread calling concurrently.
+    pool: Mutex<Vec<Engine>>,
+    /// Builds one more sandboxed engine with the host API (for the pool).
+    build: Box<dyn Fn() -> Engine + Send + Sync>,
     /// The same sandbox with a step recorder, to find where a limit struck.
     locator: Engine,
 }
@@ -85,11 +99,24 @@ impl Host {
             _ => PathBuf::from("."),
         };
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let mut engine = engine::new_engine(&name, &root, limits, log);
-        api::register(&mut engine, shared.context.clone());
+        let (dir, sandbox, context) = (root.clone(), limits.clone(), shared.context.clone());
+        let build = Box::new(move || {
+            let mut engine = engine::new_engine(&name, &dir, &sandbox, log.clone());
+            api::register(&mut engine, context.clone());
+            engine
+        });
         let mut locator = engine::new_locator(&root, limits);
         api::register(&mut locator, shared.context.clone());
-        Self { display: path.display().to_string(), path: path.to_path_buf(), root, limits: limits.clone(), engine, locator }
+        Self {
+            display: path.display().to_string(),
+            path: path.to_path_buf(),
+            root,
+            limits: limits.clone(),
+            engine: build(),
+            pool: Mutex::new(Vec::new()),
+            build,
+            locator,
+        }
     }
 
     /// The file name, e.g. `reward.rhai`.
@@ -128,7 +155,10 @@ impl Host {
     /// replayed on the locator to name the line it stopped at.
     pub fn call(&self, version: &Version, name: &str, args: Vec<Dynamic>) -> Result<Dynamic, ScriptError> {
         let replay_args = args.clone();
-        let err = match engine::within_limits(&self.limits, || self.engine.call_fn::<Dynamic>(&mut Scope::new(), &version.ast, name, args)) {
+        let engine = self.pool.lock().unwrap().pop().unwrap_or_else(|| (self.build)());
+        let result = engine::within_limits(&self.limits, || engine.call_fn::<Dynamic>(&mut Scope::new(), &version.ast, name, args));
+        self.pool.lock().unwrap().push(engine);
+        let err = match result {
             Ok(v) => return Ok(v),
             Err(e) => e,
         };
@@ -138,6 +168,15 @@ impl Host {
             })
         });
         Err(engine::script_error(&self.display, &self.root, &err, &self.limits, Some(name), located.flatten()))
+    }
+
+    /// The line of the last step a successful call of `name` reached in the script itself (not
+    /// in a module), found by replaying it on the locator (whose `print` goes nowhere).
+    pub fn last_line(&self, version: &Version, name: &str, args: Vec<Dynamic>) -> Option<usize> {
+        let (source, pos) = engine::last_step(&self.limits, || {
+            let _ = self.locator.call_fn::<Dynamic>(&mut Scope::new(), &version.ast, name, args);
+        })?;
+        source.filter(|s| !s.is_empty()).is_none().then(|| pos.line()).flatten()
     }
 
     /// Whether `version` defines `fn name` with `params` parameters.

@@ -27,7 +27,19 @@ impl ScriptReward {
     /// Scores one image with `version`; `sample` is its index in the batch.
     pub(crate) fn score_one(host: &Host, shared: &Shared, version: &Version, img: &RgbImage, prompt: &str, sample: usize) -> anyhow::Result<Score> {
         let meta = shared.meta.lock().unwrap().get(prompt).cloned().unwrap_or_default();
-        Self::score_meta(host, version, img, prompt, meta, sample)
+        let mut score = Self::score_meta(host, version, img, prompt, meta, sample)?;
+        shared
+            .reweigh(&mut score)
+            .map_err(|what| ScriptError::new(&host.display, format!("reward for sample {sample}, prompt {prompt:?} {what}")))?;
+        Ok(score)
+    }
+
+    /// The names of the components the version in use returns (scored on one shapes-world image).
+    pub fn component_names(&self) -> anyhow::Result<std::collections::BTreeSet<String>> {
+        let version = self.current.read().unwrap().clone();
+        let sample = crate::world::ShapesWorld::default().batch(0, 1).remove(0);
+        let score = Self::score_meta(&self.host, &version, &sample.image, &sample.caption, Map::new(), 0)?;
+        Ok(score.components.into_keys().collect())
     }
 
     /// Scores one image with the version in use and an explicit `meta` (the REPL's `reward`).

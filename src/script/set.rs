@@ -1,5 +1,5 @@
-//! [`ScriptSet`]: the scripts of a training run. Loads reward and prompt scripts (compile + dry
-//! run), reloads the ones whose content hash changed between epochs (keeping the previous version
+//! [`ScriptSet`]: the scripts of a training run. Loads reward, prompt and hooks scripts
+//! (compile + dry run), reloads the ones whose content hash changed between epochs (keeping the previous version
 //! when the new one fails), and saves every version used into the run folder. Also
 //! [`check_file`], the engine of `ddpo check`.
 
@@ -10,7 +10,7 @@ use std::sync::{Arc, RwLock};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::{Context, Host, Limits, Log, ScriptError, ScriptPrompts, ScriptReward, Shared, Version};
+use super::{Context, Host, Limits, Log, ScriptError, ScriptHooks, ScriptPrompts, ScriptReward, Shared, Version};
 
 /// What a script is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,6 +19,8 @@ pub enum Kind {
     Reward,
     /// Defines `fn prompt()`.
     Prompts,
+    /// Defines `fn on_epoch_start(ctx)` and/or `fn on_epoch_end(ctx)`.
+    Hooks,
 }
 
 /// The result of reloading one changed script.
@@ -81,6 +83,12 @@ impl ScriptSet {
     pub fn load_prompts(&mut self, path: &Path) -> anyhow::Result<ScriptPrompts> {
         let (host, current) = self.load(path, Kind::Prompts)?;
         Ok(ScriptPrompts { host, current, shared: self.shared.clone() })
+    }
+
+    /// Loads a hooks script (compiled; its entry points are checked, not called).
+    pub fn load_hooks(&mut self, path: &Path) -> anyhow::Result<ScriptHooks> {
+        let (host, current) = self.load(path, Kind::Hooks)?;
+        Ok(ScriptHooks { host, current })
     }
 
     fn load(&mut self, path: &Path, kind: Kind) -> anyhow::Result<(Arc<Host>, Arc<RwLock<Arc<Version>>>)> {
@@ -193,7 +201,38 @@ fn dry_run(host: &Host, shared: &Shared, version: &Version, kind: Kind) -> anyho
             let per_call = t.elapsed().as_secs_f64() * 1e3 / drawn.len() as f64;
             Ok(format!("prompts: {}; {per_call:.2} ms per call", drawn.iter().map(|p| format!("{p:?}")).collect::<Vec<_>>().join(", ")))
         }
+        // Hooks change training settings and may print: loading and reloading only checks
+        // their entry points; `ddpo check` also calls them (see `check_hooks`).
+        Kind::Hooks => {
+            super::hooks::check_defines(host, version)?;
+            let defined: Vec<&str> =
+                [super::hooks::ON_EPOCH_START, super::hooks::ON_EPOCH_END].into_iter().filter(|f| Host::defines(version, f, 1)).collect();
+            Ok(format!("hooks: defines {}", defined.join(", ")))
+        }
     }
+}
+
+/// `ddpo check` on a hooks script: calls each hook once with the context of a run's first epoch
+/// (and, for `on_epoch_end`, a made-up metrics record) and shows what it returned.
+fn check_hooks(host: &Host, version: &Version) -> anyhow::Result<String> {
+    use super::hooks::{call_hook, ON_EPOCH_END, ON_EPOCH_START, START_KEYS};
+    let defines = dry_run(host, &Shared::default(), version, Kind::Hooks)?;
+    let mut ctx = Context::default().to_map();
+    for (k, v) in [("epochs", 20.into()), ("lr", 3e-4.into()), ("guidance", 5.0.into()), ("base_lr", 3e-4.into()), ("base_guidance", 5.0.into())] {
+        ctx.insert(k.into(), v);
+    }
+    ctx.insert("weights".into(), rhai::Map::new().into());
+    let t = std::time::Instant::now();
+    let start = call_hook(host, version, ON_EPOCH_START, ctx.clone(), &START_KEYS)?;
+    let mut metrics = rhai::Map::new();
+    for k in ["reward_mean", "reward_std", "reward_min", "reward_max", "loss", "approx_kl", "clipfrac"] {
+        metrics.insert(k.into(), 0.0.into());
+    }
+    ctx.insert("metrics".into(), metrics.into());
+    let end = call_hook(host, version, ON_EPOCH_END, ctx, &["stop"])?;
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    let shown = |o: &super::Overrides| if o.is_empty() { "nothing".to_string() } else { o.summary() };
+    Ok(format!("{defines}; at epoch 0 on_epoch_start returns {}, on_epoch_end {}; {ms:.2} ms", shown(&start), shown(&end)))
 }
 
 /// Compiles `path` and dry-runs it as what it defines (`fn reward` or `fn prompt`; a module with
@@ -206,8 +245,10 @@ pub fn check_file(path: &Path, limits: &Limits, log: Log) -> anyhow::Result<Stri
         Kind::Reward
     } else if Host::defines(&version, "prompt", 0) {
         Kind::Prompts
+    } else if [super::hooks::ON_EPOCH_START, super::hooks::ON_EPOCH_END].iter().any(|f| version.ast.iter_functions().any(|d| d.name == *f)) {
+        return check_hooks(&host, &version);
     } else {
-        return Ok("module (compiled; defines neither `fn reward(img, prompt, meta)` nor `fn prompt()`)".into());
+        return Ok("module (compiled; defines none of `fn reward(img, prompt, meta)`, `fn prompt()`, `fn on_epoch_start(ctx)`, `fn on_epoch_end(ctx)`)".into());
     };
     dry_run(&host, &shared, &version, kind)
 }
