@@ -5,6 +5,7 @@ mod bench;
 mod check;
 mod eval;
 mod pretrain;
+mod pretrain_rewards;
 mod sample;
 mod train;
 

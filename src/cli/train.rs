@@ -15,6 +15,7 @@ use crate::ddpo::{Algorithm, FixedPrompts, Normalisation, Stage, TrainConfig, Tr
 use crate::model::LoraConfig;
 use crate::optim::AdamWConfig;
 use crate::policy::Policy;
+use crate::reward::models::{LazyModels, ModelPaths};
 use crate::run::{RunConfig, RunDir};
 use crate::sampler::SamplerConfig;
 use crate::script::engine::stderr_log;
@@ -79,6 +80,16 @@ pub struct Args {
     /// LoRA scale numerator (alpha / rank scales the adapter); default: the rank.
     #[arg(long)]
     lora_alpha: Option<f64>,
+    /// CLIP behind the scripts' `clip_similarity` (and `aesthetic`): a Hugging Face CLIP
+    /// `model.safetensors` (ViT-B/32 or ViT-L/14, with vocab.json and merges.txt beside it) or
+    /// its folder, or a small shapes CLIP; default: models/shapes-clip.safetensors.
+    #[arg(long)]
+    clip: Option<PathBuf>,
+    /// Aesthetic head behind the scripts' `aesthetic`: the LAION predictor (.pth or
+    /// .safetensors, with a ViT-L/14 --clip) or a small head; default:
+    /// models/shapes-aesthetic.safetensors.
+    #[arg(long)]
+    aesthetic: Option<PathBuf>,
     /// Training prompt (repeatable); default: 8 fixed shapes-world prompts.
     #[arg(long = "prompt")]
     prompts: Vec<String>,
@@ -127,6 +138,10 @@ impl Args {
                 rank: self.lora_rank,
                 alpha: self.lora_alpha.unwrap_or(self.lora_rank as f64),
             }),
+            reward_models: ModelPaths {
+                clip: self.clip.as_deref().map(|p| existing(p, "--clip")).transpose()?,
+                aesthetic: self.aesthetic.as_deref().map(|p| existing(p, "--aesthetic")).transpose()?,
+            },
         })
     }
 }
@@ -156,7 +171,8 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         Some(lora) => Policy::load_with_new_lora(&config.model, lora, config.train.seed, &device)?,
         None => Policy::load_trainable(&config.model, &device)?,
     };
-    let mut scripts = ScriptSet::new(Limits::default(), stderr_log());
+    let models = LazyModels::new(config.reward_models.clone(), device.clone());
+    let mut scripts = ScriptSet::new(Limits::default(), stderr_log()).with_models(models);
     let reward: Arc<dyn crate::reward::Reward> = if is_script(&config.reward) {
         Arc::new(scripts.load_reward(Path::new(&config.reward))?)
     } else {
@@ -247,6 +263,11 @@ fn is_script(reward: &str) -> bool {
 fn script_path(path: &Path, flag: &str) -> anyhow::Result<PathBuf> {
     anyhow::ensure!(path.extension().is_some_and(|e| e == "rhai"), "{flag} {}: a script must end in .rhai", path.display());
     std::fs::canonicalize(path).with_context(|| format!("{flag} {}: no such script", path.display()))
+}
+
+/// An existing model file or folder, made absolute so `--resume` finds it from anywhere.
+fn existing(path: &Path, flag: &str) -> anyhow::Result<PathBuf> {
+    std::fs::canonicalize(path).with_context(|| format!("{flag} {}: no such file or folder", path.display()))
 }
 
 fn read_prompt_script(run_dir: &Path) -> anyhow::Result<Option<PathBuf>> {

@@ -30,6 +30,9 @@ pub struct RunConfig {
     /// Train LoRA adapters instead of all weights.
     #[serde(default)]
     pub lora: Option<crate::model::LoraConfig>,
+    /// The CLIP and aesthetic models behind the script primitives (`None`: the shipped ones).
+    #[serde(default)]
+    pub reward_models: crate::reward::models::ModelPaths,
 }
 
 /// Training state besides weights and optimiser moments.

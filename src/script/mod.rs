@@ -47,6 +47,8 @@ pub fn content_hash(parts: &[&str]) -> String {
 pub(crate) struct Shared {
     pub context: Arc<RwLock<Context>>,
     pub meta: Arc<Mutex<HashMap<String, rhai::Map>>>,
+    /// The CLIP and aesthetic models behind `clip_similarity` and `aesthetic`.
+    pub models: crate::reward::models::LazyModels,
 }
 
 /// One compiled version of a script file.
@@ -57,6 +59,15 @@ pub struct Version {
     /// Imported module files and their sources, as compiled.
     pub imports: Vec<(PathBuf, String)>,
     ast: AST,
+}
+
+impl Version {
+    /// Whether the script (or a module it imports) calls a learned primitive, so its batches
+    /// are worth embedding up front.
+    pub fn uses_models(&self) -> bool {
+        let calls = |s: &str| s.contains("clip_similarity") || s.contains("aesthetic");
+        calls(&self.source) || self.imports.iter().any(|(_, s)| calls(s))
+    }
 }
 
 /// A script file with its own sandboxed engine (its folder is the only one it may import from).
@@ -77,7 +88,7 @@ impl Host {
         };
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let mut engine = engine::new_engine(&name, &root, limits, log);
-        api::register(&mut engine, shared.context.clone());
+        api::register(&mut engine, shared.context.clone(), shared.models.clone());
         Self { display: path.display().to_string(), path: path.to_path_buf(), root, limits: limits.clone(), engine }
     }
 
