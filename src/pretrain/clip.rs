@@ -2,8 +2,8 @@
 //! ([`crate::reward::shapes_clip`]) on an endless stream of shapes-world images and captions, with
 //! resumable checkpoints, and its zero-shot evaluation on held-out images.
 //!
-//! Every image also competes against one hard-negative caption per batch element (the true caption
-//! with one attribute changed, [`crate::world::variants::random_variant`]), so the model must read
+//! Every image also competes against two hard-negative captions (the true caption with one
+//! attribute changed, [`crate::world::variants`]: a random attribute, and the shape), so the model must read
 //! every word rather than the easiest one. The evaluation images come from a seed no training
 //! batch uses ([`EVAL_SEED`]).
 
@@ -36,7 +36,8 @@ pub struct ClipTrainConfig {
     pub warmup: usize,
     pub weight_decay: f64,
     pub grad_clip: f64,
-    /// Add one one-attribute-off caption per image as an extra negative.
+    /// Add one-attribute-off captions per image as extra negatives: one in a random attribute
+    /// and one with another shape (the attribute in-batch negatives teach least).
     pub hard_negatives: bool,
     pub seed: u64,
     pub checkpoint_every: usize,
@@ -46,7 +47,7 @@ pub struct ClipTrainConfig {
 impl Default for ClipTrainConfig {
     fn default() -> Self {
         Self {
-            steps: 1200,
+            steps: 900,
             batch_size: 128,
             lr: 2e-3,
             warmup: 100,
@@ -182,7 +183,11 @@ impl ClipTrainer {
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (self.step as u64 + 1));
         let batch = self.world.batch(rng.random(), cfg.batch_size);
         let negatives: Vec<String> = if cfg.hard_negatives {
-            batch.iter().map(|s| random_variant(&s.spec, &mut rng).caption()).collect()
+            let shape = |s: &WorldSample, rng: &mut ChaCha8Rng| {
+                let mut vs = variants(&s.spec, Attribute::Shape);
+                vs.swap_remove(rng.random_range(0..vs.len())).caption()
+            };
+            batch.iter().flat_map(|s| [random_variant(&s.spec, &mut rng).caption(), shape(s, &mut rng)]).collect()
         } else {
             Vec::new()
         };

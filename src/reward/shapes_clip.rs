@@ -5,8 +5,9 @@
 //!
 //! - **Image tower:** a small CNN on `image_size`² pixels in [-1, 1]: a stride-1 3x3 conv, then
 //!   stride-2 3x3 convs, each followed by GroupNorm + SiLU (the project's fused kernels), then the
-//!   flattened feature map through `visual_projection`. Flattening (not pooling) keeps where
-//!   things are, which counts and relations need.
+//!   flattened feature map (plus its per-channel spatial maximum) through `visual_projection`.
+//!   Flattening keeps where things are, which counts and relations need; the maximum says what
+//!   is there wherever it is, which shape recognition needs.
 //! - **Text tower:** the project's CLIP-style [`TextEncoder`] over the 40-word shapes-world
 //!   vocabulary, pooled at the `<eos>` token as CLIP pools at its end-of-text token, then
 //!   `text_projection`.
@@ -45,6 +46,10 @@ pub struct ShapesClipConfig {
     /// Width of the shared embedding space.
     pub embed_dim: usize,
     pub text: TextConfig,
+    /// Also feed the per-channel spatial maximum of the last feature map to the projection:
+    /// a position-free "is there a star anywhere" signal next to the flattened map's "where".
+    #[serde(default)]
+    pub max_pool: bool,
 }
 
 impl ShapesClipConfig {
@@ -57,6 +62,7 @@ impl ShapesClipConfig {
             norm_groups: 8,
             embed_dim: 64,
             text: TextConfig::shapes_default(tok.vocab_size(), tok.max_len()),
+            max_pool: true,
         }
     }
 
@@ -68,7 +74,7 @@ impl ShapesClipConfig {
         text.intermediate_size = 32;
         text.num_hidden_layers = 1;
         text.num_attention_heads = 2;
-        Self { image_size: 16, channels: vec![8, 16], norm_groups: 4, embed_dim: 16, text }
+        Self { image_size: 16, channels: vec![8, 16], norm_groups: 4, embed_dim: 16, text, max_pool: true }
     }
 
     /// Side of the last feature map.
@@ -121,6 +127,7 @@ impl ConvStage {
 struct VisionTower {
     stages: Vec<ConvStage>,
     projection: candle_nn::Linear,
+    max_pool: bool,
 }
 
 impl VisionTower {
@@ -133,9 +140,9 @@ impl VisionTower {
             in_c = c;
         }
         let side = cfg.final_side();
-        let flat = in_c * side * side;
+        let flat = in_c * side * side + if cfg.max_pool { in_c } else { 0 };
         let projection = linear_no_bias(flat, cfg.embed_dim, vb.pp("visual_projection"))?;
-        Ok(Self { stages, projection })
+        Ok(Self { stages, projection, max_pool: cfg.max_pool })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -143,7 +150,9 @@ impl VisionTower {
         for stage in &self.stages {
             h = stage.forward(&h)?;
         }
-        self.projection.forward(&h.flatten_from(1)?)
+        let flat = h.flatten_from(1)?;
+        let features = if self.max_pool { Tensor::cat(&[&flat, &h.flatten_from(2)?.max(2)?], 1)? } else { flat };
+        self.projection.forward(&features)
     }
 }
 
