@@ -20,7 +20,7 @@ pub struct ClipArgs {
     /// Total optimiser steps (on --resume: extends or shortens the plan).
     #[arg(long)]
     steps: Option<usize>,
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 96)]
     batch_size: usize,
     #[arg(long, default_value_t = 2e-3)]
     lr: f64,

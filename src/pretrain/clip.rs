@@ -2,8 +2,9 @@
 //! ([`crate::reward::shapes_clip`]) on an endless stream of shapes-world images and captions, with
 //! resumable checkpoints, and its zero-shot evaluation on held-out images.
 //!
-//! Every image also competes against two hard-negative captions (the true caption with one
-//! attribute changed, [`crate::world::variants`]: a random attribute, and the shape), so the model must read
+//! Every image also competes against hard-negative captions (the true caption with one
+//! attribute changed, [`crate::world::variants`]: one in a random attribute, and all six with
+//! another shape), so the model must read
 //! every word rather than the easiest one. The evaluation images come from a seed no training
 //! batch uses ([`EVAL_SEED`]).
 
@@ -36,8 +37,9 @@ pub struct ClipTrainConfig {
     pub warmup: usize,
     pub weight_decay: f64,
     pub grad_clip: f64,
-    /// Add one-attribute-off captions per image as extra negatives: one in a random attribute
-    /// and one with another shape (the attribute in-batch negatives teach least).
+    /// Add one-attribute-off captions per image as extra negatives: one in a random attribute,
+    /// and the caption with each other shape (the attribute in-batch negatives teach least: a
+    /// random batch almost always differs in colour first).
     pub hard_negatives: bool,
     pub seed: u64,
     pub checkpoint_every: usize,
@@ -48,7 +50,7 @@ impl Default for ClipTrainConfig {
     fn default() -> Self {
         Self {
             steps: 900,
-            batch_size: 128,
+            batch_size: 96,
             lr: 2e-3,
             warmup: 100,
             weight_decay: 1e-4,
@@ -183,11 +185,13 @@ impl ClipTrainer {
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (self.step as u64 + 1));
         let batch = self.world.batch(rng.random(), cfg.batch_size);
         let negatives: Vec<String> = if cfg.hard_negatives {
-            let shape = |s: &WorldSample, rng: &mut ChaCha8Rng| {
-                let mut vs = variants(&s.spec, Attribute::Shape);
-                vs.swap_remove(rng.random_range(0..vs.len())).caption()
-            };
-            batch.iter().flat_map(|s| [random_variant(&s.spec, &mut rng).caption(), shape(s, &mut rng)]).collect()
+            batch
+                .iter()
+                .flat_map(|s| {
+                    let shapes = variants(&s.spec, Attribute::Shape).into_iter().map(|v| v.caption());
+                    std::iter::once(random_variant(&s.spec, &mut rng).caption()).chain(shapes).collect::<Vec<_>>()
+                })
+                .collect()
         } else {
             Vec::new()
         };
