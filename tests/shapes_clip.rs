@@ -220,3 +220,35 @@ fn script_primitives_use_the_configured_models_with_one_batched_pass() {
         assert!((s.components["beauty"] - beauty[i] as f64).abs() < 1e-4);
     }
 }
+
+#[test]
+fn clip_training_resumes_exactly() {
+    use ddpo::pretrain::clip::{ClipTrainConfig, ClipTrainer};
+    let config = ClipTrainConfig {
+        steps: 3,
+        batch_size: 4,
+        checkpoint_every: 2,
+        model: ShapesClipConfig::tiny_test(),
+        ..Default::default()
+    };
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut whole = ClipTrainer::create(config.clone(), a.path(), &Device::Cpu).unwrap();
+    whole.run(&mut |_| {}, &|| false).unwrap();
+    let mut first = ClipTrainer::create(config, b.path(), &Device::Cpu).unwrap();
+    // The stop flag is polled once before each step: let exactly two run.
+    let polls = std::cell::Cell::new(0);
+    first.run(&mut |_| {}, &|| { polls.set(polls.get() + 1); polls.get() > 2 }).unwrap();
+    drop(first);
+    let mut resumed = ClipTrainer::resume(b.path(), None, &Device::Cpu).unwrap();
+    assert_eq!(resumed.step, 2);
+    resumed.run(&mut |_| {}, &|| false).unwrap();
+    let (wa, wb) = (whole.weights(), resumed.weights());
+    assert_eq!(wa.len(), wb.len());
+    for (name, t) in &wa {
+        let d = (t - &wb[name]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d == 0.0, "{name} differs by {d} after resuming");
+    }
+    // The exported weights load as a model.
+    ShapesClip::load(&b.path().join("clip.safetensors"), &Device::Cpu).unwrap();
+}
+
