@@ -157,7 +157,7 @@ impl Ema {
     pub fn new(vars: &[(String, Var)], decay: f64) -> Result<Self> {
         let weights = vars
             .iter()
-            .map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?)))
+            .map(|(n, v)| Ok((n.clone(), v.as_tensor().detach().copy()?)))
             .collect::<Result<_>>()?;
         Ok(Self { decay, weights })
     }
@@ -168,8 +168,39 @@ impl Ema {
     pub fn update(&mut self, vars: &[(String, Var)], step: usize) -> Result<()> {
         let d = self.decay.min((1.0 + step as f64) / (10.0 + step as f64));
         for ((_, ema), (_, var)) in self.weights.iter_mut().zip(vars) {
-            *ema = ((&*ema * d)? + (var.as_tensor() * (1.0 - d))?)?;
+            // Detached: a tracked variable in the sum would chain every step's average to the
+            // previous one through the autograd graph, keeping all of them alive (~10 MB a step
+            // for the default model, until the pretraining run was OOM-killed).
+            *ema = ((&*ema * d)? + (var.as_tensor().detach() * (1.0 - d))?)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn ema_weights_are_detached_from_the_variables() {
+        let var = Var::new(&[1.0f32, 2.0], &Device::Cpu).unwrap();
+        let vars = vec![("w".to_string(), var.clone())];
+        let mut ema = Ema::new(&vars, 0.9).unwrap();
+        for step in 0..3 {
+            var.set(&(var.as_tensor() + 1.0).unwrap()).unwrap();
+            ema.update(&vars, step).unwrap();
+        }
+        // A tracked average would reach the variable through the autograd graph (and keep every
+        // earlier average alive with it).
+        let grads = ema.weights[0].1.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(var.as_tensor()).is_none());
+        let d: Vec<f64> = (0..3).map(|s| 0.9f64.min((1.0 + s as f64) / (10.0 + s as f64))).collect();
+        let mut want = 1.0f64;
+        for (s, d) in d.iter().enumerate() {
+            want = d * want + (1.0 - d) * (2.0 + s as f64);
+        }
+        let got = ema.weights[0].1.to_vec1::<f32>().unwrap()[0] as f64;
+        assert!((got - want).abs() < 1e-5, "ema {got}, want {want}");
     }
 }

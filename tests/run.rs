@@ -34,7 +34,7 @@ fn trainer(reward: Arc<dyn Reward>) -> Trainer {
 }
 
 fn run_config() -> RunConfig {
-    RunConfig { train: config(), model: "tiny".into(), reward: "brightness".into(), prompts: vec![], epochs: 3, checkpoint_every: 1, lora: None, dtype: Default::default() }
+    RunConfig { train: config(), model: "tiny".into(), reward: "brightness".into(), prompts: vec![], epochs: 3, checkpoint_every: 1, lora: None, dtype: Default::default(), reward_models: Default::default() }
 }
 
 /// metrics.jsonl without the wall-clock fields.

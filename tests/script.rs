@@ -373,8 +373,18 @@ fn context_and_image_functions() {
     assert!((s.components["hist"] - 1.0).abs() < 1e-9 || s.components["hist"] == 0.0);
     assert!(s.components["png"] > 0.0);
     assert_eq!(s.components["px"], 3.0);
-    let e = load_err(dir.path(), "r2.rhai", "fn reward(img, prompt, meta) { aesthetic(img) }", Limits::default());
-    assert!(e.contains("no aesthetic model configured"), "{e}");
+    // Learned primitives with a model file that is not there: the error names the file.
+    let p = write(dir.path(), "r2.rhai", "fn reward(img, prompt, meta) { aesthetic(img) }");
+    let missing = dir.path().join("missing-clip.safetensors");
+    let models = ddpo::reward::models::LazyModels::new(
+        ddpo::reward::models::ModelPaths { clip: Some(missing), aesthetic: None },
+        candle_core::Device::Cpu,
+    );
+    let e = match ScriptSet::new(Limits::default(), quiet()).with_models(models).load_reward(&p) {
+        Ok(_) => panic!("a reward with a missing CLIP loaded"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(e.contains("missing-clip.safetensors") && e.contains("not found"), "{e}");
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! The benchmark harness behind `ddpo bench`: fixed workloads on the default configuration
 //! (single kernels, the attention block, the whole UNet, a training step, DDIM sampling, a
-//! DDPO epoch, and DDPO epochs on the tiny Stable Diffusion fixture with LoRA or the full UNet), timed over repeats, with achieved GFLOP/s where the FLOP count is known and the
+//! DDPO epoch, DDPO epochs on the tiny Stable Diffusion fixture with LoRA or the full UNet, and
+//! CLIP image embeddings), timed over repeats, with achieved GFLOP/s where the FLOP count is known and the
 //! process's peak resident memory. Owns the timing and the JSON report, not the printing.
 
 mod workloads;
@@ -13,8 +14,9 @@ use serde::Serialize;
 pub use workloads::Sizes;
 
 /// The workload groups, in run order; `--only` takes one of these names.
-pub const WORKLOADS: &[&str] =
-    &["conv", "group_norm", "attention", "unet_fwd", "train_step", "ddim", "ddpo_epoch", "sd_epoch_lora", "sd_epoch_full"];
+pub const WORKLOADS: &[&str] = &[
+    "conv", "group_norm", "attention", "unet_fwd", "train_step", "ddim", "ddpo_epoch", "sd_epoch_lora", "sd_epoch_full", "clip",
+];
 
 /// How a bench run is carried out.
 #[derive(Debug, Clone, Copy)]
@@ -41,6 +43,9 @@ pub struct Timing {
     pub gflops: Option<f64>,
     /// The process's peak resident memory (VmHWM) after this workload, in MiB.
     pub peak_rss_mb: f64,
+    /// Items (e.g. image embeddings) per second at the median time, where a run has a count.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub items_per_s: Option<f64>,
     /// Named parts of the median run, in seconds (the DDPO epoch's sampling / reward / training).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub parts_s: BTreeMap<String, f64>,
@@ -111,6 +116,7 @@ fn measure(
         max_ms: runs[runs.len() - 1].0,
         gflops: flops.map(|fl| fl / (median_ms * 1e6)),
         peak_rss_mb: peak_rss_mb()?,
+        items_per_s: None,
         parts_s,
     })
 }

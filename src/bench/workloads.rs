@@ -37,6 +37,8 @@ pub struct Sizes {
     pub epoch: (usize, usize),
     /// Samples, sample batch, train batch and DDIM steps of one DDPO epoch on tiny-sd.
     pub sd_epoch: (usize, usize, usize, usize),
+    /// Images embedded per run by the small shapes CLIP and by a ViT-B/32-sized CLIP.
+    pub clip: (usize, usize),
 }
 
 impl Default for Sizes {
@@ -51,6 +53,7 @@ impl Default for Sizes {
             epoch: (32, 20),
             // The reference timing of tests/fixtures/tiny-sd/README.md.
             sd_epoch: (8, 4, 2, 20),
+            clip: (256, 8),
         }
     }
 }
@@ -67,6 +70,7 @@ impl Sizes {
             ddim: (2, 2),
             epoch: (4, 2),
             sd_epoch: (4, 2, 2, 2),
+            clip: (4, 1),
         }
     }
 }
@@ -86,6 +90,7 @@ pub fn run_group(name: &str, sizes: &Sizes, cfg: &BenchConfig) -> anyhow::Result
         "ddpo_epoch" => vec![keyed("ddpo_epoch", ddpo_epoch(sizes, cfg))?],
         "sd_epoch_lora" => vec![keyed("sd_epoch_lora", sd_epoch(sizes, cfg, true))?],
         "sd_epoch_full" => vec![keyed("sd_epoch_full", sd_epoch(sizes, cfg, false))?],
+        "clip" => vec![keyed("clip_small_embed", clip_small(sizes, cfg))?, keyed("clip_vit_b32_embed", clip_vit_b32(sizes, cfg))?],
         other => anyhow::bail!("unknown workload {other:?}"),
     })
 }
@@ -277,4 +282,54 @@ fn sd_epoch(sizes: &Sizes, cfg: &BenchConfig, lora: bool) -> anyhow::Result<Timi
     );
     let mut trainer = Trainer::new(config, policy, Arc::new(JpegCompressibility), Box::new(FixedPrompts::animals()))?;
     measure(cfg, shape, None, || epoch_parts(&mut trainer))
+}
+
+/// Image embeddings of the shipped small CLIP's architecture (random weights, seed 0) on
+/// shapes-world images: preprocessing, both conv stages and the projection, L2-normalised.
+fn clip_small(sizes: &Sizes, cfg: &BenchConfig) -> anyhow::Result<Timing> {
+    use crate::reward::shapes_clip::{ShapesClip, ShapesClipConfig};
+    let n = sizes.clip.0;
+    let config = ShapesClipConfig::shapes_default();
+    let model = ShapesClip::new(&config, seeded_var_builder(&candle_nn::VarMap::new(), 0, &Device::Cpu))?;
+    let world = crate::world::ShapesWorld::default().batch(0, n);
+    let images: Vec<_> = world.iter().map(|s| &s.image).collect();
+    // Conv MACs per image: each stage's output pixels x out x in x 9, then the projection.
+    let (mut side, mut in_c, mut macs) = (config.image_size, 3, 0usize);
+    for (i, &c) in config.channels.iter().enumerate() {
+        if i > 0 {
+            side /= 2;
+        }
+        macs += side * side * c * in_c * 9;
+        in_c = c;
+    }
+    macs += in_c * side * side * config.embed_dim;
+    let shape = format!("{n} images 32x32, channels {:?}, embed {}", config.channels, config.embed_dim);
+    let mut t = measure(cfg, shape, Some(2.0 * (macs * n) as f64), || {
+        model.image_embeddings(&images)?;
+        Ok(Parts::new())
+    })?;
+    t.items_per_s = Some(n as f64 / (t.median_ms / 1e3));
+    Ok(t)
+}
+
+/// Image embeddings of a randomly initialised CLIP of ViT-B/32's size (224 px, 12 layers of
+/// width 768, 512-d projection) through candle-transformers, from preprocessed pixels.
+fn clip_vit_b32(sizes: &Sizes, cfg: &BenchConfig) -> anyhow::Result<Timing> {
+    let n = sizes.clip.1;
+    let config = crate::reward::clip::vit_b32();
+    let vb = seeded_var_builder(&candle_nn::VarMap::new(), 0, &Device::Cpu);
+    let model = candle_transformers::models::clip::ClipModel::new(vb, &config)?;
+    let pixels = randn(1, &[n, 3, 224, 224], 1.0)?;
+    let v = &config.vision_config;
+    let tokens = (v.image_size / v.patch_size).pow(2) + 1;
+    let d = v.embed_dim;
+    let per_layer = tokens * (4 * d * d + 2 * d * v.intermediate_size) + 2 * tokens * tokens * d;
+    let macs = (tokens - 1) * d * 3 * v.patch_size * v.patch_size + v.num_hidden_layers * per_layer + d * v.projection_dim;
+    let shape = format!("{n} images 224x224, ViT-B/32 (12 x 768, patch 32), random weights");
+    let mut t = measure(cfg, shape, Some(2.0 * (macs * n) as f64), || {
+        model.get_image_features(&pixels)?;
+        Ok(Parts::new())
+    })?;
+    t.items_per_s = Some(n as f64 / (t.median_ms / 1e3));
+    Ok(t)
 }

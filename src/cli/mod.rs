@@ -6,6 +6,7 @@ mod check;
 mod eval;
 mod pretrain;
 pub mod repl;
+mod pretrain_rewards;
 mod sample;
 mod schedule;
 mod train;

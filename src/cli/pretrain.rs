@@ -1,4 +1,5 @@
 //! `ddpo pretrain diffusion`: DDPM pretraining of the embedded default policy, resumable.
+//! The reward models' subcommands live in [`super::pretrain_rewards`].
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -12,6 +13,11 @@ use crate::pretrain::{Event, PretrainConfig, Pretrainer};
 pub enum Which {
     /// Train the text-conditioned diffusion model (UNet + text encoder) with the DDPM objective.
     Diffusion(DiffusionArgs),
+    /// Train the small shapes-world CLIP contrastively (the default `clip_similarity` model).
+    Clip(super::pretrain_rewards::ClipArgs),
+    /// Fit the aesthetic head (LAION MLP family) on the small CLIP's embeddings to the
+    /// shapes world's composition score.
+    Aesthetic(super::pretrain_rewards::AestheticArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -45,7 +51,11 @@ pub struct DiffusionArgs {
 }
 
 pub fn exec(which: Which) -> anyhow::Result<()> {
-    let Which::Diffusion(args) = which;
+    let args = match which {
+        Which::Diffusion(args) => args,
+        Which::Clip(args) => return super::pretrain_rewards::exec_clip(args),
+        Which::Aesthetic(args) => return super::pretrain_rewards::exec_aesthetic(args),
+    };
     let device = super::device(&args.device)?;
     let mut run = if args.resume {
         Pretrainer::resume(&args.out, args.steps, &device)?

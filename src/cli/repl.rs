@@ -61,7 +61,8 @@ pub struct Options {
 
 /// A REPL session on a loaded model: the policy (trainable), scripts and run folder.
 pub fn open(o: Options) -> anyhow::Result<Repl> {
-    let mut scripts = ScriptSet::new(Limits::default(), o.log.clone());
+    let models = crate::reward::models::LazyModels::new(Default::default(), o.device.clone());
+    let mut scripts = ScriptSet::new(Limits::default(), o.log.clone()).with_models(models);
     let reward = Arc::new(scripts.load_reward(&o.reward)?);
     let prompts = scripts.load_prompts(&o.prompts)?;
     let hooks = o.hooks.as_deref().map(|p| scripts.load_hooks(p)).transpose()?;
@@ -77,6 +78,7 @@ pub fn open(o: Options) -> anyhow::Result<Repl> {
         checkpoint_every: 1,
         lora: None,
         dtype: Default::default(),
+        reward_models: Default::default(),
     };
     let run = RunDir::create(&o.run_dir, &config)?;
     let reward_dyn: Arc<dyn crate::reward::Reward> = reward.clone();

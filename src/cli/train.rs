@@ -16,6 +16,7 @@ use crate::ddpo::{Algorithm, FixedPrompts, Normalisation, Stage, TrainConfig, Tr
 use crate::model::LoraConfig;
 use crate::optim::AdamWConfig;
 use crate::policy::Policy;
+use crate::reward::models::{LazyModels, ModelPaths};
 use crate::run::{RunConfig, RunDir};
 use crate::sampler::SamplerConfig;
 use crate::script::engine::stderr_log;
@@ -95,6 +96,16 @@ pub struct Args {
     /// LoRA scale numerator (alpha / rank scales the adapter); default: the rank.
     #[arg(long)]
     lora_alpha: Option<f64>,
+    /// CLIP behind the scripts' `clip_similarity` (and `aesthetic`): a Hugging Face CLIP
+    /// `model.safetensors` (ViT-B/32 or ViT-L/14, with vocab.json and merges.txt beside it) or
+    /// its folder, or a small shapes CLIP; default: models/shapes-clip.safetensors.
+    #[arg(long)]
+    clip: Option<PathBuf>,
+    /// Aesthetic head behind the scripts' `aesthetic`: the LAION predictor (.pth or
+    /// .safetensors, with a ViT-L/14 --clip) or a small head; default:
+    /// models/shapes-aesthetic.safetensors.
+    #[arg(long)]
+    aesthetic: Option<PathBuf>,
     /// Training prompt (repeatable); default: 8 fixed shapes-world prompts (45 animal names,
     /// the reference's `simple_animals`, for --model-dir).
     #[arg(long = "prompt")]
@@ -170,6 +181,10 @@ impl Args {
                 rank: self.lora_rank,
                 alpha: self.lora_alpha.unwrap_or(self.lora_rank as f64),
             }),
+            reward_models: ModelPaths {
+                clip: self.clip.as_deref().map(|p| existing(p, "--clip")).transpose()?,
+                aesthetic: self.aesthetic.as_deref().map(|p| existing(p, "--aesthetic")).transpose()?,
+            },
         })
     }
 }
@@ -202,7 +217,8 @@ pub fn exec(mut args: Args) -> anyhow::Result<()> {
         }
     };
     let policy = Policy::open_trainable(&config.model, config.lora, config.train.seed, config.dtype, &device)?;
-    let mut scripts = ScriptSet::new(Limits::default(), stderr_log());
+    let models = LazyModels::new(config.reward_models.clone(), device.clone());
+    let mut scripts = ScriptSet::new(Limits::default(), stderr_log()).with_models(models);
     let script_reward = is_script(&config.reward).then(|| scripts.load_reward(Path::new(&config.reward)).map(Arc::new)).transpose()?;
     let reward: Arc<dyn crate::reward::Reward> = match &script_reward {
         Some(r) => r.clone(),
@@ -357,6 +373,11 @@ fn is_script(reward: &str) -> bool {
 fn script_path(path: &Path, flag: &str) -> anyhow::Result<PathBuf> {
     anyhow::ensure!(path.extension().is_some_and(|e| e == "rhai"), "{flag} {}: a script must end in .rhai", path.display());
     std::fs::canonicalize(path).with_context(|| format!("{flag} {}: no such script", path.display()))
+}
+
+/// An existing model file or folder, made absolute so `--resume` finds it from anywhere.
+fn existing(path: &Path, flag: &str) -> anyhow::Result<PathBuf> {
+    std::fs::canonicalize(path).with_context(|| format!("{flag} {}: no such file or folder", path.display()))
 }
 
 /// The prompt and hooks scripts a run was started with.

@@ -4,6 +4,8 @@
 //!
 //! The loop reports through [`Event`]s; it never prints (the CLI draws the progress bar).
 
+pub mod aesthetic;
+pub mod clip;
 pub mod eval;
 
 use std::collections::HashMap;

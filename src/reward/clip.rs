@@ -101,6 +101,10 @@ impl Clip {
         &self.config
     }
 
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     /// The underlying candle-transformers model.
     pub fn model(&self) -> &ClipModel {
         &self.model

@@ -5,6 +5,8 @@
 pub mod aesthetic;
 pub mod clip;
 pub mod jpeg;
+pub mod models;
+pub mod shapes_clip;
 pub mod stats;
 
 use std::collections::BTreeMap;

@@ -33,6 +33,9 @@ pub struct RunConfig {
     /// The dtype of frozen weights (diffusers folders only).
     #[serde(default)]
     pub dtype: crate::policy::WeightDtype,
+    /// The CLIP and aesthetic models behind the script primitives (`None`: the shipped ones).
+    #[serde(default)]
+    pub reward_models: crate::reward::models::ModelPaths,
 }
 
 /// Training state besides weights and optimiser moments.

@@ -16,6 +16,7 @@ use rand_chacha::ChaCha8Rng;
 use rhai::{Array, Dynamic, Engine, EvalAltResult, Map, FLOAT, INT};
 
 use super::engine::charge_pixels;
+use crate::reward::models::LazyModels;
 
 type Res<T> = Result<T, Box<EvalAltResult>>;
 
@@ -87,12 +88,17 @@ fn draw<T>(what: &str, f: impl FnOnce(&mut ChaCha8Rng) -> Res<T>) -> Res<T> {
     })
 }
 
+/// A learned primitive's result as a script value; errors read `name: message`.
+fn learned<T>(result: anyhow::Result<T>, name: &str) -> Res<T> {
+    result.map_err(|e| format!("{name}: {e:#}").into())
+}
+
 fn number(v: &Dynamic) -> Option<f64> {
     v.as_float().ok().or_else(|| v.as_int().ok().map(|i| i as f64))
 }
 
 /// Registers the host API on `engine`; returns the documentation of what it registered.
-pub(crate) fn register(engine: &mut Engine, context: Arc<RwLock<Context>>) -> Vec<ApiEntry> {
+pub(crate) fn register(engine: &mut Engine, context: Arc<RwLock<Context>>, models: LazyModels) -> Vec<ApiEntry> {
     let mut docs = Vec::new();
     macro_rules! api {
         (fn $name:literal, $sig:literal, $doc:literal, $f:expr) => {{
@@ -190,11 +196,29 @@ pub(crate) fn register(engine: &mut Engine, context: Arc<RwLock<Context>>) -> Ve
             Ok(bytes.into_inner().len() as FLOAT / 1000.0)
         });
 
-    // --- learned scorers (not configured yet) ---
-    api!(fn "aesthetic", "aesthetic(img) -> float", "Aesthetic score of an image. Not available yet: no aesthetic model is configured, so it raises an error.",
-        |_img: Image| -> Res<FLOAT> { Err("aesthetic(): no aesthetic model configured (this build has none; use image statistics instead)".into()) });
-    api!(fn "clip_similarity", "clip_similarity(img, text) -> float", "Image-text similarity. Not available yet: no CLIP model is configured, so it raises an error.",
-        |_img: Image, _text: &str| -> Res<FLOAT> { Err("clip_similarity(): no CLIP model configured (this build has none)".into()) });
+    // --- learned scorers (the run's CLIP and aesthetic models, loaded on first use) ---
+    let m = models.clone();
+    api!(fn "aesthetic", "aesthetic(img) -> float",
+        "Aesthetic score of an image: the aesthetic head on the CLIP image embedding. By default the shipped shapes-world head (a procedural composition score, about 0..10); with `ddpo train --clip --aesthetic` the LAION predictor (about 1..10).",
+        move |img: Image| -> Res<FLOAT> { learned(m.get().and_then(|m| m.aesthetic(img.rgb())), "aesthetic()") });
+    let m = models.clone();
+    api!(fn "clip_similarity", "clip_similarity(img, text) -> float",
+        "Cosine similarity (-1..1) of the CLIP embeddings of an image and a text. By default the shipped shapes-world CLIP; `ddpo train --clip PATH` for real CLIP weights.",
+        move |img: Image, text: &str| -> Res<FLOAT> {
+            learned(m.get().and_then(|m| m.clip_similarity(img.rgb(), &[text])).map(|v| v[0]), "clip_similarity()")
+        });
+    let m = models;
+    api!(fn "clip_similarity", "clip_similarity(img, [text, ..]) -> [float]",
+        "Cosine similarities of an image to each text of an array (one batched text pass).",
+        move |img: Image, texts: Array| -> Res<Array> {
+            let texts: Vec<String> = texts
+                .into_iter()
+                .map(|t| t.into_immutable_string().map(|s| s.to_string()).map_err(|ty| format!("clip_similarity(): texts must be strings, got {ty}")))
+                .collect::<Result<_, _>>()?;
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            let sims = learned(m.get().and_then(|m| m.clip_similarity(img.rgb(), &refs)), "clip_similarity()")?;
+            Ok(sims.into_iter().map(Dynamic::from_float).collect())
+        });
 
     // --- seeded randomness (prompt scripts only) ---
     api!(fn "rand", "rand() -> float", "Uniform number in [0, 1) from the run's seeded generator. Prompt scripts only.",
@@ -282,7 +306,7 @@ fn hsv([r, g, b]: [u8; 3]) -> (f64, f64, f64) {
 
 /// The documentation of the host API, in registration order.
 pub fn entries() -> Vec<ApiEntry> {
-    register(&mut Engine::new_raw(), Arc::default())
+    register(&mut Engine::new_raw(), Arc::default(), LazyModels::default())
 }
 
 /// `scripts/API.md`: the host API as Markdown, generated from [`register`].

@@ -61,6 +61,8 @@ pub(crate) struct Shared {
     pub meta: Arc<Mutex<HashMap<String, rhai::Map>>>,
     /// Reward-component weights set by hooks (empty: the reward's own total counts).
     pub weights: Arc<RwLock<std::collections::BTreeMap<String, f64>>>,
+    /// The CLIP and aesthetic models behind `clip_similarity` and `aesthetic`.
+    pub models: crate::reward::models::LazyModels,
 }
 
 /// One compiled version of a script file.
@@ -71,6 +73,15 @@ pub struct Version {
     /// Imported module files and their sources, as compiled.
     pub imports: Vec<(PathBuf, String)>,
     ast: AST,
+}
+
+impl Version {
+    /// Whether the script (or a module it imports) calls a learned primitive, so its batches
+    /// are worth embedding up front.
+    pub fn uses_models(&self) -> bool {
+        let calls = |s: &str| s.contains("clip_similarity") || s.contains("aesthetic");
+        calls(&self.source) || self.imports.iter().any(|(_, s)| calls(s))
+    }
 }
 
 /// A script file with its sandboxed engines (its folder is the only one it may import from).
@@ -99,14 +110,14 @@ impl Host {
             _ => PathBuf::from("."),
         };
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let (dir, sandbox, context) = (root.clone(), limits.clone(), shared.context.clone());
+        let (dir, sandbox, context, models) = (root.clone(), limits.clone(), shared.context.clone(), shared.models.clone());
         let build = Box::new(move || {
             let mut engine = engine::new_engine(&name, &dir, &sandbox, log.clone());
-            api::register(&mut engine, context.clone());
+            api::register(&mut engine, context.clone(), models.clone());
             engine
         });
         let mut locator = engine::new_locator(&root, limits);
-        api::register(&mut locator, shared.context.clone());
+        api::register(&mut locator, shared.context.clone(), shared.models.clone());
         Self {
             display: path.display().to_string(),
             path: path.to_path_buf(),

@@ -76,7 +76,7 @@ impl Repl {
             o.push('\n');
         });
         let mut engine = engine::new_engine("<repl>", &std::env::current_dir().unwrap_or_default(), &limits, log);
-        api::register(&mut engine, Arc::default());
+        api::register(&mut engine, Arc::default(), crate::reward::models::LazyModels::default());
         register(&mut engine, host, reward, out_dir, out.clone());
         Self { engine, scope: Scope::new(), functions: AST::empty(), pending: String::new(), line: 0, out, limits }
     }

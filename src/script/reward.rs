@@ -94,6 +94,10 @@ impl Reward for ScriptReward {
     fn score(&self, images: &[RgbImage], prompts: &[String]) -> anyhow::Result<Vec<Score>> {
         anyhow::ensure!(images.len() == prompts.len(), "{} images but {} prompts", images.len(), prompts.len());
         let version = self.current.read().unwrap().clone();
+        if version.uses_models() {
+            // One batched CLIP pass for the whole batch, outside the scripts' deadline.
+            self.shared.models.get()?.prefetch(&images.iter().collect::<Vec<_>>())?;
+        }
         images
             .iter()
             .zip(prompts)

@@ -73,6 +73,13 @@ impl ScriptSet {
         Self { limits, log, shared: Shared::default(), entries: Vec::new() }
     }
 
+    /// Uses `models` for `clip_similarity` / `aesthetic` (instead of the shipped defaults);
+    /// call before loading scripts.
+    pub fn with_models(mut self, models: crate::reward::models::LazyModels) -> Self {
+        self.shared.models = models;
+        self
+    }
+
     /// Loads a reward script (compiled and dry-run on a few shapes-world images).
     pub fn load_reward(&mut self, path: &Path) -> anyhow::Result<ScriptReward> {
         let (host, current) = self.load(path, Kind::Reward)?;
@@ -180,6 +187,10 @@ fn dry_run(host: &Host, shared: &Shared, version: &Version, kind: Kind) -> anyho
                 ScriptError::new(&host.display, "a reward script must define `fn reward(img, prompt, meta)`")
             );
             let (images, captions) = dry_run_batch();
+            if version.uses_models() {
+                // Load the models and embed the batch before the calls run under the deadline.
+                shared.models.get()?.prefetch(&images.iter().collect::<Vec<_>>())?;
+            }
             let t = std::time::Instant::now();
             let mut shown = Vec::new();
             for (i, (img, caption)) in images.iter().zip(&captions).enumerate() {

@@ -26,19 +26,23 @@
 //! Everything here is plain Rust; tensors live in `render`.
 
 pub mod caption;
+pub mod composition;
 pub mod judge;
 pub mod palette;
 pub mod scene;
 pub mod tokenizer;
+pub mod variants;
 
 pub use caption::{
     is_rare, parse_caption, CaptionSpec, GrammarWeights, Relation, ShapeKind, ShapeSpec, Size,
     RARE_COMBOS,
 };
+pub use composition::{composition, Composition};
 pub use judge::{judge, Judgement};
 pub use palette::Colour;
 pub use scene::{relation_holds, PlacedShape, Scene, Split};
 pub use tokenizer::Tokenizer;
+pub use variants::{variants, Attribute};
 
 use anyhow::{ensure, Context, Result};
 use rand::{Rng, SeedableRng};
