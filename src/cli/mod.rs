@@ -7,6 +7,7 @@ mod eval;
 mod pretrain;
 pub mod repl;
 mod pretrain_rewards;
+mod progress;
 mod sample;
 mod schedule;
 mod train;

@@ -3,10 +3,9 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
 
-use indicatif::{ProgressBar, ProgressStyle};
 
+use super::progress::StepProgress;
 use crate::pretrain::{Event, PretrainConfig, Pretrainer};
 
 #[derive(Debug, clap::Subcommand)]
@@ -79,39 +78,15 @@ pub fn exec(which: Which) -> anyhow::Result<()> {
         run.step,
         run.config.steps
     );
-    let bar = ProgressBar::new(run.config.steps as u64).with_position(run.step as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} {per_sec} eta {eta} {msg}")
-            .expect("valid template"),
-    );
+    let mut progress = StepProgress::new(run.config.steps, run.step);
     let stop = super::interrupt_flag();
-    let start = Instant::now();
-    let first_step = run.step;
-    let mut ema_loss = None::<f64>;
     let mut on_event = |e: Event| match e {
-        Event::Step { step, loss, lr, grad_norm } => {
-            let l = ema_loss.map_or(loss, |m| 0.98 * m + 0.02 * loss);
-            ema_loss = Some(l);
-            bar.set_position(step as u64);
-            bar.set_message(format!("loss {l:.4} lr {lr:.1e} |g| {grad_norm:.2}"));
-            if bar.is_hidden() && step % 25 == 0 {
-                let rate = (step - first_step) as f64 / start.elapsed().as_secs_f64();
-                eprintln!("step {step}: loss {l:.4} lr {lr:.1e} |g| {grad_norm:.2} ({rate:.2} steps/s)");
-            }
-        }
-        Event::Checkpoint { step, path } => super::say(
-            &bar,
-            format!(
-                "step {step}: loss {:.4}, checkpoint in {} ({:.0} s)",
-                ema_loss.unwrap_or(f64::NAN),
-                path.display(),
-                start.elapsed().as_secs_f64()
-            ),
-        ),
-        Event::Samples { step, path } => super::say(&bar, format!("step {step}: samples {}", path.display())),
+        Event::Step { step, loss, lr, grad_norm } => progress.step(step, loss, &format!("lr {lr:.1e} |g| {grad_norm:.2}")),
+        Event::Checkpoint { step, path } => progress.checkpoint(step, &path),
+        Event::Samples { step, path } => super::say(&progress.bar, format!("step {step}: samples {}", path.display())),
     };
     run.run(&mut on_event, &|| stop.load(Ordering::SeqCst))?;
-    bar.finish();
+    progress.bar.finish();
     if let Some(export) = &args.export {
         if run.step >= run.config.steps {
             run.export(export)?;

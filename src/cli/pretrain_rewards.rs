@@ -3,9 +3,8 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
 
-use indicatif::{ProgressBar, ProgressStyle};
+use super::progress::StepProgress;
 
 use crate::pretrain::clip::{eval_samples, zero_shot, ClipEvent, ClipTrainConfig, ClipTrainer};
 
@@ -56,28 +55,14 @@ pub fn exec_clip(args: ClipArgs) -> anyhow::Result<()> {
         ClipTrainer::create(config, &args.out, &device)?
     };
     eprintln!("training the shapes CLIP in {} from step {} to {}", args.out.display(), run.step, run.config.steps);
-    let bar = progress_bar(run.config.steps, run.step);
+    let mut progress = StepProgress::new(run.config.steps, run.step);
     let stop = super::interrupt_flag();
-    let (start, first_step) = (Instant::now(), run.step);
-    let mut avg = None::<f64>;
     let mut on_event = |e: ClipEvent| match e {
-        ClipEvent::Step { step, loss, lr, temperature } => {
-            let l = avg.map_or(loss, |m| 0.95 * m + 0.05 * loss);
-            avg = Some(l);
-            bar.set_position(step as u64);
-            bar.set_message(format!("loss {l:.4} lr {lr:.1e} T {temperature:.4}"));
-            if bar.is_hidden() && step % 25 == 0 {
-                let rate = (step - first_step) as f64 / start.elapsed().as_secs_f64();
-                eprintln!("step {step}: loss {l:.4} lr {lr:.1e} T {temperature:.4} ({rate:.2} steps/s)");
-            }
-        }
-        ClipEvent::Checkpoint { step, path } => super::say(
-            &bar,
-            format!("step {step}: loss {:.4}, checkpoint in {} ({:.0} s)", avg.unwrap_or(f64::NAN), path.display(), start.elapsed().as_secs_f64()),
-        ),
+        ClipEvent::Step { step, loss, lr, temperature } => progress.step(step, loss, &format!("lr {lr:.1e} T {temperature:.4}")),
+        ClipEvent::Checkpoint { step, path } => progress.checkpoint(step, &path),
     };
     run.run(&mut on_event, &|| stop.load(Ordering::SeqCst))?;
-    bar.finish();
+    progress.bar.finish();
     if run.step >= run.config.steps {
         if let Some(export) = &args.export {
             run.export(export)?;
@@ -89,12 +74,6 @@ pub fn exec_clip(args: ClipArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-fn progress_bar(len: usize, pos: usize) -> ProgressBar {
-    let bar = ProgressBar::new(len as u64).with_position(pos as u64);
-    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {per_sec} eta {eta} {msg}").expect("valid template"));
-    bar
 }
 
 #[derive(Debug, clap::Args)]
@@ -133,7 +112,7 @@ pub fn exec_aesthetic(args: AestheticArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     eprintln!("embedding {} + {} shapes-world images with {}", cfg.train_images, cfg.eval_images, clip_path.display());
-    let bar = progress_bar(cfg.steps, 0);
+    let bar = StepProgress::new(cfg.steps, 0).bar;
     let (_, varmap, report) = train_head(&clip, &cfg, &mut |step, loss| {
         bar.set_position(step as u64 + 1);
         bar.set_message(format!("mse {loss:.4}"));
