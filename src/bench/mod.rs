@@ -46,6 +46,9 @@ pub struct Timing {
     /// Items (e.g. image embeddings) per second at the median time, where a run has a count.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub items_per_s: Option<f64>,
+    /// Resident memory (VmRSS, MiB) after each timed run, in run order: flat when nothing leaks
+    /// (`ddpo bench --only ddpo_epoch --repeats 20 --warmup 0` checks 20 epochs).
+    pub rss_mb_after_runs: Vec<f64>,
     /// Named parts of the median run, in seconds (the DDPO epoch's sampling / reward / training).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub parts_s: BTreeMap<String, f64>,
@@ -101,10 +104,12 @@ fn measure(
         f()?;
     }
     let mut runs: Vec<(f64, Parts)> = Vec::with_capacity(cfg.repeats);
+    let mut rss_mb_after_runs = Vec::with_capacity(cfg.repeats);
     for _ in 0..cfg.repeats {
         let start = Instant::now();
         let parts = f()?;
         runs.push((start.elapsed().as_secs_f64() * 1e3, parts));
+        rss_mb_after_runs.push(memory_mb("VmRSS")?);
     }
     runs.sort_by(|a, b| a.0.total_cmp(&b.0));
     let (median_ms, parts_s) = runs[runs.len() / 2].clone();
@@ -117,22 +122,28 @@ fn measure(
         gflops: flops.map(|fl| fl / (median_ms * 1e6)),
         peak_rss_mb: peak_rss_mb()?,
         items_per_s: None,
+        rss_mb_after_runs,
         parts_s,
     })
 }
 
 /// The process's peak resident set size (VmHWM in /proc/self/status), in MiB.
 pub fn peak_rss_mb() -> anyhow::Result<f64> {
-    use anyhow::Context;
-    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status for the peak memory")?;
-    parse_vm_hwm_kb(&status)
-        .map(|kb| kb as f64 / 1024.0)
-        .context("no VmHWM line in /proc/self/status (peak memory is only measured on Linux)")
+    memory_mb("VmHWM")
 }
 
-/// The VmHWM value (kB) of a /proc/<pid>/status text.
-fn parse_vm_hwm_kb(status: &str) -> Option<u64> {
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+/// A memory figure of /proc/self/status (`VmHWM`, `VmRSS`), in MiB.
+fn memory_mb(key: &str) -> anyhow::Result<f64> {
+    use anyhow::Context;
+    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status for the memory figures")?;
+    parse_status_kb(&status, key)
+        .map(|kb| kb as f64 / 1024.0)
+        .with_context(|| format!("no {key} line in /proc/self/status (memory is only measured on Linux)"))
+}
+
+/// The value (kB) of the `key:` line of a /proc/<pid>/status text.
+fn parse_status_kb(status: &str, key: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.strip_prefix(key).is_some_and(|rest| rest.starts_with(':')))?;
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
@@ -141,10 +152,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_vm_hwm() {
+    fn parses_memory_lines() {
         let status = "Name:\tddpo\nVmPeak:\t  9000 kB\nVmHWM:\t  123456 kB\nVmRSS:\t 1000 kB\n";
-        assert_eq!(parse_vm_hwm_kb(status), Some(123456));
-        assert_eq!(parse_vm_hwm_kb("Name: x\n"), None);
+        assert_eq!(parse_status_kb(status, "VmHWM"), Some(123456));
+        assert_eq!(parse_status_kb(status, "VmRSS"), Some(1000));
+        assert_eq!(parse_status_kb("Name: x\n", "VmHWM"), None);
     }
 
     #[test]
