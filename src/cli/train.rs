@@ -268,7 +268,7 @@ pub fn exec(mut args: Args) -> anyhow::Result<()> {
             scripts.save_versions(&run.dir.join("scripts"))?;
         }
         first = false;
-        let context = ScriptContext { epoch: trainer.epoch, step: trainer.opt.step_count(), reward_mean: reward_mean.clone(), reward_std: reward_std.clone() };
+        let context = script_context(trainer.epoch, &trainer, &reward_mean, &reward_std);
         scripts.set_context(context.clone());
         let start = schedule.epoch_start(&mut trainer, &context);
         if let Some(line) = super::schedule::error_line(&start) {
@@ -314,7 +314,7 @@ pub fn exec(mut args: Args) -> anyhow::Result<()> {
             report.seconds_reward,
             report.seconds_training
         ) + super::schedule::log_suffix(&start).as_str());
-        let end = schedule.epoch_end(&trainer, &ScriptContext { epoch: report.epoch, step: trainer.opt.step_count(), reward_mean: reward_mean.clone(), reward_std: reward_std.clone() }, &m);
+        let end = schedule.epoch_end(&trainer, &script_context(report.epoch, &trainer, &reward_mean, &reward_std), &m);
         if let Some(line) = super::schedule::error_line(&end) {
             super::say(&bar, line);
         }
@@ -359,6 +359,11 @@ fn wait_for_fix(scripts: &mut ScriptSet, stop: &std::sync::atomic::AtomicBool, b
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
     false
+}
+
+/// What scripts see of the run at `epoch`: the optimiser step and the finished epochs' rewards.
+fn script_context(epoch: usize, trainer: &Trainer, reward_mean: &[f64], reward_std: &[f64]) -> ScriptContext {
+    ScriptContext { epoch, step: trainer.opt.step_count(), reward_mean: reward_mean.to_vec(), reward_std: reward_std.to_vec() }
 }
 
 /// Where a run started with `--prompts` / `--hooks FILE.rhai` keeps the scripts' paths (for `--resume`).

@@ -95,13 +95,8 @@ pub fn ddim_step(
         .broadcast_sub(&eps.broadcast_mul(&c.sqrt_one_minus_ab_t)?)?
         .broadcast_div(&c.sqrt_ab_t)?;
     // As in diffusers and the DDPO reference: clamp x0 but keep the model's eps for the direction.
-    let x0 = match schedule.config.clip_sample {
-        true => {
-            let r = schedule.config.clip_sample_range;
-            x0.clamp(-r, r)?
-        }
-        false => x0,
-    };
+    let r = schedule.config.clip_sample_range;
+    let x0 = if schedule.config.clip_sample { x0.clamp(-r, r)? } else { x0 };
     let mean = x0
         .broadcast_mul(&c.sqrt_ab_prev)?
         .broadcast_add(&eps.broadcast_mul(&c.direction)?)?;
