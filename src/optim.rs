@@ -14,11 +14,16 @@ pub struct AdamWConfig {
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
+    /// Optimiser steps over which the learning rate ramps linearly up to `lr` (0: none). Adam's
+    /// first steps move every weight by about `lr` whatever its gradient's noise (the moments
+    /// are estimated from one or two gradients), which visibly degrades a pretrained model.
+    #[serde(default)]
+    pub warmup_steps: usize,
 }
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        Self { lr: 3e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-4 }
+        Self { lr: 3e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-4, warmup_steps: 0 }
     }
 }
 
@@ -54,6 +59,15 @@ impl AdamW {
         self.config.lr = lr;
     }
 
+    /// The learning rate of the next step: `lr`, scaled down during the warm-up.
+    pub fn current_lr(&self) -> f64 {
+        let c = &self.config;
+        if c.warmup_steps == 0 {
+            return c.lr;
+        }
+        c.lr * ((self.step + 1) as f64 / c.warmup_steps as f64).min(1.0)
+    }
+
     /// The gradients of this optimiser's variables, in its variable order.
     pub fn collect(&self, grads: &GradStore) -> Grads {
         self.vars.iter().map(|(_, v)| grads.get(v.as_tensor()).cloned()).collect()
@@ -61,8 +75,9 @@ impl AdamW {
 
     /// One update from `grads` (in variable order); variables without a gradient are left untouched.
     pub fn step(&mut self, grads: &Grads) -> Result<()> {
+        let lr = self.current_lr();
         self.step += 1;
-        let c = self.config;
+        let c = AdamWConfig { lr, ..self.config };
         let bias1 = 1.0 - c.beta1.powi(self.step as i32);
         let bias2 = 1.0 - c.beta2.powi(self.step as i32);
         for (i, (_, var)) in self.vars.iter().enumerate() {
@@ -202,5 +217,24 @@ mod tests {
         }
         let got = ema.weights[0].1.to_vec1::<f32>().unwrap()[0] as f64;
         assert!((got - want).abs() < 1e-5, "ema {got}, want {want}");
+    }
+
+    #[test]
+    fn warmup_ramps_the_first_steps() {
+        // With one weight and a constant gradient Adam moves it by exactly the step's lr.
+        let var = Var::new(&[0.0f32], &Device::Cpu).unwrap();
+        let config = AdamWConfig { lr: 0.1, weight_decay: 0.0, eps: 0.0, warmup_steps: 4, ..Default::default() };
+        let mut opt = AdamW::new(vec![("w".to_string(), var.clone())], config).unwrap();
+        let grad = vec![Some(Tensor::new(&[1.0f32], &Device::Cpu).unwrap())];
+        let mut moves = Vec::new();
+        for _ in 0..6 {
+            let before = var.as_tensor().to_vec1::<f32>().unwrap()[0];
+            opt.step(&grad).unwrap();
+            moves.push(before - var.as_tensor().to_vec1::<f32>().unwrap()[0]);
+        }
+        let want = [0.025, 0.05, 0.075, 0.1, 0.1, 0.1];
+        for (got, want) in moves.iter().zip(want) {
+            assert!((got - want).abs() < 1e-6, "moves {moves:?}, want {want:?}");
+        }
     }
 }

@@ -45,4 +45,85 @@ fn train_rejects_bad_flags() {
     fails_with(&["train", "--run-dir", run, "--model", "/no/such/model.safetensors"], "not found");
     fails_with(&["train", "--run-dir", run, "--reward", "beauty"], "unknown reward");
     fails_with(&["train", "--resume", "/no/such/run"], "not a run folder");
+    fails_with(&["train", "--run-dir", run, "--steps", "2"], "leaves none of the 2 sampling steps to train on");
+    assert!(!dir.path().join("run").exists(), "a failed start left a run folder behind");
+    fails_with(&["train", "--run-dir", run, "--stat-min-count", "1"], "--stat-min-count must be at least 2");
+}
+
+/// A tiny random policy saved in `dir`, with its config beside it.
+fn tiny_model(dir: &std::path::Path) -> String {
+    let model = dir.join("tiny.safetensors");
+    ddpo::policy::Policy::new_random(ddpo::policy::PolicyConfig::tiny_test(), 0, &candle_core::Device::Cpu).unwrap().save(&model).unwrap();
+    model.to_str().unwrap().to_string()
+}
+
+#[test]
+fn eval_scores_given_prompts_one_line_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let grid = dir.path().join("grid.png");
+    let prompts = ["a red circle on a blue background", "two green squares on a white and black background"];
+    let out = Command::new(env!("CARGO_BIN_EXE_ddpo"))
+        .args(["eval", "--model", &model, "--steps", "2", "--per-prompt", "3", "--grid", grid.to_str().unwrap()])
+        .args(prompts.iter().flat_map(|p| ["--prompt", p]))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["samples"], 6);
+    let lines = report["per_prompt"].as_array().unwrap();
+    assert_eq!(lines.len(), 2);
+    for (line, prompt) in lines.iter().zip(prompts) {
+        assert_eq!(line["prompt"], prompt);
+        assert_eq!(line["samples"], 3);
+        let alignment = line["alignment"].as_f64().unwrap();
+        assert!((-1.0..=1.0).contains(&alignment), "cosine similarity out of range: {alignment}");
+        assert!(line["jpeg_kb"].as_f64().unwrap() > 0.3, "{line}");
+        assert!(line["aesthetic"].as_f64().unwrap().is_finite(), "{line}");
+    }
+    // The whole set's means are the per-prompt means averaged (equal counts).
+    let mean_kb = lines.iter().map(|l| l["jpeg_kb"].as_f64().unwrap()).sum::<f64>() / 2.0;
+    assert!((report["jpeg_kb"].as_f64().unwrap() - mean_kb).abs() < 1e-9);
+    let grid = image::open(&grid).unwrap();
+    assert!(grid.width() >= 3 * 16 && grid.height() >= 2 * 16);
+    fails_with(&["eval", "--model", &model, "--prompt", "a red blob"], "not a shapes-world caption");
+}
+
+#[test]
+fn train_clip_sample_flag_reaches_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let run = dir.path().join("run");
+    let (ok, stderr) = ddpo(&[
+        "train", "--model", &model, "--run-dir", run.to_str().unwrap(), "--reward", "brightness", "--epochs", "1",
+        "--samples-per-epoch", "2", "--sample-batch-size", "2", "--train-batch-size", "2", "--steps", "3", "--clip-sample", "true",
+    ]);
+    assert!(ok, "{stderr}");
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["clip_sample"], true);
+    let saved = std::fs::read_to_string(run.join("checkpoint/policy.json")).unwrap();
+    let saved: serde_json::Value = serde_json::from_str(&saved).unwrap();
+    assert_eq!(saved["scheduler"]["clip_sample"], true, "the tiny model has it off; the run turned it on");
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let m: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    assert!(m["rss_mb"].as_f64().unwrap() > 1.0 && m["peak_rss_mb"].as_f64().unwrap() >= m["rss_mb"].as_f64().unwrap());
+}
+
+#[test]
+fn resume_with_epochs_extends_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let run = dir.path().join("run");
+    let run = run.to_str().unwrap();
+    let common = ["--samples-per-epoch", "2", "--sample-batch-size", "2", "--train-batch-size", "2", "--steps", "3"];
+    let mut args = vec!["train", "--model", &model, "--run-dir", run, "--reward", "brightness", "--epochs", "1"];
+    args.extend(common);
+    let (ok, stderr) = ddpo(&args);
+    assert!(ok, "{stderr}");
+    let (ok, stderr) = ddpo(&["train", "--resume", run, "--epochs", "2"]);
+    assert!(ok, "{stderr}");
+    let metrics = std::fs::read_to_string(std::path::Path::new(run).join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 2, "{metrics}");
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(std::path::Path::new(run).join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["epochs"], 2);
 }

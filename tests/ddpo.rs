@@ -82,6 +82,10 @@ fn tiny_trainer(algorithm: Algorithm, lr: f64) -> Trainer {
 }
 
 fn tiny_trainer_with(algorithm: Algorithm, lr: f64, reward: Arc<dyn ddpo::reward::Reward>) -> Trainer {
+    tiny_trainer_edited(algorithm, lr, reward, |_| {})
+}
+
+fn tiny_trainer_edited(algorithm: Algorithm, lr: f64, reward: Arc<dyn ddpo::reward::Reward>, edit: impl FnOnce(&mut TrainConfig)) -> Trainer {
     let varmap = candle_nn::VarMap::new();
     for (name, t) in pretrained_weights() {
         varmap.data().lock().unwrap().insert(name.clone(), candle_core::Var::from_tensor(t).unwrap());
@@ -100,8 +104,15 @@ fn tiny_trainer_with(algorithm: Algorithm, lr: f64, reward: Arc<dyn ddpo::reward
         optimizer: AdamWConfig { lr, ..Default::default() },
         sampler: SamplerConfig { steps: 4, eta: 1.0, guidance: 1.0 },
         seed: 3,
+        // The tiny model is pretrained for 60 steps only: its brightness follows the prompt
+        // embedding more than the UNet, so these tests train both (unlike `ddpo train`'s default),
+        // and with 4 sampling steps every step is trained.
+        train_text_encoder: true,
+        min_train_sigma: 0.0,
         ..Default::default()
     };
+    let mut config = config;
+    edit(&mut config);
     let prompts = FixedPrompts(vec!["a red circle on a blue background".into(), "a white square on a black background".into()]);
     Trainer::new(config, policy, reward, Box::new(prompts)).unwrap()
 }
@@ -165,4 +176,25 @@ fn a_scripted_reward_rises() {
     let after = score(&t);
     println!("scripted reward {before:.3} -> {after:.3}");
     assert!(after > before + 0.02, "scripted reward {before:.3} -> {after:.3}");
+}
+
+/// Names of the policy's weights that one epoch of training changed.
+fn changed_by_one_epoch(mut t: Trainer) -> Vec<String> {
+    let snapshot = |t: &Trainer| -> Vec<(String, Vec<f32>)> {
+        t.policy.trainable_vars().into_iter().map(|(n, v)| (n, v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap())).collect()
+    };
+    let before = snapshot(&t);
+    t.run_epoch().unwrap();
+    before.into_iter().zip(snapshot(&t)).filter(|(a, b)| a.1 != b.1).map(|(a, _)| a.0).collect()
+}
+
+#[test]
+fn the_text_encoder_is_frozen_unless_asked() {
+    let t = tiny_trainer_edited(Algorithm::Sf, 1e-2, Arc::new(Brightness), |c| c.train_text_encoder = false);
+    let changed = changed_by_one_epoch(t);
+    assert!(changed.iter().any(|n| n.starts_with("unet.")), "no UNet weight moved");
+    assert!(changed.iter().all(|n| !n.starts_with("text_encoder.")), "text encoder moved: {changed:?}");
+    let t = tiny_trainer_edited(Algorithm::Sf, 1e-2, Arc::new(Brightness), |c| c.train_text_encoder = true);
+    let changed = changed_by_one_epoch(t);
+    assert!(changed.iter().any(|n| n.starts_with("text_encoder.")), "--train-text-encoder left it untouched");
 }

@@ -78,7 +78,7 @@ fn cli_trains_an_adapter_and_samples_with_it() {
     let (ok, stderr) = ddpo(&[
         "train", "--model", model.to_str().unwrap(), "--run-dir", run.to_str().unwrap(), "--lora-rank", "2",
         "--epochs", "1", "--samples-per-epoch", "4", "--sample-batch-size", "2", "--train-batch-size", "2",
-        "--steps", "2", "--clip-range", "0.2", "--lr", "1e-2", "--reward", "brightness",
+        "--steps", "3", "--clip-range", "0.2", "--lr", "1e-2", "--reward", "brightness",
     ]);
     assert!(ok, "{stderr}");
     let adapter = run.join("checkpoint/policy.safetensors");

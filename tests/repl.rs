@@ -68,7 +68,7 @@ impl Session {
 #[test]
 fn sample_score_and_show_images() {
     let mut s = Session::new();
-    assert_eq!(s.eval("set(\"steps\", 2)"), "");
+    assert_eq!(s.eval("set(\"steps\", 3)"), "");
     assert_eq!(s.eval("let imgs = sample(\"a red circle\", 4);"), "");
     assert_eq!(s.eval("imgs"), "[Image 16x16, Image 16x16, Image 16x16, Image 16x16]\n");
     assert_eq!(s.eval("sample(\"a red circle\")"), "Image 16x16\n");
@@ -110,6 +110,8 @@ fn errors_print_and_the_session_continues() {
     assert!(e.contains("unknown option") && e.contains("guidance"), "{e}");
     let e = s.eval("set(\"steps\", 0)");
     assert!(e.contains("set(\"steps\", 0)"), "{e}");
+    let e = s.eval("set(\"steps\", 2)");
+    assert!(e.contains("leaves none of the 2 sampling steps"), "{e}");
     // State survives the errors: variables, functions, printing, multi-line input.
     assert_eq!(s.eval("let a = 5;"), "");
     assert_eq!(s.eval("a * 2"), "10\n");
@@ -132,12 +134,12 @@ fn errors_print_and_the_session_continues() {
 #[test]
 fn set_reload_and_train() {
     let mut s = Session::new();
-    for (k, v) in [("steps", "2"), ("train_batch_size", "2"), ("samples_per_epoch", "4"), ("sample_batch_size", "2"), ("lr", "1e-4"), ("guidance", "2.5")] {
+    for (k, v) in [("steps", "3"), ("train_batch_size", "2"), ("samples_per_epoch", "4"), ("sample_batch_size", "2"), ("lr", "1e-4"), ("guidance", "2.5")] {
         assert_eq!(s.eval(&format!("set(\"{k}\", {v})")), "", "{k}");
     }
     assert_eq!(s.eval("options().lr"), "0.0001\n");
     assert_eq!(s.eval("options().guidance"), "2.5\n");
-    assert_eq!(s.eval("options().steps"), "2.0\n");
+    assert_eq!(s.eval("options().steps"), "3.0\n");
 
     assert_eq!(s.eval("reload()"), "no script changed\n");
     let reward = s.dir.path().join("scripts/reward.rhai");
@@ -165,7 +167,7 @@ fn set_reload_and_train() {
 
 /// Sets the options that make an epoch small.
 fn small_epochs(s: &mut Session) {
-    for (k, v) in [("steps", "2"), ("train_batch_size", "2"), ("samples_per_epoch", "4"), ("sample_batch_size", "2")] {
+    for (k, v) in [("steps", "3"), ("train_batch_size", "2"), ("samples_per_epoch", "4"), ("sample_batch_size", "2")] {
         assert_eq!(s.eval(&format!("set(\"{k}\", {v})")), "", "{k}");
     }
 }

@@ -34,7 +34,7 @@ fn trainer(reward: Arc<dyn Reward>) -> Trainer {
 }
 
 fn run_config() -> RunConfig {
-    RunConfig { train: config(), model: "tiny".into(), reward: "brightness".into(), prompts: vec![], epochs: 3, checkpoint_every: 1, lora: None, dtype: Default::default(), reward_models: Default::default() }
+    RunConfig { train: config(), model: "tiny".into(), reward: "brightness".into(), prompts: vec![], epochs: 3, checkpoint_every: 1, lora: None, dtype: Default::default(), reward_models: Default::default(), clip_sample: None }
 }
 
 /// metrics.jsonl without the wall-clock fields.
@@ -44,7 +44,7 @@ fn metrics(dir: &Path) -> Vec<serde_json::Value> {
         .lines()
         .map(|l| {
             let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            for k in ["seconds_sampling", "seconds_reward", "seconds_training"] {
+            for k in ["seconds_sampling", "seconds_reward", "seconds_training", "rss_mb", "peak_rss_mb"] {
                 v.as_object_mut().unwrap().remove(k);
             }
             v

@@ -449,7 +449,7 @@ fn cli_train_runs_scripts_and_keeps_their_versions() {
     let reward = write(dir.path(), "reward.rhai", "fn reward(img, prompt, meta) {\n  print(`epoch ${context().epoch}`);\n  #{ total: -img.jpeg_size(95), bright: img.brightness() }\n}\n");
     let prompts = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/prompts.rhai");
     let run = dir.path().join("run");
-    let common = ["--model", model.to_str().unwrap(), "--epochs", "2", "--samples-per-epoch", "4", "--sample-batch-size", "2", "--train-batch-size", "2", "--steps", "2"];
+    let common = ["--model", model.to_str().unwrap(), "--epochs", "2", "--samples-per-epoch", "4", "--sample-batch-size", "2", "--train-batch-size", "2", "--steps", "3"];
     let mut args = vec!["train", "--run-dir", run.to_str().unwrap(), "--reward", reward.to_str().unwrap(), "--prompts", prompts.to_str().unwrap()];
     args.extend(common);
     let (ok, _, stderr) = ddpo(&args);
@@ -492,7 +492,7 @@ impl LiveTrain {
             .map(String::from)
             .to_vec();
         args.extend(["--reward", scripts.join("reward.rhai").to_str().unwrap(), "--prompts", scripts.join("prompts.rhai").to_str().unwrap()].map(String::from));
-        args.extend(["--samples-per-epoch", "4", "--sample-batch-size", "2", "--train-batch-size", "2", "--steps", "2", "--checkpoint-every", "1000"].map(String::from));
+        args.extend(["--samples-per-epoch", "4", "--sample-batch-size", "2", "--train-batch-size", "2", "--steps", "3", "--checkpoint-every", "1000"].map(String::from));
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ddpo"))
             .args(&args)
@@ -670,7 +670,7 @@ fn hook_overrides_are_validated_with_positions() {
 fn tiny_train_args(dir: &Path) -> Vec<String> {
     let model = dir.join("tiny.safetensors");
     ddpo::policy::Policy::new_random(ddpo::policy::PolicyConfig::tiny_test(), 0, &candle_core::Device::Cpu).unwrap().save(&model).unwrap();
-    ["--model", model.to_str().unwrap(), "--samples-per-epoch", "4", "--sample-batch-size", "2", "--train-batch-size", "2", "--steps", "2"]
+    ["--model", model.to_str().unwrap(), "--samples-per-epoch", "4", "--sample-batch-size", "2", "--train-batch-size", "2", "--steps", "3"]
         .map(String::from)
         .to_vec()
 }

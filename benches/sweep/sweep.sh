@@ -3,28 +3,43 @@
 # at most BUDGET seconds of wall time (SIGINT ends it gracefully at the next epoch boundary, with
 # a checkpoint), then report.py tabulates the JPEG-size change per configuration.
 #
-#   bash benches/sweep/sweep.sh [compressibility|incompressibility] [BUDGET_SECONDS]
+#   bash benches/sweep/sweep.sh [compressibility|incompressibility] [BUDGET_SECONDS] [NAME ...]
 #
 # Runs go to runs/sweep-<reward>/<name>/. Not part of CI: a full sweep takes hours on 2 cores.
 set -euo pipefail
 reward=${1:-compressibility}
-budget=${2:-1800}
+budget=${2:-300}
 out=runs/sweep-$reward
 bin=target/release/ddpo
 cargo build --release --quiet
 mkdir -p "$out"
 
-# name | flags (on top of `ddpo train --reward $reward --epochs 1000`)
+# name | flags on top of `ddpo train --reward $reward --epochs 1000` with today's defaults
+# (benches/sweep/RESULTS.md has every run's full settings, including the earlier stages' grid
+# on the old defaults).
 configs=(
-  "ref-lr3e-4-clip1e-4|--lr 3e-4 --clip-range 1e-4"
-  "lr1e-3|--lr 1e-3 --clip-range 1e-4"
-  "lr3e-3|--lr 3e-3 --clip-range 1e-4"
-  "lr1e-3-clip1e-3|--lr 1e-3 --clip-range 1e-3"
-  "lr1e-3-inner2|--lr 1e-3 --clip-range 1e-4 --inner-epochs 2"
-  "lr1e-3-s64|--lr 1e-3 --clip-range 1e-4 --samples-per-epoch 64"
-  "lora8-lr3e-3|--lr 3e-3 --clip-range 1e-4 --lora-rank 8"
-  "sf-lr1e-3|--algo sf --lr 1e-3"
+  "default|"
+  "lr3e-4|--lr 3e-4"
+  "lr3e-5|--lr 3e-5"
+  "all-steps|--min-train-sigma 0"
+  "clamp|--clip-sample true"
+  "steps20|--steps 20"
+  "sf|--algo sf"
+  "rwr|--algo rwr"
+  "ref-clip1e-4|--clip-range 1e-4"
+  "s64-inner2|--samples-per-epoch 64 --inner-epochs 2"
+  "lora8-lr1e-3|--lora-rank 8 --lr 1e-3"
+  "min-count16|--stat-min-count 16"
 )
+# Names given after the budget select a subset: sweep.sh compressibility 300 sf-lr3e-4 ...
+if [ $# -gt 2 ]; then
+  keep=("${@:3}")
+  selected=()
+  for entry in "${configs[@]}"; do
+    for k in "${keep[@]}"; do [ "${entry%%|*}" = "$k" ] && selected+=("$entry"); done
+  done
+  configs=("${selected[@]}")
+fi
 for entry in "${configs[@]}"; do
   name=${entry%%|*}
   flags=${entry#*|}

@@ -133,7 +133,7 @@ pub fn peak_rss_mb() -> anyhow::Result<f64> {
 }
 
 /// A memory figure of /proc/self/status (`VmHWM`, `VmRSS`), in MiB.
-fn memory_mb(key: &str) -> anyhow::Result<f64> {
+pub fn memory_mb(key: &str) -> anyhow::Result<f64> {
     use anyhow::Context;
     let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status for the memory figures")?;
     parse_status_kb(&status, key)

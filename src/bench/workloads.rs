@@ -50,7 +50,7 @@ impl Default for Sizes {
             unet_batch: 32,
             train_batch: 64,
             ddim: (64, 20),
-            epoch: (32, 20),
+            epoch: (32, 10),
             // The reference timing of tests/fixtures/tiny-sd/README.md.
             sd_epoch: (8, 4, 2, 20),
             clip: (256, 8),

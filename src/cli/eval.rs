@@ -1,20 +1,37 @@
-//! `ddpo eval`: how well a model follows shapes-world prompts, per attribute; with `--clip`,
-//! the small CLIP's zero-shot accuracy per attribute instead.
+//! `ddpo eval`: how well a model follows shapes-world prompts, per attribute, and the mean
+//! reward-model scores of its samples (JPEG size, CLIP alignment to the prompt, aesthetic); the
+//! before / after measure of a finetuning run. With `--clip`, the small CLIP's zero-shot accuracy
+//! per attribute instead.
 
 use std::path::PathBuf;
 
+use anyhow::Context;
+
 use crate::policy::Policy;
-use crate::pretrain::eval::prompt_following;
-use crate::world::{ShapesWorld, WorldConfig};
+use crate::pretrain::eval::{judge_all, reward_scores, sample_images};
+use crate::reward::models::{LazyModels, ModelPaths};
+use crate::run::merge_json;
+use crate::world::{parse_caption, Prompt, ShapesWorld, WorldConfig};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Model weights (.safetensors with its .json config beside it).
+    /// Model weights (.safetensors with its .json config beside it), e.g. a run's
+    /// `checkpoint/policy.safetensors`.
     #[arg(long, default_value = super::DEFAULT_MODEL)]
     model: PathBuf,
     /// Number of prompts drawn from the caption grammar.
     #[arg(short = 'n', long, default_value_t = 200)]
     n: usize,
+    /// Evaluate these shapes-world captions instead of grammar draws (repeatable); the JSON then
+    /// has a line per prompt as well.
+    #[arg(long = "prompt")]
+    prompts: Vec<String>,
+    /// Samples per --prompt.
+    #[arg(long, default_value_t = 8)]
+    per_prompt: usize,
+    /// Write a labelled grid of the evaluated samples (PNG).
+    #[arg(long, value_name = "PNG")]
+    grid: Option<PathBuf>,
     #[command(flatten)]
     sampler: super::SamplerArgs,
     /// Seed of the prompt draw.
@@ -41,10 +58,54 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&report)?);
         return Ok(());
     }
-    let policy = Policy::load(&super::resolve_model(&args.model), &device)?;
+    let mut policy = Policy::load(&super::resolve_model(&args.model), &device)?;
+    if let Some(on) = args.sampler.clip_sample {
+        policy.set_clip_sample(on);
+    }
     let cfg = args.sampler.config(policy.schedule.num_train_timesteps())?;
-    let world = ShapesWorld::new(WorldConfig { size: policy.config.image_size as u32, ..Default::default() })?;
-    let r = prompt_following(&policy, &world, args.n, &cfg, args.prompt_seed, args.seed)?;
-    println!("{}", serde_json::to_string(&r)?);
+    let prompts = if args.prompts.is_empty() {
+        let world = ShapesWorld::new(WorldConfig { size: policy.config.image_size as u32, ..Default::default() })?;
+        world.prompts(args.prompt_seed, args.n)
+    } else {
+        anyhow::ensure!(args.per_prompt > 0, "--per-prompt must be at least 1");
+        given_prompts(&args.prompts, args.per_prompt)?
+    };
+    let texts: Vec<String> = prompts.iter().map(|p| p.caption.clone()).collect();
+    let images = sample_images(&policy, &texts, &cfg, args.seed, 50)?;
+    let models = LazyModels::new(ModelPaths::default(), device.clone()).get()?;
+    let mut report = serde_json::to_value(judge_all(&images, &prompts))?;
+    merge_json(&mut report, serde_json::to_value(reward_scores(&images, &texts, &models)?)?);
+    if !args.prompts.is_empty() {
+        let per_prompt: anyhow::Result<Vec<serde_json::Value>> = args
+            .prompts
+            .iter()
+            .enumerate()
+            .map(|(i, text)| {
+                let range = i * args.per_prompt..(i + 1) * args.per_prompt;
+                let mut line = serde_json::json!({ "prompt": text });
+                merge_json(&mut line, serde_json::to_value(judge_all(&images[range.clone()], &prompts[range.clone()]))?);
+                merge_json(&mut line, serde_json::to_value(reward_scores(&images[range.clone()], &texts[range], &models)?)?);
+                Ok(line)
+            })
+            .collect();
+        report["per_prompt"] = serde_json::Value::Array(per_prompt?);
+    }
+    if let Some(path) = &args.grid {
+        let cols = if args.prompts.is_empty() { (images.len() as f64).sqrt().ceil() as usize } else { args.per_prompt };
+        crate::render::save_png(&crate::render::labelled_grid(&images, &texts, cols, 3), path)?;
+    }
+    println!("{}", serde_json::to_string(&report)?);
     Ok(())
+}
+
+/// Each of `texts` parsed as a grammar caption (the judge needs its meaning), `per_prompt` times.
+fn given_prompts(texts: &[String], per_prompt: usize) -> anyhow::Result<Vec<Prompt>> {
+    let mut prompts = Vec::with_capacity(texts.len() * per_prompt);
+    for text in texts {
+        let spec = parse_caption(text).with_context(|| {
+            format!("--prompt {text:?} is not a shapes-world caption (e.g. \"two red circles on a blue background\")")
+        })?;
+        prompts.extend(std::iter::repeat_n(Prompt { caption: text.clone(), spec }, per_prompt));
+    }
+    Ok(prompts)
 }

@@ -66,7 +66,8 @@ pub fn open(o: Options) -> anyhow::Result<Repl> {
     let reward = Arc::new(scripts.load_reward(&o.reward)?);
     let prompts = scripts.load_prompts(&o.prompts)?;
     let hooks = o.hooks.as_deref().map(|p| scripts.load_hooks(p)).transpose()?;
-    let policy = Policy::load_trainable(&o.model, &o.device)?;
+    let mut policy = Policy::load_trainable(&o.model, &o.device)?;
+    policy.set_clip_sample(false); // as `ddpo train`: DDPO trains the unclamped policy
     let train = TrainConfig { seed: o.seed, ..TrainConfig::default() };
     let (schedule, prompts) = Schedule::new(hooks, Some(reward.clone()), &train, Box::new(prompts));
     let config = RunConfig {
@@ -79,6 +80,7 @@ pub fn open(o: Options) -> anyhow::Result<Repl> {
         lora: None,
         dtype: Default::default(),
         reward_models: Default::default(),
+        clip_sample: Some(false),
     };
     let run = RunDir::create(&o.run_dir, &config)?;
     let reward_dyn: Arc<dyn crate::reward::Reward> = reward.clone();
@@ -195,6 +197,7 @@ impl ReplHost for ModelHost {
         }
         c.validate().with_context(|| format!("set({key:?}, {value})"))?;
         c.sampler.validate(s.trainer.policy.schedule.num_train_timesteps()).with_context(|| format!("set({key:?}, {value})"))?;
+        c.trained_steps(&s.trainer.policy.schedule).with_context(|| format!("set({key:?}, {value})"))?;
         s.trainer.opt.config.lr = c.optimizer.lr;
         s.trainer.config = c;
         Ok(())

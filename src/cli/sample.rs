@@ -49,7 +49,10 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         crate::sd::DiffusersFolder::open(dir)?;
     }
     let model = args.model_dir.clone().unwrap_or_else(|| super::resolve_model(&args.model));
-    let policy = Policy::open_frozen(&model, args.lora.as_deref(), args.dtype, &device)?;
+    let mut policy = Policy::open_frozen(&model, args.lora.as_deref(), args.dtype, &device)?;
+    if let Some(on) = args.sampler.clip_sample {
+        policy.set_clip_sample(on);
+    }
     let cfg = args.sampler.config(policy.schedule.num_train_timesteps())?;
     let prompts = vec![args.prompt.clone(); args.n];
     write_sample_grid(&policy, &prompts, &cfg, args.seed, &args.out)?;

@@ -38,7 +38,8 @@ pub struct Args {
     /// Run folder (default: runs/<date-time>).
     #[arg(long)]
     run_dir: Option<PathBuf>,
-    /// Continue the run in this folder from its last checkpoint (other flags are ignored).
+    /// Continue the run in this folder from its last checkpoint (other flags are ignored, except
+    /// --epochs, which extends or shortens the plan).
     #[arg(long, conflicts_with = "run_dir")]
     resume: Option<PathBuf>,
     /// Built-in reward (compressibility, incompressibility, brightness) or a reward script
@@ -59,8 +60,9 @@ pub struct Args {
     /// Policy-gradient estimator.
     #[arg(long, value_enum, default_value = "is")]
     algo: Algorithm,
-    #[arg(long, default_value_t = 20)]
-    epochs: usize,
+    /// Epochs in all (default 20; with --resume, the run's own plan).
+    #[arg(long)]
+    epochs: Option<usize>,
     #[arg(long, default_value_t = 32)]
     samples_per_epoch: usize,
     #[arg(long, default_value_t = 16)]
@@ -76,14 +78,35 @@ pub struct Args {
     timestep_fraction: f64,
     #[command(flatten)]
     sampler: super::SamplerArgs,
-    #[arg(long, default_value_t = 3e-4)]
-    lr: f64,
-    /// PPO clip range of the per-step importance ratio.
     #[arg(long, default_value_t = 1e-4)]
+    lr: f64,
+    /// RWR temperature: samples are weighted by softmax(advantage / beta) (smaller: only the
+    /// best samples count).
+    #[arg(long, default_value_t = 1.0)]
+    rwr_beta: f64,
+    /// Optimiser steps of linear learning-rate warm-up at the start of a run.
+    #[arg(long, default_value_t = 16)]
+    warmup_steps: usize,
+    /// PPO clip range of the per-step importance ratio.
+    #[arg(long, default_value_t = 0.1)]
     clip_range: f64,
+    /// Leave trajectory steps whose DDIM noise sigma is below this out of the DDPO-IS / SF loss
+    /// (their 1/sigma-weighted score terms are mostly noise; 0 trains on every step).
+    #[arg(long, default_value_t = 0.02)]
+    min_train_sigma: f64,
+    /// Finetune the text encoder too (default: the UNet only, as the DDPO reference).
+    #[arg(long)]
+    train_text_encoder: bool,
     /// Normalise rewards over the batch instead of per prompt.
     #[arg(long)]
     batch_norm_rewards: bool,
+    /// Per-prompt normalisation: rewards kept per prompt (the last N).
+    #[arg(long, default_value_t = 32)]
+    stat_buffer: usize,
+    /// Per-prompt normalisation: rewards a prompt needs before its own statistics replace the
+    /// batch's.
+    #[arg(long, default_value_t = 4)]
+    stat_min_count: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Epochs between checkpoints.
@@ -131,7 +154,8 @@ pub enum OnError {
 
 impl Args {
     fn run_config(&self) -> anyhow::Result<RunConfig> {
-        anyhow::ensure!(self.epochs > 0, "--epochs must be at least 1");
+        let epochs = self.epochs.unwrap_or(DEFAULT_EPOCHS);
+        anyhow::ensure!(epochs > 0, "--epochs must be at least 1");
         anyhow::ensure!(self.checkpoint_every > 0, "--checkpoint-every must be at least 1");
         let prompts = match (self.prompts.is_empty(), &self.model_dir) {
             (false, _) => self.prompts.clone(),
@@ -148,11 +172,22 @@ impl Args {
             grad_accum: self.grad_accum,
             timestep_fraction: self.timestep_fraction,
             clip_range: self.clip_range,
-            normalisation: if self.batch_norm_rewards { Normalisation::Batch } else { TrainConfig::default().normalisation },
-            optimizer: AdamWConfig { lr: self.lr, ..Default::default() },
-            sampler: SamplerConfig { steps: self.sampler.steps, eta: self.sampler.eta, guidance: self.sampler.guidance },
+            rwr_beta: self.rwr_beta,
+            normalisation: if self.batch_norm_rewards {
+                Normalisation::Batch
+            } else {
+                Normalisation::PerPrompt { buffer_size: self.stat_buffer, min_count: self.stat_min_count }
+            },
+            optimizer: AdamWConfig { lr: self.lr, warmup_steps: self.warmup_steps, ..Default::default() },
+            sampler: SamplerConfig {
+                steps: self.sampler.steps.unwrap_or(super::SamplerArgs::DEFAULT_TRAIN_STEPS),
+                eta: self.sampler.eta,
+                guidance: self.sampler.guidance,
+            },
             seed: self.seed,
             reward_workers: self.reward_workers,
+            train_text_encoder: self.train_text_encoder,
+            min_train_sigma: self.min_train_sigma,
             ..Default::default()
         };
         train.validate()?;
@@ -175,7 +210,7 @@ impl Args {
             dtype: self.dtype,
             reward,
             prompts,
-            epochs: self.epochs,
+            epochs,
             checkpoint_every: self.checkpoint_every,
             lora: (self.lora_rank > 0).then(|| LoraConfig {
                 rank: self.lora_rank,
@@ -185,6 +220,7 @@ impl Args {
                 clip: self.clip.as_deref().map(|p| existing(p, "--clip")).transpose()?,
                 aesthetic: self.aesthetic.as_deref().map(|p| existing(p, "--aesthetic")).transpose()?,
             },
+            clip_sample: Some(self.sampler.clip_sample.unwrap_or(false)),
         })
     }
 }
@@ -193,7 +229,12 @@ pub fn exec(mut args: Args) -> anyhow::Result<()> {
     let device = super::device(&args.device)?;
     let (mut run, config, prompt_script, hooks_script) = match &args.resume {
         Some(dir) => {
-            let (run, config) = RunDir::open(dir)?;
+            let (run, mut config) = RunDir::open(dir)?;
+            if let Some(epochs) = args.epochs.filter(|&e| e != config.epochs) {
+                anyhow::ensure!(epochs > 0, "--epochs must be at least 1");
+                config.epochs = epochs;
+                run.save_config(&config)?;
+            }
             let (prompt_script, hooks_script) = read_sources(&run.dir)?;
             (run, config, prompt_script, hooks_script)
         }
@@ -216,22 +257,16 @@ pub fn exec(mut args: Args) -> anyhow::Result<()> {
             (run, config, prompt_script, hooks_script)
         }
     };
-    let policy = Policy::open_trainable(&config.model, config.lora, config.train.seed, config.dtype, &device)?;
-    let models = LazyModels::new(config.reward_models.clone(), device.clone());
-    let mut scripts = ScriptSet::new(Limits::default(), stderr_log()).with_models(models);
-    let script_reward = is_script(&config.reward).then(|| scripts.load_reward(Path::new(&config.reward)).map(Arc::new)).transpose()?;
-    let reward: Arc<dyn crate::reward::Reward> = match &script_reward {
-        Some(r) => r.clone(),
-        None => Arc::from(crate::reward::builtin(&config.reward)?),
+    let setup = build_trainer(&config, prompt_script.as_deref(), hooks_script.as_deref(), &device);
+    let (mut trainer, mut scripts, mut schedule) = match setup {
+        Ok(parts) => parts,
+        Err(e) => {
+            if args.resume.is_none() {
+                run.discard_unstarted(); // a failed start leaves no half-made run behind
+            }
+            return Err(e);
+        }
     };
-    let prompts: Box<dyn crate::ddpo::PromptSource> = match &prompt_script {
-        Some(p) => Box::new(scripts.load_prompts(p)?),
-        None => Box::new(FixedPrompts(config.prompts.clone())),
-    };
-    let hooks = hooks_script.as_deref().map(|p| scripts.load_hooks(p)).transpose()?;
-    let (mut schedule, prompts) = Schedule::new(hooks, script_reward, &config.train, prompts);
-    schedule.epochs = config.epochs;
-    let mut trainer = Trainer::new(config.train.clone(), policy, reward, prompts)?;
     if args.resume.is_some() {
         run.restore(&mut trainer)?;
         schedule.replay(&mut trainer, &super::schedule::metrics_records(&run.dir));
@@ -367,6 +402,38 @@ fn script_context(epoch: usize, trainer: &Trainer, reward_mean: &[f64], reward_s
 }
 
 /// Where a run started with `--prompts` / `--hooks FILE.rhai` keeps the scripts' paths (for `--resume`).
+/// Loads the policy, reward, prompt source and hooks of a run and builds its trainer.
+fn build_trainer(
+    config: &RunConfig,
+    prompt_script: Option<&Path>,
+    hooks_script: Option<&Path>,
+    device: &candle_core::Device,
+) -> anyhow::Result<(Trainer, ScriptSet, Schedule)> {
+    let mut policy = Policy::open_trainable(&config.model, config.lora, config.train.seed, config.dtype, device)?;
+    if let Some(on) = config.clip_sample {
+        policy.set_clip_sample(on);
+    }
+    let models = LazyModels::new(config.reward_models.clone(), device.clone());
+    let mut scripts = ScriptSet::new(Limits::default(), stderr_log()).with_models(models);
+    let script_reward = is_script(&config.reward).then(|| scripts.load_reward(Path::new(&config.reward)).map(Arc::new)).transpose()?;
+    let reward: Arc<dyn crate::reward::Reward> = match &script_reward {
+        Some(r) => r.clone(),
+        None => Arc::from(crate::reward::builtin(&config.reward)?),
+    };
+    let prompts: Box<dyn crate::ddpo::PromptSource> = match prompt_script {
+        Some(p) => Box::new(scripts.load_prompts(p)?),
+        None => Box::new(FixedPrompts(config.prompts.clone())),
+    };
+    let hooks = hooks_script.map(|p| scripts.load_hooks(p)).transpose()?;
+    let (mut schedule, prompts) = Schedule::new(hooks, script_reward, &config.train, prompts);
+    schedule.epochs = config.epochs;
+    let trainer = Trainer::new(config.train.clone(), policy, reward, prompts)?;
+    Ok((trainer, scripts, schedule))
+}
+
+/// Epochs of a run when --epochs is not given.
+const DEFAULT_EPOCHS: usize = 20;
+
 const PROMPT_SCRIPT_FILE: &str = "scripts/sources.json";
 
 /// Whether `--reward` names a script rather than a built-in reward.

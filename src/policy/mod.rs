@@ -154,6 +154,13 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// Turns the sampler's x0 clamp (diffusers' `clip_sample`) on or off, overriding the model's
+    /// scheduler config; checkpoints saved afterwards record the new setting.
+    pub fn set_clip_sample(&mut self, on: bool) {
+        self.config.scheduler.clip_sample = on;
+        self.schedule.config.clip_sample = on;
+    }
+
     /// Builds the networks from `vb`; `varmap` is kept when the weights are trainable.
     pub fn from_var_builder(
         config: PolicyConfig,

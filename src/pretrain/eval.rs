@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use crate::policy::Policy;
+use crate::reward::models::RewardModels;
 use crate::sampler::{self, NoiseRng, SamplerConfig};
 use crate::world::{judge, Prompt, ShapesWorld};
 
@@ -47,15 +48,46 @@ pub fn prompt_following(
     let prompts = world.prompts(prompt_seed, n);
     let texts: Vec<String> = prompts.iter().map(|p| p.caption.clone()).collect();
     let images = sample_images(policy, &texts, cfg, seed, 50)?;
+    Ok(judge_all(&images, &prompts))
+}
+
+/// The judge's verdicts on `images`, each against its prompt.
+pub fn judge_all(images: &[image::RgbImage], prompts: &[Prompt]) -> PromptFollowing {
     let (mut bg, mut colour, mut both) = (0, 0, 0);
-    for (img, p) in images.iter().zip(&prompts) {
+    for (img, p) in images.iter().zip(prompts) {
         let j = judge(img, &p.spec);
         bg += j.background_ok as usize;
         colour += j.shape_colour_ok as usize;
-        both += (j.background_ok && j.shape_colour_ok) as usize;
+        both += j.passed() as usize;
     }
+    let n = images.len().min(prompts.len());
     let frac = |k: usize| k as f64 / n.max(1) as f64;
-    Ok(PromptFollowing { samples: n, background: frac(bg), shape_colour: frac(colour), both: frac(both) })
+    PromptFollowing { samples: n, background: frac(bg), shape_colour: frac(colour), both: frac(both) }
+}
+
+/// Mean reward-model scores of a set of samples: what the DDPO rewards measure.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct RewardScores {
+    /// JPEG size at quality 95 (kB), the compressibility tasks' measure.
+    pub jpeg_kb: f64,
+    /// CLIP cosine similarity of each image to its own prompt (the alignment reward).
+    pub alignment: f64,
+    /// The aesthetic head's score.
+    pub aesthetic: f64,
+}
+
+/// Scores `images` (each with its prompt) with JPEG size and the CLIP / aesthetic `models`.
+pub fn reward_scores(images: &[image::RgbImage], prompts: &[String], models: &RewardModels) -> anyhow::Result<RewardScores> {
+    let refs: Vec<&image::RgbImage> = images.iter().collect();
+    models.prefetch(&refs)?;
+    let (mut jpeg, mut alignment, mut aesthetic) = (0.0, 0.0, 0.0);
+    for (img, prompt) in images.iter().zip(prompts) {
+        jpeg += crate::reward::jpeg::jpeg_kb(img)?;
+        alignment += models.clip_similarity(img, &[prompt.as_str()])?[0];
+        aesthetic += models.aesthetic(img)?;
+    }
+    let n = images.len().max(1) as f64;
+    Ok(RewardScores { jpeg_kb: jpeg / n, alignment: alignment / n, aesthetic: aesthetic / n })
 }
 
 /// The fixed prompts shown in pretraining sample grids.

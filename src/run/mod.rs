@@ -36,6 +36,9 @@ pub struct RunConfig {
     /// The CLIP and aesthetic models behind the script primitives (`None`: the shipped ones).
     #[serde(default)]
     pub reward_models: crate::reward::models::ModelPaths,
+    /// Overrides the model's x0 clamp in the sampler (`None`: the model's own setting).
+    #[serde(default)]
+    pub clip_sample: Option<bool>,
 }
 
 /// Training state besides weights and optimiser moments.
@@ -64,8 +67,27 @@ impl RunDir {
             dir.display()
         );
         std::fs::create_dir_all(dir.join("samples")).with_context(|| format!("cannot create run folder {}", dir.display()))?;
-        write_atomic(&dir.join("config.json"), serde_json::to_string_pretty(config)?.as_bytes())?;
-        Ok(Self { dir: dir.to_path_buf(), reward_mean: Vec::new(), reward_std: Vec::new() })
+        let run = Self { dir: dir.to_path_buf(), reward_mean: Vec::new(), reward_std: Vec::new() };
+        run.save_config(config)?;
+        Ok(run)
+    }
+
+    /// Writes `config.json` (atomically), e.g. when a resumed run changes its planned epochs.
+    pub fn save_config(&self, config: &RunConfig) -> anyhow::Result<()> {
+        write_atomic(&self.dir.join("config.json"), serde_json::to_string_pretty(config)?.as_bytes())
+    }
+
+    /// Removes what starting a run wrote into its folder (config, scripts, empty samples folder,
+    /// the folder itself if then empty) when no epoch finished, so that a failed start leaves
+    /// nothing to `--resume`; any other file in the folder is kept.
+    pub fn discard_unstarted(&self) {
+        if self.dir.join("metrics.jsonl").exists() {
+            return;
+        }
+        let _ = std::fs::remove_file(self.dir.join("config.json"));
+        let _ = std::fs::remove_dir_all(self.dir.join("scripts"));
+        let _ = std::fs::remove_dir(self.dir.join("samples"));
+        let _ = std::fs::remove_dir(&self.dir);
     }
 
     /// Opens an existing run folder and its config.
@@ -119,14 +141,15 @@ impl RunDir {
             "seconds_reward": r.seconds_reward,
             "seconds_training": r.seconds_training,
         });
+        // Resident memory after each epoch, so a leak shows in the run's own log.
+        if let (Ok(rss), Ok(peak)) = (crate::bench::memory_mb("VmRSS"), crate::bench::peak_rss_mb()) {
+            m["rss_mb"] = serde_json::json!(rss);
+            m["peak_rss_mb"] = serde_json::json!(peak);
+        }
         for (k, v) in component_means(&r.scores) {
             m[k] = serde_json::json!(v);
         }
-        if let serde_json::Value::Object(fields) = extra {
-            for (k, v) in fields {
-                m[k] = v;
-            }
-        }
+        merge_json(&mut m, extra);
         let mut file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -201,5 +224,14 @@ impl RunDir {
         let Ok(text) = std::fs::read_to_string(&path) else { return Ok(()) };
         let kept: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).take(epochs).collect();
         write_atomic(&path, (kept.join("\n") + if kept.is_empty() { "" } else { "\n" }).as_bytes())
+    }
+}
+
+/// Copies the fields of the JSON object `extra` into the object `into` (overwriting).
+pub fn merge_json(into: &mut serde_json::Value, extra: serde_json::Value) {
+    if let serde_json::Value::Object(fields) = extra {
+        for (k, v) in fields {
+            into[k] = v;
+        }
     }
 }
