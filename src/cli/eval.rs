@@ -9,7 +9,7 @@ use anyhow::Context;
 
 use crate::policy::Policy;
 use crate::pretrain::eval::{judge_all, reward_scores, sample_images};
-use crate::reward::models::{LazyModels, ModelPaths};
+use crate::reward::models::{LazyModels, ModelPaths, RewardModels};
 use crate::run::merge_json;
 use crate::world::{parse_caption, Prompt, ShapesWorld, WorldConfig};
 
@@ -73,8 +73,7 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
     let texts: Vec<String> = prompts.iter().map(|p| p.caption.clone()).collect();
     let images = sample_images(&policy, &texts, &cfg, args.seed, 50)?;
     let models = LazyModels::new(ModelPaths::default(), device.clone()).get()?;
-    let mut report = serde_json::to_value(judge_all(&images, &prompts))?;
-    merge_json(&mut report, serde_json::to_value(reward_scores(&images, &texts, &models)?)?);
+    let mut report = scores(&images, &prompts, &texts, &models)?;
     if !args.prompts.is_empty() {
         let per_prompt: anyhow::Result<Vec<serde_json::Value>> = args
             .prompts
@@ -83,8 +82,7 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
             .map(|(i, text)| {
                 let range = i * args.per_prompt..(i + 1) * args.per_prompt;
                 let mut line = serde_json::json!({ "prompt": text });
-                merge_json(&mut line, serde_json::to_value(judge_all(&images[range.clone()], &prompts[range.clone()]))?);
-                merge_json(&mut line, serde_json::to_value(reward_scores(&images[range.clone()], &texts[range], &models)?)?);
+                merge_json(&mut line, scores(&images[range.clone()], &prompts[range.clone()], &texts[range], &models)?);
                 Ok(line)
             })
             .collect();
@@ -96,6 +94,14 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
     }
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
+}
+
+/// The judge's verdicts and the mean reward-model scores of `images` (each with its prompt), as
+/// one JSON object.
+fn scores(images: &[image::RgbImage], prompts: &[Prompt], texts: &[String], models: &RewardModels) -> anyhow::Result<serde_json::Value> {
+    let mut out = serde_json::to_value(judge_all(images, prompts))?;
+    merge_json(&mut out, serde_json::to_value(reward_scores(images, texts, models)?)?);
+    Ok(out)
 }
 
 /// Each of `texts` parsed as a grammar caption (the judge needs its meaning), `per_prompt` times.

@@ -149,9 +149,10 @@ impl TrainConfig {
         Ok(steps)
     }
 
-    /// Trajectory steps trained on per sample.
-    fn train_steps(&self) -> usize {
-        ((self.sampler.steps as f64 * self.timestep_fraction).ceil() as usize).clamp(1, self.sampler.steps)
+    /// Trajectory steps trained on per sample, out of `available`: `timestep_fraction` of them,
+    /// at least one.
+    fn train_steps(&self, available: usize) -> usize {
+        ((available as f64 * self.timestep_fraction).ceil() as usize).clamp(1, available)
     }
 }
 
@@ -355,7 +356,7 @@ impl Trainer {
         let cfg = self.config.clone();
         let n = s.prompts.len();
         let eligible = cfg.trained_steps(&self.policy.schedule)?;
-        let k = ((eligible.len() as f64 * cfg.timestep_fraction).ceil() as usize).clamp(1, eligible.len());
+        let k = cfg.train_steps(eligible.len());
         let sf = cfg.algorithm == Algorithm::Sf;
         let inner = if sf { 1 } else { cfg.inner_epochs };
         let minibatches = n.div_ceil(cfg.train_batch_size);
@@ -439,7 +440,7 @@ impl Trainer {
         let mut stats = UpdateStats::default();
         let mut grads: Grads = Vec::new();
         let mut pending = 0;
-        let k = cfg.train_steps();
+        let k = cfg.train_steps(cfg.sampler.steps);
         for _ in 0..cfg.inner_epochs {
             let mut order: Vec<usize> = (0..n).collect();
             order.shuffle(self.rng.rng());
