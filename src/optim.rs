@@ -136,7 +136,7 @@ pub fn accumulate(acc: &mut Grads, more: &Grads, scale: f64) -> Result<()> {
     }
     for (a, m) in acc.iter_mut().zip(more) {
         if let Some(m) = m {
-            let m = (m * scale)?;
+            let m = if scale == 1.0 { m.clone() } else { (m * scale)? };
             *a = Some(match a.take() {
                 Some(prev) => (prev + m)?,
                 None => m,

@@ -198,3 +198,46 @@ fn the_text_encoder_is_frozen_unless_asked() {
     let changed = changed_by_one_epoch(t);
     assert!(changed.iter().any(|n| n.starts_with("text_encoder.")), "--train-text-encoder left it untouched");
 }
+
+#[test]
+fn range_penalty_matches_hand_computation_and_is_flat_inside_the_range() {
+    let d = Device::Cpu;
+    let x = candle_core::Var::new(&[[0.5f32, -1.5], [2.0, -0.9]], &d).unwrap();
+    let w = Tensor::new(&[1.0f32, 0.25], &d).unwrap();
+    let p = ddpo::ddpo::range_excess(x.as_tensor(), 1.0, &w).unwrap();
+    // Rows: mean(0, 0.5^2) = 0.125 with weight 1; mean(1^2, 0) = 0.5 with weight 0.25.
+    let want = (0.125 + 0.125) / 2.0;
+    assert!((p.to_scalar::<f32>().unwrap() as f64 - want).abs() < 1e-6);
+    let g = p.backward().unwrap().get(x.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+    // d/dx of w_i * relu(|x| - 1)^2 / (2 cols * 2 rows): zero inside, sign(x) * 2 * excess outside.
+    assert_eq!(g[0][0], 0.0);
+    assert_eq!(g[1][1], 0.0);
+    assert!((g[0][1] - (-2.0 * 0.5 / 4.0)).abs() < 1e-6, "{g:?}");
+    assert!((g[1][0] - (0.25 * 2.0 * 1.0 / 4.0)).abs() < 1e-6, "{g:?}");
+}
+
+/// The same reward for every image: zero advantages, so only the range penalty moves the policy.
+struct Constant;
+
+impl ddpo::reward::Reward for Constant {
+    fn name(&self) -> &str {
+        "constant"
+    }
+    fn score(&self, images: &[image::RgbImage], _: &[String]) -> anyhow::Result<Vec<ddpo::reward::Score>> {
+        Ok(images.iter().map(|_| ddpo::reward::Score::new(1.0)).collect())
+    }
+}
+
+/// With nothing to gain from the reward, the penalty alone pulls predicted x0 back into [-1, 1].
+#[test]
+fn the_range_penalty_pulls_predictions_into_range() {
+    let mut t = tiny_trainer_edited(Algorithm::Is, 1e-3, Arc::new(Constant), |c| c.range_penalty = 100.0);
+    let first = t.run_epoch().unwrap();
+    assert!(first.x0_excess > 0.0, "the tiny model's x0 starts in range; the test needs one that does not");
+    let mut last = first.clone();
+    for _ in 0..5 {
+        last = t.run_epoch().unwrap();
+    }
+    println!("x0 excess {:.4} -> {:.4}, out of range {:.3} -> {:.3}", first.x0_excess, last.x0_excess, first.out_of_range, last.out_of_range);
+    assert!(last.x0_excess < 0.75 * first.x0_excess, "x0 excess {} -> {}", first.x0_excess, last.x0_excess);
+}

@@ -282,6 +282,17 @@ fn ddpo_with_lora_trains_and_reloads() -> Result<()> {
     Ok(())
 }
 
+/// The pixel-range penalty has no meaning for latents: asking for it is an error that says so.
+#[test]
+fn the_range_penalty_is_refused_for_latent_models() -> Result<()> {
+    let reward = Arc::from(ddpo::reward::builtin("compressibility")?);
+    let prompts = Box::new(FixedPrompts(vec!["cat".into()]));
+    let config = TrainConfig { range_penalty: 1.0, ..small_train_config(2) };
+    let err = Trainer::new(config, lora_policy(0)?, reward, prompts).err().context("accepted")?.to_string();
+    assert!(err.contains("--range-penalty 0"), "{err}");
+    Ok(())
+}
+
 /// Full finetuning trains the UNet only (in f32), and its checkpoint reloads onto the folder.
 #[test]
 fn full_unet_finetuning_saves_the_unet_and_reloads() -> Result<()> {

@@ -8,7 +8,7 @@ as a Markdown table.
     python3 benches/sweep/report.py --epochs 20 RUN/     # only the first 20 epochs of a run
 
 Settings a run's config.json lacks come from engine versions before the option existed:
-text encoder trained, no warm-up, every step trained, the model's x0 clamp.
+text encoder trained, no warm-up, every step trained, the model's x0 clamp, no range penalty.
 """
 import json
 import pathlib
@@ -40,6 +40,7 @@ def settings(run: pathlib.Path) -> str:
     parts.append(f"warm-up {t['optimizer'].get('warmup_steps', 0)}")
     parts.append(f"min sigma {t.get('min_train_sigma', 0):g}")
     parts.append("text encoder " + ("trained" if t.get("train_text_encoder", True) else "frozen"))
+    parts.append(f"range penalty {t.get('range_penalty', 0):g}")
     return ", ".join(parts)
 
 

@@ -200,9 +200,17 @@ fn train_step(sizes: &Sizes, cfg: &BenchConfig) -> anyhow::Result<Timing> {
     let prompts = vec![PROMPT; n];
     let mut opt = AdamW::new(p.trainable_vars(), AdamWConfig::default())?;
     measure(cfg, format!("batch {n}, text encoder + UNet, AdamW"), None, || {
-        let ctx = p.encode_prompts(&prompts)?;
-        let loss = (p.unet.forward(&x, &t, &ctx)? - &target)?.sqr()?.mean_all()?;
-        let grads = opt.collect(&loss.backward()?);
+        // As the trainers do: one shard of the batch per core, gradients summed.
+        let shards = crate::kernels::shards::sharded_backward(n, &Device::Cpu, |r| -> candle_core::Result<_> {
+            let rows = |v: &Tensor| v.narrow(0, r.start, r.len());
+            let ctx = p.encode_prompts(&prompts[r.clone()])?;
+            let loss = (p.unet.forward(&rows(&x)?, &rows(&t)?, &ctx)? - rows(&target)?)?.sqr()?.mean_all()?;
+            Ok((loss, ()))
+        })?;
+        let mut grads = Vec::new();
+        for shard in &shards {
+            crate::optim::accumulate(&mut grads, &opt.collect(&shard.grads), 1.0)?;
+        }
         opt.step(&grads)?;
         Ok(Parts::new())
     })

@@ -94,6 +94,11 @@ pub struct Args {
     /// (their 1/sigma-weighted score terms are mostly noise; 0 trains on every step).
     #[arg(long, default_value_t = 0.02)]
     min_train_sigma: f64,
+    /// Weight of a penalty on predicted x0 values outside [-1, 1] in the DDPO-IS / SF loss
+    /// (keeps the unclamped policy from drifting to saturated frames that no reward can tell
+    /// apart; 1 kept prompt-alignment runs from collapsing). 0: off. Pixel-space models only.
+    #[arg(long, default_value_t = 0.0)]
+    range_penalty: f64,
     /// Finetune the text encoder too (default: the UNet only, as the DDPO reference).
     #[arg(long)]
     train_text_encoder: bool,
@@ -188,6 +193,7 @@ impl Args {
             reward_workers: self.reward_workers,
             train_text_encoder: self.train_text_encoder,
             min_train_sigma: self.min_train_sigma,
+            range_penalty: self.range_penalty,
             ..Default::default()
         };
         train.validate()?;
@@ -337,8 +343,10 @@ pub fn exec(mut args: Args) -> anyhow::Result<()> {
         let m = run.record(&report, super::schedule::record_extra(&scripts, &schedule, &start))?;
         reward_mean.push(m["reward_mean"].as_f64().unwrap_or(f64::NAN));
         reward_std.push(m["reward_std"].as_f64().unwrap_or(f64::NAN));
+        // Pixel-space runs: how much of the final samples lies outside [-1, 1] (clipped).
+        let range = if report.out_of_range.is_finite() { format!("  out {:.0}%", 100.0 * report.out_of_range) } else { String::new() };
         super::say(&bar, format!(
-            "epoch {:>3}  reward {:+.4} ± {:.4}  loss {:+.2e}  kl {:.1e}  clip {:.2}  sample {:.1}s reward {:.2}s train {:.1}s{hashes}",
+            "epoch {:>3}  reward {:+.4} ± {:.4}  loss {:+.2e}  kl {:.1e}  clip {:.2}{range}  sample {:.1}s reward {:.2}s train {:.1}s{hashes}",
             report.epoch,
             m["reward_mean"].as_f64().unwrap_or(f64::NAN),
             m["reward_std"].as_f64().unwrap_or(f64::NAN),

@@ -16,6 +16,7 @@ use super::advantage::{Normalisation, StatTracker};
 use super::loss::{ppo_clip_loss, rwr_weights, score_function_loss};
 use super::prompts::PromptSource;
 use crate::optim::{accumulate, clip_grad_norm, AdamW, AdamWConfig, Grads};
+use crate::kernels::shards;
 use crate::policy::Policy;
 use crate::reward::{check_finite, Reward, Score};
 use crate::sampler::{self, NoiseRng, SamplerConfig, Trajectory};
@@ -66,6 +67,19 @@ pub struct TrainConfig {
     /// the conditioning (the sampler reads prompts through it at every step).
     #[serde(default)]
     pub train_text_encoder: bool,
+    /// Weight of a penalty on the predicted x0 leaving the pixel range [-1, 1]:
+    /// `range_penalty * alpha_bar_t * mean(relu(|x0| - 1)^2)` over the trained steps, added to
+    /// the DDPO-IS / SF loss. alpha_bar_t is x0's share of x_t: the late steps, whose x0 is the
+    /// image, count fully; the early ones, whose x0 is the noisy input divided by
+    /// sqrt(alpha_bar) ~ 0.02 and routinely far out of range, hardly at all.
+    ///
+    /// Without the sampler's x0 clamp (which makes DDPO train backwards on saturated colours)
+    /// nothing stops a policy from drifting out of range, where every reward sees the same
+    /// clipped pixels; prompt-alignment runs collapsed to black frames that way. Off (0) by
+    /// default: on compressibility even a weight of 0.1 steered the run away from its reward
+    /// (Adam gives the penalty's consistent gradient full-size steps). Pixel-space models only.
+    #[serde(default)]
+    pub range_penalty: f64,
 }
 
 impl Default for TrainConfig {
@@ -90,6 +104,7 @@ impl Default for TrainConfig {
             seed: 0,
             train_text_encoder: false,
             min_train_sigma: 0.02,
+            range_penalty: 0.0,
         }
     }
 }
@@ -121,6 +136,11 @@ impl TrainConfig {
             c.min_train_sigma >= 0.0 && c.min_train_sigma.is_finite(),
             "--min-train-sigma must be a non-negative number, got {}",
             c.min_train_sigma
+        );
+        anyhow::ensure!(
+            c.range_penalty >= 0.0 && c.range_penalty.is_finite(),
+            "--range-penalty must be a non-negative number, got {}",
+            c.range_penalty
         );
         if let Normalisation::PerPrompt { buffer_size, min_count } = c.normalisation {
             // One reward has no spread to normalise by.
@@ -168,6 +188,12 @@ pub struct EpochReport {
     pub clipfrac: f64,
     /// Loss of the first minibatch before any update (for IS its ratio is exactly 1).
     pub first_ratio_max_dev: f64,
+    /// The range penalty's term before its weight: alpha_bar_t * mean(relu(|x0| - 1)^2) over the
+    /// trained steps' predicted x0.
+    pub x0_excess: f64,
+    /// Fraction of the final samples' values outside [-1, 1], which the images clip (NaN for
+    /// latent-space models).
+    pub out_of_range: f64,
     pub lr: f64,
     pub optimizer_steps: usize,
     pub seconds_sampling: f64,
@@ -226,6 +252,11 @@ impl Trainer {
         config.validate()?;
         config.sampler.validate(policy.schedule.num_train_timesteps())?;
         config.trained_steps(&policy.schedule)?;
+        anyhow::ensure!(
+            config.range_penalty == 0.0 || policy.vae.is_none(),
+            "--range-penalty keeps pixel-space samples inside [-1, 1], but this model samples VAE latents, \
+             which have no fixed range: use --range-penalty 0"
+        );
         let vars: Vec<_> = policy
             .trainable_vars()
             .into_iter()
@@ -270,6 +301,10 @@ impl Trainer {
         }
         .with_context(|| format!("epoch {epoch}: policy update"))?;
         self.epoch += 1;
+        let out_of_range = match self.policy.vae {
+            None => out_of_range_fraction(&samples.latents, samples.timesteps.len(), self.range())?,
+            Some(_) => f64::NAN, // latents have no fixed range
+        };
         Ok(EpochReport {
             epoch,
             prompts: samples.prompts,
@@ -279,6 +314,8 @@ impl Trainer {
             approx_kl: update.approx_kl,
             clipfrac: update.clipfrac,
             first_ratio_max_dev: update.first_ratio_max_dev,
+            x0_excess: update.x0_excess,
+            out_of_range,
             lr: self.opt.config.lr,
             optimizer_steps: update.steps,
             seconds_sampling,
@@ -377,13 +414,15 @@ impl Trainer {
             for mb in order.chunks(cfg.train_batch_size) {
                 for j in 0..k {
                     let ks: Vec<usize> = mb.iter().map(|&i| step_order[i][j]).collect();
-                    let terms = self.transition_loss(s, mb, &ks, adv)?;
+                    let terms = self.sharded_backward(s, mb, &ks, adv)?;
                     if stats.terms == 0 {
-                        stats.first_ratio_max_dev = terms.3;
+                        stats.first_ratio_max_dev = terms.ratio_dev;
                     }
-                    let g = self.opt.collect(&terms.0.backward()?);
-                    accumulate(&mut grads, &g, 1.0 / (k * accum) as f64)?;
-                    stats.add(terms.0.to_scalar::<f32>()? as f64, terms.1, terms.2);
+                    for g in &terms.grads {
+                        accumulate(&mut grads, &self.opt.collect(g), 1.0 / (k * accum) as f64)?;
+                    }
+                    stats.x0_excess += terms.x0_excess;
+                    stats.add(terms.loss, terms.approx_kl, terms.clipfrac);
                     self.report(Stage::Training, stats.terms, inner * minibatches * k);
                 }
                 pending += 1;
@@ -399,35 +438,31 @@ impl Trainer {
         Ok(stats.finish())
     }
 
-    /// Loss of one minibatch at one trajectory step per sample: (loss, approx_kl, clipfrac,
-    /// max |ratio - 1|).
-    fn transition_loss(&self, s: &Samples, mb: &[usize], ks: &[usize], adv: &[f64]) -> anyhow::Result<(Tensor, f64, f64, f64)> {
-        let pick = |offset: usize| -> candle_core::Result<Tensor> {
-            let rows: Vec<Tensor> = mb
-                .iter()
-                .zip(ks)
-                .map(|(&i, &k)| s.latents.get(i)?.get(k + offset))
-                .collect::<candle_core::Result<_>>()?;
-            Tensor::stack(&rows, 0)
-        };
-        let (x_t, x_prev) = (pick(0)?, pick(1)?);
-        let timesteps: Vec<usize> = ks.iter().map(|&k| s.timesteps[k]).collect();
-        let prompts: Vec<String> = mb.iter().map(|&i| s.prompts[i].clone()).collect();
-        let old: Vec<f32> = mb
-            .iter()
-            .zip(ks)
-            .map(|(&i, &k)| s.log_probs.get(i)?.get(k)?.to_scalar::<f32>())
-            .collect::<candle_core::Result<_>>()?;
-        let device = &self.policy.device;
-        let old = Tensor::from_vec(old, mb.len(), device)?;
-        let a = Tensor::from_vec(mb.iter().map(|&i| adv[i] as f32).collect::<Vec<_>>(), mb.len(), device)?;
-        let new = sampler::transition_log_prob(&self.policy, &prompts, &x_t, &x_prev, &timesteps, &self.config.sampler)?;
-        let ratio_dev = (new.detach() - &old)?.exp()?.affine(1.0, -1.0)?.abs()?.max(D::Minus1)?.to_scalar::<f32>()? as f64;
-        let l = match self.config.algorithm {
-            Algorithm::Sf => score_function_loss(&new, &old, &a)?,
-            _ => ppo_clip_loss(&new, &old, &a, self.config.clip_range)?,
-        };
-        Ok((l.loss, l.approx_kl, l.clipfrac, ratio_dev))
+    /// Gradients and diagnostics of one minibatch at one trajectory step per sample, computed
+    /// in one shard per CPU core ([`crate::kernels::shards`]): each shard's loss is weighted by
+    /// its share of the minibatch, so the shards' gradients sum to the minibatch's.
+    fn sharded_backward(&self, s: &Samples, mb: &[usize], ks: &[usize], adv: &[f64]) -> anyhow::Result<MinibatchGrads> {
+        let (policy, config) = (&self.policy, &self.config);
+        let parts = shards::sharded_backward(mb.len(), &policy.device, |r| -> anyhow::Result<_> {
+            let terms = transition_loss(policy, config, s, &mb[r.clone()], &ks[r], adv)?;
+            Ok((terms.loss.clone(), terms))
+        })?;
+        let mut out = MinibatchGrads::default();
+        for part in parts {
+            let (share, terms) = (part.share, part.extra);
+            out.loss += share * terms.loss.to_scalar::<f32>()? as f64;
+            out.approx_kl += share * terms.approx_kl;
+            out.clipfrac += share * terms.clipfrac;
+            out.x0_excess += share * terms.x0_excess;
+            out.ratio_dev = out.ratio_dev.max(terms.ratio_dev);
+            out.grads.push(part.grads);
+        }
+        Ok(out)
+    }
+
+    /// The pixel range samples should stay in (the sampler's clamp range).
+    fn range(&self) -> f64 {
+        self.policy.schedule.config.clip_sample_range
     }
 
     /// RWR: the DDPM denoising loss on the epoch's own samples, weighted by softmax(A / beta).
@@ -494,6 +529,84 @@ struct UpdateStats {
     terms: usize,
     steps: usize,
     first_ratio_max_dev: f64,
+    x0_excess: f64,
+}
+
+/// Loss of a minibatch at one trajectory step per sample (`ks[i]` for sample `mb[i]`), with
+/// its diagnostics.
+fn transition_loss(policy: &Policy, config: &TrainConfig, s: &Samples, mb: &[usize], ks: &[usize], adv: &[f64]) -> anyhow::Result<TransitionLoss> {
+    let pick = |offset: usize| -> candle_core::Result<Tensor> {
+        let rows: Vec<Tensor> = mb
+            .iter()
+            .zip(ks)
+            .map(|(&i, &k)| s.latents.get(i)?.get(k + offset))
+            .collect::<candle_core::Result<_>>()?;
+        Tensor::stack(&rows, 0)
+    };
+    let (x_t, x_prev) = (pick(0)?, pick(1)?);
+    let timesteps: Vec<usize> = ks.iter().map(|&k| s.timesteps[k]).collect();
+    let prompts: Vec<String> = mb.iter().map(|&i| s.prompts[i].clone()).collect();
+    let old: Vec<f32> = mb
+        .iter()
+        .zip(ks)
+        .map(|(&i, &k)| s.log_probs.get(i)?.get(k)?.to_scalar::<f32>())
+        .collect::<candle_core::Result<_>>()?;
+    let device = &policy.device;
+    let old = Tensor::from_vec(old, mb.len(), device)?;
+    let a = Tensor::from_vec(mb.iter().map(|&i| adv[i] as f32).collect::<Vec<_>>(), mb.len(), device)?;
+    let step = sampler::transition(policy, &prompts, &x_t, &x_prev, &timesteps, &config.sampler)?;
+    let new = &step.log_prob;
+    let ratio_dev = (new.detach() - &old)?.exp()?.affine(1.0, -1.0)?.abs()?.max(D::Minus1)?.to_scalar::<f32>()? as f64;
+    let l = match config.algorithm {
+        Algorithm::Sf => score_function_loss(new, &old, &a)?,
+        _ => ppo_clip_loss(new, &old, &a, config.clip_range)?,
+    };
+    let (loss, x0_excess) = if config.range_penalty > 0.0 {
+        let weights: Vec<f32> = timesteps.iter().map(|&t| policy.schedule.alpha_bar(t) as f32).collect();
+        let weights = Tensor::from_vec(weights, mb.len(), device)?;
+        let excess = range_excess(&step.pred_original, policy.schedule.config.clip_sample_range, &weights)?;
+        let x0_excess = excess.to_scalar::<f32>()? as f64;
+        ((l.loss + (excess * config.range_penalty)?)?, x0_excess)
+    } else {
+        (l.loss, 0.0)
+    };
+    Ok(TransitionLoss { loss, approx_kl: l.approx_kl, clipfrac: l.clipfrac, ratio_dev, x0_excess })
+}
+
+/// One minibatch-step's gradients (one store per shard) and its diagnostics.
+#[derive(Default)]
+struct MinibatchGrads {
+    grads: Vec<candle_core::backprop::GradStore>,
+    loss: f64,
+    approx_kl: f64,
+    clipfrac: f64,
+    ratio_dev: f64,
+    x0_excess: f64,
+}
+
+/// One minibatch-step's loss and diagnostics.
+struct TransitionLoss {
+    loss: Tensor,
+    approx_kl: f64,
+    clipfrac: f64,
+    /// max |ratio - 1| over the minibatch.
+    ratio_dev: f64,
+    x0_excess: f64,
+}
+
+/// mean_i(w_i * mean(relu(|x_i| - range)^2)) over the batch rows x_i: zero inside the range,
+/// growing smoothly outside it.
+pub fn range_excess(x: &Tensor, range: f64, weights: &Tensor) -> candle_core::Result<Tensor> {
+    let per_row = x.abs()?.affine(1.0, -range)?.relu()?.sqr()?.flatten_from(1)?.mean(1)?;
+    (per_row * weights)?.mean_all()
+}
+
+/// Fraction of the final samples' values (step `last` of each (N, steps + 1, ..) trajectory)
+/// outside [-range, range].
+fn out_of_range_fraction(latents: &Tensor, last: usize, range: f64) -> candle_core::Result<f64> {
+    let finals = latents.narrow(1, last, 1)?;
+    let outside = finals.abs()?.gt(range)?.to_dtype(candle_core::DType::F32)?;
+    Ok(outside.mean_all()?.to_scalar::<f32>()? as f64)
 }
 
 impl UpdateStats {
@@ -509,6 +622,7 @@ impl UpdateStats {
         self.loss /= n;
         self.approx_kl /= n;
         self.clipfrac /= n;
+        self.x0_excess /= n;
         self
     }
 }

@@ -28,6 +28,7 @@ pub mod geglu_op;
 pub mod im2col;
 pub mod layer_norm_op;
 pub mod norm_op;
+pub mod shards;
 mod simd;
 mod slices;
 pub mod softmax_op;

@@ -20,10 +20,21 @@ thread_local! {
 /// forward pass keeps every intermediate tensor alive for a backward pass that sampling never
 /// runs, which on Stable Diffusion is the memory of a training step. Values are unchanged.
 pub fn with_adapters_detached<T>(f: impl FnOnce() -> T) -> T {
-    let before = DETACHED.with(|d| d.replace(true));
+    with_adapters_detached_if(true, f)
+}
+
+/// Runs `f` with the adapters detached if `detached` (else as they are on this thread): how
+/// work handed to another thread keeps the caller's setting.
+pub fn with_adapters_detached_if<T>(detached: bool, f: impl FnOnce() -> T) -> T {
+    let before = DETACHED.with(|d| d.replace(detached || d.get()));
     let out = f();
     DETACHED.with(|d| d.set(before));
     out
+}
+
+/// Whether adapters are detached on this thread.
+pub fn adapters_detached() -> bool {
+    DETACHED.with(Cell::get)
 }
 
 /// Rank and scale of the adapters.

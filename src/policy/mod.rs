@@ -274,7 +274,19 @@ impl Policy {
 
     /// Unguided noise prediction for `x` at `timesteps` given text states `context`, in f32
     /// whatever the weights' dtype.
+    ///
+    /// On the CPU the batch runs in one shard per core ([`crate::kernels::shards`]).
     pub fn predict_eps(&self, x: &Tensor, timesteps: &[usize], context: &Tensor) -> Result<Tensor> {
+        let n = x.dim(0)?;
+        let shards = crate::kernels::shards::shard_count(n, &self.device);
+        if shards > 1 {
+            let ranges = crate::kernels::shards::shard_ranges(n, shards);
+            let parts = crate::kernels::shards::map_shards(&ranges, |r| {
+                let rows = |t: &Tensor| t.narrow(0, r.start, r.len());
+                self.predict_eps(&rows(x)?, &timesteps[r.clone()], &rows(context)?)
+            });
+            return Tensor::cat(&parts.into_iter().collect::<Result<Vec<_>>>()?, 0);
+        }
         let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
         let t = Tensor::from_vec(t, timesteps.len(), x.device())?;
         let dt = self.unet_dtype;

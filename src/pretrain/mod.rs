@@ -18,7 +18,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, Ema};
+use crate::optim::{accumulate, clip_grad_norm, AdamW, AdamWConfig, Ema};
 use crate::policy::checkpoint::{save_tensors_atomic, save_weights, write_atomic};
 use crate::policy::{Policy, PolicyConfig};
 use crate::world::{ShapesWorld, WorldConfig};
@@ -228,13 +228,21 @@ impl Pretrainer {
         let mut noise_rng = crate::sampler::NoiseRng::new(rng.random());
         let noise = noise_rng.randn(x0.shape(), &device)?;
         let x_t = self.policy.schedule.add_noise(&x0, &noise, &t)?;
-        let ctx = self.policy.encode_prompts(&captions)?;
         let tt = Tensor::from_vec(t.iter().map(|&v| v as f32).collect::<Vec<_>>(), cfg.batch_size, &device)?;
-        let pred = self.policy.unet.forward(&x_t, &tt, &ctx)?;
-        let loss = (pred - noise)?.sqr()?.mean_all()?;
-        let loss_value = loss.to_scalar::<f32>()? as f64;
+        let policy = &self.policy;
+        let shards = crate::kernels::shards::sharded_backward(cfg.batch_size, &device, |r| -> candle_core::Result<_> {
+            let rows = |v: &Tensor| v.narrow(0, r.start, r.len());
+            let ctx = policy.encode_prompts(&captions[r.clone()])?;
+            let loss = (policy.unet.forward(&rows(&x_t)?, &rows(&tt)?, &ctx)? - rows(&noise)?)?.sqr()?.mean_all()?;
+            let value = loss.to_scalar::<f32>()? as f64;
+            Ok((loss, value))
+        })?;
+        let loss_value: f64 = shards.iter().map(|s| s.share * s.extra).sum();
         anyhow::ensure!(loss_value.is_finite(), "pretraining loss became {loss_value} at step {}", self.step);
-        let mut grads = self.opt.collect(&loss.backward()?);
+        let mut grads = Vec::new();
+        for shard in &shards {
+            accumulate(&mut grads, &self.opt.collect(&shard.grads), 1.0)?;
+        }
         let grad_norm = clip_grad_norm(&mut grads, cfg.grad_clip)?;
         self.opt.set_lr(cfg.lr_at(self.step));
         self.opt.step(&grads)?;

@@ -135,6 +135,8 @@ impl RunDir {
             "loss": r.loss,
             "approx_kl": r.approx_kl,
             "clipfrac": r.clipfrac,
+            "x0_excess": r.x0_excess,
+            "out_of_range": r.out_of_range,
             "lr": r.lr,
             "optimizer_steps": r.optimizer_steps,
             "seconds_sampling": r.seconds_sampling,

@@ -26,6 +26,8 @@ pub struct StepOutput {
     pub prev_sample: Tensor,
     /// Mean of the Gaussian policy at this step.
     pub mean: Tensor,
+    /// The x0 the step predicts from `eps`, before any `clip_sample` clamp.
+    pub pred_original: Tensor,
     /// log p(x_{t-1} | x_t, c), (N,), averaged over all non-batch dimensions.
     pub log_prob: Tensor,
 }
@@ -91,12 +93,12 @@ pub fn ddim_step(
         )
     }
     let c = coefficients(schedule, timesteps, steps, eta, sample)?;
-    let x0 = sample
+    let pred_original = sample
         .broadcast_sub(&eps.broadcast_mul(&c.sqrt_one_minus_ab_t)?)?
         .broadcast_div(&c.sqrt_ab_t)?;
     // As in diffusers and the DDPO reference: clamp x0 but keep the model's eps for the direction.
     let r = schedule.config.clip_sample_range;
-    let x0 = if schedule.config.clip_sample { x0.clamp(-r, r)? } else { x0 };
+    let x0 = if schedule.config.clip_sample { pred_original.clamp(-r, r)? } else { pred_original.clone() };
     let mean = x0
         .broadcast_mul(&c.sqrt_ab_prev)?
         .broadcast_add(&eps.broadcast_mul(&c.direction)?)?;
@@ -106,7 +108,7 @@ pub fn ddim_step(
         (None, None) => candle_core::bail!("ddim_step: give either prev_sample or noise"),
     };
     let log_prob = gaussian_log_prob(&prev_sample, &mean, &c.sigma, &c.log_sigma)?;
-    Ok(StepOutput { prev_sample, mean, log_prob })
+    Ok(StepOutput { prev_sample, mean, pred_original, log_prob })
 }
 
 /// Mean over non-batch dimensions of the log-density of `x` under N(mean, sigma^2).

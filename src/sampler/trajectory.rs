@@ -3,7 +3,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::ddim::ddim_step;
+use super::ddim::{ddim_step, StepOutput};
 use super::noise::NoiseRng;
 use crate::policy::Policy;
 
@@ -88,9 +88,21 @@ pub fn transition_log_prob(
     timesteps: &[usize],
     cfg: &SamplerConfig,
 ) -> Result<Tensor> {
+    Ok(transition(policy, prompts, x_t, x_prev, timesteps, cfg)?.log_prob)
+}
+
+/// The whole DDIM step of a stored transition under the current weights, differentiably: its
+/// log-prob and also the predicted x0 (for penalties on it).
+pub fn transition(
+    policy: &Policy,
+    prompts: &[String],
+    x_t: &Tensor,
+    x_prev: &Tensor,
+    timesteps: &[usize],
+    cfg: &SamplerConfig,
+) -> Result<StepOutput> {
     let cond = policy.encode_prompts(prompts)?;
     let uncond = policy.encode_prompts(&vec![""; prompts.len()])?;
     let eps = policy.guided_eps(&x_t.detach(), timesteps, &cond, &uncond, cfg.guidance)?;
-    let out = ddim_step(&policy.schedule, &eps, timesteps, &x_t.detach(), cfg.steps, cfg.eta, Some(x_prev), None)?;
-    Ok(out.log_prob)
+    ddim_step(&policy.schedule, &eps, timesteps, &x_t.detach(), cfg.steps, cfg.eta, Some(x_prev), None)
 }
