@@ -10,6 +10,8 @@ fn main() {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         std::env::set_var("RAYON_NUM_THREADS", cores.to_string());
     }
+    // Before any thread exists, so that every thread shares glibc's one arena (see kernels::alloc).
+    ddpo::kernels::alloc::reuse_freed_memory();
     if let Err(err) = ddpo::cli::run() {
         eprintln!("error: {err:#}");
         std::process::exit(1);

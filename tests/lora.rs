@@ -50,7 +50,7 @@ fn gradients_reach_every_adapter_tensor() {
     let ts = vec![traj.timesteps[0]; 2];
     let adv = Tensor::new(&[1.0f32, -1.0], &Device::Cpu).unwrap();
     let loss = || {
-        let lp = sampler::transition_log_prob(&lora, &prompts, &traj.latents[0], &traj.latents[1], &ts, &cfg).unwrap();
+        let lp = sampler::transition(&lora, &prompts, &traj.latents[0], &traj.latents[1], &ts, &cfg).unwrap().log_prob;
         (lp * &adv).unwrap().mean_all().unwrap().neg().unwrap()
     };
     let mut opt = AdamW::new(lora.trainable_vars(), AdamWConfig { lr: 1e-2, ..Default::default() }).unwrap();

@@ -88,7 +88,7 @@ fn recomputed_log_prob_equals_sampled_one() {
     let sampled: Vec<Vec<f32>> = traj.log_probs.to_vec2().unwrap();
     for k in 0..4 {
         let ts = vec![traj.timesteps[k]; 2];
-        let lp = sampler::transition_log_prob(&policy, &prompts(), &traj.latents[k], &traj.latents[k + 1], &ts, &cfg).unwrap();
+        let lp = sampler::transition(&policy, &prompts(), &traj.latents[k], &traj.latents[k + 1], &ts, &cfg).unwrap().log_prob;
         for (i, v) in lp.to_vec1::<f32>().unwrap().into_iter().enumerate() {
             assert!(v.is_finite());
             assert!((v - sampled[i][k]).abs() < 1e-4, "step {k} sample {i}: {v} vs {}", sampled[i][k]);
@@ -114,7 +114,7 @@ fn ddpo_loss_reaches_every_trainable_tensor() {
     let cfg = SamplerConfig { steps: 2, ..Default::default() };
     let traj = sampler::sample(&policy, &prompts(), &cfg, &mut NoiseRng::new(11)).unwrap();
     let ts = vec![traj.timesteps[0]; 2];
-    let lp = sampler::transition_log_prob(&policy, &prompts(), &traj.latents[0], &traj.latents[1], &ts, &cfg).unwrap();
+    let lp = sampler::transition(&policy, &prompts(), &traj.latents[0], &traj.latents[1], &ts, &cfg).unwrap().log_prob;
     let adv = Tensor::new(&[1.0f32, -0.5], &Device::Cpu).unwrap();
     let loss = (lp * adv).unwrap().mean_all().unwrap().neg().unwrap();
     let grads = loss.backward().unwrap();

@@ -113,7 +113,7 @@ fn broken_folders_fail_naming_the_file_field_or_tensor() -> Result<()> {
 }
 
 /// The policy seam reproduces the reference's whole trajectory: every transition's log-prob
-/// through `sampler::transition_log_prob`, and the final images through `Policy::decode`.
+/// through `sampler::transition`, and the final images through `Policy::decode`.
 #[test]
 fn policy_seam_recomputes_the_reference_trajectory() -> Result<()> {
     let g = candle_core::safetensors::load(fixture().join("golden.safetensors"), &Device::Cpu)?;
@@ -127,7 +127,7 @@ fn policy_seam_recomputes_the_reference_trajectory() -> Result<()> {
     let mut ours = Vec::new();
     for (i, &t) in timesteps.iter().enumerate() {
         let (x, x_prev) = (latents.i((.., i))?, latents.i((.., i + 1))?);
-        ours.push(sampler::transition_log_prob(&policy, &prompts, &x, &x_prev, &[t, t], &cfg)?);
+        ours.push(sampler::transition(&policy, &prompts, &x, &x_prev, &[t, t], &cfg)?.log_prob);
     }
     let err = max_abs_diff(&Tensor::stack(&ours, 1)?, &g["traj.log_probs"])?;
     println!("traj.log_probs through the policy seam: max abs error {err:e}");
@@ -153,7 +153,7 @@ fn gradients_reach_every_lora_tensor_of_the_sd_unet() -> Result<()> {
     let ts = vec![traj.timesteps[0]; 2];
     let adv = Tensor::new(&[1.0f32, -1.0], &Device::Cpu)?;
     let loss = || -> Result<Tensor> {
-        let lp = sampler::transition_log_prob(&policy, &prompts, &traj.latents[0], &traj.latents[1], &ts, &cfg)?;
+        let lp = sampler::transition(&policy, &prompts, &traj.latents[0], &traj.latents[1], &ts, &cfg)?.log_prob;
         Ok((lp * &adv)?.mean_all()?.neg()?)
     };
     let mut opt = AdamW::new(vars, AdamWConfig { lr: 1e-2, ..Default::default() })?;

@@ -30,8 +30,8 @@ configs=(
   "s64-inner2|--samples-per-epoch 64 --inner-epochs 2"
   "lora8-lr1e-3|--lora-rank 8 --lr 1e-3"
   "min-count16|--stat-min-count 16"
-  "no-range-penalty|--range-penalty 0"
-  "lr2e-4|--lr 2e-4"
+  "range-penalty1|--range-penalty 1"
+  "lr1e-4|--lr 1e-4"
   "inner2|--inner-epochs 2"
 )
 # Names given after the budget select a subset: sweep.sh compressibility 300 sf-lr3e-4 ...

@@ -78,7 +78,7 @@ pub struct Args {
     timestep_fraction: f64,
     #[command(flatten)]
     sampler: super::SamplerArgs,
-    #[arg(long, default_value_t = 1e-4)]
+    #[arg(long, default_value_t = 2e-4)]
     lr: f64,
     /// RWR temperature: samples are weighted by softmax(advantage / beta) (smaller: only the
     /// best samples count).

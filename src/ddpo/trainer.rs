@@ -96,7 +96,7 @@ impl Default for TrainConfig {
             adv_clip: 5.0,
             normalisation: Normalisation::PerPrompt { buffer_size: 32, min_count: 4 },
             rwr_beta: 1.0,
-            optimizer: AdamWConfig { lr: 1e-4, warmup_steps: 16, ..Default::default() },
+            optimizer: AdamWConfig { lr: 2e-4, warmup_steps: 16, ..Default::default() },
             grad_clip: 1.0,
             // Fewer, larger steps than sampling's default: see `ddpo train --steps`.
             sampler: SamplerConfig { steps: 10, ..SamplerConfig::default() },

@@ -11,4 +11,4 @@ pub mod trajectory;
 pub use ddim::{ddim_sigma, ddim_step, StepOutput};
 pub use noise::{NoiseRng, NoiseRngState};
 pub use schedule::{NoiseSchedule, ScheduleConfig};
-pub use trajectory::{sample, transition, transition_log_prob, SamplerConfig, Trajectory};
+pub use trajectory::{sample, transition, SamplerConfig, Trajectory};

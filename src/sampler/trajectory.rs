@@ -78,21 +78,9 @@ fn sample_untracked(policy: &Policy, prompts: &[String], cfg: &SamplerConfig, rn
     Ok(Trajectory { prompts: prompts.to_vec(), timesteps, latents, log_probs: Tensor::stack(&log_probs, 1)? })
 }
 
-/// Recomputes log p(x_prev | x_t, c) under the current weights, differentiably (gradients reach
-/// the UNet and text encoder through the guided noise prediction; `x_t`, `x_prev` are data).
-pub fn transition_log_prob(
-    policy: &Policy,
-    prompts: &[String],
-    x_t: &Tensor,
-    x_prev: &Tensor,
-    timesteps: &[usize],
-    cfg: &SamplerConfig,
-) -> Result<Tensor> {
-    Ok(transition(policy, prompts, x_t, x_prev, timesteps, cfg)?.log_prob)
-}
-
-/// The whole DDIM step of a stored transition under the current weights, differentiably: its
-/// log-prob and also the predicted x0 (for penalties on it).
+/// Recomputes the DDIM step of a stored transition x_t -> x_prev under the current weights,
+/// differentiably: its log p(x_prev | x_t, c) and predicted x0. Gradients reach the UNet and
+/// text encoder through the guided noise prediction; `x_t`, `x_prev` are data.
 pub fn transition(
     policy: &Policy,
     prompts: &[String],
