@@ -96,7 +96,7 @@ pub struct Args {
     min_train_sigma: f64,
     /// Weight of a penalty on predicted x0 values outside [-1, 1] in the DDPO-IS / SF loss
     /// (keeps the unclamped policy from drifting to saturated frames that no reward can tell
-    /// apart; 1 kept prompt-alignment runs from collapsing). 0: off. Pixel-space models only.
+    /// apart, e.g. for runs past 20 epochs; 1 is a good start). 0: off. Pixel-space models only.
     #[arg(long, default_value_t = 0.0)]
     range_penalty: f64,
     /// Finetune the text encoder too (default: the UNet only, as the DDPO reference).
