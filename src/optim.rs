@@ -73,6 +73,16 @@ impl AdamW {
         self.vars.iter().map(|(_, v)| grads.get(v.as_tensor()).cloned()).collect()
     }
 
+    /// The summed gradients of several backward passes (e.g. one per batch shard), in this
+    /// optimiser's variable order.
+    pub fn collect_sum<'a>(&self, stores: impl IntoIterator<Item = &'a GradStore>) -> Result<Grads> {
+        let mut sum = Grads::new();
+        for store in stores {
+            accumulate(&mut sum, &self.collect(store), 1.0)?;
+        }
+        Ok(sum)
+    }
+
     /// One update from `grads` (in variable order); variables without a gradient are left untouched.
     pub fn step(&mut self, grads: &Grads) -> Result<()> {
         let lr = self.current_lr();

@@ -207,11 +207,7 @@ fn train_step(sizes: &Sizes, cfg: &BenchConfig) -> anyhow::Result<Timing> {
             let loss = (p.unet.forward(&rows(&x)?, &rows(&t)?, &ctx)? - rows(&target)?)?.sqr()?.mean_all()?;
             Ok((loss, ()))
         })?;
-        let mut grads = Vec::new();
-        for shard in &shards {
-            crate::optim::accumulate(&mut grads, &opt.collect(&shard.grads), 1.0)?;
-        }
-        opt.step(&grads)?;
+        opt.step(&opt.collect_sum(shards.iter().map(|s| &s.grads))?)?;
         Ok(Parts::new())
     })
 }

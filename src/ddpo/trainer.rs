@@ -415,13 +415,11 @@ impl Trainer {
             for mb in order.chunks(cfg.train_batch_size) {
                 for j in 0..k {
                     let ks: Vec<usize> = mb.iter().map(|&i| step_order[i][j]).collect();
-                    let terms = self.sharded_backward(s, mb, &ks, adv)?;
+                    let terms = self.minibatch_grads(s, mb, &ks, adv)?;
                     if stats.terms == 0 {
                         stats.first_ratio_max_dev = terms.ratio_dev;
                     }
-                    for g in &terms.grads {
-                        accumulate(&mut grads, &self.opt.collect(g), 1.0 / (k * accum) as f64)?;
-                    }
+                    accumulate(&mut grads, &self.opt.collect_sum(&terms.grads)?, 1.0 / (k * accum) as f64)?;
                     stats.x0_excess += terms.x0_excess;
                     stats.add(terms.loss, terms.approx_kl, terms.clipfrac);
                     self.report(Stage::Training, stats.terms, inner * minibatches * k);
@@ -442,7 +440,7 @@ impl Trainer {
     /// Gradients and diagnostics of one minibatch at one trajectory step per sample, computed
     /// in one shard per CPU core ([`crate::kernels::shards`]): each shard's loss is weighted by
     /// its share of the minibatch, so the shards' gradients sum to the minibatch's.
-    fn sharded_backward(&self, s: &Samples, mb: &[usize], ks: &[usize], adv: &[f64]) -> anyhow::Result<MinibatchGrads> {
+    fn minibatch_grads(&self, s: &Samples, mb: &[usize], ks: &[usize], adv: &[f64]) -> anyhow::Result<MinibatchGrads> {
         let (policy, config) = (&self.policy, &self.config);
         let parts = shards::sharded_backward(mb.len(), &policy.device, |r| -> anyhow::Result<_> {
             let terms = transition_loss(policy, config, s, &mb[r.clone()], &ks[r], adv)?;

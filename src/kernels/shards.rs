@@ -32,6 +32,11 @@ pub fn shard_count(n: usize, device: &Device) -> usize {
     configured.unwrap_or_else(rayon::current_num_threads).clamp(1, n.max(1))
 }
 
+/// The shard ranges of a batch of `n` on `device` (see [`shard_count`]).
+pub fn split(n: usize, device: &Device) -> Vec<Range<usize>> {
+    shard_ranges(n, shard_count(n, device))
+}
+
 /// `n` rows in `shards` contiguous ranges whose lengths differ by at most one.
 pub fn shard_ranges(n: usize, shards: usize) -> Vec<Range<usize>> {
     let shards = shards.clamp(1, n.max(1));
@@ -86,8 +91,7 @@ pub fn sharded_backward<T: Send, E: From<candle_core::Error> + Send>(
     device: &Device,
     loss: impl Fn(Range<usize>) -> Result<(Tensor, T), E> + Sync,
 ) -> Result<Vec<ShardGrads<T>>, E> {
-    let ranges = shard_ranges(n, shard_count(n, device));
-    map_shards(&ranges, |r| {
+    map_shards(&split(n, device), |r| {
         let share = r.len() as f64 / n.max(1) as f64;
         let (l, extra) = loss(r)?;
         let grads = (l * share).and_then(|l| l.backward())?;

@@ -277,10 +277,8 @@ impl Policy {
     ///
     /// On the CPU the batch runs in one shard per core ([`crate::kernels::shards`]).
     pub fn predict_eps(&self, x: &Tensor, timesteps: &[usize], context: &Tensor) -> Result<Tensor> {
-        let n = x.dim(0)?;
-        let shards = crate::kernels::shards::shard_count(n, &self.device);
-        if shards > 1 {
-            let ranges = crate::kernels::shards::shard_ranges(n, shards);
+        let ranges = crate::kernels::shards::split(x.dim(0)?, &self.device);
+        if ranges.len() > 1 {
             let parts = crate::kernels::shards::map_shards(&ranges, |r| {
                 let rows = |t: &Tensor| t.narrow(0, r.start, r.len());
                 self.predict_eps(&rows(x)?, &timesteps[r.clone()], &rows(context)?)

@@ -18,7 +18,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::optim::{accumulate, clip_grad_norm, AdamW, AdamWConfig, Ema};
+use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, Ema};
 use crate::policy::checkpoint::{save_tensors_atomic, save_weights, write_atomic};
 use crate::policy::{Policy, PolicyConfig};
 use crate::world::{ShapesWorld, WorldConfig};
@@ -239,10 +239,7 @@ impl Pretrainer {
         })?;
         let loss_value: f64 = shards.iter().map(|s| s.share * s.extra).sum();
         anyhow::ensure!(loss_value.is_finite(), "pretraining loss became {loss_value} at step {}", self.step);
-        let mut grads = Vec::new();
-        for shard in &shards {
-            accumulate(&mut grads, &self.opt.collect(&shard.grads), 1.0)?;
-        }
+        let mut grads = self.opt.collect_sum(shards.iter().map(|s| &s.grads))?;
         let grad_norm = clip_grad_norm(&mut grads, cfg.grad_clip)?;
         self.opt.set_lr(cfg.lr_at(self.step));
         self.opt.step(&grads)?;
