@@ -419,7 +419,11 @@ impl Trainer {
                     if stats.terms == 0 {
                         stats.first_ratio_max_dev = terms.ratio_dev;
                     }
-                    accumulate(&mut grads, &self.opt.collect_sum(&terms.grads)?, 1.0 / (k * accum) as f64)?;
+                    // Each shard into the running sum (not shards summed first): the same
+                    // additions, in the same order, as the runs in RESULTS.md.
+                    for g in &terms.grads {
+                        accumulate(&mut grads, &self.opt.collect(g), 1.0 / (k * accum) as f64)?;
+                    }
                     stats.x0_excess += terms.x0_excess;
                     stats.add(terms.loss, terms.approx_kl, terms.clipfrac);
                     self.report(Stage::Training, stats.terms, inner * minibatches * k);
