@@ -240,21 +240,26 @@ fn matches_candle_on_unet_like_shape() -> Result<()> {
     Ok(())
 }
 
-/// A batch large enough that the forward pass works through it in several chunks (7 + 2).
+/// A batch that the stride-1 path splits unevenly across threads (one gemm chunk per
+/// thread) and the strided im2col path works through in several column chunks (7 + 2: the
+/// same output size, 32x32, as the stride-1 case).
 #[test]
 fn matches_candle_across_forward_batch_chunks() -> Result<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(17);
-    let case = Case {
-        n: 9,
-        c: 16,
-        o: 8,
-        h: 32,
-        w: 32,
-        k: 3,
-        stride: 1,
-        pad: 1,
-    };
-    check_case(&mut rng, case)
+    for stride in [1, 2] {
+        let case = Case {
+            n: 9,
+            c: 16,
+            o: 8,
+            h: 32 * stride,
+            w: 32 * stride,
+            k: 3,
+            stride,
+            pad: 1,
+        };
+        check_case(&mut rng, case)?;
+    }
+    Ok(())
 }
 
 /// Central finite differences of loss = sum(conv(x, w) * r) on a tiny f64-accurate-enough case.

@@ -1,5 +1,8 @@
 //! The convolution as one autograd node, with a hand-written backward pass.
 //!
+//! Stride-1 convolutions other than 1x1 go through [`implicit_gemm`] in both directions; what
+//! follows describes the im2col path that the strided ones (and 1x1 ones) take.
+//!
 //! Built from [`Im2Col`] and candle matmuls alone, autograd would keep the columns (C*kh*kw
 //! times the input's size) alive until backward, accumulate their gradient through a zeroed
 //! buffer of the same size, and compute the weight gradient as grad @ cols^T per batch item,
@@ -18,6 +21,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Device, Layout, Result, Shap
 use rayon::prelude::*;
 
 use super::im2col::{contiguous_f32, im2col_vec, Col2Im, ConvGeom, Im2Col};
+use super::implicit_gemm;
 use super::slices::{sum, sum_rows, with_f32};
 
 /// 2-D convolution of a contiguous f32 CPU image (N, C, H, W) with weights (O, C, kh, kw).
@@ -99,6 +103,9 @@ impl Conv2dOp {
     /// The forward pass on contiguous f32 slices: (N, O, Ho*Wo) in row-major order.
     fn forward_vec(&self, x: &[f32], w: &[f32]) -> Result<Vec<f32>> {
         let g = &self.geom;
+        if implicit_gemm::supported(g) && !self.pointwise() {
+            return Ok(implicit_gemm::forward(g, self.o, x, w));
+        }
         let w = Tensor::from_slice(w, self.weight_shape(), &Device::Cpu)?;
         let w = self.weight_stack(&w)?;
         if self.pointwise() {
@@ -140,6 +147,9 @@ impl Conv2dOp {
     /// Both gradients (input, weight) given the output gradient.
     fn backward(&self, x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
         let g = &self.geom;
+        if implicit_gemm::supported(g) && !self.pointwise() {
+            return self.backward_implicit(x, w, grad);
+        }
         let (n, p) = (g.n, g.p());
         let grad = grad.detach().contiguous()?.reshape((n, self.o, p))?;
         let w = w.detach();
@@ -155,6 +165,22 @@ impl Conv2dOp {
         let dw = Tensor::from_vec(dw_t, (k, o), &Device::Cpu)?.t()?;
         let dw = dw.contiguous()?.reshape(self.weight_shape())?;
         Ok((dx, dw))
+    }
+}
+
+impl Conv2dOp {
+    /// Both gradients of a stride-1 convolution, through [`implicit_gemm`].
+    fn backward_implicit(&self, x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (g, o) = (&self.geom, self.o);
+        let grad = grad.detach();
+        let dx = with_f32(&grad, "conv2d input backward", |gr| {
+            with_f32(w, "conv2d input backward", |w| implicit_gemm::input_grad(g, o, gr, w))
+        })??;
+        let dw = with_f32(&grad, "conv2d weight backward", |gr| {
+            with_f32(x, "conv2d weight backward", |x| implicit_gemm::weight_grad(g, o, x, gr))
+        })??;
+        let dx = Tensor::from_vec(dx, g.image_shape(), &Device::Cpu)?;
+        Ok((dx, Tensor::from_vec(dw, self.weight_shape(), &Device::Cpu)?))
     }
 }
 

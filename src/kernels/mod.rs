@@ -2,11 +2,13 @@
 //!
 //! The model calls [`conv2d`] for every convolution. candle's CPU conv2d is several times
 //! slower than PyTorch's, and its input gradient (conv_transpose2d) is a naive loop that
-//! dominates the backward pass. On the CPU with f32 we therefore run an im2col + matmul
-//! convolution instead, as one autograd node ([`conv_op::Conv2dOp`]): [`im2col`] unfolds the
-//! image into columns (and folds column gradients back), candle's gemm-backed matmul does the
-//! arithmetic, and the backward pass computes both gradients with hand-picked matmul layouts.
-//! On other devices or dtypes we defer to candle's own conv2d. The conv's bias is added in the
+//! dominates the backward pass. On the CPU with f32 we therefore run our own convolution, as
+//! one autograd node with a hand-written backward ([`conv_op::Conv2dOp`]). Stride-1 kernels
+//! (all but the downsamplers) are a few shifted gemm calls over a padded channels-last copy of
+//! the image ([`implicit_gemm`]), forward and backward; the rest unfold the image into
+//! columns ([`im2col`]) for candle's gemm-backed matmul. gemm is built with its AVX-512
+//! kernels (picked at run time where the CPU has them). On other devices or dtypes we defer
+//! to candle's own conv2d. The conv's bias is added in the
 //! same node ([`conv_op::Conv2dBiasOp`]), per channel or per (sample, channel).
 //!
 //! [`group_norm`] replaces candle-nn's composed GroupNorm (and the SiLU after it) with one node
@@ -26,6 +28,7 @@ pub mod alloc;
 pub mod conv_op;
 pub mod geglu_op;
 pub mod im2col;
+pub mod implicit_gemm;
 pub mod layer_norm_op;
 pub mod norm_op;
 pub mod shards;

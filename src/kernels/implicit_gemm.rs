@@ -1,0 +1,253 @@
+//! Stride-1 convolutions as a few shifted matrix products over a padded channels-last copy of
+//! the image ("implicit GEMM"): no column matrix is ever built.
+//!
+//! Store the image zero-padded to (Hp, Wp) and channels-last, items one after another. The
+//! kw*C inputs that kernel row `ki` sees for output pixel (oy, ox) are then kw*C consecutive
+//! floats, starting at padded pixel (oy + ki) * Wp + ox. Number the output pixels by the padded
+//! pitch, r = oy * Wp + ox (the Wp - Wo extra pixels of each row, and the rows between items,
+//! are computed and discarded): kernel row ki's inputs form a matrix A_ki whose row r starts
+//! at padded pixel r + ki * Wp, a view with row stride C that gemm packs directly. So
+//!
+//!   out (r, O) = Σ_ki A_ki (r, kw*C) @ W_ki (kw*C, O),   W_ki[kj*C + c, o] = w[o, c, ki, kj]
+//!
+//! is kh gemm calls per chunk of items, at gemm's best orientation (many rows, K = kw*C deep).
+//! Against im2col this saves writing and reading a column matrix kh*kw times the image.
+//!
+//! Backward reuses the layout: the input gradient is the same convolution of the output
+//! gradient (padded by k-1-pad) with the kernel flipped and its channels swapped, and the
+//! weight gradient is Σ A_ki^T @ G per kernel row, G being the output gradient in the padded
+//! row numbering with zeros in the discarded rows.
+
+use gemm::{gemm, Parallelism};
+use rayon::prelude::*;
+
+use super::im2col::ConvGeom;
+
+/// Whether [`forward`], [`input_grad`] and [`weight_grad`] handle this geometry: stride 1, a
+/// square kernel and padding that leaves the flipped kernel a non-negative padding.
+pub fn supported(g: &ConvGeom) -> bool {
+    g.stride == 1 && g.kh == g.kw && g.pad < g.kh
+}
+
+/// An image batch in the padded channels-last layout: `n` items of `hp * wp` pixels of `c`
+/// floats, the image itself starting at pixel (pad, pad).
+struct Padded {
+    data: Vec<f32>,
+    n: usize,
+    c: usize,
+    hp: usize,
+    wp: usize,
+}
+
+impl Padded {
+    /// Copies `src` (N, C, H, W) into a zeroed (N, hp, wp, C) buffer at offset (pad, pad).
+    fn from_nchw(src: &[f32], (n, c, h, w): (usize, usize, usize, usize), pad: usize, (hp, wp): (usize, usize)) -> Self {
+        debug_assert!(h + pad <= hp && w + pad <= wp);
+        let mut data = vec![0f32; n * hp * wp * c];
+        if c > 0 && h * w > 0 {
+            data.par_chunks_mut(hp * wp * c)
+                .zip(src.par_chunks(c * h * w))
+                .for_each(|(dst, img)| {
+                    // One output row at a time: its w*c floats stay in L1 while the c planes'
+                    // rows are interleaved into it.
+                    for y in 0..h {
+                        let row = &mut dst[((y + pad) * wp + pad) * c..][..w * c];
+                        for ch in 0..c {
+                            let line = &img[(ch * h + y) * w..][..w];
+                            for (x, &v) in line.iter().enumerate() {
+                                row[x * c + ch] = v;
+                            }
+                        }
+                    }
+                });
+        }
+        Self { data, n, c, hp, wp }
+    }
+
+    /// Pixels per item.
+    fn pixels(&self) -> usize {
+        self.hp * self.wp
+    }
+}
+
+/// Output rows to compute for `items` consecutive items of a `k`x`k` convolution: up to the
+/// last valid pixel of the last item (reading its inputs ends exactly at the buffer's end).
+fn rows(items: usize, p: &Padded, k: usize) -> usize {
+    let (ho, wo) = (p.hp + 1 - k, p.wp + 1 - k);
+    (items - 1) * p.pixels() + (ho - 1) * p.wp + wo
+}
+
+/// Items per parallel task, and the gemm parallelism inside each task: items split across
+/// rayon's threads, or one task with gemm itself threaded when there is a single item.
+fn chunking(n: usize) -> (usize, Parallelism) {
+    let threads = rayon::current_num_threads().max(1);
+    if n >= threads || threads == 1 {
+        (n.div_ceil(threads).max(1), Parallelism::None)
+    } else {
+        (n.max(1), Parallelism::Rayon(threads))
+    }
+}
+
+/// The kernel as kh stacked (kw*C, O) matrices: `out[ki][kj*C + c][o] = w[o][c][ki][kj]`, with
+/// the taps flipped (ki -> k-1-ki, kj -> k-1-kj) when `flip`. `w` is (O, C, k, k).
+fn kernel_rows(w: &[f32], o: usize, c: usize, k: usize, flip: bool) -> Vec<f32> {
+    let mut out = vec![0f32; k * k * c * o];
+    for oo in 0..o {
+        for ch in 0..c {
+            for ki in 0..k {
+                for kj in 0..k {
+                    let (si, sj) = if flip { (k - 1 - ki, k - 1 - kj) } else { (ki, kj) };
+                    out[((ki * k + kj) * c + ch) * o + oo] = w[((oo * c + ch) * k + si) * k + sj];
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Swaps the kernel's channel axes: (O, C, k, k) -> (C, O, k, k).
+fn swap_channels(w: &[f32], o: usize, c: usize, k: usize) -> Vec<f32> {
+    let kk = k * k;
+    let mut out = vec![0f32; w.len()];
+    for oo in 0..o {
+        for ch in 0..c {
+            out[(ch * o + oo) * kk..][..kk].copy_from_slice(&w[(oo * c + ch) * kk..][..kk]);
+        }
+    }
+    out
+}
+
+/// The convolution of `x` with `kernel_rows` (k, k*C, O) as (N, hp, wp, O) rows in the padded
+/// numbering; only rows of valid output pixels are meaningful.
+fn conv_rows(x: &Padded, kr: &[f32], k: usize, o: usize) -> Vec<f32> {
+    let (c, wp, pixels) = (x.c, x.wp, x.pixels());
+    let mut out = vec![0f32; x.n * pixels * o];
+    if o == 0 || x.n == 0 || x.c == 0 {
+        return out;
+    }
+    let (chunk, par) = chunking(x.n);
+    out.par_chunks_mut(chunk * pixels * o)
+        .zip(x.data.par_chunks(chunk * pixels * c))
+        .for_each(|(dst, src)| {
+            let m = rows(src.len() / (pixels * c).max(1), x, k);
+            for ki in 0..k {
+                // SAFETY: row r of A_ki reads k*c floats from pixel r + ki*wp; for r < m that
+                // ends at most at the chunk's last pixel (see `rows`), and the kernel matrix
+                // and destination are sized (k*c, o) and (m, o) within their buffers.
+                unsafe {
+                    gemm(
+                        m, o, k * c,
+                        dst.as_mut_ptr(), 1, o as isize,
+                        ki > 0,
+                        src.as_ptr().add(ki * wp * c), 1, c as isize,
+                        kr.as_ptr().add(ki * k * c * o), 1, o as isize,
+                        1.0, 1.0,
+                        false, false, false,
+                        par,
+                    );
+                }
+            }
+        });
+    out
+}
+
+/// Gathers the valid pixels of (N, hp, wp, O) rows into an (N, O, ho, wo) image.
+fn rows_to_nchw(rows: &[f32], (n, o): (usize, usize), (hp, wp): (usize, usize), (ho, wo): (usize, usize)) -> Vec<f32> {
+    let mut out = vec![0f32; n * o * ho * wo];
+    if out.is_empty() {
+        return out;
+    }
+    out.par_chunks_mut(o * ho * wo)
+        .zip(rows.par_chunks(hp * wp * o))
+        .for_each(|(img, src)| {
+            for oy in 0..ho {
+                let line = &src[oy * wp * o..][..wo * o];
+                for oo in 0..o {
+                    let dst = &mut img[(oo * ho + oy) * wo..][..wo];
+                    for (ox, d) in dst.iter_mut().enumerate() {
+                        *d = line[ox * o + oo];
+                    }
+                }
+            }
+        });
+    out
+}
+
+/// The convolution of the contiguous image `x` (N, C, H, W) with `w` (O, C, k, k): (N, O, Ho, Wo).
+pub fn forward(g: &ConvGeom, o: usize, x: &[f32], w: &[f32]) -> Vec<f32> {
+    debug_assert!(supported(g));
+    let (k, pad) = (g.kh, g.pad);
+    let xp = Padded::from_nchw(x, (g.n, g.c, g.h, g.w), pad, (g.h + 2 * pad, g.w + 2 * pad));
+    let rows = conv_rows(&xp, &kernel_rows(w, o, g.c, k, false), k, o);
+    rows_to_nchw(&rows, (g.n, o), (xp.hp, xp.wp), (g.ho, g.wo))
+}
+
+/// The input gradient (N, C, H, W) given the output gradient `grad` (N, O, Ho, Wo): the
+/// convolution of `grad`, padded by k-1-pad, with the flipped kernel (C, O, k, k).
+pub fn input_grad(g: &ConvGeom, o: usize, grad: &[f32], w: &[f32]) -> Vec<f32> {
+    debug_assert!(supported(g));
+    let (k, pad) = (g.kh, g.kh - 1 - g.pad);
+    let gp = Padded::from_nchw(grad, (g.n, o, g.ho, g.wo), pad, (g.ho + 2 * pad, g.wo + 2 * pad));
+    let flipped = kernel_rows(&swap_channels(w, o, g.c, k), g.c, o, k, true);
+    let rows = conv_rows(&gp, &flipped, k, g.c);
+    rows_to_nchw(&rows, (g.n, g.c), (gp.hp, gp.wp), (g.h, g.w))
+}
+
+/// The weight gradient (O, C, k, k) given the input `x` (N, C, H, W) and the output gradient
+/// `grad` (N, O, Ho, Wo): Σ_ki A_ki^T @ G per chunk of items, the chunks' sums added up.
+pub fn weight_grad(g: &ConvGeom, o: usize, x: &[f32], grad: &[f32]) -> Vec<f32> {
+    debug_assert!(supported(g));
+    let (k, c) = (g.kh, g.c);
+    let (hp, wp) = (g.h + 2 * g.pad, g.w + 2 * g.pad);
+    let xp = Padded::from_nchw(x, (g.n, c, g.h, g.w), g.pad, (hp, wp));
+    // The output gradient in the same row numbering: pixel (oy, ox) at row oy*wp + ox.
+    let gp = Padded::from_nchw(grad, (g.n, o, g.ho, g.wo), 0, (hp, wp));
+    let len = k * k * c * o;
+    if g.n == 0 || len == 0 {
+        return vec![0f32; len];
+    }
+    let (chunk, par) = chunking(g.n);
+    let pixels = xp.pixels();
+    let partials: Vec<Vec<f32>> = xp
+        .data
+        .par_chunks(chunk * pixels * c)
+        .zip(gp.data.par_chunks(chunk * pixels * o))
+        .map(|(xs, gs)| {
+            let m = rows(xs.len() / (pixels * c), &xp, k);
+            let mut acc = vec![0f32; len];
+            for ki in 0..k {
+                // SAFETY: A_ki^T (k*c, m) reads the same in-bounds pixels as the forward pass;
+                // G is (m, o) within the chunk; the destination is (k*c, o) within `acc`.
+                unsafe {
+                    gemm(
+                        k * c, o, m,
+                        acc.as_mut_ptr().add(ki * k * c * o), 1, o as isize,
+                        false,
+                        xs.as_ptr().add(ki * wp * c), c as isize, 1,
+                        gs.as_ptr(), 1, o as isize,
+                        0.0, 1.0,
+                        false, false, false,
+                        par,
+                    );
+                }
+            }
+            acc
+        })
+        .collect();
+    let mut dw_rows = partials[0].clone();
+    for p in &partials[1..] {
+        dw_rows.iter_mut().zip(p).for_each(|(a, &b)| *a += b);
+    }
+    // (ki, kj, c, o) -> (o, c, ki, kj).
+    let mut dw = vec![0f32; len];
+    for ki in 0..k {
+        for kj in 0..k {
+            for ch in 0..c {
+                for oo in 0..o {
+                    dw[((oo * c + ch) * k + ki) * k + kj] = dw_rows[((ki * k + kj) * c + ch) * o + oo];
+                }
+            }
+        }
+    }
+    dw
+}
