@@ -18,6 +18,8 @@
 //! weight gradient is Σ A_ki^T @ G per kernel row, G being the output gradient in the padded
 //! row numbering with zeros in the discarded rows.
 
+use std::mem::MaybeUninit;
+
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
@@ -40,27 +42,41 @@ struct Padded {
 }
 
 impl Padded {
-    /// Copies `src` (N, C, H, W) into a zeroed (N, hp, wp, C) buffer at offset (pad, pad).
+    /// Copies `src` (N, C, H, W) into an (N, hp, wp, C) buffer at offset (pad, pad), zeros
+    /// around it (only the border is zeroed: the image overwrites the rest anyway).
     fn from_nchw(src: &[f32], (n, c, h, w): (usize, usize, usize, usize), pad: usize, (hp, wp): (usize, usize)) -> Self {
         debug_assert!(h + pad <= hp && w + pad <= wp);
-        let mut data = vec![0f32; n * hp * wp * c];
-        if c > 0 && h * w > 0 {
-            data.par_chunks_mut(hp * wp * c)
-                .zip(src.par_chunks(c * h * w))
-                .for_each(|(dst, img)| {
-                    // One output row at a time: its w*c floats stay in L1 while the c planes'
-                    // rows are interleaved into it.
-                    for y in 0..h {
-                        let row = &mut dst[((y + pad) * wp + pad) * c..][..w * c];
+        let len = n * hp * wp * c;
+        let mut data = Vec::with_capacity(len);
+        let item = hp * wp * c;
+        if item > 0 {
+            let zero = MaybeUninit::new(0f32);
+            data.spare_capacity_mut()[..len]
+                .par_chunks_mut(item)
+                .enumerate()
+                .for_each(|(i, dst)| {
+                    let img = &src[i * c * h * w..][..c * h * w];
+                    for (py, prow) in dst.chunks_exact_mut(wp * c).enumerate() {
+                        if py < pad || py >= pad + h {
+                            prow.fill(zero);
+                            continue;
+                        }
+                        prow[..pad * c].fill(zero);
+                        prow[(pad + w) * c..].fill(zero);
+                        // The c planes' rows interleaved into this one, which stays in L1.
+                        let (y, row) = (py - pad, &mut prow[pad * c..(pad + w) * c]);
                         for ch in 0..c {
                             let line = &img[(ch * h + y) * w..][..w];
                             for (x, &v) in line.iter().enumerate() {
-                                row[x * c + ch] = v;
+                                row[x * c + ch] = MaybeUninit::new(v);
                             }
                         }
                     }
                 });
         }
+        // SAFETY: every padded row is either zero-filled or has its border zero-filled and its
+        // w*c interior written, so all `len` elements are initialised (`len` is 0 if `item` is).
+        unsafe { data.set_len(len) };
         Self { data, n, c, hp, wp }
     }
 
@@ -117,27 +133,39 @@ fn swap_channels(w: &[f32], o: usize, c: usize, k: usize) -> Vec<f32> {
     out
 }
 
-/// The convolution of `x` with `kernel_rows` (k, k*C, O) as (N, hp, wp, O) rows in the padded
-/// numbering; only rows of valid output pixels are meaningful.
-fn conv_rows(x: &Padded, kr: &[f32], k: usize, o: usize) -> Vec<f32> {
+/// The convolution of `x` with `kernel_rows` (k, k*C, O), as (N, hp, wp, O) rows in the
+/// padded numbering. Only the rows of valid output pixels are written (and may be read).
+///
+/// The rows stay channels-last: measured on the default UNet, a channel-major destination
+/// (which gemm would not transpose internally) made both the forward pass and the training
+/// step slower, since gemm then packs the image view across its row stride.
+fn conv_rows(x: &Padded, kr: &[f32], k: usize, o: usize) -> Vec<MaybeUninit<f32>> {
     let (c, wp, pixels) = (x.c, x.wp, x.pixels());
-    let mut out = vec![0f32; x.n * pixels * o];
-    if o == 0 || x.n == 0 || x.c == 0 {
+    let len = x.n * pixels * o;
+    let mut out = Vec::with_capacity(len);
+    // SAFETY: MaybeUninit needs no initialisation.
+    unsafe { out.set_len(len) };
+    if o == 0 || x.n == 0 {
+        return out;
+    }
+    if c == 0 {
+        out.fill(MaybeUninit::new(0.0));
         return out;
     }
     let (chunk, par) = chunking(x.n);
     out.par_chunks_mut(chunk * pixels * o)
         .zip(x.data.par_chunks(chunk * pixels * c))
         .for_each(|(dst, src)| {
-            let m = rows(src.len() / (pixels * c).max(1), x, k);
+            let m = rows(src.len() / (pixels * c), x, k);
             for ki in 0..k {
                 // SAFETY: row r of A_ki reads k*c floats from pixel r + ki*wp; for r < m that
                 // ends at most at the chunk's last pixel (see `rows`), and the kernel matrix
-                // and destination are sized (k*c, o) and (m, o) within their buffers.
+                // and destination are sized (k*c, o) and (m, o) within their buffers. The
+                // first call writes every destination row below m; later ones add to them.
                 unsafe {
                     gemm(
                         m, o, k * c,
-                        dst.as_mut_ptr(), 1, o as isize,
+                        dst.as_mut_ptr().cast::<f32>(), 1, o as isize,
                         ki > 0,
                         src.as_ptr().add(ki * wp * c), 1, c as isize,
                         kr.as_ptr().add(ki * k * c * o), 1, o as isize,
@@ -151,25 +179,29 @@ fn conv_rows(x: &Padded, kr: &[f32], k: usize, o: usize) -> Vec<f32> {
     out
 }
 
-/// Gathers the valid pixels of (N, hp, wp, O) rows into an (N, O, ho, wo) image.
-fn rows_to_nchw(rows: &[f32], (n, o): (usize, usize), (hp, wp): (usize, usize), (ho, wo): (usize, usize)) -> Vec<f32> {
-    let mut out = vec![0f32; n * o * ho * wo];
-    if out.is_empty() {
-        return out;
-    }
-    out.par_chunks_mut(o * ho * wo)
-        .zip(rows.par_chunks(hp * wp * o))
-        .for_each(|(img, src)| {
-            for oy in 0..ho {
-                let line = &src[oy * wp * o..][..wo * o];
-                for oo in 0..o {
-                    let dst = &mut img[(oo * ho + oy) * wo..][..wo];
-                    for (ox, d) in dst.iter_mut().enumerate() {
-                        *d = line[ox * o + oo];
+/// Gathers the valid pixels of [`conv_rows`]' (N, hp, wp, O) rows into an (N, O, ho, wo) image.
+fn rows_to_nchw(rows: &[MaybeUninit<f32>], (n, o): (usize, usize), (hp, wp): (usize, usize), (ho, wo): (usize, usize)) -> Vec<f32> {
+    let len = n * o * ho * wo;
+    let mut out = Vec::with_capacity(len);
+    if len > 0 {
+        out.spare_capacity_mut()[..len]
+            .par_chunks_mut(o * ho * wo)
+            .zip(rows.par_chunks(hp * wp * o))
+            .for_each(|(img, src)| {
+                for oy in 0..ho {
+                    let line = &src[oy * wp * o..][..wo * o];
+                    for oo in 0..o {
+                        let dst = &mut img[(oo * ho + oy) * wo..][..wo];
+                        for (ox, d) in dst.iter_mut().enumerate() {
+                            // SAFETY: pixel (oy, ox < wo) is a valid output, a row `conv_rows` wrote.
+                            d.write(unsafe { line[ox * o + oo].assume_init() });
+                        }
                     }
                 }
-            }
-        });
+            });
+    }
+    // SAFETY: each of the n images' o*ho*wo elements was written above.
+    unsafe { out.set_len(len) };
     out
 }
 
@@ -240,12 +272,10 @@ pub fn weight_grad(g: &ConvGeom, o: usize, x: &[f32], grad: &[f32]) -> Vec<f32> 
     }
     // (ki, kj, c, o) -> (o, c, ki, kj).
     let mut dw = vec![0f32; len];
-    for ki in 0..k {
-        for kj in 0..k {
-            for ch in 0..c {
-                for oo in 0..o {
-                    dw[((oo * c + ch) * k + ki) * k + kj] = dw_rows[((ki * k + kj) * c + ch) * o + oo];
-                }
+    for tap in 0..k * k {
+        for ch in 0..c {
+            for oo in 0..o {
+                dw[(oo * c + ch) * k * k + tap] = dw_rows[(tap * c + ch) * o + oo];
             }
         }
     }

@@ -3,7 +3,7 @@
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::layers::linear;
+use super::layers::{linear, Linear};
 
 /// Sinusoidal embedding of one timestep per sample, as diffusers' `get_timestep_embedding`.
 #[derive(Debug, Clone)]
@@ -38,8 +38,8 @@ impl Timesteps {
 /// Two linear layers with SiLU between them (`linear_1`, `linear_2`).
 #[derive(Debug, Clone)]
 pub struct TimestepEmbedding {
-    linear_1: candle_nn::Linear,
-    linear_2: candle_nn::Linear,
+    linear_1: Linear,
+    linear_2: Linear,
 }
 
 impl TimestepEmbedding {

@@ -106,14 +106,48 @@ impl Module for GroupNorm {
     }
 }
 
+/// Linear layer `y = x W^T + b` on the last dimension of any (.., in) input, `weight` (out, in)
+/// and `bias` (out,) named as in PyTorch; the rows go through [`crate::kernels::linear`].
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let rows = x.flatten_to(dims.len().saturating_sub(2))?;
+        let y = crate::kernels::linear(&rows, &self.weight, self.bias.as_ref())?;
+        let mut out_dims = dims;
+        match out_dims.last_mut() {
+            Some(last) => *last = self.weight.dim(0)?,
+            None => candle_core::bail!("linear: input must have at least one dimension"),
+        }
+        y.reshape(out_dims)
+    }
+}
+
 /// Linear layer with bias (PyTorch default init).
-pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<candle_nn::Linear> {
-    candle_nn::linear(in_dim, out_dim, vb)
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    let l = candle_nn::linear(in_dim, out_dim, vb)?;
+    Ok(Linear::new(l.weight().clone(), l.bias().cloned()))
 }
 
 /// Linear layer without bias.
-pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<candle_nn::Linear> {
-    candle_nn::linear_no_bias(in_dim, out_dim, vb)
+pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    let l = candle_nn::linear_no_bias(in_dim, out_dim, vb)?;
+    Ok(Linear::new(l.weight().clone(), None))
 }
 
 /// Multi-head scaled dot-product attention on (B, L, H*D) projections; `mask` (Lq, Lk) is added

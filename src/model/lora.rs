@@ -6,7 +6,9 @@
 use std::cell::Cell;
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Init, Linear, VarBuilder};
+use candle_nn::{Init, VarBuilder};
+
+use super::layers::Linear;
 use serde::{Deserialize, Serialize};
 
 thread_local! {
@@ -103,12 +105,8 @@ impl LoraLinear {
 
 impl Module for LoraLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // On (B, L, C) inputs candle-nn's Linear broadcasts its weight per sample, and its
-        // backward then sums B weight gradients with a slow reduction: work on (B*L, C) rows.
-        let dims = x.dims().to_vec();
-        let rows = x.flatten_to(dims.len().saturating_sub(2))?;
-        let y = self.base.forward(&rows)?;
-        let y = match &self.adapter {
+        let y = self.base.forward(x)?;
+        match &self.adapter {
             Some((down, up)) => {
                 // Adapters stay f32 (trained) while frozen weights may be f16/bf16: run the
                 // adapter in f32 and add it in the base's dtype (both casts are no-ops in f32).
@@ -117,13 +115,10 @@ impl Module for LoraLinear {
                 } else {
                     (down.clone(), up.clone())
                 };
-                let delta = up.forward(&down.forward(&rows.to_dtype(DType::F32)?)?)?;
-                (y + (delta * self.scale)?.to_dtype(rows.dtype())?)?
+                let delta = up.forward(&down.forward(&x.to_dtype(DType::F32)?)?)?;
+                y + (delta * self.scale)?.to_dtype(x.dtype())?
             }
-            None => y,
-        };
-        let mut out_dims = dims;
-        *out_dims.last_mut().expect("linear input has a last dimension") = y.dim(candle_core::D::Minus1)?;
-        y.reshape(out_dims)
+            None => Ok(y),
+        }
     }
 }

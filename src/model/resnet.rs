@@ -3,13 +3,13 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::layers::{linear, Conv2d, GroupNorm};
+use super::layers::{linear, Conv2d, GroupNorm, Linear};
 
 #[derive(Debug, Clone)]
 pub struct ResnetBlock2D {
     norm1: GroupNorm,
     conv1: Conv2d,
-    time_emb_proj: candle_nn::Linear,
+    time_emb_proj: Linear,
     norm2: GroupNorm,
     conv2: Conv2d,
     conv_shortcut: Option<Conv2d>,

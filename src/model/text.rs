@@ -6,14 +6,14 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 
 use super::config::TextConfig;
-use super::layers::{attention, linear, LayerNorm};
+use super::layers::{attention, linear, LayerNorm, Linear};
 
 #[derive(Debug, Clone)]
 struct SelfAttention {
-    q_proj: candle_nn::Linear,
-    k_proj: candle_nn::Linear,
-    v_proj: candle_nn::Linear,
-    out_proj: candle_nn::Linear,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
     heads: usize,
 }
 
@@ -42,8 +42,8 @@ struct EncoderLayer {
     layer_norm1: LayerNorm,
     self_attn: SelfAttention,
     layer_norm2: LayerNorm,
-    fc1: candle_nn::Linear,
-    fc2: candle_nn::Linear,
+    fc1: Linear,
+    fc2: Linear,
     quick_gelu: bool,
 }
 

@@ -4,7 +4,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::layers::{attention, linear, linear_no_bias, Conv2d, GroupNorm, LayerNorm};
+use super::layers::{attention, linear, linear_no_bias, Conv2d, GroupNorm, LayerNorm, Linear};
 use super::lora::{Lora, LoraLinear};
 
 /// Multi-head attention with `to_q`, `to_k`, `to_v` (no bias) and `to_out.0` (with bias), each
@@ -47,8 +47,8 @@ impl Attention {
 /// GEGLU feed-forward: `net.0.proj` to twice the inner width, gate with GELU, `net.2` back.
 #[derive(Debug, Clone)]
 struct FeedForward {
-    proj_in: candle_nn::Linear,
-    proj_out: candle_nn::Linear,
+    proj_in: Linear,
+    proj_out: Linear,
 }
 
 impl FeedForward {
@@ -116,7 +116,7 @@ impl BasicTransformerBlock {
 #[derive(Debug, Clone)]
 enum Projection {
     Conv(Conv2d),
-    Linear(candle_nn::Linear),
+    Linear(Linear),
 }
 
 /// `Transformer2DModel`: GroupNorm, `proj_in`, transformer blocks over H*W tokens, `proj_out`,

@@ -26,7 +26,7 @@ use candle_nn::{Init, VarBuilder};
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
-use crate::model::layers::{linear_no_bias, Conv2d, GroupNorm};
+use crate::model::layers::{linear_no_bias, Conv2d, GroupNorm, Linear};
 use crate::model::{TextConfig, TextEncoder};
 use crate::world::tokenizer::{Tokenizer, EOS_ID};
 
@@ -126,7 +126,7 @@ impl ConvStage {
 #[derive(Debug, Clone)]
 struct VisionTower {
     stages: Vec<ConvStage>,
-    projection: candle_nn::Linear,
+    projection: Linear,
     max_pool: bool,
 }
 
@@ -161,7 +161,7 @@ impl VisionTower {
 pub struct ShapesClip {
     vision: VisionTower,
     text: TextEncoder,
-    text_projection: candle_nn::Linear,
+    text_projection: Linear,
     logit_scale: Tensor,
     config: ShapesClipConfig,
     tokenizer: Tokenizer,
