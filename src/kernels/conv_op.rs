@@ -1,7 +1,8 @@
 //! The convolution as one autograd node, with a hand-written backward pass.
 //!
-//! Stride-1 convolutions other than 1x1 go through [`implicit_gemm`] in both directions; what
-//! follows describes the im2col path that the strided ones (and 1x1 ones) take.
+//! Stride-1 convolutions go through [`implicit_gemm`] forward, and backward too except 1x1
+//! ones (measured no faster there); what follows describes the im2col path that the strided
+//! ones take, and the 1x1 ones' backward.
 //!
 //! Built from [`Im2Col`] and candle matmuls alone, autograd would keep the columns (C*kh*kw
 //! times the input's size) alive until backward, accumulate their gradient through a zeroed
@@ -10,7 +11,7 @@
 //! only x and w, recomputes the columns in backward (cheap next to the matmuls) and picks
 //! the fastest product layouts:
 //! - forward: `cols^T (N, P, K) @ W^T (K, O) = out^T (N, P, O)`, transposed to (N, O, P) in
-//!   one pass (gemm is slow when the row count, O, is small; 1x1 convs use `W @ x` directly),
+//!   one pass (gemm is slow when the row count, O, is small),
 //!   a cache-sized batch chunk at a time so the columns never reach main memory;
 //! - input gradient: `W^T (K, O) @ grad (N, O, P) = dcols (N, K, P)`, then col2im;
 //! - weight gradient: `sum_n cols_n (K, P) @ grad_n^T (P, O) = dW^T (K, O)`.
@@ -103,16 +104,11 @@ impl Conv2dOp {
     /// The forward pass on contiguous f32 slices: (N, O, Ho*Wo) in row-major order.
     fn forward_vec(&self, x: &[f32], w: &[f32]) -> Result<Vec<f32>> {
         let g = &self.geom;
-        if implicit_gemm::supported(g) && !self.pointwise() {
+        if implicit_gemm::supported(g) {
             return Ok(implicit_gemm::forward(g, self.o, x, w));
         }
         let w = Tensor::from_slice(w, self.weight_shape(), &Device::Cpu)?;
         let w = self.weight_stack(&w)?;
-        if self.pointwise() {
-            // Few rows (K = C) and no unfolding: the plain orientation needs no transpose.
-            let cols = Tensor::from_slice(x, (g.n, g.k(), g.p()), &Device::Cpu)?;
-            return w.matmul(&cols)?.flatten_all()?.to_vec1();
-        }
         let mut out = vec![0f32; g.n * self.o * g.p()];
         // Batch chunks whose columns fit in cache: unfolding and multiplying them back to back
         // keeps the columns out of main memory, and bounds the forward's extra memory.
@@ -147,6 +143,8 @@ impl Conv2dOp {
     /// Both gradients (input, weight) given the output gradient.
     fn backward(&self, x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
         let g = &self.geom;
+        // 1x1 kernels keep the direct products below: through implicit_gemm their backward
+        // measured no faster (their forward is).
         if implicit_gemm::supported(g) && !self.pointwise() {
             return self.backward_implicit(x, w, grad);
         }
