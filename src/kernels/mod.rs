@@ -20,6 +20,9 @@
 //! backward zeroes and adds the output gradient twice and sums the bias gradient with a
 //! strided reduction.
 //!
+//! [`bmm`] runs the attention's many small per-head products whole on each thread
+//! ([`bmm_op`]): candle spreads each of them over the threads, at more cost than arithmetic.
+//!
 //! The attention's [`softmax_last_dim`] (scale, mask and softmax, [`softmax_op`]) and the
 //! feed-forward's [`geglu`] gate ([`geglu_op`]) are single nodes for the same reason: composed,
 //! they are five to seven small candle ops, each an allocation forward and a zeroed gradient
@@ -29,6 +32,7 @@
 //! faults on freshly mapped tensors otherwise cost more than the convolution's copying.
 
 pub mod alloc;
+pub mod bmm_op;
 pub mod conv_op;
 pub mod geglu_op;
 pub mod im2col;
@@ -42,6 +46,7 @@ mod slices;
 pub mod softmax_op;
 
 use candle_core::{bail, DType, Device, Result, Tensor};
+use bmm_op::BmmOp;
 use conv_op::{Conv2dBiasOp, Conv2dOp};
 pub use geglu_op::geglu;
 pub use softmax_op::softmax_last_dim;
@@ -118,6 +123,36 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         None => x.apply_op2(&w, op),
         Some(b) => x.apply_op3(&w, &b.contiguous()?, LinearBiasOp(op)),
     }
+}
+
+/// Batched `op(x) @ op(y)` over all leading dimensions, `op` transposing the last two
+/// dimensions when its flag is set: (B, H, L, D) queries and keys give (B, H, L, L) scores
+/// with `ty`. Differentiable in both; CPU f32 runs one node ([`bmm_op`]), other devices and
+/// dtypes candle's matmul.
+pub fn bmm(x: &Tensor, tx: bool, y: &Tensor, ty: bool) -> Result<Tensor> {
+    let rank = x.rank();
+    if rank < 2 || y.rank() != rank || x.dims()[..rank - 2] != y.dims()[..rank - 2] {
+        bail!("bmm: operands must share their leading dimensions, got {:?} and {:?}", x.dims(), y.dims());
+    }
+    let (xr, xc) = (x.dims()[rank - 2], x.dims()[rank - 1]);
+    let (yr, yc) = (y.dims()[rank - 2], y.dims()[rank - 1]);
+    let ((m, k), (ky, n)) = (if tx { (xc, xr) } else { (xr, xc) }, if ty { (yc, yr) } else { (yr, yc) });
+    if k != ky {
+        bail!("bmm: inner dimensions differ: {:?}{} times {:?}{}", x.dims(), if tx { "ᵀ" } else { "" }, y.dims(), if ty { "ᵀ" } else { "" });
+    }
+    if !all_cpu_f32(&[Some(x), Some(y)]) {
+        let op = |t: &Tensor, flip: bool| if flip { t.transpose(rank - 2, rank - 1) } else { Ok(t.clone()) };
+        return op(x, tx)?.matmul(&op(y, ty)?);
+    }
+    alloc::reuse_freed_memory();
+    let lead = &x.dims()[..rank - 2];
+    let batch = lead.iter().product();
+    let op = BmmOp { batch, m, k, n, tx, ty };
+    let x = x.contiguous()?.reshape((batch, xr, xc))?;
+    let y = y.contiguous()?.reshape((batch, yr, yc))?;
+    let mut dims = lead.to_vec();
+    dims.extend([m, n]);
+    x.apply_op2(&y, op)?.reshape(dims)
 }
 
 /// GroupNorm of `x` (N, C, *spatial) as PyTorch's: `groups` groups of channels normalised

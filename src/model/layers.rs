@@ -170,12 +170,10 @@ pub fn attention(
     let scores = if q.dtype() == DType::F16 {
         q.to_dtype(DType::F32)?.matmul(&k.to_dtype(DType::F32)?.t()?)?
     } else {
-        q.matmul(&k.t()?)?.to_dtype(DType::F32)?
+        crate::kernels::bmm(&q, false, &k, true)?.to_dtype(DType::F32)?
     };
     let probs = crate::kernels::softmax_last_dim(&scores, 1.0 / (d as f64).sqrt(), mask)?;
-    probs
-        .to_dtype(v.dtype())?
-        .matmul(&v)?
+    crate::kernels::bmm(&probs.to_dtype(v.dtype())?, false, &v, false)?
         .transpose(1, 2)?
         .reshape((b, lq, inner))
 }
