@@ -241,3 +241,54 @@ fn the_range_penalty_pulls_predictions_into_range() {
     println!("x0 excess {:.4} -> {:.4}, out of range {:.3} -> {:.3}", first.x0_excess, last.x0_excess, first.out_of_range, last.out_of_range);
     assert!(last.x0_excess < 0.75 * first.x0_excess, "x0 excess {} -> {}", first.x0_excess, last.x0_excess);
 }
+
+/// For two Gaussians with the same sigma, log p(x) - log q(x) at x = mean_p is exactly
+/// KL(p || q) = |mean_p - mean_q|^2 / (2 sigma^2): `kl_to_base` against the sampler's own
+/// log-densities.
+#[test]
+fn kl_to_base_is_the_log_density_gap_at_the_policy_mean() {
+    use ddpo::sampler::{ddim_step, NoiseSchedule, ScheduleConfig};
+    let d = Device::Cpu;
+    let schedule = NoiseSchedule::new(ScheduleConfig { clip_sample: false, ..ScheduleConfig::pixel_default() }).unwrap();
+    let (t, steps) = (vec![601usize, 301], 10);
+    let x = Tensor::randn(0f32, 1.0, (2, 3, 4, 4), &d).unwrap();
+    let eps_p = Tensor::randn(0f32, 1.0, (2, 3, 4, 4), &d).unwrap();
+    let eps_q = (&eps_p + Tensor::randn(0f32, 0.3, (2, 3, 4, 4), &d).unwrap()).unwrap();
+    let dummy = x.zeros_like().unwrap();
+    let p = ddim_step(&schedule, &eps_p, &t, &x, steps, 1.0, Some(&dummy), None).unwrap();
+    let q = ddim_step(&schedule, &eps_q, &t, &x, steps, 1.0, Some(&dummy), None).unwrap();
+    let at_mean = |eps: &Tensor| ddim_step(&schedule, eps, &t, &x, steps, 1.0, Some(&p.mean), None).unwrap().log_prob;
+    let gap = (at_mean(&eps_p) - at_mean(&eps_q)).unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap();
+    let kl = ddpo::ddpo::kl_to_base(&p, &q).unwrap().to_scalar::<f32>().unwrap();
+    assert!(kl > 1e-4, "the two steps should differ: kl {kl}");
+    assert!((kl - gap).abs() < 1e-4 * kl.max(1.0), "kl {kl} vs log-density gap {gap}");
+}
+
+/// The frozen pretrained policy, as `ddpo train --kl-weight` loads the shipped model.
+fn frozen_base() -> Policy {
+    let tensors = pretrained_weights().iter().cloned().collect();
+    let vb = candle_nn::VarBuilder::from_tensors(tensors, candle_core::DType::F32, &Device::Cpu);
+    Policy::from_var_builder(PolicyConfig::tiny_test(), vb, None, &Device::Cpu).unwrap()
+}
+
+/// A heavily weighted KL term keeps the policy much closer to the base (in the KL the trainer
+/// measures) than a run where the term is weighted too little to matter; without a base model
+/// it is an error.
+#[test]
+fn the_kl_term_keeps_the_policy_near_the_base() {
+    let kl_after = |kl_weight: f64| {
+        let mut t = tiny_trainer_edited(Algorithm::Is, 3e-4, Arc::new(Brightness), |c| c.kl_weight = kl_weight);
+        t.set_base(frozen_base());
+        let reports: Vec<_> = (0..4).map(|_| t.run_epoch().unwrap()).collect();
+        reports.iter().map(|r| r.kl_base).collect::<Vec<_>>()
+    };
+    let free = kl_after(1e-9);
+    let held = kl_after(1e4);
+    println!("KL to the base per epoch: {free:?} nearly free, {held:?} with the KL term");
+    assert!(free[3] > 0.0 && held[3] > 0.0);
+    assert!(held[3] < 0.5 * free[3], "KL {} with the term vs {} without", held[3], free[3]);
+
+    let mut t = tiny_trainer_edited(Algorithm::Is, 1e-3, Arc::new(Brightness), |c| c.kl_weight = 1.0);
+    let err = format!("{:#}", t.run_epoch().unwrap_err());
+    assert!(err.contains("--kl-weight needs the base model"), "{err}");
+}

@@ -99,6 +99,11 @@ pub struct Args {
     /// apart, e.g. for runs past 20 epochs; 1 is a good start). 0: off. Pixel-space models only.
     #[arg(long, default_value_t = 0.0)]
     range_penalty: f64,
+    /// Weight of a KL term to the base model in the DDPO-IS / SF loss (the closed-form KL of each
+    /// trained step's Gaussian to the shipped model's, per pixel): changes the reward does not
+    /// pay for are pulled back. Costs one more forward pass per trained step. 0: off.
+    #[arg(long, default_value_t = 0.0)]
+    kl_weight: f64,
     /// Finetune the text encoder too (default: the UNet only, as the DDPO reference).
     #[arg(long)]
     train_text_encoder: bool,
@@ -194,6 +199,7 @@ impl Args {
             train_text_encoder: self.train_text_encoder,
             min_train_sigma: self.min_train_sigma,
             range_penalty: self.range_penalty,
+            kl_weight: self.kl_weight,
             ..Default::default()
         };
         train.validate()?;
@@ -344,7 +350,10 @@ pub fn exec(mut args: Args) -> anyhow::Result<()> {
         reward_mean.push(m["reward_mean"].as_f64().unwrap_or(f64::NAN));
         reward_std.push(m["reward_std"].as_f64().unwrap_or(f64::NAN));
         // Pixel-space runs: how much of the final samples lies outside [-1, 1] (clipped).
-        let range = if report.out_of_range.is_finite() { format!("  out {:.0}%", 100.0 * report.out_of_range) } else { String::new() };
+        let mut range = if report.out_of_range.is_finite() { format!("  out {:.0}%", 100.0 * report.out_of_range) } else { String::new() };
+        if trainer.config.kl_weight > 0.0 {
+            range += &format!("  kl_base {:.1e}", report.kl_base);
+        }
         super::say(&bar, format!(
             "epoch {:>3}  reward {:+.4} ± {:.4}  loss {:+.2e}  kl {:.1e}  clip {:.2}{range}  sample {:.1}s reward {:.2}s train {:.1}s{hashes}",
             report.epoch,
@@ -435,7 +444,17 @@ fn build_trainer(
     let hooks = hooks_script.map(|p| scripts.load_hooks(p)).transpose()?;
     let (mut schedule, prompts) = Schedule::new(hooks, script_reward, &config.train, prompts);
     schedule.epochs = config.epochs;
-    let trainer = Trainer::new(config.train.clone(), policy, reward, prompts)?;
+    let mut trainer = Trainer::new(config.train.clone(), policy, reward, prompts)?;
+    if config.train.kl_weight > 0.0 {
+        // The shipped (or given) model as loaded, never the run's checkpoint: a resumed run
+        // keeps measuring against the same base.
+        let mut base = Policy::open_frozen(&config.model, None, config.dtype, device)
+            .with_context(|| format!("loading the base model {} for --kl-weight", config.model.display()))?;
+        if let Some(on) = config.clip_sample {
+            base.set_clip_sample(on);
+        }
+        trainer.set_base(base);
+    }
     Ok((trainer, scripts, schedule))
 }
 

@@ -10,4 +10,4 @@ pub mod trainer;
 
 pub use advantage::{Normalisation, StatTracker};
 pub use prompts::{FixedPrompts, PromptSource};
-pub use trainer::{range_excess, Algorithm, EpochReport, ProgressFn, Stage, TrainConfig, Trainer};
+pub use trainer::{kl_to_base, range_excess, Algorithm, EpochReport, ProgressFn, Stage, TrainConfig, Trainer};

@@ -19,7 +19,7 @@ use crate::kernels::shards;
 use crate::optim::{accumulate, clip_grad_norm, AdamW, AdamWConfig, Grads};
 use crate::policy::Policy;
 use crate::reward::{check_finite, Reward, Score};
-use crate::sampler::{self, NoiseRng, SamplerConfig, Trajectory};
+use crate::sampler::{self, NoiseRng, SamplerConfig, StepOutput, Trajectory};
 
 /// The policy-gradient estimator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -81,6 +81,14 @@ pub struct TrainConfig {
     /// consistent gradient full-size steps). Pixel-space models only.
     #[serde(default)]
     pub range_penalty: f64,
+    /// Weight of a KL term to the base model (DPOK's regulariser): `kl_weight * KL(p_θ || p_base)`
+    /// of each trained transition, the closed form for two Gaussians with the same sigma,
+    /// `|mean_θ - mean_base|^2 / (2 sigma^2)` averaged over the pixels, added to the DDPO-IS /
+    /// SF loss. It pulls back any change that the reward does not pay for, such as the drift
+    /// of noisy updates; it costs one more (gradient-free) forward pass per trained step. Off (0)
+    /// by default.
+    #[serde(default)]
+    pub kl_weight: f64,
 }
 
 impl Default for TrainConfig {
@@ -106,6 +114,7 @@ impl Default for TrainConfig {
             train_text_encoder: false,
             min_train_sigma: 0.02,
             range_penalty: 0.0,
+            kl_weight: 0.0,
         }
     }
 }
@@ -142,6 +151,11 @@ impl TrainConfig {
             c.range_penalty >= 0.0 && c.range_penalty.is_finite(),
             "--range-penalty must be a non-negative number, got {}",
             c.range_penalty
+        );
+        anyhow::ensure!(
+            c.kl_weight >= 0.0 && c.kl_weight.is_finite(),
+            "--kl-weight must be a non-negative number, got {}",
+            c.kl_weight
         );
         if let Normalisation::PerPrompt { buffer_size, min_count } = c.normalisation {
             // One reward has no spread to normalise by.
@@ -192,6 +206,8 @@ pub struct EpochReport {
     /// The range penalty's term before its weight: alpha_bar_t * mean(relu(|x0| - 1)^2) over the
     /// trained steps' predicted x0.
     pub x0_excess: f64,
+    /// Mean KL of the trained transitions to the base model's (0 without a base model).
+    pub kl_base: f64,
     /// Fraction of the final samples' values outside [-1, 1], which the images clip (NaN for
     /// latent-space models).
     pub out_of_range: f64,
@@ -219,6 +235,8 @@ pub struct Trainer {
     reward: Arc<dyn Reward>,
     prompts: Box<dyn PromptSource>,
     progress: Option<ProgressFn>,
+    /// The frozen base model of `--kl-weight`.
+    base: Option<Policy>,
 }
 
 /// The part of an epoch that is running, for progress bars.
@@ -254,6 +272,10 @@ impl Trainer {
         config.sampler.validate(policy.schedule.num_train_timesteps())?;
         config.trained_steps(&policy.schedule)?;
         anyhow::ensure!(
+            config.kl_weight == 0.0 || config.algorithm != Algorithm::Rwr,
+            "--kl-weight regularises DDPO-IS / SF updates; RWR has no per-step policy to compare: use --kl-weight 0"
+        );
+        anyhow::ensure!(
             config.range_penalty == 0.0 || policy.vae.is_none(),
             "--range-penalty keeps pixel-space samples inside [-1, 1], but this model samples VAE latents, \
              which have no fixed range: use --range-penalty 0"
@@ -266,7 +288,12 @@ impl Trainer {
         anyhow::ensure!(!vars.is_empty(), "the policy has no trainable weights (load it with load_trainable)");
         let opt = AdamW::new(vars, config.optimizer)?;
         let rng = NoiseRng::new(config.seed);
-        Ok(Self { config, policy, opt, stats: StatTracker::default(), rng, epoch: 0, reward, prompts, progress: None })
+        Ok(Self { config, policy, opt, stats: StatTracker::default(), rng, epoch: 0, reward, prompts, progress: None, base: None })
+    }
+
+    /// Sets the frozen base model that `kl_weight` measures the policy against.
+    pub fn set_base(&mut self, base: Policy) {
+        self.base = Some(base);
     }
 
     /// Reports sampling and training progress to `f` (e.g. to draw progress bars).
@@ -316,6 +343,7 @@ impl Trainer {
             clipfrac: update.clipfrac,
             first_ratio_max_dev: update.first_ratio_max_dev,
             x0_excess: update.x0_excess,
+            kl_base: update.kl_base,
             out_of_range,
             lr: self.opt.config.lr,
             optimizer_steps: update.steps,
@@ -425,6 +453,7 @@ impl Trainer {
                         accumulate(&mut grads, &self.opt.collect(g), 1.0 / (k * accum) as f64)?;
                     }
                     stats.x0_excess += terms.x0_excess;
+                    stats.kl_base += terms.kl_base;
                     stats.add(terms.loss, terms.approx_kl, terms.clipfrac);
                     self.report(Stage::Training, stats.terms, inner * minibatches * k);
                 }
@@ -445,9 +474,9 @@ impl Trainer {
     /// in one shard per CPU core ([`crate::kernels::shards`]): each shard's loss is weighted by
     /// its share of the minibatch, so the shards' gradients sum to the minibatch's.
     fn minibatch_grads(&self, s: &Samples, mb: &[usize], ks: &[usize], adv: &[f64]) -> anyhow::Result<MinibatchGrads> {
-        let (policy, config) = (&self.policy, &self.config);
+        let (policy, base, config) = (&self.policy, self.base.as_ref(), &self.config);
         let parts = shards::sharded_backward(mb.len(), &policy.device, |r| -> anyhow::Result<_> {
-            let terms = transition_loss(policy, config, s, &mb[r.clone()], &ks[r], adv)?;
+            let terms = transition_loss(policy, base, config, s, &mb[r.clone()], &ks[r], adv)?;
             Ok((terms.loss.clone(), terms))
         })?;
         let mut out = MinibatchGrads::default();
@@ -457,6 +486,7 @@ impl Trainer {
             out.approx_kl += share * terms.approx_kl;
             out.clipfrac += share * terms.clipfrac;
             out.x0_excess += share * terms.x0_excess;
+            out.kl_base += share * terms.kl_base;
             out.ratio_dev = out.ratio_dev.max(terms.ratio_dev);
             out.grads.push(part.grads);
         }
@@ -528,11 +558,12 @@ struct UpdateStats {
     steps: usize,
     first_ratio_max_dev: f64,
     x0_excess: f64,
+    kl_base: f64,
 }
 
 /// Loss of a minibatch at one trajectory step per sample (`ks[i]` for sample `mb[i]`), with
 /// its diagnostics.
-fn transition_loss(policy: &Policy, config: &TrainConfig, s: &Samples, mb: &[usize], ks: &[usize], adv: &[f64]) -> anyhow::Result<TransitionLoss> {
+fn transition_loss(policy: &Policy, base: Option<&Policy>, config: &TrainConfig, s: &Samples, mb: &[usize], ks: &[usize], adv: &[f64]) -> anyhow::Result<TransitionLoss> {
     let pick = |offset: usize| -> candle_core::Result<Tensor> {
         let rows: Vec<Tensor> = mb
             .iter()
@@ -559,16 +590,31 @@ fn transition_loss(policy: &Policy, config: &TrainConfig, s: &Samples, mb: &[usi
         Algorithm::Sf => score_function_loss(new, &old, &a)?,
         _ => ppo_clip_loss(new, &old, &a, config.clip_range)?,
     };
-    let (loss, x0_excess) = if config.range_penalty > 0.0 {
+    let (mut loss, mut x0_excess, mut kl_base) = (l.loss, 0.0, 0.0);
+    if config.range_penalty > 0.0 {
         let weights: Vec<f32> = timesteps.iter().map(|&t| policy.schedule.alpha_bar(t) as f32).collect();
         let weights = Tensor::from_vec(weights, mb.len(), device)?;
         let excess = range_excess(&step.pred_original, policy.schedule.config.clip_sample_range, &weights)?;
-        let x0_excess = excess.to_scalar::<f32>()? as f64;
-        ((l.loss + (excess * config.range_penalty)?)?, x0_excess)
-    } else {
-        (l.loss, 0.0)
-    };
-    Ok(TransitionLoss { loss, approx_kl: l.approx_kl, clipfrac: l.clipfrac, ratio_dev, x0_excess })
+        x0_excess = excess.to_scalar::<f32>()? as f64;
+        loss = (loss + (excess * config.range_penalty)?)?;
+    }
+    if config.kl_weight > 0.0 {
+        let base = base.context("--kl-weight needs the base model (Trainer::set_base)")?;
+        let base_step = sampler::transition(base, &prompts, &x_t, &x_prev, &timesteps, &config.sampler)?;
+        let kl = kl_to_base(&step, &base_step)?;
+        kl_base = kl.to_scalar::<f32>()? as f64;
+        loss = (loss + (kl * config.kl_weight)?)?;
+    }
+    Ok(TransitionLoss { loss, approx_kl: l.approx_kl, clipfrac: l.clipfrac, ratio_dev, x0_excess, kl_base })
+}
+
+/// Batch mean of KL(p_θ(x_prev | x_t) || p_base(x_prev | x_t)) per pixel. Both steps have the
+/// same sigma, so it is |mean_θ - mean_base|^2 / (2 sigma^2), averaged over the non-batch
+/// dimensions (as the log-probabilities are). Differentiable in the policy's step only.
+pub fn kl_to_base(step: &StepOutput, base: &StepOutput) -> candle_core::Result<Tensor> {
+    let d = (&step.mean - base.mean.detach())?;
+    let per_pixel = d.sqr()?.broadcast_div(&(step.sigma.sqr()? * 2.0)?)?;
+    per_pixel.flatten_from(1)?.mean(1)?.mean_all()
 }
 
 /// One minibatch-step's gradients (one store per shard) and its diagnostics.
@@ -580,6 +626,7 @@ struct MinibatchGrads {
     clipfrac: f64,
     ratio_dev: f64,
     x0_excess: f64,
+    kl_base: f64,
 }
 
 /// One minibatch-step's loss and diagnostics.
@@ -590,6 +637,7 @@ struct TransitionLoss {
     /// max |ratio - 1| over the minibatch.
     ratio_dev: f64,
     x0_excess: f64,
+    kl_base: f64,
 }
 
 /// mean_i(w_i * mean(relu(|x_i| - range)^2)) over the batch rows x_i: zero inside the range,
@@ -621,6 +669,7 @@ impl UpdateStats {
         self.approx_kl /= n;
         self.clipfrac /= n;
         self.x0_excess /= n;
+        self.kl_base /= n;
         self
     }
 }

@@ -136,6 +136,7 @@ impl RunDir {
             "approx_kl": r.approx_kl,
             "clipfrac": r.clipfrac,
             "x0_excess": r.x0_excess,
+            "kl_base": r.kl_base,
             "out_of_range": r.out_of_range,
             "lr": r.lr,
             "optimizer_steps": r.optimizer_steps,

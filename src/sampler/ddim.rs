@@ -30,6 +30,8 @@ pub struct StepOutput {
     pub pred_original: Tensor,
     /// log p(x_{t-1} | x_t, c), (N,), averaged over all non-batch dimensions.
     pub log_prob: Tensor,
+    /// Standard deviation of the Gaussian policy at this step, broadcastable: (N, 1, ..).
+    pub sigma: Tensor,
 }
 
 /// sigma_t of the DDIM step from `t` (to `t_prev`) with stochasticity `eta`.
@@ -108,7 +110,7 @@ pub fn ddim_step(
         (None, None) => candle_core::bail!("ddim_step: give either prev_sample or noise"),
     };
     let log_prob = gaussian_log_prob(&prev_sample, &mean, &c.sigma, &c.log_sigma)?;
-    Ok(StepOutput { prev_sample, mean, pred_original, log_prob })
+    Ok(StepOutput { prev_sample, mean, pred_original, log_prob, sigma: c.sigma })
 }
 
 /// Mean over non-batch dimensions of the log-density of `x` under N(mean, sigma^2).
