@@ -8,10 +8,10 @@
 //! transposed operands through their strides instead of copying them.
 
 use candle_core::{bail, CpuStorage, CustomOp2, Device, Layout, Result, Shape, Tensor};
-use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
 use super::im2col::contiguous_f32;
+use super::product::Product;
 use super::slices::with_f32;
 
 /// `op(x) @ op(y)` per batch item, where `op(x)` is x, stored (m, k), or xᵀ with x stored
@@ -59,20 +59,7 @@ impl BmmOp {
             .zip(x.par_chunks(m * k))
             .zip(y.par_chunks(k * n))
             .for_each(|((dst, xs), ys)| {
-                // SAFETY: each item's operands are exactly m*k and k*n floats, and the strides
-                // above address each of them once; the destination is m*n floats.
-                unsafe {
-                    gemm(
-                        m, n, k,
-                        dst.as_mut_ptr(), 1, n as isize,
-                        false,
-                        xs.as_ptr(), xcs as isize, xrs as isize,
-                        ys.as_ptr(), ycs as isize, yrs as isize,
-                        0.0, 1.0,
-                        false, false, false,
-                        Parallelism::None,
-                    );
-                }
+                Product { m, n, k, lhs: (xs, xrs, xcs), rhs: (ys, yrs, ycs) }.run(dst, false, false);
             });
         out
     }

@@ -170,12 +170,10 @@ impl Conv2dOp {
     /// Both gradients of a stride-1 convolution, through [`implicit_gemm`].
     fn backward_implicit(&self, x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
         let (g, o) = (&self.geom, self.o);
-        let grad = grad.detach();
-        let dx = with_f32(&grad, "conv2d input backward", |gr| {
-            with_f32(w, "conv2d input backward", |w| implicit_gemm::input_grad(g, o, gr, w))
-        })??;
-        let dw = with_f32(&grad, "conv2d weight backward", |gr| {
-            with_f32(x, "conv2d weight backward", |x| implicit_gemm::weight_grad(g, o, x, gr))
+        let (dx, dw) = with_f32(&grad.detach(), "conv2d backward", |gr| -> Result<_> {
+            let dx = with_f32(w, "conv2d input backward", |w| implicit_gemm::input_grad(g, o, gr, w))?;
+            let dw = with_f32(x, "conv2d weight backward", |x| implicit_gemm::weight_grad(g, o, x, gr))?;
+            Ok((dx, dw))
         })??;
         let dx = Tensor::from_vec(dx, g.image_shape(), &Device::Cpu)?;
         Ok((dx, Tensor::from_vec(dw, self.weight_shape(), &Device::Cpu)?))

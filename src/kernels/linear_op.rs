@@ -8,9 +8,9 @@
 //! plain gemm calls plus a contiguous row sum.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Device, Layout, Result, Shape, Tensor};
-use gemm::{gemm, Parallelism};
 
 use super::im2col::contiguous_f32;
+use super::product::Product;
 use super::slices::{sum_rows, with_f32};
 
 /// `x (m, k) @ w^T + b` for contiguous f32 CPU tensors, `w` being (o, k) and `b` (o,).
@@ -19,56 +19,6 @@ pub struct LinearOp {
     pub m: usize,
     pub k: usize,
     pub o: usize,
-}
-
-/// gemm's threading, as candle's own matmul sets it.
-fn parallelism() -> Parallelism {
-    match rayon::current_num_threads() {
-        0 | 1 => Parallelism::None,
-        n => Parallelism::Rayon(n),
-    }
-}
-
-/// `dst (m, n), row-major = [dst +] lhs @ rhs`, each operand given with its (row, column)
-/// strides in floats.
-struct Product<'a> {
-    m: usize,
-    n: usize,
-    k: usize,
-    lhs: (&'a [f32], usize, usize),
-    rhs: (&'a [f32], usize, usize),
-}
-
-impl Product<'_> {
-    fn run(&self, dst: &mut [f32], accumulate: bool) {
-        let (lhs, lrs, lcs) = self.lhs;
-        let (rhs, rrs, rcs) = self.rhs;
-        if self.m * self.n == 0 {
-            return;
-        }
-        if self.k == 0 {
-            if !accumulate {
-                dst.fill(0.0);
-            }
-            return;
-        }
-        assert!(dst.len() >= self.m * self.n, "linear: destination too small");
-        assert!(lhs.len() > (self.m - 1) * lrs + (self.k - 1) * lcs, "linear: lhs too small");
-        assert!(rhs.len() > (self.k - 1) * rrs + (self.n - 1) * rcs, "linear: rhs too small");
-        // SAFETY: the asserts above keep every element gemm touches inside the three slices.
-        unsafe {
-            gemm(
-                self.m, self.n, self.k,
-                dst.as_mut_ptr(), 1, self.n as isize,
-                accumulate,
-                lhs.as_ptr(), lcs as isize, lrs as isize,
-                rhs.as_ptr(), rcs as isize, rrs as isize,
-                1.0, 1.0,
-                false, false, false,
-                parallelism(),
-            );
-        }
-    }
 }
 
 impl LinearOp {
@@ -87,7 +37,7 @@ impl LinearOp {
             None => vec![0f32; self.m * self.o],
         };
         let product = Product { m: self.m, n: self.o, k: self.k, lhs: (x, self.k, 1), rhs: (w, 1, self.k) };
-        product.run(&mut out, b.is_some());
+        product.run(&mut out, b.is_some(), true);
         out
     }
 
@@ -97,12 +47,12 @@ impl LinearOp {
         let (dx, dw) = with_f32(grad, "linear backward", |g| {
             let dx = with_f32(w, "linear backward", |w| {
                 let mut dx = vec![0f32; m * k];
-                Product { m, n: k, k: o, lhs: (g, o, 1), rhs: (w, k, 1) }.run(&mut dx, false);
+                Product { m, n: k, k: o, lhs: (g, o, 1), rhs: (w, k, 1) }.run(&mut dx, false, true);
                 dx
             })?;
             let dw = with_f32(x, "linear backward", |x| {
                 let mut dw = vec![0f32; o * k];
-                Product { m: o, n: k, k: m, lhs: (g, 1, o), rhs: (x, k, 1) }.run(&mut dw, false);
+                Product { m: o, n: k, k: m, lhs: (g, 1, o), rhs: (x, k, 1) }.run(&mut dw, false, true);
                 dw
             })?;
             Ok::<_, candle_core::Error>((dx, dw))

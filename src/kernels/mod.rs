@@ -40,6 +40,7 @@ pub mod implicit_gemm;
 pub mod layer_norm_op;
 pub mod linear_op;
 pub mod norm_op;
+mod product;
 pub mod shards;
 mod simd;
 mod slices;
