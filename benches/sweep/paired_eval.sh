@@ -6,7 +6,7 @@
 #
 #   bash benches/sweep/paired_eval.sh RUN_DIR [PROMPT_SCRIPT] [PER_PROMPT] [SEED]
 #
-# PROMPT_SCRIPT (default scripts/prompts.rhai) is read for its quoted captions; PER_PROMPT
+# PROMPT_SCRIPT (default scripts/prompts.rhai) is read for its quoted captions (comment lines skipped); PER_PROMPT
 # samples each (default 4); SEED is the sampler noise seed (default 0). Not part of CI.
 set -euo pipefail
 run=${1:?usage: paired_eval.sh RUN_DIR [PROMPT_SCRIPT] [PER_PROMPT] [SEED]}
@@ -15,7 +15,7 @@ per_prompt=${3:-4}
 seed=${4:-0}
 bin=target/release/ddpo
 args=()
-while IFS= read -r caption; do args+=(--prompt "$caption"); done < <(grep -o '"[^"]*"' "$script" | tr -d '"')
+while IFS= read -r caption; do args+=(--prompt "$caption"); done < <(grep -v '^[[:space:]]*//' "$script" | grep -o '"[^"]*"' | tr -d '"')
 for side in before after; do
   model=models/shapes-unet.safetensors
   [ "$side" = after ] && model=$run/checkpoint/policy.safetensors
