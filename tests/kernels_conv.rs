@@ -240,8 +240,8 @@ fn matches_candle_on_unet_like_shape() -> Result<()> {
     Ok(())
 }
 
-/// A batch that the stride-1 path splits unevenly across threads (one gemm chunk per
-/// thread) and the strided im2col path works through in several column chunks (7 + 2: the
+/// A batch that the stride-1 path splits into uneven cache-sized groups of items (2+2+2+2+1
+/// here, spread over the threads) and the strided im2col path works through in several column chunks (7 + 2: the
 /// same output size, 32x32, as the stride-1 case).
 #[test]
 fn matches_candle_across_forward_batch_chunks() -> Result<()> {
