@@ -15,9 +15,12 @@
 //! Gradients are computed outside the graph, so second derivatives are not available.
 
 use candle_core::{bail, CpuStorage, CustomOp3, Device, Layout, Result, Shape, Tensor};
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use super::im2col::contiguous_f32;
+use super::simd::dispatch_avx2;
 use super::slices::{dot, exp, sum, sum_rows, sum_sq_dev, with_f32};
 
 /// GroupNorm of a contiguous f32 CPU tensor (N, C, *spatial), per-channel affine, optional SiLU.
@@ -52,7 +55,7 @@ impl GroupNormOp {
     }
 
     /// Normalises, scales and shifts (and optionally SiLUs) one (sample, group) block.
-    fn forward_block(&self, g: usize, xb: &[f32], w: &[f32], b: &[f32], ob: &mut [f32]) {
+    fn forward_block(&self, g: usize, xb: &[f32], w: &[f32], b: &[f32], ob: &mut [MaybeUninit<f32>]) {
         let (mean, rstd) = self.stats(xb);
         let c0 = g * self.cg();
         let chans = xb.chunks_exact(self.s).zip(ob.chunks_exact_mut(self.s));
@@ -60,15 +63,7 @@ impl GroupNormOp {
             // y = x * a + shift folds normalisation and affine into one multiply-add.
             let a = rstd * w[c0 + ci];
             let shift = b[c0 + ci] - mean * a;
-            if self.silu {
-                for (o, &x) in oc.iter_mut().zip(xc) {
-                    *o = silu(x * a + shift);
-                }
-            } else {
-                for (o, &x) in oc.iter_mut().zip(xc) {
-                    *o = x * a + shift;
-                }
-            }
+            affine_row(a, shift, self.silu, xc, oc);
         }
     }
 
@@ -147,14 +142,19 @@ impl CustomOp3 for GroupNormOp {
         let x = contiguous_f32(xs, xl, xl.shape(), "group_norm input")?;
         let w = contiguous_f32(ws, wl, &self.c.into(), "group_norm weight")?;
         let b = contiguous_f32(bs, bl, &self.c.into(), "group_norm bias")?;
-        let mut out = vec![0f32; x.len()];
+        let len = x.len();
+        let mut out = Vec::with_capacity(len);
         let block = self.block();
         if block > 0 {
-            out.par_chunks_mut(block)
+            out.spare_capacity_mut()[..len]
+                .par_chunks_mut(block)
                 .zip(x.par_chunks(block))
                 .enumerate()
                 .for_each(|(i, (ob, xb))| self.forward_block(i % self.groups, xb, w, b, ob));
         }
+        // SAFETY: the blocks tile `out` (len is a multiple of the block, 0 when it is), and
+        // `forward_block` writes every element of its block.
+        unsafe { out.set_len(if block > 0 { len } else { 0 }) };
         Ok((CpuStorage::F32(out), xl.shape().clone()))
     }
 
@@ -215,6 +215,24 @@ impl CustomOp3 for GroupNormOp {
 #[inline(always)]
 pub(crate) fn silu(y: f32) -> f32 {
     y / (1.0 + exp(-y))
+}
+
+dispatch_avx2! {
+    /// One channel of the forward: `out = x · a + shift`, through SiLU when `silu`.
+    fn affine_row(a: f32, shift: f32, silu: bool, x: &[f32], out: &mut [MaybeUninit<f32>]) => affine_row_generic
+}
+
+#[inline(always)]
+fn affine_row_generic(a: f32, shift: f32, fused_silu: bool, x: &[f32], out: &mut [MaybeUninit<f32>]) {
+    if fused_silu {
+        for (o, &x) in out.iter_mut().zip(x) {
+            o.write(silu(x * a + shift));
+        }
+    } else {
+        for (o, &x) in out.iter_mut().zip(x) {
+            o.write(x * a + shift);
+        }
+    }
 }
 
 /// d silu / dy = s · (1 + y · (1 - s)), s = sigmoid(y).
