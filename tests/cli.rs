@@ -90,6 +90,32 @@ fn eval_scores_given_prompts_one_line_each() {
 }
 
 #[test]
+fn eval_reward_reports_its_agreement_with_the_judge() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let eval = |reward: &str| -> serde_json::Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_ddpo"))
+            .args(["eval", "--model", &model, "--steps", "2", "-n", "8", "--reward", reward])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    // A built-in reward: compressibility is minus the JPEG size.
+    let report = eval("compressibility");
+    assert!((report["reward"].as_f64().unwrap() + report["jpeg_kb"].as_f64().unwrap()).abs() < 1e-9, "{report}");
+    // The judge as a script reward agrees with the judge perfectly.
+    let script = dir.path().join("judge.rhai");
+    std::fs::write(&script, "fn reward(img, prompt, meta) { judge(img, prompt).both }\n").unwrap();
+    let report = eval(script.to_str().unwrap());
+    assert!((report["reward"].as_f64().unwrap() - report["both"].as_f64().unwrap()).abs() < 1e-9, "{report}");
+    match report["reward_auc"].as_f64() {
+        Some(auc) => assert_eq!(auc, 1.0, "{report}"),
+        None => assert!(report["both"] == 0.0 || report["both"] == 1.0, "{report}"),
+    }
+}
+
+#[test]
 fn train_clip_sample_flag_reaches_the_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path());

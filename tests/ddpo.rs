@@ -85,13 +85,18 @@ fn tiny_trainer_with(algorithm: Algorithm, lr: f64, reward: Arc<dyn ddpo::reward
     tiny_trainer_edited(algorithm, lr, reward, |_| {})
 }
 
-fn tiny_trainer_edited(algorithm: Algorithm, lr: f64, reward: Arc<dyn ddpo::reward::Reward>, edit: impl FnOnce(&mut TrainConfig)) -> Trainer {
+/// A trainable copy of the tiny pretrained policy.
+fn tiny_policy() -> Policy {
     let varmap = candle_nn::VarMap::new();
     for (name, t) in pretrained_weights() {
         varmap.data().lock().unwrap().insert(name.clone(), candle_core::Var::from_tensor(t).unwrap());
     }
     let vb = candle_nn::VarBuilder::from_varmap(&varmap, candle_core::DType::F32, &Device::Cpu);
-    let policy = Policy::from_var_builder(PolicyConfig::tiny_test(), vb, Some(varmap), &Device::Cpu).unwrap();
+    Policy::from_var_builder(PolicyConfig::tiny_test(), vb, Some(varmap), &Device::Cpu).unwrap()
+}
+
+fn tiny_trainer_edited(algorithm: Algorithm, lr: f64, reward: Arc<dyn ddpo::reward::Reward>, edit: impl FnOnce(&mut TrainConfig)) -> Trainer {
+    let policy = tiny_policy();
     let config = TrainConfig {
         algorithm,
         samples_per_epoch: 32,
@@ -197,6 +202,20 @@ fn the_text_encoder_is_frozen_unless_asked() {
     let t = tiny_trainer_edited(Algorithm::Sf, 1e-2, Arc::new(Brightness), |c| c.train_text_encoder = true);
     let changed = changed_by_one_epoch(t);
     assert!(changed.iter().any(|n| n.starts_with("text_encoder.")), "--train-text-encoder left it untouched");
+}
+
+#[test]
+fn train_only_moves_just_the_matching_weights() {
+    let t = tiny_trainer_edited(Algorithm::Sf, 1e-2, Arc::new(Brightness), |c| c.train_only = vec!["attn2.to_k".into(), "attn2.to_v".into()]);
+    let changed = changed_by_one_epoch(t);
+    assert!(!changed.is_empty(), "no weight moved");
+    assert!(changed.iter().all(|n| n.contains("attn2.to_k") || n.contains("attn2.to_v")), "other weights moved: {changed:?}");
+    let policy = tiny_policy();
+    let config = TrainConfig { train_only: vec!["no_such_layer".into()], ..Default::default() };
+    let err = Trainer::new(config, policy, Arc::new(Brightness), Box::new(FixedPrompts(vec!["a red circle on a blue background".into()])))
+        .err()
+        .expect("a pattern matching nothing must be refused");
+    assert!(err.to_string().contains("no_such_layer"), "{err}");
 }
 
 #[test]

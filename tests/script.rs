@@ -103,6 +103,32 @@ fn syntax_error_names_file_line_and_column() {
 }
 
 #[test]
+fn judge_passes_world_renders_and_fails_a_wrong_background() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(dir.path(), "judge.rhai", "fn reward(img, prompt, meta) { let j = judge(img, prompt); #{ total: j.both, bg: j.background, colour: j.shape_colour } }\n");
+    let reward = ScriptSet::new(Limits::default(), quiet()).load_reward(&p).unwrap();
+    let (images, prompts) = world(8);
+    for s in reward.score(&images, &prompts).unwrap() {
+        assert_eq!((s.total, s.components["bg"], s.components["colour"]), (1.0, 1.0, 1.0), "a ground-truth render failed the judge");
+    }
+    // The same images against their captions with the background changed to a colour the
+    // caption does not use at all.
+    let swapped: Vec<String> = prompts
+        .iter()
+        .map(|p| {
+            let head = p.rsplit_once(" on a ").unwrap().0;
+            let other = ["red", "green", "blue", "yellow", "white", "black"].into_iter().find(|c| !p.contains(c)).unwrap();
+            format!("{head} on a {other} background")
+        })
+        .collect();
+    for (s, q) in reward.score(&images, &swapped).unwrap().iter().zip(&swapped) {
+        assert_eq!(s.components["bg"], 0.0, "{q:?} passed on an image of another background");
+    }
+    let e = format!("{:#}", reward.score(&images[..1], &["not a caption at all".to_string()]).unwrap_err());
+    assert!(e.contains("judge()") && e.contains("not a shapes-world caption"), "{e}");
+}
+
+#[test]
 fn runtime_error_names_position_and_sample() {
     let dir = tempfile::tempdir().unwrap();
     let e = load_err(dir.path(), "reward.rhai", "fn reward(img, prompt, meta) {\n  img.pixel(1000, 0)[0]\n}\n", Limits::default());
@@ -416,7 +442,7 @@ fn api_md_matches_the_registration() {
     assert!(on_disk == generated, "scripts/API.md is out of date: rerun with DDPO_WRITE_API_MD=1");
     let names: Vec<&str> = api::entries().iter().map(|e| e.name).collect();
     for expected in ["width", "height", "pixel", "mean_rgb", "brightness", "saturation", "hue_histogram", "to_gray", "crop", "resize",
-        "jpeg_size", "png_size", "aesthetic", "clip_similarity", "rand", "rand_int", "choice", "weighted_choice", "context"] {
+        "jpeg_size", "png_size", "judge", "aesthetic", "clip_similarity", "rand", "rand_int", "choice", "weighted_choice", "context"] {
         assert!(names.contains(&expected), "{expected} is not registered");
     }
 }

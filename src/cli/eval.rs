@@ -8,9 +8,11 @@ use std::path::PathBuf;
 use anyhow::Context;
 
 use crate::policy::Policy;
-use crate::pretrain::eval::{judge_all, reward_scores, sample_images};
+use crate::pretrain::eval::{judge_all, judge_passes, reward_agreement, reward_scores, sample_images};
 use crate::reward::models::{LazyModels, ModelPaths, RewardModels};
 use crate::run::merge_json;
+use crate::script::engine::stderr_log;
+use crate::script::{Limits, ScriptSet};
 use crate::world::{parse_caption, Prompt, ShapesWorld, WorldConfig};
 
 #[derive(Debug, clap::Args)]
@@ -40,6 +42,12 @@ pub struct Args {
     /// Seed of the sampler noise.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Also score the samples with this reward (a built-in name or a `.rhai` reward script) and
+    /// report how well it agrees with the judge: its mean over the samples the judge passes and
+    /// fails, and `reward_auc`, the chance that a passed sample outscores a failed one (per
+    /// prompt with --prompt, which is what DDPO's per-prompt normalisation sees).
+    #[arg(long, value_name = "REWARD")]
+    reward: Option<String>,
     /// Evaluate a small shapes CLIP instead (zero-shot caption choice on -n held-out images,
     /// per attribute; e.g. models/shapes-clip.safetensors).
     #[arg(long)]
@@ -72,8 +80,11 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
     };
     let texts: Vec<String> = prompts.iter().map(|p| p.caption.clone()).collect();
     let images = sample_images(&policy, &texts, &cfg, args.seed, 50)?;
-    let models = LazyModels::new(ModelPaths::default(), device.clone()).get()?;
-    let mut report = scores(&images, &prompts, &texts, &models)?;
+    let lazy = LazyModels::new(ModelPaths::default(), device.clone());
+    let models = lazy.get()?;
+    let rewards = args.reward.as_deref().map(|r| reward_totals(r, &images, &texts, lazy)).transpose()?;
+    let eval = Eval { images: &images, prompts: &prompts, texts: &texts, models: &models, rewards: rewards.as_deref() };
+    let mut report = eval.scores(0..images.len())?;
     if !args.prompts.is_empty() {
         let per_prompt: anyhow::Result<Vec<serde_json::Value>> = args
             .prompts
@@ -82,7 +93,7 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
             .map(|(i, text)| {
                 let range = i * args.per_prompt..(i + 1) * args.per_prompt;
                 let mut line = serde_json::json!({ "prompt": text });
-                merge_json(&mut line, scores(&images[range.clone()], &prompts[range.clone()], &texts[range], &models)?);
+                merge_json(&mut line, eval.scores(range)?);
                 Ok(line)
             })
             .collect();
@@ -96,12 +107,40 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The judge's verdicts and the mean reward-model scores of `images` (each with its prompt), as
-/// one JSON object.
-fn scores(images: &[image::RgbImage], prompts: &[Prompt], texts: &[String], models: &RewardModels) -> anyhow::Result<serde_json::Value> {
-    let mut out = serde_json::to_value(judge_all(images, prompts))?;
-    merge_json(&mut out, serde_json::to_value(reward_scores(images, texts, models)?)?);
-    Ok(out)
+/// The evaluated samples, each with its prompt, and what scores them.
+struct Eval<'a> {
+    images: &'a [image::RgbImage],
+    prompts: &'a [Prompt],
+    texts: &'a [String],
+    models: &'a RewardModels,
+    /// The --reward total of each sample.
+    rewards: Option<&'a [f64]>,
+}
+
+impl Eval<'_> {
+    /// The judge's verdicts, the mean reward-model scores and the --reward's agreement with the
+    /// judge over the samples in `range`, as one JSON object.
+    fn scores(&self, range: std::ops::Range<usize>) -> anyhow::Result<serde_json::Value> {
+        let (images, prompts) = (&self.images[range.clone()], &self.prompts[range.clone()]);
+        let mut out = serde_json::to_value(judge_all(images, prompts))?;
+        merge_json(&mut out, serde_json::to_value(reward_scores(images, &self.texts[range.clone()], self.models)?)?);
+        if let Some(rewards) = self.rewards {
+            merge_json(&mut out, serde_json::to_value(reward_agreement(&rewards[range], &judge_passes(images, prompts)))?);
+        }
+        Ok(out)
+    }
+}
+
+/// Each image's total under `reward` (a built-in name or a `.rhai` script).
+fn reward_totals(reward: &str, images: &[image::RgbImage], texts: &[String], models: LazyModels) -> anyhow::Result<Vec<f64>> {
+    let reward: Box<dyn crate::reward::Reward> = if reward.ends_with(".rhai") {
+        let mut scripts = ScriptSet::new(Limits::default(), stderr_log()).with_models(models);
+        Box::new(scripts.load_reward(std::path::Path::new(reward))?)
+    } else {
+        crate::reward::builtin(reward)?
+    };
+    let scores = reward.score(images, texts).with_context(|| format!("scoring the samples with --reward {reward:?}", reward = reward.name()))?;
+    Ok(scores.iter().map(|s| s.total).collect())
 }
 
 /// Each of `texts` parsed as a grammar caption (the judge needs its meaning), `per_prompt` times.

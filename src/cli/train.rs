@@ -107,6 +107,11 @@ pub struct Args {
     /// Finetune the text encoder too (default: the UNet only, as the DDPO reference).
     #[arg(long)]
     train_text_encoder: bool,
+    /// Train only the weights whose name contains one of these (comma-separated or repeated),
+    /// e.g. `attn2.to_k,attn2.to_v` for the cross-attention projections of the prompt (Custom
+    /// Diffusion's choice): far fewer ways for noisy updates to wear the model down.
+    #[arg(long, value_delimiter = ',', value_name = "PATTERN")]
+    train_only: Vec<String>,
     /// Normalise rewards over the batch instead of per prompt.
     #[arg(long)]
     batch_norm_rewards: bool,
@@ -197,6 +202,7 @@ impl Args {
             seed: self.seed,
             reward_workers: self.reward_workers,
             train_text_encoder: self.train_text_encoder,
+            train_only: self.train_only.clone(),
             min_train_sigma: self.min_train_sigma,
             range_penalty: self.range_penalty,
             kl_weight: self.kl_weight,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use candle_core::{Tensor, D};
+use candle_core::{Tensor, Var, D};
 use rand::seq::SliceRandom;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -67,6 +67,11 @@ pub struct TrainConfig {
     /// the conditioning (the sampler reads prompts through it at every step).
     #[serde(default)]
     pub train_text_encoder: bool,
+    /// Train only the weights whose name contains one of these (e.g. `attn2.to_k`,
+    /// `attn2.to_v`: the cross-attention projections of the prompt, as Custom Diffusion does);
+    /// empty trains them all. Applies within what `train_text_encoder` leaves trainable.
+    #[serde(default)]
+    pub train_only: Vec<String>,
     /// Weight of a penalty on the predicted x0 leaving the pixel range [-1, 1]:
     /// `range_penalty * alpha_bar_t * mean(relu(|x0| - 1)^2)` over the trained steps, added to
     /// the DDPO-IS / SF loss. alpha_bar_t is x0's share of x_t: the late steps, whose x0 is the
@@ -112,6 +117,7 @@ impl Default for TrainConfig {
             reward_workers: 1,
             seed: 0,
             train_text_encoder: false,
+            train_only: Vec::new(),
             min_train_sigma: 0.02,
             range_penalty: 0.0,
             kl_weight: 0.0,
@@ -286,6 +292,7 @@ impl Trainer {
             .filter(|(name, _)| config.train_text_encoder || !name.starts_with("text_encoder."))
             .collect();
         anyhow::ensure!(!vars.is_empty(), "the policy has no trainable weights (load it with load_trainable)");
+        let vars = select_vars(vars, &config.train_only)?;
         let opt = AdamW::new(vars, config.optimizer)?;
         let rng = NoiseRng::new(config.seed);
         Ok(Self { config, policy, opt, stats: StatTracker::default(), rng, epoch: 0, reward, prompts, progress: None, base: None })
@@ -706,4 +713,23 @@ mod tests {
         let err = none.trained_steps(&schedule).unwrap_err().to_string();
         assert!(err.contains("leaves none of the 10 sampling steps"), "{err}");
     }
+}
+
+/// The variables whose name contains one of `patterns` (all of them for no patterns); a
+/// pattern that matches nothing is an error listing what there is to match.
+fn select_vars(vars: Vec<(String, Var)>, patterns: &[String]) -> anyhow::Result<Vec<(String, Var)>> {
+    if patterns.is_empty() {
+        return Ok(vars);
+    }
+    for p in patterns {
+        if !vars.iter().any(|(name, _)| name.contains(p.as_str())) {
+            let example = vars.iter().map(|(n, _)| n.as_str()).find(|n| n.contains("attn")).or(vars.first().map(|(n, _)| n.as_str()));
+            anyhow::bail!(
+                "--train-only {p:?} matches none of the {} trainable weights (names look like {:?}; the text encoder's count only with --train-text-encoder)",
+                vars.len(),
+                example.unwrap_or("")
+            );
+        }
+    }
+    Ok(vars.into_iter().filter(|(name, _)| patterns.iter().any(|p| name.contains(p.as_str()))).collect())
 }

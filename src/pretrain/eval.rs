@@ -51,6 +51,11 @@ pub fn prompt_following(
     Ok(judge_all(&images, &prompts))
 }
 
+/// Whether the judge passes each of `images` against its prompt (both attributes right).
+pub fn judge_passes(images: &[image::RgbImage], prompts: &[Prompt]) -> Vec<bool> {
+    images.iter().zip(prompts).map(|(img, p)| judge(img, &p.spec).passed()).collect()
+}
+
 /// The judge's verdicts on `images`, each against its prompt.
 pub fn judge_all(images: &[image::RgbImage], prompts: &[Prompt]) -> PromptFollowing {
     let (mut bg, mut colour, mut both) = (0, 0, 0);
@@ -63,6 +68,35 @@ pub fn judge_all(images: &[image::RgbImage], prompts: &[Prompt]) -> PromptFollow
     let n = images.len().min(prompts.len());
     let frac = |k: usize| k as f64 / n.max(1) as f64;
     PromptFollowing { samples: n, background: frac(bg), shape_colour: frac(colour), both: frac(both) }
+}
+
+/// How well a reward agrees with the judge on a set of samples: whether it ranks the samples the
+/// judge passes (both attributes right) above the ones it fails. DDPO normalises rewards per
+/// prompt, so this is what a reward must get right, prompt by prompt, to train prompt fidelity.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct RewardAgreement {
+    pub reward: f64,
+    /// Mean reward of the samples the judge passes (None when there are none).
+    pub reward_passed: Option<f64>,
+    pub reward_failed: Option<f64>,
+    /// Probability that a random passed sample scores above a random failed one (ties count
+    /// half): 1 is perfect agreement, 0.5 chance. None when either group is empty.
+    pub reward_auc: Option<f64>,
+}
+
+/// The agreement of `rewards[i]` with the judge's verdict `passed[i]`.
+pub fn reward_agreement(rewards: &[f64], passed: &[bool]) -> RewardAgreement {
+    let pick = |want: bool| -> Vec<f64> { rewards.iter().zip(passed).filter(|(_, &p)| p == want).map(|(&r, _)| r).collect() };
+    let (good, bad) = (pick(true), pick(false));
+    let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+    let auc = (!good.is_empty() && !bad.is_empty()).then(|| {
+        let wins: f64 = good
+            .iter()
+            .flat_map(|g| bad.iter().map(move |b| if g > b { 1.0 } else if g == b { 0.5 } else { 0.0 }))
+            .sum();
+        wins / (good.len() * bad.len()) as f64
+    });
+    RewardAgreement { reward: mean(rewards).unwrap_or(f64::NAN), reward_passed: mean(&good), reward_failed: mean(&bad), reward_auc: auc }
 }
 
 /// Mean reward-model scores of a set of samples: what the DDPO rewards measure.
@@ -107,4 +141,20 @@ pub fn write_sample_grid(
     let cols = (prompts.len() as f64).sqrt().ceil() as usize;
     let grid = crate::render::labelled_grid(&images, prompts, cols, 3);
     crate::render::save_png(&grid, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reward_agreement;
+
+    #[test]
+    fn agreement_counts_pairs_ranked_like_the_judge() {
+        // Passed 3 and 1, failed 2 and 0: of the four (passed, failed) pairs, 3>2, 3>0, 1>0 win.
+        let a = reward_agreement(&[3.0, 2.0, 1.0, 0.0], &[true, false, true, false]);
+        assert_eq!((a.reward, a.reward_passed, a.reward_failed, a.reward_auc), (1.5, Some(2.0), Some(1.0), Some(0.75)));
+        // Ties count half; one group empty leaves the group's mean and the AUC undefined.
+        assert_eq!(reward_agreement(&[1.0, 1.0], &[true, false]).reward_auc, Some(0.5));
+        let none = reward_agreement(&[1.0, 2.0], &[false, false]);
+        assert_eq!((none.reward_passed, none.reward_auc), (None, None));
+    }
 }

@@ -196,6 +196,20 @@ pub(crate) fn register(engine: &mut Engine, context: Arc<RwLock<Context>>, model
             Ok(bytes.into_inner().len() as FLOAT / 1000.0)
         });
 
+    // --- shapes world's pixel judge (what `ddpo eval` reports) ---
+    api!(fn "judge", "judge(img, prompt) -> #{background, shape_colour, both}",
+        "Shapes world's pixel-level prompt-fidelity check of an image against a shapes-world caption: 1.0 where the background colour(s) read from the border, the main shape colour and both are right, else 0.0. An error for a caption outside the shapes-world grammar.",
+        |img: Image, prompt: &str| -> Res<Map> {
+            let spec = crate::world::parse_caption(prompt).ok_or_else(|| format!("judge(): {prompt:?} is not a shapes-world caption"))?;
+            let j = crate::world::judge(img.rgb(), &spec);
+            let flag = |ok: bool| Dynamic::from_float(if ok { 1.0 } else { 0.0 });
+            let mut out = Map::new();
+            out.insert("background".into(), flag(j.background_ok));
+            out.insert("shape_colour".into(), flag(j.shape_colour_ok));
+            out.insert("both".into(), flag(j.passed()));
+            Ok(out)
+        });
+
     // --- learned scorers (the run's CLIP and aesthetic models, loaded on first use) ---
     let m = models.clone();
     api!(fn "aesthetic", "aesthetic(img) -> float",
