@@ -393,6 +393,19 @@ fn rejects_bad_shapes() -> Result<()> {
     Ok(())
 }
 
+/// Zero input channels: the output is all zeros (a sum over nothing) and both gradients exist.
+#[test]
+fn zero_input_channels_give_zeros() -> Result<()> {
+    let x = Tensor::zeros((2, 0, 5, 5), DType::F32, &Device::Cpu)?;
+    let w = Tensor::zeros((3, 0, 3, 3), DType::F32, &Device::Cpu)?;
+    let r = Tensor::ones((2, 3, 5, 5), DType::F32, &Device::Cpu)?;
+    let (out, gx, gw) = run(|x, w| conv2d(x, w, None, 1, 1), &x, &w, Some(&r))?;
+    assert_eq!(out.dims(), &[2, 3, 5, 5]);
+    assert_eq!(out.abs()?.sum_all()?.to_scalar::<f32>()?, 0.0);
+    assert_eq!((gx.dims(), gw.dims()), (x.dims(), w.dims()));
+    Ok(())
+}
+
 /// Non-f32 inputs fall back to candle and still agree.
 #[test]
 fn f64_falls_back_to_candle() -> Result<()> {

@@ -210,6 +210,10 @@ fn convolve(src: &[f32], (n, c, h, w): (usize, usize, usize, usize), pad: usize,
     let (hp, wp) = (h + 2 * pad, w + 2 * pad);
     let (ho, wo) = (hp + 1 - k, wp + 1 - k);
     let len = n * o * ho * wo;
+    if c * h * w == 0 {
+        // No input values: every output is a sum over nothing (or over padding zeros).
+        return vec![0f32; len];
+    }
     let mut out = Vec::with_capacity(len);
     if len > 0 {
         let (group, par) = grouping(n, hp * wp, c + o);
@@ -250,7 +254,7 @@ pub fn weight_grad(g: &ConvGeom, o: usize, x: &[f32], grad: &[f32]) -> Vec<f32> 
     let (k, c) = (g.kh, g.c);
     let (hp, wp) = (g.h + 2 * g.pad, g.w + 2 * g.pad);
     let len = k * k * c * o;
-    if g.n == 0 || len == 0 {
+    if g.n * g.h * g.w * g.ho * g.wo == 0 || len == 0 {
         return vec![0f32; len];
     }
     let (group, par) = grouping(g.n, hp * wp, c + o);
