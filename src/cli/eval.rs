@@ -8,12 +8,12 @@ use std::path::PathBuf;
 use anyhow::Context;
 
 use crate::policy::Policy;
-use crate::pretrain::eval::{judge_all, judge_passes, reward_agreement, reward_scores, sample_images};
+use crate::pretrain::eval::{judge_each, reward_agreement, reward_scores, sample_images, summarise};
 use crate::reward::models::{LazyModels, ModelPaths, RewardModels};
 use crate::run::merge_json;
 use crate::script::engine::stderr_log;
 use crate::script::{Limits, ScriptSet};
-use crate::world::{parse_caption, Prompt, ShapesWorld, WorldConfig};
+use crate::world::{parse_caption, Judgement, Prompt, ShapesWorld, WorldConfig};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -83,7 +83,8 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
     let lazy = LazyModels::new(ModelPaths::default(), device.clone());
     let models = lazy.get()?;
     let rewards = args.reward.as_deref().map(|r| reward_totals(r, &images, &texts, lazy)).transpose()?;
-    let eval = Eval { images: &images, prompts: &prompts, texts: &texts, models: &models, rewards: rewards.as_deref() };
+    let verdicts = judge_each(&images, &prompts);
+    let eval = Eval { images: &images, verdicts: &verdicts, texts: &texts, models: &models, rewards: rewards.as_deref() };
     let mut report = eval.scores(0..images.len())?;
     if !args.prompts.is_empty() {
         let per_prompt: anyhow::Result<Vec<serde_json::Value>> = args
@@ -110,7 +111,8 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
 /// The evaluated samples, each with its prompt, and what scores them.
 struct Eval<'a> {
     images: &'a [image::RgbImage],
-    prompts: &'a [Prompt],
+    /// The judge's verdict on each image.
+    verdicts: &'a [Judgement],
     texts: &'a [String],
     models: &'a RewardModels,
     /// The --reward total of each sample.
@@ -121,11 +123,12 @@ impl Eval<'_> {
     /// The judge's verdicts, the mean reward-model scores and the --reward's agreement with the
     /// judge over the samples in `range`, as one JSON object.
     fn scores(&self, range: std::ops::Range<usize>) -> anyhow::Result<serde_json::Value> {
-        let (images, prompts) = (&self.images[range.clone()], &self.prompts[range.clone()]);
-        let mut out = serde_json::to_value(judge_all(images, prompts))?;
-        merge_json(&mut out, serde_json::to_value(reward_scores(images, &self.texts[range.clone()], self.models)?)?);
+        let verdicts = &self.verdicts[range.clone()];
+        let mut out = serde_json::to_value(summarise(verdicts))?;
+        merge_json(&mut out, serde_json::to_value(reward_scores(&self.images[range.clone()], &self.texts[range.clone()], self.models)?)?);
         if let Some(rewards) = self.rewards {
-            merge_json(&mut out, serde_json::to_value(reward_agreement(&rewards[range], &judge_passes(images, prompts)))?);
+            let passed: Vec<bool> = verdicts.iter().map(Judgement::passed).collect();
+            merge_json(&mut out, serde_json::to_value(reward_agreement(&rewards[range], &passed))?);
         }
         Ok(out)
     }

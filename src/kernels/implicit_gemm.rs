@@ -157,11 +157,8 @@ fn conv_rows(x: &Padded, kr: &[f32], k: usize, o: usize, par: Parallelism) -> Ve
     let mut out = Vec::with_capacity(len);
     // SAFETY: MaybeUninit needs no initialisation.
     unsafe { out.set_len(len) };
-    if o == 0 || x.n == 0 {
-        return out;
-    }
-    if c == 0 {
-        out.fill(MaybeUninit::new(0.0));
+    if o == 0 || x.n == 0 || c == 0 {
+        // Nothing to compute (`convolve` answers zero channels with zeros before getting here).
         return out;
     }
     let m = rows(x, k);

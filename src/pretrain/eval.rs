@@ -7,7 +7,7 @@ use std::path::Path;
 use crate::policy::Policy;
 use crate::reward::models::RewardModels;
 use crate::sampler::{self, NoiseRng, SamplerConfig};
-use crate::world::{judge, Prompt, ShapesWorld};
+use crate::world::{judge, Judgement, Prompt, ShapesWorld};
 
 /// Fraction of samples judged correct, per attribute.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
@@ -51,21 +51,21 @@ pub fn prompt_following(
     Ok(judge_all(&images, &prompts))
 }
 
-/// Whether the judge passes each of `images` against its prompt (both attributes right).
-pub fn judge_passes(images: &[image::RgbImage], prompts: &[Prompt]) -> Vec<bool> {
-    images.iter().zip(prompts).map(|(img, p)| judge(img, &p.spec).passed()).collect()
+/// The judge's verdict on each of `images`, against its prompt.
+pub fn judge_each(images: &[image::RgbImage], prompts: &[Prompt]) -> Vec<Judgement> {
+    images.iter().zip(prompts).map(|(img, p)| judge(img, &p.spec)).collect()
 }
 
 /// The judge's verdicts on `images`, each against its prompt.
 pub fn judge_all(images: &[image::RgbImage], prompts: &[Prompt]) -> PromptFollowing {
-    let (mut bg, mut colour, mut both) = (0, 0, 0);
-    for (img, p) in images.iter().zip(prompts) {
-        let j = judge(img, &p.spec);
-        bg += j.background_ok as usize;
-        colour += j.shape_colour_ok as usize;
-        both += j.passed() as usize;
-    }
-    let n = images.len().min(prompts.len());
+    summarise(&judge_each(images, prompts))
+}
+
+/// The fraction of `verdicts` right, per attribute.
+pub fn summarise(verdicts: &[Judgement]) -> PromptFollowing {
+    let count = |ok: fn(&Judgement) -> bool| verdicts.iter().filter(|j| ok(j)).count();
+    let (bg, colour, both) = (count(|j| j.background_ok), count(|j| j.shape_colour_ok), count(Judgement::passed));
+    let n = verdicts.len();
     let frac = |k: usize| k as f64 / n.max(1) as f64;
     PromptFollowing { samples: n, background: frac(bg), shape_colour: frac(colour), both: frac(both) }
 }
