@@ -4,6 +4,8 @@
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
+use anyhow::Context;
+
 
 use super::progress::StepProgress;
 use crate::pretrain::{Event, PretrainConfig, Pretrainer};
@@ -36,6 +38,10 @@ pub struct DiffusionArgs {
     lr: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Architecture of a new run: a preset (v1, the first shipped default; v2) or a policy
+    /// config JSON file (as written beside every model's weights).
+    #[arg(long, default_value = "v1")]
+    arch: String,
     /// Steps between checkpoints.
     #[arg(long, default_value_t = 250)]
     checkpoint_every: usize,
@@ -47,6 +53,19 @@ pub struct DiffusionArgs {
     export: Option<PathBuf>,
     #[arg(long, default_value = "cpu")]
     device: String,
+}
+
+/// The policy config named by `--arch`.
+fn architecture(arch: &str) -> anyhow::Result<crate::policy::PolicyConfig> {
+    match arch {
+        "v1" => Ok(crate::policy::PolicyConfig::shapes_default()),
+        "v2" => Ok(crate::policy::PolicyConfig::shapes_v2()),
+        path => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("--arch {path}: not a preset (v1, v2) nor a readable policy config JSON"))?;
+            serde_json::from_str(&text).with_context(|| format!("--arch {path}: not a policy config"))
+        }
+    }
 }
 
 pub fn exec(which: Which) -> anyhow::Result<()> {
@@ -67,6 +86,7 @@ pub fn exec(which: Which) -> anyhow::Result<()> {
             seed: args.seed,
             checkpoint_every: args.checkpoint_every,
             sample_every: args.sample_every,
+            policy: architecture(&args.arch)?,
             ..defaults
         };
         Pretrainer::create(config, &args.out, &device)?

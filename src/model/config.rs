@@ -106,6 +106,26 @@ impl UNetConfig {
         }
     }
 
+    /// The second embedded default: twice the channels at 32x32 and 16x16, cross-attention at
+    /// 16x16 as well as 8x8 (where shapes get their outlines), two resnets per down block.
+    pub fn shapes_v2() -> Self {
+        Self {
+            block_out_channels: vec![32, 64, 64],
+            down_block_types: vec![
+                "DownBlock2D".into(),
+                "CrossAttnDownBlock2D".into(),
+                "CrossAttnDownBlock2D".into(),
+            ],
+            up_block_types: vec![
+                "CrossAttnUpBlock2D".into(),
+                "CrossAttnUpBlock2D".into(),
+                "UpBlock2D".into(),
+            ],
+            layers_per_block: 1,
+            ..Self::shapes_default()
+        }
+    }
+
     /// A very small configuration for fast tests (16x16 images).
     pub fn tiny_test() -> Self {
         Self {

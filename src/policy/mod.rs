@@ -62,6 +62,15 @@ impl PolicyConfig {
         }
     }
 
+    /// The second embedded default's architecture (see [`UNetConfig::shapes_v2`]), with a
+    /// three-layer text encoder so that colour words can bind to the shape words after them.
+    pub fn shapes_v2() -> Self {
+        let mut config = Self::shapes_default();
+        config.unet = UNetConfig::shapes_v2();
+        config.text_encoder.num_hidden_layers = 3;
+        config
+    }
+
     /// A tiny policy for tests: 16x16 images, a few thousand parameters per block.
     pub fn tiny_test() -> Self {
         let tok = Tokenizer::shapes_world(8);
