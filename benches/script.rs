@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ddpo::ddpo::{FixedPrompts, PromptSource, TrainConfig, Trainer};
-use ddpo::policy::Policy;
+use ddpo::family::{PixelPolicy, Policy};
 use ddpo::reward::Reward;
 use ddpo::script::{Limits, ScriptSet};
 use rand::SeedableRng;
@@ -24,10 +24,10 @@ use rand::SeedableRng;
 fn main() -> anyhow::Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let config = TrainConfig::default();
-    let policy = Policy::load_trainable(&root.join("models/shapes-unet.safetensors"), &candle_core::Device::Cpu)?;
+    let policy = PixelPolicy(Policy::load_trainable(&root.join("models/shapes-unet.safetensors"), &candle_core::Device::Cpu)?);
     let batch: Vec<String> = FixedPrompts::shapes_default().0.iter().cycle().take(config.samples_per_epoch).cloned().collect();
     // One epoch's worth of real samples, to score.
-    let images = ddpo::pretrain::eval::sample_images(&policy, &batch, &config.sampler, 0, config.sample_batch_size)?;
+    let images = ddpo::sampler::sample_images(&policy, &batch, &config.sampler, 0, config.sample_batch_size)?;
 
     let mut scripts = ScriptSet::new(Limits::default(), Arc::new(|_: &str| {}));
     let script = Arc::new(scripts.load_reward(&root.join("scripts/reward.rhai"))?);
@@ -53,7 +53,7 @@ fn main() -> anyhow::Result<()> {
     })?;
 
     let prompts = scripts.load_prompts(&root.join("scripts/prompts.rhai"))?;
-    let mut trainer = Trainer::new(config.clone(), policy, script.clone(), Box::new(prompts))?;
+    let mut trainer = Trainer::new(config.clone(), Box::new(policy), script.clone(), Box::new(prompts))?;
     let t = Instant::now();
     trainer.run_epoch()?;
     let epoch_ms = t.elapsed().as_secs_f64() * 1e3;

@@ -4,8 +4,8 @@
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion};
 use ddpo::optim::{AdamW, AdamWConfig};
-use ddpo::policy::{Policy, PolicyConfig};
-use ddpo::sampler::{self, NoiseRng, SamplerConfig};
+use ddpo::family::{NoiseRng, PixelPolicy, Policy, PolicyConfig, SamplerConfig};
+use ddpo::sampler;
 
 fn policy() -> Policy {
     ddpo::kernels::alloc::reuse_freed_memory();
@@ -13,7 +13,8 @@ fn policy() -> Policy {
 }
 
 fn inputs(p: &Policy, n: usize) -> (Tensor, Tensor, Tensor) {
-    let x = NoiseRng::new(1).randn(p.sample_shape(n), &Device::Cpu).unwrap();
+    let s = p.config.image_size;
+    let x = NoiseRng::new(1).randn((n, 3, s, s), &Device::Cpu).unwrap();
     let t = Tensor::from_vec(vec![500f32; n], n, &Device::Cpu).unwrap();
     let ctx = p.encode_prompts(&vec!["a red circle on a blue background"; n]).unwrap();
     (x, t, ctx)
@@ -41,7 +42,7 @@ fn train_step(c: &mut Criterion) {
 }
 
 fn ddim_sampling(c: &mut Criterion) {
-    let p = policy();
+    let p = PixelPolicy(policy());
     let prompts = vec!["a red circle on a blue background".to_string(); 16];
     let cfg = SamplerConfig::default();
     c.bench_function("ddim_20_steps_16_images", |b| {

@@ -3,35 +3,39 @@
 //! The library does all the work; `main.rs` only hands the command line to [`cli::run`].
 //!
 //! Module map (each module's own docs say what it owns):
+//! - [`error`]: `ConfigError`, a setting with a bad value, named by its field.
+//! - [`io`]: atomic file writes and the process's memory figures (the lowest layer).
 //! - [`world`]: the procedurally generated shapes world, its caption grammar and tokenizer.
 //! - [`render`]: turning tensors into images, labelled sample grids, a tiny bitmap font.
 //! - [`kernels`]: project-owned CPU kernels (fast convolution) that candle lacks.
 //! - [`model`]: the Stable-Diffusion-architecture UNet and CLIP-style text encoder.
-//! - [`sd`]: real Stable Diffusion pieces (diffusers folders): configs, CLIP BPE tokenizer, VAE decoder.
-//! - [`policy`]: the diffusion policy (text encoder + UNet + schedule, + VAE in latent space), its
-//!   checkpoints and LoRA adapters, from our own files or a diffusers folder.
+//! - [`family`]: model families behind one trait (the shapes pixel model, Stable Diffusion
+//!   folders), the DDPM schedule and DDIM step they share, checkpoints and LoRA adapters.
 //! - [`optim`]: AdamW, gradient clipping and EMA with state we own (for exact resume).
-//! - [`sampler`]: noise schedule and the DDIM step with per-step log-probabilities.
+//! - [`sampler`]: trajectories with per-step log-probabilities from any family, sample grids.
 //! - [`pretrain`]: DDPM pretraining of the embedded default model.
 //! - [`ddpo`]: advantages, DDPO-IS / SF / RWR losses and the training epoch.
 //! - [`reward`]: the `Reward` trait and built-in rewards (JPEG size, brightness).
 //! - [`script`]: the sandboxed Rhai host: script rewards and prompts, host API, hot reload.
 //! - [`run`]: the training run folder: metrics, sample grids, reward curve, checkpoints.
+//! - [`session`]: a training run in progress: epochs, script reloads, hooks, records, stops.
 //! - [`bench`]: the fixed benchmark workloads and JSON report behind `ddpo bench`.
 //! - [`cli`]: the command line (clap), progress bars and user-facing errors.
 
 pub mod bench;
 pub mod cli;
 pub mod ddpo;
+pub mod error;
+pub mod family;
+pub mod io;
 pub mod kernels;
 pub mod model;
 pub mod optim;
-pub mod policy;
 pub mod pretrain;
 pub mod render;
 pub mod reward;
 pub mod run;
 pub mod sampler;
 pub mod script;
-pub mod sd;
+pub mod session;
 pub mod world;

@@ -25,7 +25,7 @@ fn sample_rejects_bad_input() {
     fails_with(&["sample", "--prompt", "a red circle", "--out", out, "--model", missing.to_str().unwrap()], "not found");
     let corrupt = dir.path().join("corrupt.safetensors");
     std::fs::write(&corrupt, b"not a safetensors file").unwrap();
-    let config = serde_json::to_string(&ddpo::policy::PolicyConfig::tiny_test()).unwrap();
+    let config = serde_json::to_string(&ddpo::family::PolicyConfig::tiny_test()).unwrap();
     std::fs::write(dir.path().join("corrupt.json"), config).unwrap();
     fails_with(&["sample", "--prompt", "a red circle", "--out", out, "--model", corrupt.to_str().unwrap()], "corrupt");
     fails_with(&["sample", "--prompt", "  ", "--out", out], "--prompt is empty");
@@ -53,7 +53,7 @@ fn train_rejects_bad_flags() {
 /// A tiny random policy saved in `dir`, with its config beside it.
 fn tiny_model(dir: &std::path::Path) -> String {
     let model = dir.join("tiny.safetensors");
-    ddpo::policy::Policy::new_random(ddpo::policy::PolicyConfig::tiny_test(), 0, &candle_core::Device::Cpu).unwrap().save(&model).unwrap();
+    ddpo::family::Policy::new_random(ddpo::family::PolicyConfig::tiny_test(), 0, &candle_core::Device::Cpu).unwrap().save(&model).unwrap();
     model.to_str().unwrap().to_string()
 }
 

@@ -7,10 +7,10 @@ use candle_core::{Device, Tensor};
 use ddpo::ddpo::loss::ppo_clip_loss;
 use ddpo::ddpo::{Algorithm, FixedPrompts, Normalisation, StatTracker, TrainConfig, Trainer};
 use ddpo::optim::AdamWConfig;
-use ddpo::policy::{Policy, PolicyConfig};
+use ddpo::family::{PixelPolicy, Policy, PolicyConfig};
 use ddpo::pretrain::{PretrainConfig, Pretrainer};
 use ddpo::reward::Brightness;
-use ddpo::sampler::SamplerConfig;
+use ddpo::family::SamplerConfig;
 
 #[test]
 fn per_prompt_stat_tracker_matches_hand_computation() {
@@ -86,13 +86,13 @@ fn tiny_trainer_with(algorithm: Algorithm, lr: f64, reward: Arc<dyn ddpo::reward
 }
 
 /// A trainable copy of the tiny pretrained policy.
-fn tiny_policy() -> Policy {
+fn tiny_policy() -> PixelPolicy {
     let varmap = candle_nn::VarMap::new();
     for (name, t) in pretrained_weights() {
         varmap.data().lock().unwrap().insert(name.clone(), candle_core::Var::from_tensor(t).unwrap());
     }
     let vb = candle_nn::VarBuilder::from_varmap(&varmap, candle_core::DType::F32, &Device::Cpu);
-    Policy::from_var_builder(PolicyConfig::tiny_test(), vb, Some(varmap), &Device::Cpu).unwrap()
+    PixelPolicy(Policy::from_var_builder(PolicyConfig::tiny_test(), vb, Some(varmap), &Device::Cpu).unwrap())
 }
 
 fn tiny_trainer_edited(algorithm: Algorithm, lr: f64, reward: Arc<dyn ddpo::reward::Reward>, edit: impl FnOnce(&mut TrainConfig)) -> Trainer {
@@ -119,13 +119,13 @@ fn tiny_trainer_edited(algorithm: Algorithm, lr: f64, reward: Arc<dyn ddpo::rewa
     let mut config = config;
     edit(&mut config);
     let prompts = FixedPrompts(vec!["a red circle on a blue background".into(), "a white square on a black background".into()]);
-    Trainer::new(config, policy, reward, Box::new(prompts)).unwrap()
+    Trainer::new(config, Box::new(policy), reward, Box::new(prompts)).unwrap()
 }
 
 /// Mean brightness of 32 images sampled with fixed noise (a paired before/after comparison).
 fn eval_brightness(t: &Trainer) -> f64 {
     let prompts = vec!["a red circle on a blue background".to_string(); 32];
-    let images = ddpo::pretrain::eval::sample_images(&t.policy, &prompts, &t.config.sampler, 99, 32).unwrap();
+    let images = ddpo::sampler::sample_images(t.policy(), &prompts, &t.config().sampler, 99, 32).unwrap();
     images.iter().map(ddpo::reward::stats::mean_brightness).sum::<f64>() / images.len() as f64
 }
 
@@ -169,7 +169,7 @@ fn a_scripted_reward_rises() {
     let mut t = tiny_trainer_with(Algorithm::Is, 3e-3, reward.clone());
     let score = |t: &Trainer| -> f64 {
         let prompts = vec!["a red circle on a blue background".to_string(); 32];
-        let images = ddpo::pretrain::eval::sample_images(&t.policy, &prompts, &t.config.sampler, 99, 32).unwrap();
+        let images = ddpo::sampler::sample_images(t.policy(), &prompts, &t.config().sampler, 99, 32).unwrap();
         let scores = ddpo::reward::Reward::score(&*reward, &images, &prompts).unwrap();
         assert!(scores.iter().all(|s| s.components.len() == 3));
         scores.iter().map(|s| s.total).sum::<f64>() / scores.len() as f64
@@ -186,7 +186,7 @@ fn a_scripted_reward_rises() {
 /// Names of the policy's weights that one epoch of training changed.
 fn changed_by_one_epoch(mut t: Trainer) -> Vec<String> {
     let snapshot = |t: &Trainer| -> Vec<(String, Vec<f32>)> {
-        t.policy.trainable_vars().into_iter().map(|(n, v)| (n, v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap())).collect()
+        t.policy().trainable_vars().into_iter().map(|(n, v)| (n, v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap())).collect()
     };
     let before = snapshot(&t);
     t.run_epoch().unwrap();
@@ -212,7 +212,7 @@ fn train_only_moves_just_the_matching_weights() {
     assert!(changed.iter().all(|n| n.contains("attn2.to_k") || n.contains("attn2.to_v")), "other weights moved: {changed:?}");
     let policy = tiny_policy();
     let config = TrainConfig { train_only: vec!["no_such_layer".into()], ..Default::default() };
-    let err = Trainer::new(config, policy, Arc::new(Brightness), Box::new(FixedPrompts(vec!["a red circle on a blue background".into()])))
+    let err = Trainer::new(config, Box::new(policy), Arc::new(Brightness), Box::new(FixedPrompts(vec!["a red circle on a blue background".into()])))
         .err()
         .expect("a pattern matching nothing must be refused");
     assert!(err.to_string().contains("no_such_layer"), "{err}");
@@ -266,7 +266,7 @@ fn the_range_penalty_pulls_predictions_into_range() {
 /// log-densities.
 #[test]
 fn kl_to_base_is_the_log_density_gap_at_the_policy_mean() {
-    use ddpo::sampler::{ddim_step, NoiseSchedule, ScheduleConfig};
+    use ddpo::family::ddpm::{ddim_step, NoiseSchedule, ScheduleConfig};
     let d = Device::Cpu;
     let schedule = NoiseSchedule::new(ScheduleConfig { clip_sample: false, ..ScheduleConfig::pixel_default() }).unwrap();
     let (t, steps) = (vec![601usize, 301], 10);
@@ -284,10 +284,10 @@ fn kl_to_base_is_the_log_density_gap_at_the_policy_mean() {
 }
 
 /// The frozen pretrained policy, as `ddpo train --kl-weight` loads the shipped model.
-fn frozen_base() -> Policy {
+fn frozen_base() -> Box<PixelPolicy> {
     let tensors = pretrained_weights().iter().cloned().collect();
     let vb = candle_nn::VarBuilder::from_tensors(tensors, candle_core::DType::F32, &Device::Cpu);
-    Policy::from_var_builder(PolicyConfig::tiny_test(), vb, None, &Device::Cpu).unwrap()
+    Box::new(PixelPolicy(Policy::from_var_builder(PolicyConfig::tiny_test(), vb, None, &Device::Cpu).unwrap()))
 }
 
 /// A heavily weighted KL term keeps the policy much closer to the base (in the KL the trainer
@@ -309,5 +309,5 @@ fn the_kl_term_keeps_the_policy_near_the_base() {
 
     let mut t = tiny_trainer_edited(Algorithm::Is, 1e-3, Arc::new(Brightness), |c| c.kl_weight = 1.0);
     let err = format!("{:#}", t.run_epoch().unwrap_err());
-    assert!(err.contains("--kl-weight needs the base model"), "{err}");
+    assert!(err.contains("kl_weight needs the base model"), "{err}");
 }

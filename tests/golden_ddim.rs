@@ -2,7 +2,7 @@
 //! and the schedule matches diffusers'.
 
 use candle_core::{DType, Device, Tensor};
-use ddpo::sampler::{ddim_step, NoiseSchedule, ScheduleConfig};
+use ddpo::family::ddpm::{ddim_step, NoiseSchedule, ScheduleConfig};
 
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-sd");
 

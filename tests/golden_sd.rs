@@ -9,8 +9,8 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
 use ddpo::model::{TextConfig, TextEncoder, UNet2DConditionModel, UNetConfig};
-use ddpo::sampler::{ddim_step, NoiseSchedule, ScheduleConfig};
-use ddpo::sd::{guide, post_process, ClipTokenizer, Vae, MAX_LEN};
+use ddpo::family::ddpm::{ddim_step, NoiseSchedule, ScheduleConfig};
+use ddpo::family::sd::{guide, post_process, ClipTokenizer, Vae, MAX_LEN};
 
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-sd");
 const PROMPTS: [&str; 2] = ["a photo of a cat", "an astronaut riding a horse on the moon"];

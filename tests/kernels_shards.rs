@@ -3,7 +3,7 @@
 
 use candle_core::{Device, Tensor};
 use ddpo::kernels::shards::{map_shards, shard_count, shard_ranges, sharded_backward};
-use ddpo::policy::{Policy, PolicyConfig};
+use ddpo::family::{Policy, PolicyConfig};
 use ddpo::sampler::NoiseRng;
 
 const N: usize = 6;
@@ -11,8 +11,9 @@ const N: usize = 6;
 fn setup() -> (Policy, Tensor, Tensor, Vec<String>, Tensor) {
     let policy = Policy::new_random(PolicyConfig::tiny_test(), 7, &Device::Cpu).unwrap();
     let mut rng = NoiseRng::new(1);
-    let x = rng.randn(policy.sample_shape(N), &Device::Cpu).unwrap();
-    let target = rng.randn(policy.sample_shape(N), &Device::Cpu).unwrap();
+    let shape = (N, 3, 16, 16);
+    let x = rng.randn(shape, &Device::Cpu).unwrap();
+    let target = rng.randn(shape, &Device::Cpu).unwrap();
     let t = Tensor::new(&[10f32, 200., 400., 600., 800., 990.], &Device::Cpu).unwrap();
     let prompts: Vec<String> = (0..N).map(|i| if i % 2 == 0 { "a red circle".into() } else { String::new() }).collect();
     (policy, x, t, prompts, target)

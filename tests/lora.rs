@@ -5,16 +5,16 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use ddpo::model::LoraConfig;
 use ddpo::optim::{AdamW, AdamWConfig};
-use ddpo::policy::{Policy, PolicyConfig};
-use ddpo::sampler::{self, NoiseRng, SamplerConfig};
+use ddpo::family::{Family, NoiseRng, PixelPolicy, Policy, PolicyConfig, SamplerConfig};
+use ddpo::sampler;
 
-fn base_and_lora() -> (Policy, Policy) {
+fn base_and_lora() -> (PixelPolicy, PixelPolicy) {
     let base = Policy::new_random(PolicyConfig::tiny_test(), 4, &Device::Cpu).unwrap();
     let weights: std::collections::HashMap<String, Tensor> =
         base.trainable_vars().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
     let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
     let lora = Policy::with_lora(PolicyConfig::tiny_test(), vb, LoraConfig { rank: 2, alpha: 4.0 }, 9, &Device::Cpu).unwrap();
-    (base, lora)
+    (PixelPolicy(base), PixelPolicy(lora))
 }
 
 #[test]
@@ -27,7 +27,7 @@ fn adapters_use_peft_names_and_are_the_only_trainable_weights() {
     assert!(names.iter().all(|n| n.ends_with(".lora_A.weight") || n.ends_with(".lora_B.weight")), "{names:?}");
     assert!(names.contains(&"unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight".to_string()));
     assert!(names.iter().any(|n| n.contains(".to_out.0.lora_B.weight")));
-    assert!(lora.parameter_count() * 10 < base.parameter_count());
+    assert!(lora.0.parameter_count() * 10 < base.0.parameter_count());
 }
 
 #[test]

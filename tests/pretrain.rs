@@ -2,7 +2,7 @@
 //! the exported EMA policy loads for sampling.
 
 use candle_core::Device;
-use ddpo::policy::{Policy, PolicyConfig};
+use ddpo::family::{Policy, PolicyConfig};
 use ddpo::pretrain::{Event, PretrainConfig, Pretrainer};
 
 fn tiny(steps: usize) -> PretrainConfig {

@@ -32,7 +32,7 @@ impl Session {
         let interrupt = Arc::new(AtomicBool::new(false));
         let hooks = hooks_text.is_some();
         let model = dir.path().join("tiny.safetensors");
-        ddpo::policy::Policy::new_random(ddpo::policy::PolicyConfig::tiny_test(), 0, &candle_core::Device::Cpu).unwrap().save(&model).unwrap();
+        ddpo::family::Policy::new_random(ddpo::family::PolicyConfig::tiny_test(), 0, &candle_core::Device::Cpu).unwrap().save(&model).unwrap();
         let scripts = dir.path().join("scripts");
         std::fs::create_dir(&scripts).unwrap();
         std::fs::write(scripts.join("reward.rhai"), "fn reward(img, prompt, meta) {\n  #{ total: img.brightness(), kb: img.jpeg_size(95) }\n}\n").unwrap();
@@ -159,7 +159,8 @@ fn set_reload_and_train() {
     assert!(out.contains("checkpoint: "), "{out}");
     let metrics = std::fs::read_to_string(s.run().join("metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().count(), 2, "{metrics}");
-    assert!(metrics.contains("\"lr\":0.0001"), "{metrics}");
+    // The rate applied: 1e-4 ramped over the default 16 warm-up steps, 2 steps per epoch.
+    assert!(metrics.contains("\"lr\":0.0000125") && metrics.contains("\"lr\":0.000025"), "{metrics}");
     assert!(s.run().join("checkpoint/policy.safetensors").exists());
     // Training continues from where it stopped.
     assert!(s.eval("train(1)").contains("epoch   2  reward "));

@@ -1,40 +1,35 @@
 //! The training run folder: metrics and artefacts per epoch, checkpoints that resume the same
 //! run, and a bad reward that stops an epoch without touching the last checkpoint.
 
+mod common;
+
 use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::Device;
-use ddpo::ddpo::{FixedPrompts, Normalisation, TrainConfig, Trainer};
-use ddpo::optim::AdamWConfig;
-use ddpo::policy::{Policy, PolicyConfig};
+use common::fixtures::{prompt_source, small_config as config, tiny_family};
+use ddpo::ddpo::Trainer;
+use ddpo::family::Policy;
 use ddpo::reward::{Brightness, Reward, Score};
-use ddpo::run::{RunConfig, RunDir};
-use ddpo::sampler::SamplerConfig;
-
-fn config() -> TrainConfig {
-    TrainConfig {
-        samples_per_epoch: 8,
-        sample_batch_size: 4,
-        train_batch_size: 4,
-        clip_range: 0.2,
-        normalisation: Normalisation::PerPrompt { buffer_size: 8, min_count: 4 },
-        optimizer: AdamWConfig { lr: 1e-3, ..Default::default() },
-        sampler: SamplerConfig { steps: 3, eta: 1.0, guidance: 2.0 },
-        timestep_fraction: 0.67,
-        seed: 5,
-        ..Default::default()
-    }
-}
+use ddpo::run::{RewardSpec, RunConfig, RunDir};
 
 fn trainer(reward: Arc<dyn Reward>) -> Trainer {
-    let policy = Policy::new_random(PolicyConfig::tiny_test(), 2, &Device::Cpu).unwrap();
-    let prompts = FixedPrompts(vec!["a red circle on a blue background".into(), "two small green squares on a black background".into()]);
-    Trainer::new(config(), policy, reward, Box::new(prompts)).unwrap()
+    Trainer::new(config(), tiny_family(2), reward, prompt_source()).unwrap()
 }
 
 fn run_config() -> RunConfig {
-    RunConfig { train: config(), model: "tiny".into(), reward: "brightness".into(), prompts: vec![], epochs: 3, checkpoint_every: 1, lora: None, dtype: Default::default(), reward_models: Default::default(), clip_sample: None }
+    RunConfig {
+        train: config(),
+        model: "tiny".into(),
+        reward: RewardSpec::Builtin("brightness".into()),
+        prompts: vec![],
+        epochs: 3,
+        checkpoint_every: 1,
+        lora: None,
+        dtype: Default::default(),
+        reward_models: Default::default(),
+        clip_sample: None,
+    }
 }
 
 /// metrics.jsonl without the wall-clock fields.
@@ -99,7 +94,7 @@ fn resumed_run_reproduces_the_uninterrupted_one() {
     let (mut run, _) = RunDir::open(resumed.path()).unwrap();
     let mut t = trainer(Arc::new(Brightness));
     run.restore(&mut t).unwrap();
-    assert_eq!(t.epoch, 1);
+    assert_eq!(t.epoch(), 1);
     for _ in 0..2 {
         let r = t.run_epoch().unwrap();
         run.record(&r, serde_json::Value::Null).unwrap();
@@ -128,6 +123,6 @@ fn nan_reward_aborts_the_epoch_naming_prompt_and_sample() {
     let before = std::fs::read(dir.path().join("checkpoint/policy.safetensors")).unwrap();
     let err = format!("{:#}", t.run_epoch().unwrap_err());
     assert!(err.contains("sample 2") && err.contains("prompt") && err.contains("epoch 0"), "{err}");
-    assert_eq!(t.epoch, 0);
+    assert_eq!(t.epoch(), 0);
     assert_eq!(before, std::fs::read(dir.path().join("checkpoint/policy.safetensors")).unwrap());
 }

@@ -1,9 +1,16 @@
 //! DDIM step and trajectory sampling on small configs: closed-form log-densities, positive
-//! variances, exact recompute, and gradients reaching every trainable tensor.
+//! variances, exact recompute, and gradients reaching every trainable tensor; the same sampler
+//! over the test-double Gaussian family.
+
+mod common;
 
 use candle_core::{Device, Tensor};
-use ddpo::policy::{Policy, PolicyConfig};
-use ddpo::sampler::{self, ddim_sigma, ddim_step, NoiseRng, NoiseSchedule, SamplerConfig, ScheduleConfig};
+use common::fixtures::{prompt_pair as prompts, tiny_family};
+use common::gaussian::{GaussianFamily, DECAY};
+use ddpo::ddpo::TrainConfig;
+use ddpo::family::ddpm::{ddim_sigma, ddim_step, NoiseSchedule, ScheduleConfig};
+use ddpo::family::{Family, NoiseRng, PixelPolicy, Policy, PolicyConfig, SamplerConfig};
+use ddpo::sampler;
 
 fn pixel_schedule() -> NoiseSchedule {
     NoiseSchedule::new(ScheduleConfig::pixel_default()).unwrap()
@@ -70,12 +77,49 @@ fn every_step_has_positive_sigma() {
     }
 }
 
-fn tiny_policy() -> Policy {
-    Policy::new_random(PolicyConfig::tiny_test(), 0, &Device::Cpu).unwrap()
+fn tiny_policy() -> PixelPolicy {
+    *tiny_family(0)
 }
 
-fn prompts() -> Vec<String> {
-    vec!["a red circle on a blue background".into(), "two small green squares on a black background".into()]
+#[test]
+fn near_deterministic_steps_are_left_out_of_the_policy_gradient() {
+    let policy = PixelPolicy(Policy::new_random(PolicyConfig::shapes_default(), 0, &Device::Cpu).unwrap());
+    let config = TrainConfig::default();
+    assert_eq!(config.sampler.steps, 10);
+    // sigma of the 10 steps: 0.91 .. 0.29 for the first eight, then 0.0148 (t = 101 -> 1)
+    // and 0.0074 (t = 1 -> 0).
+    assert_eq!(config.trained_steps(&policy).unwrap(), (0..8).collect::<Vec<_>>());
+    let all = TrainConfig { min_train_sigma: 0.0, ..TrainConfig::default() };
+    assert_eq!(all.trained_steps(&policy).unwrap().len(), 10);
+    let none = TrainConfig { min_train_sigma: 2.0, ..TrainConfig::default() };
+    let err = none.trained_steps(&policy).unwrap_err().to_string();
+    assert!(err.contains("min_train_sigma") && err.contains("leaves none of the 10 sampling steps"), "{err}");
+}
+
+#[test]
+fn gaussian_family_log_prob_is_its_closed_form() {
+    let family = GaussianFamily::new(0.25);
+    let cfg = SamplerConfig { steps: 4, ..Default::default() };
+    let traj = sampler::sample(&family, &prompts(), &cfg, &mut NoiseRng::new(2)).unwrap();
+    assert_eq!(traj.timesteps, vec![100, 75, 50, 25]);
+    for k in 0..4 {
+        let (x, prev) = (traj.latents[k].flatten_all().unwrap().to_vec1::<f32>().unwrap(), traj.latents[k + 1].flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        let sigma = GaussianFamily::sigma(traj.timesteps[k]);
+        let per_sample = x.len() / 2;
+        for i in 0..2 {
+            let range = i * per_sample..(i + 1) * per_sample;
+            let want: f64 = range
+                .map(|j| {
+                    let d = prev[j] as f64 - (DECAY * x[j] as f64 + 0.25);
+                    -d * d / (2.0 * sigma * sigma) - sigma.ln() - 0.5 * (2.0 * std::f64::consts::PI).ln()
+                })
+                .sum::<f64>()
+                / per_sample as f64;
+            let got = traj.log_probs.get(i).unwrap().get(k).unwrap().to_scalar::<f32>().unwrap() as f64;
+            assert!((got - want).abs() < 1e-4 * want.abs().max(1.0), "step {k} sample {i}: {got} vs {want}");
+        }
+    }
+    assert_eq!(family.images(traj.final_sample()).unwrap()[0].dimensions(), (4, 4));
 }
 
 #[test]

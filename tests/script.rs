@@ -471,7 +471,7 @@ fn cli_check_prints_ok_or_positioned_errors() {
 fn cli_train_runs_scripts_and_keeps_their_versions() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("tiny.safetensors");
-    ddpo::policy::Policy::new_random(ddpo::policy::PolicyConfig::tiny_test(), 0, &candle_core::Device::Cpu).unwrap().save(&model).unwrap();
+    ddpo::family::Policy::new_random(ddpo::family::PolicyConfig::tiny_test(), 0, &candle_core::Device::Cpu).unwrap().save(&model).unwrap();
     let reward = write(dir.path(), "reward.rhai", "fn reward(img, prompt, meta) {\n  print(`epoch ${context().epoch}`);\n  #{ total: -img.jpeg_size(95), bright: img.brightness() }\n}\n");
     let prompts = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/prompts.rhai");
     let run = dir.path().join("run");
@@ -512,7 +512,7 @@ impl LiveTrain {
     fn start(dir: &Path, extra: &[&str]) -> Self {
         use std::io::BufRead;
         let model = dir.join("tiny.safetensors");
-        ddpo::policy::Policy::new_random(ddpo::policy::PolicyConfig::tiny_test(), 0, &candle_core::Device::Cpu).unwrap().save(&model).unwrap();
+        ddpo::family::Policy::new_random(ddpo::family::PolicyConfig::tiny_test(), 0, &candle_core::Device::Cpu).unwrap().save(&model).unwrap();
         let scripts = dir.join("scripts");
         let mut args: Vec<String> = ["train", "--model", model.to_str().unwrap(), "--run-dir", dir.join("run").to_str().unwrap()]
             .map(String::from)
@@ -695,7 +695,7 @@ fn hook_overrides_are_validated_with_positions() {
 /// A tiny random policy saved in `dir`, and the flags of a small, fast `ddpo train`.
 fn tiny_train_args(dir: &Path) -> Vec<String> {
     let model = dir.join("tiny.safetensors");
-    ddpo::policy::Policy::new_random(ddpo::policy::PolicyConfig::tiny_test(), 0, &candle_core::Device::Cpu).unwrap().save(&model).unwrap();
+    ddpo::family::Policy::new_random(ddpo::family::PolicyConfig::tiny_test(), 0, &candle_core::Device::Cpu).unwrap().save(&model).unwrap();
     ["--model", model.to_str().unwrap(), "--samples-per-epoch", "4", "--sample-batch-size", "2", "--train-batch-size", "2", "--steps", "3"]
         .map(String::from)
         .to_vec()
@@ -742,13 +742,13 @@ fn cli_train_applies_hook_overrides_and_stops_early() {
     assert_eq!(records[1]["reward_mean"], 4.0);
     assert_eq!(records[1]["reward/listed"], 1.0);
     assert_eq!(records[1]["weights"], serde_json::json!({ "one": 3.0, "two": 0.5 }));
-    assert_eq!(records[1]["lr"], 0.001);
+    assert_eq!(records[1]["lr"], applied_lr(&records, 1, 0.001));
     // Epoch 2: an unknown component is refused at its key; the previous settings stay.
     let e = records[2]["hooks_error"].as_str().unwrap();
     assert!(e.starts_with(&format!("{}:5:45: ", hooks.display())) && e.contains("`weights` names `three`") && e.contains("one, two"), "{e}");
     assert!(records[2].get("hooks").is_none());
     assert_eq!((records[2]["reward_mean"].as_f64(), records[3]["reward_mean"].as_f64()), (Some(4.0), Some(4.0)));
-    assert!(records.iter().all(|r| r["lr"] == 0.001));
+    assert!((0..4).all(|i| records[i]["lr"] == applied_lr(&records, i, 0.001)));
     assert!(stderr.contains("[hooks.rhai] end 2 mean 4.0 of 3"), "{stderr}");
     // The hooks script is versioned like the others.
     let hash = records[3]["scripts"]["hooks.rhai"].as_str().unwrap();
@@ -760,9 +760,17 @@ fn cli_train_applies_hook_overrides_and_stops_early() {
     let records: Vec<serde_json::Value> =
         std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(records.len(), 10, "{stderr}");
-    for r in &records[4..] {
-        assert_eq!((r["lr"].as_f64(), r["reward_mean"].as_f64(), r["reward/listed"].as_f64()), (Some(0.001), Some(4.0), Some(1.0)), "{r}");
+    for (i, r) in records.iter().enumerate().skip(4) {
+        let lr = applied_lr(&records, i, 0.001);
+        assert_eq!((r["lr"].as_f64(), r["reward_mean"].as_f64(), r["reward/listed"].as_f64()), (Some(lr), Some(4.0), Some(1.0)), "{r}");
     }
+}
+
+/// The learning rate the last optimiser step of epoch `i` applied: `lr` ramped up over the
+/// default 16 warm-up steps (what `metrics.jsonl` logs).
+fn applied_lr(records: &[serde_json::Value], i: usize, lr: f64) -> f64 {
+    let steps: u64 = records[..=i].iter().map(|r| r["optimizer_steps"].as_u64().unwrap()).sum();
+    lr * ((steps as f64) / 16.0).min(1.0)
 }
 
 #[test]
@@ -791,7 +799,7 @@ fn cli_train_defaults_to_the_scripts_folder() {
     assert!(!stderr.contains("note: "), "{stderr}");
     let m: serde_json::Value = serde_json::from_str(std::fs::read_to_string(project.join("run/metrics.jsonl")).unwrap().lines().next().unwrap()).unwrap();
     assert_eq!(m["reward_mean"], 100.0);
-    assert_eq!(m["lr"], 0.002);
+    assert_eq!(m["lr"], applied_lr(&[m.clone()], 0, 0.002));
     let names: Vec<&String> = m["scripts"].as_object().unwrap().keys().collect();
     assert_eq!(names, ["hooks.rhai", "prompts.rhai", "reward.rhai"]);
 }

@@ -12,8 +12,9 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use ddpo::ddpo::{FixedPrompts, Normalisation, TrainConfig, Trainer};
 use ddpo::model::LoraConfig;
 use ddpo::optim::{AdamW, AdamWConfig};
-use ddpo::policy::{Finetune, Policy};
-use ddpo::sampler::{self, NoiseRng, SamplerConfig};
+use ddpo::family::sd::{Finetune, LatentPolicy};
+use ddpo::family::{Family, NoiseRng, SamplerConfig};
+use ddpo::sampler;
 
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-sd");
 const PROMPTS: [&str; 2] = ["a photo of a cat", "an astronaut riding a horse on the moon"];
@@ -26,9 +27,9 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
     Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar()?)
 }
 
-fn lora_policy(seed: u64) -> Result<Policy> {
+fn lora_policy(seed: u64) -> Result<LatentPolicy> {
     let lora = LoraConfig { rank: 2, alpha: 4.0 };
-    Policy::load_diffusers(fixture(), Finetune::Lora { config: lora, seed }, DType::F32, &Device::Cpu)
+    LatentPolicy::load(fixture(), Finetune::Lora { config: lora, seed }, DType::F32, &Device::Cpu)
 }
 
 /// A writable copy of the fixture (files, not links, so the test can break them).
@@ -52,7 +53,7 @@ fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> Result<(
 }
 
 fn load_error(dir: &Path) -> String {
-    match Policy::load_diffusers(dir, Finetune::Frozen, DType::F32, &Device::Cpu) {
+    match LatentPolicy::load(dir, Finetune::Frozen, DType::F32, &Device::Cpu) {
         Ok(_) => panic!("{} loaded although it is broken", dir.display()),
         Err(e) => format!("{e:#}"),
     }
@@ -63,7 +64,7 @@ fn broken_folders_fail_naming_the_file_field_or_tensor() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path().join("sd");
     copy_fixture(&dir)?;
-    Policy::load_diffusers(&dir, Finetune::Frozen, DType::F32, &Device::Cpu).context("the intact copy loads")?;
+    LatentPolicy::load(&dir, Finetune::Frozen, DType::F32, &Device::Cpu).context("the intact copy loads")?;
 
     // Unsupported config values: file and field named.
     let sched = dir.join("scheduler/scheduler_config.json");
@@ -91,7 +92,7 @@ fn broken_folders_fail_naming_the_file_field_or_tensor() -> Result<()> {
         v["attention_head_dim"] = serde_json::json!([8, 8]);
         v["upcast_attention"] = true.into();
     })?;
-    Policy::load_diffusers(&dir, Finetune::Frozen, DType::F32, &Device::Cpu).context("SD 2.x-style fields")?;
+    LatentPolicy::load(&dir, Finetune::Frozen, DType::F32, &Device::Cpu).context("SD 2.x-style fields")?;
 
     // A tensor of the wrong shape: named, with the expected shape.
     let weights = dir.join("unet/diffusion_pytorch_model.safetensors");
@@ -117,12 +118,12 @@ fn broken_folders_fail_naming_the_file_field_or_tensor() -> Result<()> {
 #[test]
 fn policy_seam_recomputes_the_reference_trajectory() -> Result<()> {
     let g = candle_core::safetensors::load(fixture().join("golden.safetensors"), &Device::Cpu)?;
-    let policy = Policy::load_diffusers(fixture(), Finetune::Frozen, DType::F32, &Device::Cpu)?;
-    assert_eq!(policy.sample_shape(2), (2, 4, 16, 16));
+    let policy = LatentPolicy::load(fixture(), Finetune::Frozen, DType::F32, &Device::Cpu)?;
+    assert_eq!(policy.sample_shape(2), vec![2, 4, 16, 16]);
     assert!(policy.trainable_vars().is_empty());
     let prompts: Vec<String> = PROMPTS.iter().map(|p| p.to_string()).collect();
     let cfg = SamplerConfig { steps: 20, eta: 1.0, guidance: 5.0 };
-    let timesteps = policy.schedule.ddim_timesteps(cfg.steps);
+    let timesteps = policy.timesteps(cfg.steps);
     let latents = &g["traj.latents"];
     let mut ours = Vec::new();
     for (i, &t) in timesteps.iter().enumerate() {
@@ -132,7 +133,7 @@ fn policy_seam_recomputes_the_reference_trajectory() -> Result<()> {
     let err = max_abs_diff(&Tensor::stack(&ours, 1)?, &g["traj.log_probs"])?;
     println!("traj.log_probs through the policy seam: max abs error {err:e}");
     assert!(err < 1e-3, "traj.log_probs: max abs error {err}");
-    let images = ddpo::sd::post_process(&policy.decode(&latents.i((.., 20))?)?)?;
+    let images = ddpo::family::sd::post_process(&Family::decode(&policy, &latents.i((.., 20))?)?)?;
     let err = max_abs_diff(&images, &g["traj.images"])?;
     println!("traj.images through Policy::decode: max abs error {err:e}");
     assert!(err < 1e-4, "traj.images: max abs error {err}");
@@ -170,7 +171,7 @@ fn gradients_reach_every_lora_tensor_of_the_sd_unet() -> Result<()> {
 }
 
 /// Final samples of `policy` for two prompts (same seed, same noise).
-fn samples(policy: &Policy, steps: usize) -> Result<Tensor> {
+fn samples(policy: &dyn Family, steps: usize) -> Result<Tensor> {
     let prompts: Vec<String> = PROMPTS.iter().map(|p| p.to_string()).collect();
     let cfg = SamplerConfig { steps, ..Default::default() };
     Ok(sampler::sample(policy, &prompts, &cfg, &mut NoiseRng::new(5))?.final_sample().clone())
@@ -185,15 +186,15 @@ fn adapters_save_in_diffusers_names_and_reload_in_either_naming() -> Result<()> 
     }
     let tmp = tempfile::tempdir()?;
     let file = tmp.path().join("adapter.safetensors");
-    policy.save(&file)?;
-    let meta = ddpo::policy::diffusers::read_metadata(&file)?;
+    Family::save(&policy, &file)?;
+    let meta = ddpo::family::sd::read_metadata(&file)?;
     assert_eq!((meta["lora_rank"].as_str(), meta["lora_alpha"].as_str()), ("2", "4"));
     assert_eq!(meta["target_modules"], "to_q,to_k,to_v,to_out.0");
     let want = samples(&policy, 3)?;
-    let base = samples(&Policy::load_diffusers(fixture(), Finetune::Frozen, DType::F32, &Device::Cpu)?, 3)?;
+    let base = samples(&LatentPolicy::load(fixture(), Finetune::Frozen, DType::F32, &Device::Cpu)?, 3)?;
     assert!(max_abs_diff(&want, &base)? > 1e-3, "the adapter should change the samples");
 
-    let reloaded = Policy::load_diffusers_with_weights(fixture(), &file, DType::F32, &Device::Cpu)?;
+    let reloaded = LatentPolicy::load_with_weights(fixture(), &file, DType::F32, &Device::Cpu)?;
     assert_eq!(max_abs_diff(&samples(&reloaded, 3)?, &want)?, 0.0);
 
     // Older diffusers names, no metadata and no JSON: alpha must then equal the rank.
@@ -204,8 +205,8 @@ fn adapters_save_in_diffusers_names_and_reload_in_either_naming() -> Result<()> 
         .collect();
     let old = tmp.path().join("old.safetensors");
     candle_core::safetensors::save(&renamed, &old)?;
-    let p = Policy::load_diffusers_with_weights(fixture(), &old, DType::F32, &Device::Cpu)?;
-    assert_eq!(p.config.lora, Some(LoraConfig { rank: 2, alpha: 2.0 }));
+    let p = LatentPolicy::load_with_weights(fixture(), &old, DType::F32, &Device::Cpu)?;
+    assert_eq!(p.policy.config.lora, Some(LoraConfig { rank: 2, alpha: 2.0 }));
 
     // An adapter for another model: the tensor and both shapes named.
     let mut wrong = candle_core::safetensors::load(&file, &Device::Cpu)?;
@@ -213,7 +214,7 @@ fn adapters_save_in_diffusers_names_and_reload_in_either_naming() -> Result<()> 
     wrong.insert(key.into(), Tensor::zeros((16, 2), DType::F32, &Device::Cpu)?);
     let bad = tmp.path().join("bad.safetensors");
     candle_core::safetensors::save(&wrong, &bad)?;
-    let err = format!("{:#}", Policy::load_diffusers_with_weights(fixture(), &bad, DType::F32, &Device::Cpu).err().context("bad adapter loaded")?);
+    let err = format!("{:#}", LatentPolicy::load_with_weights(fixture(), &bad, DType::F32, &Device::Cpu).err().context("bad adapter loaded")?);
     assert!(err.contains(key) && err.contains("[16, 2]") && err.contains("[64, 2]"), "{err}");
     Ok(())
 }
@@ -223,10 +224,10 @@ fn half_precision_frozen_weights_track_f32() -> Result<()> {
     let g = candle_core::safetensors::load(fixture().join("golden.safetensors"), &Device::Cpu)?;
     let x = &g["unet.latents"];
     let eps = |dtype: DType| -> Result<Tensor> {
-        let p = Policy::load_diffusers(fixture(), Finetune::Lora { config: LoraConfig::default(), seed: 0 }, dtype, &Device::Cpu)?;
-        let cond = p.encode_prompts(&PROMPTS)?;
-        let uncond = p.encode_prompts(&["", ""])?;
-        Ok(p.guided_eps(x, &[500, 500], &cond, &uncond, 5.0)?)
+        let p = LatentPolicy::load(fixture(), Finetune::Lora { config: LoraConfig::default(), seed: 0 }, dtype, &Device::Cpu)?;
+        let cond = p.policy.encode_prompts(&PROMPTS)?;
+        let uncond = p.policy.encode_prompts(&["", ""])?;
+        Ok(p.policy.guided_eps(x, &[500, 500], &cond, &uncond, 5.0)?)
     };
     let full = eps(DType::F32)?;
     // candle's CPU matmul has no bf16; f16 exercises the same casts (bf16 is for GPUs).
@@ -253,10 +254,10 @@ fn small_train_config(samples: usize) -> TrainConfig {
     }
 }
 
-fn trainer(policy: Policy, samples: usize) -> Result<Trainer> {
+fn trainer(policy: LatentPolicy, samples: usize) -> Result<Trainer> {
     let reward = Arc::from(ddpo::reward::builtin("compressibility")?);
     let prompts = Box::new(FixedPrompts(vec!["cat".into(), "dog".into()]));
-    Trainer::new(small_train_config(samples), policy, reward, prompts)
+    Trainer::new(small_train_config(samples), Box::new(policy), reward, prompts)
 }
 
 /// DDPO with LoRA on the tiny SD pipeline: finite losses, the adapter moves, and a reload of the
@@ -270,15 +271,15 @@ fn ddpo_with_lora_trains_and_reloads() -> Result<()> {
         assert_eq!(report.images.len(), 4);
         assert_eq!(report.images[0].dimensions(), (32, 32));
     }
-    let moved = trainer.policy.trainable_vars().iter().any(|(n, v)| {
+    let moved = trainer.policy().trainable_vars().iter().any(|(n, v)| {
         n.ends_with("lora_B.weight") && v.as_tensor().abs().and_then(|t| t.sum_all()).and_then(|t| t.to_scalar::<f32>()).unwrap_or(0.0) > 0.0
     });
     assert!(moved, "no lora_B moved from zero");
     let tmp = tempfile::tempdir()?;
     let file = tmp.path().join("policy.safetensors");
-    trainer.policy.save(&file)?;
-    let reloaded = Policy::load_diffusers_with_weights(fixture(), &file, DType::F32, &Device::Cpu)?;
-    assert_eq!(max_abs_diff(&samples(&reloaded, 3)?, &samples(&trainer.policy, 3)?)?, 0.0);
+    trainer.policy().save(&file)?;
+    let reloaded = LatentPolicy::load_with_weights(fixture(), &file, DType::F32, &Device::Cpu)?;
+    assert_eq!(max_abs_diff(&samples(&reloaded, 3)?, &samples(trainer.policy(), 3)?)?, 0.0);
     Ok(())
 }
 
@@ -288,15 +289,15 @@ fn the_range_penalty_is_refused_for_latent_models() -> Result<()> {
     let reward = Arc::from(ddpo::reward::builtin("compressibility")?);
     let prompts = Box::new(FixedPrompts(vec!["cat".into()]));
     let config = TrainConfig { range_penalty: 1.0, ..small_train_config(2) };
-    let err = Trainer::new(config, lora_policy(0)?, reward, prompts).err().context("accepted")?.to_string();
-    assert!(err.contains("--range-penalty 0"), "{err}");
+    let err = Trainer::new(config, Box::new(lora_policy(0)?), reward, prompts).err().context("accepted")?.to_string();
+    assert!(err.contains("range_penalty") && err.contains("set it to 0"), "{err}");
     Ok(())
 }
 
 /// Full finetuning trains the UNet only (in f32), and its checkpoint reloads onto the folder.
 #[test]
 fn full_unet_finetuning_saves_the_unet_and_reloads() -> Result<()> {
-    let policy = Policy::load_diffusers(fixture(), Finetune::FullUnet, DType::F16, &Device::Cpu)?;
+    let policy = LatentPolicy::load(fixture(), Finetune::FullUnet, DType::F16, &Device::Cpu)?;
     let names: Vec<String> = policy.trainable_vars().into_iter().map(|(n, _)| n).collect();
     assert!(names.iter().all(|n| n.starts_with("unet.")) && names.contains(&"unet.conv_in.weight".to_string()), "{names:?}");
     let mut trainer = trainer(policy, 2)?;
@@ -304,11 +305,11 @@ fn full_unet_finetuning_saves_the_unet_and_reloads() -> Result<()> {
     assert!(report.loss.is_finite(), "loss {}", report.loss);
     let tmp = tempfile::tempdir()?;
     let file = tmp.path().join("policy.safetensors");
-    trainer.policy.save(&file)?;
-    let reloaded = Policy::load_diffusers_with_weights(fixture(), &file, DType::F16, &Device::Cpu)?;
+    trainer.policy().save(&file)?;
+    let reloaded = LatentPolicy::load_with_weights(fixture(), &file, DType::F16, &Device::Cpu)?;
     assert_eq!(reloaded.trainable_vars().len(), names.len());
-    assert_eq!(max_abs_diff(&samples(&reloaded, 2)?, &samples(&trainer.policy, 2)?)?, 0.0);
-    let base = Policy::load_diffusers(fixture(), Finetune::Frozen, DType::F16, &Device::Cpu)?;
+    assert_eq!(max_abs_diff(&samples(&reloaded, 2)?, &samples(trainer.policy(), 2)?)?, 0.0);
+    let base = LatentPolicy::load(fixture(), Finetune::Frozen, DType::F16, &Device::Cpu)?;
     assert!(max_abs_diff(&samples(&reloaded, 2)?, &samples(&base, 2)?)? > 0.0, "training changed nothing");
     Ok(())
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use ddpo::optim::{AdamW, AdamWConfig};
-use ddpo::policy::init::seeded_var_builder;
+use ddpo::family::unet::init::seeded_var_builder;
 use ddpo::pretrain::aesthetic::{load_head, save_head, AestheticHeadConfig};
 use ddpo::pretrain::clip::zero_shot;
 use ddpo::reward::aesthetic::AestheticMlp;

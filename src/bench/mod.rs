@@ -86,7 +86,7 @@ pub fn run(cfg: &BenchConfig, only: Option<&str>) -> anyhow::Result<Report> {
         threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         quick: cfg.quick,
         workloads: out,
-        peak_rss_mb: peak_rss_mb()?,
+        peak_rss_mb: crate::io::peak_rss_mb()?,
     })
 }
 
@@ -109,7 +109,7 @@ fn measure(
         let start = Instant::now();
         let parts = f()?;
         runs.push((start.elapsed().as_secs_f64() * 1e3, parts));
-        rss_mb_after_runs.push(memory_mb("VmRSS")?);
+        rss_mb_after_runs.push(crate::io::memory_mb("VmRSS")?);
     }
     runs.sort_by(|a, b| a.0.total_cmp(&b.0));
     let (median_ms, parts_s) = runs[runs.len() / 2].clone();
@@ -120,44 +120,16 @@ fn measure(
         min_ms: runs[0].0,
         max_ms: runs[runs.len() - 1].0,
         gflops: flops.map(|fl| fl / (median_ms * 1e6)),
-        peak_rss_mb: peak_rss_mb()?,
+        peak_rss_mb: crate::io::peak_rss_mb()?,
         items_per_s: None,
         rss_mb_after_runs,
         parts_s,
     })
 }
 
-/// The process's peak resident set size (VmHWM in /proc/self/status), in MiB.
-pub fn peak_rss_mb() -> anyhow::Result<f64> {
-    memory_mb("VmHWM")
-}
-
-/// A memory figure of /proc/self/status (`VmHWM`, `VmRSS`), in MiB.
-pub fn memory_mb(key: &str) -> anyhow::Result<f64> {
-    use anyhow::Context;
-    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status for the memory figures")?;
-    parse_status_kb(&status, key)
-        .map(|kb| kb as f64 / 1024.0)
-        .with_context(|| format!("no {key} line in /proc/self/status (memory is only measured on Linux)"))
-}
-
-/// The value (kB) of the `key:` line of a /proc/<pid>/status text.
-fn parse_status_kb(status: &str, key: &str) -> Option<u64> {
-    let line = status.lines().find(|l| l.strip_prefix(key).is_some_and(|rest| rest.starts_with(':')))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_memory_lines() {
-        let status = "Name:\tddpo\nVmPeak:\t  9000 kB\nVmHWM:\t  123456 kB\nVmRSS:\t 1000 kB\n";
-        assert_eq!(parse_status_kb(status, "VmHWM"), Some(123456));
-        assert_eq!(parse_status_kb(status, "VmRSS"), Some(1000));
-        assert_eq!(parse_status_kb("Name: x\n", "VmHWM"), None);
-    }
 
     #[test]
     fn rejects_unknown_workload_and_zero_repeats() {

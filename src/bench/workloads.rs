@@ -13,9 +13,12 @@ use crate::kernels;
 use crate::model::transformer::{SpatialTransformer, SpatialTransformerConfig};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::model::LoraConfig;
-use crate::policy::{init::seeded_var_builder, Finetune, Policy, PolicyConfig};
+use crate::family::sd::{Finetune, LatentPolicy};
+use crate::family::unet::init::seeded_var_builder;
+use crate::family::{PixelPolicy, Policy, PolicyConfig};
 use crate::reward::JpegCompressibility;
-use crate::sampler::{self, NoiseRng, SamplerConfig};
+use crate::family::{NoiseRng, SamplerConfig};
+use crate::sampler;
 
 /// The prompt every UNet workload is conditioned on.
 const PROMPT: &str = "a red circle on a blue background";
@@ -174,7 +177,8 @@ fn attention_fwd_flops(b: usize, l: usize, c: usize, s: usize, d: usize) -> f64 
 
 /// A noisy batch at t = 500 and its text context.
 fn unet_inputs(p: &Policy, n: usize) -> anyhow::Result<(Tensor, Tensor)> {
-    let x = NoiseRng::new(1).randn(p.sample_shape(n), &Device::Cpu)?;
+    let (c, s) = (p.config.unet.in_channels, p.config.image_size);
+    let x = NoiseRng::new(1).randn((n, c, s, s), &Device::Cpu)?;
     let t = Tensor::from_vec(vec![500f32; n], n, &Device::Cpu)?;
     Ok((x, t))
 }
@@ -196,7 +200,7 @@ fn train_step(sizes: &Sizes, cfg: &BenchConfig) -> anyhow::Result<Timing> {
     let p = default_policy()?;
     let n = sizes.train_batch;
     let (x, t) = unet_inputs(&p, n)?;
-    let target = NoiseRng::new(2).randn(p.sample_shape(n), &Device::Cpu)?;
+    let target = NoiseRng::new(2).randn(x.shape(), &Device::Cpu)?;
     let prompts = vec![PROMPT; n];
     let mut opt = AdamW::new(p.trainable_vars(), AdamWConfig::default())?;
     measure(cfg, format!("batch {n}, text encoder + UNet, AdamW"), None, || {
@@ -214,7 +218,7 @@ fn train_step(sizes: &Sizes, cfg: &BenchConfig) -> anyhow::Result<Timing> {
 
 /// One guided DDIM sampling (eta 1, guidance 5, with per-step log-probs).
 fn ddim(sizes: &Sizes, cfg: &BenchConfig) -> anyhow::Result<Timing> {
-    let p = default_policy()?;
+    let p = PixelPolicy(default_policy()?);
     let (n, steps) = sizes.ddim;
     let prompts = vec![PROMPT.to_string(); n];
     let scfg = SamplerConfig { steps, ..SamplerConfig::default() };
@@ -242,7 +246,7 @@ fn ddpo_epoch(sizes: &Sizes, cfg: &BenchConfig) -> anyhow::Result<Timing> {
     );
     let mut trainer = Trainer::new(
         config,
-        default_policy()?,
+        Box::new(PixelPolicy(default_policy()?)),
         Arc::new(JpegCompressibility),
         Box::new(FixedPrompts::shapes_default()),
     )?;
@@ -278,13 +282,13 @@ fn sd_epoch(sizes: &Sizes, cfg: &BenchConfig, lora: bool) -> anyhow::Result<Timi
     } else {
         Finetune::FullUnet
     };
-    let policy = Policy::load_diffusers(std::path::Path::new(TINY_SD), finetune, candle_core::DType::F32, &Device::Cpu)
+    let policy = LatentPolicy::load(std::path::Path::new(TINY_SD), finetune, candle_core::DType::F32, &Device::Cpu)
         .context("loading tests/fixtures/tiny-sd (run the bench from the source checkout)")?;
     let shape = format!(
         "tiny-sd {}, {samples} samples (batches of {sample_batch}), {steps} steps, train batch {train_batch}, jpeg reward",
         if lora { "LoRA rank 4" } else { "full UNet" }
     );
-    let mut trainer = Trainer::new(config, policy, Arc::new(JpegCompressibility), Box::new(FixedPrompts::animals()))?;
+    let mut trainer = Trainer::new(config, Box::new(policy), Arc::new(JpegCompressibility), Box::new(FixedPrompts::animals()))?;
     measure(cfg, shape, None, || epoch_parts(&mut trainer))
 }
 

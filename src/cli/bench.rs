@@ -25,7 +25,7 @@ pub struct Args {
 
 pub fn exec(args: Args) -> anyhow::Result<()> {
     if args.print_config {
-        let cfg = crate::policy::PolicyConfig::shapes_default();
+        let cfg = crate::family::PolicyConfig::shapes_default();
         println!("{}", serde_json::to_string_pretty(&cfg)?);
         return Ok(());
     }

@@ -4,7 +4,8 @@
 
 use std::path::PathBuf;
 
-use crate::script::{check_file, engine::stderr_log, Limits};
+use super::stderr_log;
+use crate::script::{check_file, Limits};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

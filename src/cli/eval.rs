@@ -7,11 +7,12 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
-use crate::policy::Policy;
-use crate::pretrain::eval::{judge_each, reward_agreement, reward_scores, sample_images, summarise};
+use crate::family::OpenOptions;
+use crate::pretrain::eval::{judge_each, reward_agreement, reward_scores, summarise};
+use crate::sampler::sample_images;
 use crate::reward::models::{LazyModels, ModelPaths, RewardModels};
 use crate::run::merge_json;
-use crate::script::engine::stderr_log;
+use super::stderr_log;
 use crate::script::{Limits, ScriptSet};
 use crate::world::{parse_caption, Judgement, Prompt, ShapesWorld, WorldConfig};
 
@@ -66,20 +67,19 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&report)?);
         return Ok(());
     }
-    let mut policy = Policy::load(&super::resolve_model(&args.model), &device)?;
-    if let Some(on) = args.sampler.clip_sample {
-        policy.set_clip_sample(on);
-    }
-    let cfg = args.sampler.config(policy.schedule.num_train_timesteps())?;
+    let options = OpenOptions { clip_sample: args.sampler.clip_sample, ..Default::default() };
+    let policy = crate::family::open_frozen(&super::resolve_model(&args.model), None, &options, &device)?;
+    let cfg = args.sampler.config(policy.as_ref())?;
     let prompts = if args.prompts.is_empty() {
-        let world = ShapesWorld::new(WorldConfig { size: policy.config.image_size as u32, ..Default::default() })?;
+        let size = policy.sample_shape(1)[2] as u32;
+        let world = ShapesWorld::new(WorldConfig { size, ..Default::default() })?;
         world.prompts(args.prompt_seed, args.n)
     } else {
         anyhow::ensure!(args.per_prompt > 0, "--per-prompt must be at least 1");
         given_prompts(&args.prompts, args.per_prompt)?
     };
     let texts: Vec<String> = prompts.iter().map(|p| p.caption.clone()).collect();
-    let images = sample_images(&policy, &texts, &cfg, args.seed, 50)?;
+    let images = sample_images(policy.as_ref(), &texts, &cfg, args.seed, 50)?;
     let lazy = LazyModels::new(ModelPaths::default(), device.clone());
     let models = lazy.get()?;
     let rewards = args.reward.as_deref().map(|r| reward_totals(r, &images, &texts, lazy)).transpose()?;

@@ -9,7 +9,7 @@ pub mod repl;
 mod pretrain_rewards;
 mod progress;
 mod sample;
-mod schedule;
+mod scripts;
 mod train;
 
 use std::path::{Path, PathBuf};
@@ -150,11 +150,75 @@ impl SamplerArgs {
     /// Sampling steps of `train` unless `--steps` is given.
     pub const DEFAULT_TRAIN_STEPS: usize = 10;
 
-    /// The validated sampler settings for a schedule of `num_train_timesteps`.
-    pub fn config(&self, num_train_timesteps: usize) -> anyhow::Result<crate::sampler::SamplerConfig> {
+    /// The sampler settings, validated for `family`.
+    pub fn config(&self, family: &dyn crate::family::Family) -> anyhow::Result<crate::family::SamplerConfig> {
         let steps = self.steps.unwrap_or(Self::DEFAULT_STEPS);
-        let cfg = crate::sampler::SamplerConfig { steps, eta: self.eta, guidance: self.guidance };
-        cfg.validate(num_train_timesteps)?;
+        let cfg = crate::family::SamplerConfig { steps, eta: self.eta, guidance: self.guidance };
+        family.check_sampler(&cfg).map_err(|e| anyhow::anyhow!("--steps / --eta / --guidance: {e:#}"))?;
         Ok(cfg)
     }
+}
+
+/// `--dtype`: the dtype of a diffusers folder's frozen weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DtypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl From<DtypeArg> for crate::family::WeightDtype {
+    fn from(d: DtypeArg) -> Self {
+        match d {
+            DtypeArg::F32 => Self::F32,
+            DtypeArg::F16 => Self::F16,
+            DtypeArg::Bf16 => Self::Bf16,
+        }
+    }
+}
+
+/// Where the `print` of scripts goes on the command line.
+fn stderr_log() -> crate::script::Log {
+    Arc::new(|line: &str| eprintln!("{line}"))
+}
+
+/// A library error about a setting, rewritten to name the flags that set it (`optimizer.lr must
+/// be ...` becomes `--lr must be ...`, and fields named in the problem become flags too); other
+/// errors pass unchanged.
+fn flag_error(e: impl Into<anyhow::Error>) -> anyhow::Error {
+    let e = e.into();
+    let Some(bad) = e.chain().find_map(|c| c.downcast_ref::<crate::error::ConfigError>()) else { return e };
+    anyhow::anyhow!("{} {}", flag_for(bad.field), fields_to_flags(&bad.problem))
+}
+
+/// The flag that sets a config field.
+fn flag_for(field: &str) -> String {
+    match field {
+        "optimizer.lr" | "lr" => "--lr".into(),
+        "normalisation.min_count" => "--stat-min-count".into(),
+        "normalisation.buffer_size" => "--stat-buffer".into(),
+        "sampler" => "--steps / --eta / --guidance".into(),
+        field => format!("--{}", field.replace('_', "-")),
+    }
+}
+
+/// `text` with every snake_case or dotted field name in it replaced by its flag.
+fn fields_to_flags(text: &str) -> String {
+    let mut out = String::new();
+    let mut word = String::new();
+    let flush = |word: &mut String, out: &mut String| {
+        let is_field = word.contains('_') || word.starts_with("normalisation.") || word.starts_with("optimizer.");
+        out.push_str(&if is_field { flag_for(word) } else { word.clone() });
+        word.clear();
+    };
+    for c in text.chars() {
+        if c.is_ascii_lowercase() || c == '_' || (c == '.' && !word.is_empty()) {
+            word.push(c);
+        } else {
+            flush(&mut word, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut word, &mut out);
+    out
 }

@@ -56,10 +56,10 @@ pub struct DiffusionArgs {
 }
 
 /// The policy config named by `--arch`.
-fn architecture(arch: &str) -> anyhow::Result<crate::policy::PolicyConfig> {
+fn architecture(arch: &str) -> anyhow::Result<crate::family::PolicyConfig> {
     match arch {
-        "v1" => Ok(crate::policy::PolicyConfig::shapes_default()),
-        "v2" => Ok(crate::policy::PolicyConfig::shapes_v2()),
+        "v1" => Ok(crate::family::PolicyConfig::shapes_default()),
+        "v2" => Ok(crate::family::PolicyConfig::shapes_v2()),
         path => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("--arch {path}: not a preset (v1, v2) nor a readable policy config JSON"))?;
@@ -89,7 +89,7 @@ pub fn exec(which: Which) -> anyhow::Result<()> {
             policy: architecture(&args.arch)?,
             ..defaults
         };
-        Pretrainer::create(config, &args.out, &device)?
+        Pretrainer::create(config, &args.out, &device).map_err(super::flag_error)?
     };
     eprintln!(
         "pretraining {} parameters in {} from step {} to {}",

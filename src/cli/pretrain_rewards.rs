@@ -52,7 +52,7 @@ pub fn exec_clip(args: ClipArgs) -> anyhow::Result<()> {
             checkpoint_every: args.checkpoint_every,
             ..defaults
         };
-        ClipTrainer::create(config, &args.out, &device)?
+        ClipTrainer::create(config, &args.out, &device).map_err(super::flag_error)?
     };
     eprintln!("training the shapes CLIP in {} from step {} to {}", args.out.display(), run.step, run.config.steps);
     let mut progress = StepProgress::new(run.config.steps, run.step);

@@ -11,11 +11,11 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use image::RgbImage;
 
-use crate::ddpo::{TrainConfig, Trainer};
-use crate::policy::Policy;
-use crate::run::{RunConfig, RunDir};
+use crate::ddpo::TrainConfig;
+use crate::run::{RewardSpec, RunConfig};
 use crate::script::repl::{Repl, ReplHost};
-use crate::script::{Context as ScriptContext, Limits, Log, Schedule, ScriptSet};
+use crate::script::Log;
+use crate::session::{EpochLog, Ended, Observer, OnScriptError, ScriptPaths, Session};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -59,46 +59,33 @@ pub struct Options {
     pub interrupt: Arc<AtomicBool>,
 }
 
-/// A REPL session on a loaded model: the policy (trainable), scripts and run folder.
+/// A REPL session on a loaded model: a training session (the policy trainable, the scripts,
+/// a run folder) behind the REPL's functions.
 pub fn open(o: Options) -> anyhow::Result<Repl> {
-    let models = crate::reward::models::LazyModels::new(Default::default(), o.device.clone());
-    let mut scripts = ScriptSet::new(Limits::default(), o.log.clone()).with_models(models);
-    let reward = Arc::new(scripts.load_reward(&o.reward)?);
-    let prompts = scripts.load_prompts(&o.prompts)?;
-    let hooks = o.hooks.as_deref().map(|p| scripts.load_hooks(p)).transpose()?;
-    let mut policy = Policy::load_trainable(&o.model, &o.device)?;
-    policy.set_clip_sample(false); // as `ddpo train`: DDPO trains the unclamped policy
-    let train = TrainConfig { seed: o.seed, ..TrainConfig::default() };
-    let (schedule, prompts) = Schedule::new(hooks, Some(reward.clone()), &train, Box::new(prompts));
     let config = RunConfig {
-        train: train.clone(),
+        train: TrainConfig { seed: o.seed, ..TrainConfig::default() },
         model: o.model.clone(),
-        reward: o.reward.display().to_string(),
+        reward: RewardSpec::Script(o.reward.clone()),
         prompts: Vec::new(),
         epochs: 0,
         checkpoint_every: 1,
         lora: None,
         dtype: Default::default(),
         reward_models: Default::default(),
+        // As `ddpo train`: DDPO trains the unclamped policy.
         clip_sample: Some(false),
     };
-    let run = RunDir::create(&o.run_dir, &config)?;
-    let reward_dyn: Arc<dyn crate::reward::Reward> = reward.clone();
-    let trainer = Trainer::new(train, policy, reward_dyn, prompts)?;
-    let state = State { trainer, scripts, schedule, run, samples: 0, history: ScriptContext::default() };
-    let host = ModelHost { state: Mutex::new(state), interrupt: o.interrupt };
-    Ok(Repl::new(Arc::new(host), Some(reward), o.run_dir))
+    let paths = ScriptPaths { prompts: Some(o.prompts.clone()), hooks: o.hooks.clone() };
+    let session = Session::create(&o.run_dir, config, paths, o.log, &o.device)?.on_script_error(OnScriptError::Fail);
+    let reward = session.script_reward();
+    let host = ModelHost { state: Mutex::new(State { session, samples: 0 }), interrupt: o.interrupt };
+    Ok(Repl::new(Arc::new(host), reward, o.run_dir))
 }
 
 struct State {
-    trainer: Trainer,
-    scripts: ScriptSet,
-    schedule: Schedule,
-    run: RunDir,
+    session: Session,
     /// Images sampled so far (each `sample` call draws fresh noise from the seed).
     samples: u64,
-    /// Reward mean and std of each epoch trained (for scripts' `context()`).
-    history: ScriptContext,
 }
 
 /// The model side of the REPL.
@@ -107,77 +94,69 @@ pub struct ModelHost {
     interrupt: Arc<AtomicBool>,
 }
 
+/// Collects a session's lines as the REPL's output of `train(n)`.
+#[derive(Default)]
+struct Transcript(String);
+
+impl Observer for Transcript {
+    fn line(&mut self, text: &str) {
+        self.0 += text;
+        self.0.push('\n');
+    }
+
+    fn epoch(&mut self, e: &EpochLog) {
+        let r = e.report;
+        self.0 += &format!(
+            "epoch {:>3}  reward {:+.4} ± {:.4}  loss {:+.2e}  {:.1}s{}\n",
+            r.epoch,
+            e.metric("reward_mean"),
+            e.metric("reward_std"),
+            r.loss,
+            r.seconds_sampling + r.seconds_reward + r.seconds_training,
+            super::scripts::log_suffix(e.start)
+        );
+    }
+}
+
 impl ReplHost for ModelHost {
     fn sample(&self, prompt: &str, n: usize) -> anyhow::Result<Vec<RgbImage>> {
         anyhow::ensure!(!prompt.trim().is_empty(), "sample(): the prompt is empty");
         let mut s = self.state.lock().unwrap();
-        let seed = s.trainer.config.seed.wrapping_mul(1_000_003).wrapping_add(s.samples);
+        let cfg = s.session.trainer().config().clone();
+        let seed = cfg.seed.wrapping_mul(1_000_003).wrapping_add(s.samples);
         s.samples += n as u64;
         let prompts = vec![prompt.to_string(); n];
-        let cfg = &s.trainer.config;
-        crate::pretrain::eval::sample_images(&s.trainer.policy, &prompts, &cfg.sampler, seed, cfg.sample_batch_size)
+        crate::sampler::sample_images(s.session.trainer().policy(), &prompts, &cfg.sampler, seed, cfg.sample_batch_size)
     }
 
     fn train(&self, epochs: usize) -> anyhow::Result<String> {
-        let mut guard = self.state.lock().unwrap();
-        let s = &mut *guard;
-        let mut out = String::new();
-        s.schedule.epochs = s.trainer.epoch + epochs;
+        let mut s = self.state.lock().unwrap();
         // A Ctrl-C from before this call (e.g. during sample()) is not meant for it.
         self.interrupt.store(false, Ordering::SeqCst);
-        for _ in 0..epochs {
-            for r in s.scripts.reload() {
-                out.push_str(&format!("{r}\n"));
-            }
-            s.history.epoch = s.trainer.epoch;
-            s.history.step = s.trainer.opt.step_count();
-            s.scripts.set_context(s.history.clone());
-            s.scripts.save_versions(&s.run.dir.join("scripts"))?;
-            let start = s.schedule.epoch_start(&mut s.trainer, &s.history);
-            out.extend(super::schedule::error_line(&start).map(|l| l + "\n"));
-            if start.stop {
-                out.push_str(&format!("stopped by the hooks before epoch {}\n", s.trainer.epoch));
-                break;
-            }
-            // A failing script leaves the policy untouched: the error ends train(), not the session.
-            let report = s.trainer.run_epoch().map_err(|e| anyhow::anyhow!("{out}{e:#}"))?;
-            let m = s.run.record(&report, super::schedule::record_extra(&s.scripts, &s.schedule, &start))?;
-            s.history.reward_mean.push(m["reward_mean"].as_f64().unwrap_or(f64::NAN));
-            s.history.reward_std.push(m["reward_std"].as_f64().unwrap_or(f64::NAN));
-            out.push_str(&format!(
-                "epoch {:>3}  reward {:+.4} ± {:.4}  loss {:+.2e}  {:.1}s{}\n",
-                report.epoch,
-                m["reward_mean"].as_f64().unwrap_or(f64::NAN),
-                m["reward_std"].as_f64().unwrap_or(f64::NAN),
-                report.loss,
-                report.seconds_sampling + report.seconds_reward + report.seconds_training,
-                super::schedule::log_suffix(&start)
-            ));
-            let ended = ScriptContext { epoch: report.epoch, step: s.trainer.opt.step_count(), ..s.history.clone() };
-            let end = s.schedule.epoch_end(&s.trainer, &ended, &m);
-            out.extend(super::schedule::error_line(&end).map(|l| l + "\n"));
-            if end.stop {
-                out.push_str(&format!("stopped by the hooks after epoch {}\n", report.epoch));
-                break;
-            }
-            if self.interrupt.swap(false, Ordering::SeqCst) {
-                out.push_str(&format!("interrupted: stopped after epoch {}\n", report.epoch));
-                break;
-            }
+        let mut out = Transcript::default();
+        let until = s.session.trainer().epoch() + epochs;
+        // A failing script leaves the policy untouched: the error ends train(), not the session.
+        let ended = s.session.train(until, &mut out, &self.interrupt).map_err(|e| anyhow::anyhow!("{}{e:#}", out.0))?;
+        self.interrupt.store(false, Ordering::SeqCst);
+        match ended {
+            Ended::Done => {}
+            Ended::StoppedByHooks { epoch, before: true } => out.0 += &format!("stopped by the hooks before epoch {epoch}\n"),
+            Ended::StoppedByHooks { epoch, before: false } => out.0 += &format!("stopped by the hooks after epoch {epoch}\n"),
+            Ended::Interrupted { epoch } => out.0 += &format!("interrupted: stopped after epoch {epoch}\n"),
         }
-        s.run.save_checkpoint(&s.trainer)?;
-        out.push_str(&format!("checkpoint: {}\n", s.run.policy_path().display()));
-        Ok(out)
+        s.session.checkpoint()?;
+        out.0 += &format!("checkpoint: {}\n", s.session.policy_path().display());
+        Ok(out.0)
     }
 
     fn reload(&self) -> anyhow::Result<String> {
-        let reloads = self.state.lock().unwrap().scripts.reload();
+        let reloads = self.state.lock().unwrap().session.reload();
         Ok(if reloads.is_empty() { "no script changed\n".into() } else { reloads.iter().map(|r| format!("{r}\n")).collect() })
     }
 
     fn set(&self, key: &str, value: f64) -> anyhow::Result<()> {
         let mut s = self.state.lock().unwrap();
-        let mut c = s.trainer.config.clone();
+        let mut c = s.session.trainer().config().clone();
         let count = || -> anyhow::Result<usize> {
             anyhow::ensure!(value >= 0.0 && value.fract() == 0.0, "set({key:?}, {value}): expected a whole number");
             Ok(value as usize)
@@ -195,16 +174,11 @@ impl ReplHost for ModelHost {
             "seed" => c.seed = count()? as u64,
             other => anyhow::bail!("set({other:?}, ..): unknown option; the options are {}", OPTIONS.join(", ")),
         }
-        c.validate().with_context(|| format!("set({key:?}, {value})"))?;
-        c.sampler.validate(s.trainer.policy.schedule.num_train_timesteps()).with_context(|| format!("set({key:?}, {value})"))?;
-        c.trained_steps(&s.trainer.policy.schedule).with_context(|| format!("set({key:?}, {value})"))?;
-        s.trainer.opt.config.lr = c.optimizer.lr;
-        s.trainer.config = c;
-        Ok(())
+        s.session.reconfigure(c).with_context(|| format!("set({key:?}, {value})"))
     }
 
     fn options(&self) -> Vec<(String, f64)> {
-        let c = self.state.lock().unwrap().trainer.config.clone();
+        let c = self.state.lock().unwrap().session.trainer().config().clone();
         let values = [
             c.optimizer.lr,
             c.sampler.guidance,
@@ -252,7 +226,7 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         run_dir: run_dir.clone(),
         seed: args.seed,
         device: super::device(&args.device)?,
-        log: crate::script::engine::stderr_log(),
+        log: super::stderr_log(),
         interrupt: interrupt.clone(),
     })?;
     eprintln!("ddpo repl: run folder {}; help() lists the functions, Ctrl-D exits", run_dir.display());

@@ -2,8 +2,8 @@
 
 use std::path::PathBuf;
 
-use crate::policy::Policy;
-use crate::pretrain::eval::write_sample_grid;
+use crate::family::OpenOptions;
+use crate::sampler::write_sample_grid;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -31,7 +31,7 @@ pub struct Args {
     lora: Option<PathBuf>,
     /// dtype of the frozen weights of a --model-dir model.
     #[arg(long, value_enum, default_value = "f32")]
-    dtype: crate::policy::WeightDtype,
+    dtype: super::DtypeArg,
     /// Output PNG file.
     #[arg(long)]
     out: PathBuf,
@@ -46,16 +46,14 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
     super::check_png_path(&args.out)?;
     let device = super::device(&args.device)?;
     if let Some(dir) = &args.model_dir {
-        crate::sd::DiffusersFolder::open(dir)?;
+        crate::family::sd::DiffusersFolder::open(dir)?;
     }
     let model = args.model_dir.clone().unwrap_or_else(|| super::resolve_model(&args.model));
-    let mut policy = Policy::open_frozen(&model, args.lora.as_deref(), args.dtype, &device)?;
-    if let Some(on) = args.sampler.clip_sample {
-        policy.set_clip_sample(on);
-    }
-    let cfg = args.sampler.config(policy.schedule.num_train_timesteps())?;
+    let options = OpenOptions { dtype: args.dtype.into(), clip_sample: args.sampler.clip_sample, ..Default::default() };
+    let policy = crate::family::open_frozen(&model, args.lora.as_deref(), &options, &device)?;
+    let cfg = args.sampler.config(policy.as_ref())?;
     let prompts = vec![args.prompt.clone(); args.n];
-    write_sample_grid(&policy, &prompts, &cfg, args.seed, &args.out)?;
+    write_sample_grid(policy.as_ref(), &prompts, &cfg, args.seed, &args.out)?;
     eprintln!("wrote {} ({} images of {:?})", args.out.display(), args.n, args.prompt);
     Ok(())
 }

@@ -3,24 +3,18 @@
 //! (`.rhai`, by default the three in `scripts/`) are reloaded at each epoch boundary; each
 //! version used is kept in `<run>/scripts/`.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 use anyhow::Context;
-
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::ddpo::{Algorithm, FixedPrompts, Normalisation, Stage, TrainConfig, Trainer};
+use crate::ddpo::{Algorithm, FixedPrompts, Normalisation, Stage, TrainConfig};
+use crate::family::SamplerConfig;
 use crate::model::LoraConfig;
 use crate::optim::AdamWConfig;
-use crate::policy::Policy;
-use crate::reward::models::{LazyModels, ModelPaths};
-use crate::run::{RunConfig, RunDir};
-use crate::sampler::SamplerConfig;
-use crate::script::engine::stderr_log;
-use crate::script::{Context as ScriptContext, Limits, Schedule, ScriptSet};
+use crate::reward::models::ModelPaths;
+use crate::run::{RewardSpec, RunConfig};
+use crate::session::{EpochLog, Ended, Observer, OnScriptError, ScriptPaths, Session};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -34,7 +28,7 @@ pub struct Args {
     /// dtype of the frozen weights of a --model-dir model (f16 / bf16 halve their memory on a
     /// GPU; trained weights stay f32).
     #[arg(long, value_enum, default_value = "f32")]
-    dtype: crate::policy::WeightDtype,
+    dtype: super::DtypeArg,
     /// Run folder (default: runs/<date-time>).
     #[arg(long)]
     run_dir: Option<PathBuf>,
@@ -59,7 +53,7 @@ pub struct Args {
     hooks: Option<PathBuf>,
     /// Policy-gradient estimator.
     #[arg(long, value_enum, default_value = "is")]
-    algo: Algorithm,
+    algo: AlgoArg,
     /// Epochs in all (default 20; with --resume, the run's own plan).
     #[arg(long)]
     epochs: Option<usize>,
@@ -167,6 +161,27 @@ pub enum OnError {
     Exit,
 }
 
+/// `--algo`: the policy-gradient estimator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AlgoArg {
+    /// Importance sampling with PPO clipping (several updates per batch).
+    Is,
+    /// Score function (REINFORCE): one gradient step per sampled batch.
+    Sf,
+    /// Reward-weighted regression on the denoising loss (the paper's baseline).
+    Rwr,
+}
+
+impl From<AlgoArg> for Algorithm {
+    fn from(a: AlgoArg) -> Self {
+        match a {
+            AlgoArg::Is => Algorithm::Is,
+            AlgoArg::Sf => Algorithm::Sf,
+            AlgoArg::Rwr => Algorithm::Rwr,
+        }
+    }
+}
+
 impl Args {
     fn run_config(&self) -> anyhow::Result<RunConfig> {
         let epochs = self.epochs.unwrap_or(DEFAULT_EPOCHS);
@@ -179,7 +194,7 @@ impl Args {
         };
         anyhow::ensure!(prompts.iter().all(|p| !p.trim().is_empty()), "--prompt must not be empty");
         let train = TrainConfig {
-            algorithm: self.algo,
+            algorithm: self.algo.into(),
             samples_per_epoch: self.samples_per_epoch,
             sample_batch_size: self.sample_batch_size,
             train_batch_size: self.train_batch_size,
@@ -208,13 +223,13 @@ impl Args {
             kl_weight: self.kl_weight,
             ..Default::default()
         };
-        train.validate()?;
-        let reward = self.reward.clone().unwrap_or_else(|| "compressibility".into());
-        let reward = if is_script(&reward) {
-            script_path(Path::new(&reward), "--reward")?.display().to_string()
-        } else {
-            crate::reward::builtin(&reward).map_err(|e| anyhow::anyhow!("{e}, or a reward script ending in .rhai"))?;
-            reward
+        train.validate().map_err(super::flag_error)?;
+        let reward = match RewardSpec::from(self.reward.clone().unwrap_or_else(|| "compressibility".into())) {
+            RewardSpec::Script(path) => RewardSpec::Script(script_path(&path, "--reward")?),
+            RewardSpec::Builtin(name) => {
+                crate::reward::builtin(&name).map_err(|e| anyhow::anyhow!("{e}, or a reward script ending in .rhai"))?;
+                RewardSpec::Builtin(name)
+            }
         };
         // With a prompt script the fixed list is unused (the script's path is kept in the run folder).
         let prompts = if self.prompt_script.is_some() { Vec::new() } else { prompts };
@@ -222,10 +237,10 @@ impl Args {
             train,
             model: match &self.model_dir {
                 // Absolute, so `--resume` finds the folder from anywhere.
-                Some(dir) => std::fs::canonicalize(crate::sd::DiffusersFolder::open(dir)?.dir)?,
+                Some(dir) => std::fs::canonicalize(crate::family::sd::DiffusersFolder::open(dir)?.dir)?,
                 None => super::resolve_model(&self.model),
             },
-            dtype: self.dtype,
+            dtype: self.dtype.into(),
             reward,
             prompts,
             epochs,
@@ -245,234 +260,113 @@ impl Args {
 
 pub fn exec(mut args: Args) -> anyhow::Result<()> {
     let device = super::device(&args.device)?;
-    let (mut run, config, prompt_script, hooks_script) = match &args.resume {
+    let log = super::stderr_log();
+    let session = match &args.resume {
         Some(dir) => {
-            let (run, mut config) = RunDir::open(dir)?;
-            if let Some(epochs) = args.epochs.filter(|&e| e != config.epochs) {
-                anyhow::ensure!(epochs > 0, "--epochs must be at least 1");
-                config.epochs = epochs;
-                run.save_config(&config)?;
-            }
-            let (prompt_script, hooks_script) = read_sources(&run.dir)?;
-            (run, config, prompt_script, hooks_script)
+            let session = Session::resume(dir, args.epochs, log, &device).map_err(super::flag_error)?;
+            eprintln!("resuming {} at epoch {}", dir.display(), session.trainer().epoch());
+            session
         }
         None => {
-            let defaults = super::schedule::DefaultScripts::find(args.reward.is_none(), args.prompt_script.is_none() && args.prompts.is_empty(), args.hooks.is_none());
+            let defaults = super::scripts::DefaultScripts::find(args.reward.is_none(), args.prompt_script.is_none() && args.prompts.is_empty(), args.hooks.is_none());
             defaults.note();
             args.reward = args.reward.take().or(defaults.reward.map(|p| p.display().to_string()));
             args.prompt_script = args.prompt_script.take().or(defaults.prompts);
             args.hooks = args.hooks.take().or(defaults.hooks);
             let config = args.run_config()?;
-            let prompt_script = args.prompt_script.as_deref().map(|p| script_path(p, "--prompts")).transpose()?;
-            let hooks_script = args.hooks.as_deref().map(|p| script_path(p, "--hooks")).transpose()?;
+            let paths = ScriptPaths {
+                prompts: args.prompt_script.as_deref().map(|p| script_path(p, "--prompts")).transpose()?,
+                hooks: args.hooks.as_deref().map(|p| script_path(p, "--hooks")).transpose()?,
+            };
             let dir = args.run_dir.clone().unwrap_or_else(default_run_dir);
-            let run = RunDir::create(&dir, &config)?;
-            if prompt_script.is_some() || hooks_script.is_some() {
-                std::fs::create_dir_all(run.dir.join("scripts"))?;
-                let sources = serde_json::json!({ "prompts": prompt_script, "hooks": hooks_script });
-                std::fs::write(run.dir.join(PROMPT_SCRIPT_FILE), serde_json::to_string_pretty(&sources)?)?;
-            }
-            (run, config, prompt_script, hooks_script)
+            let session = Session::create(&dir, config, paths, log, &device).map_err(super::flag_error)?;
+            let c = session.config();
+            eprintln!("training {} with {} ({:?}) into {}", c.model.display(), c.reward, c.train.algorithm, dir.display());
+            session
         }
     };
-    let setup = build_trainer(&config, prompt_script.as_deref(), hooks_script.as_deref(), &device);
-    let (mut trainer, mut scripts, mut schedule) = match setup {
-        Ok(parts) => parts,
-        Err(e) => {
-            if args.resume.is_none() {
-                run.discard_unstarted(); // a failed start leaves no half-made run behind
-            }
-            return Err(e);
-        }
+    let on_error = match args.on_error {
+        OnError::Wait => OnScriptError::Wait,
+        OnError::Exit => OnScriptError::Exit,
     };
-    if args.resume.is_some() {
-        run.restore(&mut trainer)?;
-        schedule.replay(&mut trainer, &super::schedule::metrics_records(&run.dir));
-        eprintln!("resuming {} at epoch {}", run.dir.display(), trainer.epoch);
-    } else {
-        eprintln!("training {} with {} ({:?}) into {}", config.model.display(), config.reward, config.train.algorithm, run.dir.display());
-    }
+    run(session.on_script_error(on_error))
+}
+
+/// Trains the session to its planned epochs, with a progress bar and one line per epoch.
+fn run(mut session: Session) -> anyhow::Result<()> {
     let bar = stage_bar();
-    let stage_bar = bar.clone();
+    session.set_progress(progress_fn(bar.clone()));
+    let stop = super::interrupt_flag();
+    let plan = session.config().epochs;
+    let mut lines = EpochLines { bar: &bar };
+    let ended = session.train(plan, &mut lines, &stop).map_err(|e| resume_hint(e, &session))?;
+    let dir = session.run_dir().display();
+    match ended {
+        Ended::Done => eprintln!("done: {dir} (finetuned weights in {})", session.policy_path().display()),
+        Ended::StoppedByHooks { epoch, before: true } => eprintln!("stopped by the hooks before epoch {epoch} (checkpointed in {dir})"),
+        Ended::StoppedByHooks { epoch, before: false } => eprintln!("stopped by the hooks after epoch {epoch}; continue with --resume {dir}"),
+        Ended::Interrupted { epoch } => eprintln!("stopped after epoch {epoch}; continue with --resume {dir}"),
+    }
+    Ok(())
+}
+
+/// A failed run's error, with the flag that continues it.
+fn resume_hint(e: anyhow::Error, session: &Session) -> anyhow::Error {
+    anyhow::anyhow!("{e:#}; fix the problem and continue with --resume {}", session.run_dir().display())
+}
+
+/// Shows each stage's progress on `bar`.
+fn progress_fn(bar: ProgressBar) -> crate::ddpo::ProgressFn {
     let mut last_stage = None;
-    trainer.set_progress(Box::new(move |stage, done, total| {
+    Box::new(move |stage, done, total| {
         if last_stage != Some(stage) {
             last_stage = Some(stage);
-            stage_bar.reset();
-            stage_bar.set_prefix(match stage {
+            bar.reset();
+            bar.set_prefix(match stage {
                 Stage::Sampling => "sampling",
                 Stage::Training => "training",
             });
         }
-        stage_bar.set_length(total as u64);
-        stage_bar.set_position(done as u64);
-    }));
-    let stop = super::interrupt_flag();
-    let (mut reward_mean, mut reward_std) = reward_history(&run.dir);
-    let mut first = true;
-    while trainer.epoch < config.epochs {
-        if !scripts.is_empty() {
-            // Epoch boundary: pick up edited scripts (a broken edit keeps the previous version).
-            if !first {
-                for reload in scripts.reload() {
-                    eprintln!("{reload}");
-                }
-            }
-            scripts.save_versions(&run.dir.join("scripts"))?;
-        }
-        first = false;
-        let context = script_context(trainer.epoch, &trainer, &reward_mean, &reward_std);
-        scripts.set_context(context.clone());
-        let start = schedule.epoch_start(&mut trainer, &context);
-        if let Some(line) = super::schedule::error_line(&start) {
-            super::say(&bar, line);
-        }
-        if start.stop {
-            run.save_checkpoint(&trainer)?;
-            eprintln!("stopped by the hooks before epoch {} (checkpointed in {})", trainer.epoch, run.dir.display());
-            return Ok(());
-        }
-        let report = match trainer.run_epoch() {
-            Ok(report) => report,
-            Err(e) if is_script_error(&e) => {
-                // Nothing was updated: the epoch's samples are dropped and the epoch is retried.
-                super::say(&bar, format!("epoch {} aborted, the model is untouched: {e:#}", trainer.epoch));
-                if args.on_error == OnError::Exit || !wait_for_fix(&mut scripts, &stop, &bar) {
-                    run.save_checkpoint(&trainer)?;
-                    anyhow::bail!(
-                        "stopped at epoch {} on a script error; the run is checkpointed: fix the script and continue with --resume {}",
-                        trainer.epoch,
-                        run.dir.display()
-                    );
-                }
-                continue;
-            }
-            Err(e) => {
-                return Err(e.context(format!("the last checkpoint in {} is intact; fix the problem and use --resume", run.dir.display())))
-            }
-        };
-        let hashes = record_script_hashes(&run.dir, report.epoch, &scripts)?;
-        let m = run.record(&report, super::schedule::record_extra(&scripts, &schedule, &start))?;
-        reward_mean.push(m["reward_mean"].as_f64().unwrap_or(f64::NAN));
-        reward_std.push(m["reward_std"].as_f64().unwrap_or(f64::NAN));
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })
+}
+
+/// Prints a session's lines above the progress bar, one line per epoch.
+struct EpochLines<'a> {
+    bar: &'a ProgressBar,
+}
+
+impl Observer for EpochLines<'_> {
+    fn line(&mut self, text: &str) {
+        super::say(self.bar, text.to_string());
+    }
+
+    fn epoch(&mut self, e: &EpochLog) {
+        let r = e.report;
         // Pixel-space runs: how much of the final samples lies outside [-1, 1] (clipped).
-        let mut range = if report.out_of_range.is_finite() { format!("  out {:.0}%", 100.0 * report.out_of_range) } else { String::new() };
-        if trainer.config.kl_weight > 0.0 {
-            range += &format!("  kl_base {:.1e}", report.kl_base);
+        let mut range = if r.out_of_range.is_finite() { format!("  out {:.0}%", 100.0 * r.out_of_range) } else { String::new() };
+        if e.kl_weight > 0.0 {
+            range += &format!("  kl_base {:.1e}", r.kl_base);
         }
-        super::say(&bar, format!(
+        let hashes: String = e.scripts.iter().map(|(name, h)| format!("  {name}@{}", &h[..8])).collect();
+        super::say(self.bar, format!(
             "epoch {:>3}  reward {:+.4} ± {:.4}  loss {:+.2e}  kl {:.1e}  clip {:.2}{range}  sample {:.1}s reward {:.2}s train {:.1}s{hashes}",
-            report.epoch,
-            m["reward_mean"].as_f64().unwrap_or(f64::NAN),
-            m["reward_std"].as_f64().unwrap_or(f64::NAN),
-            report.loss,
-            report.approx_kl,
-            report.clipfrac,
-            report.seconds_sampling,
-            report.seconds_reward,
-            report.seconds_training
-        ) + super::schedule::log_suffix(&start).as_str());
-        let end = schedule.epoch_end(&trainer, &script_context(report.epoch, &trainer, &reward_mean, &reward_std), &m);
-        if let Some(line) = super::schedule::error_line(&end) {
-            super::say(&bar, line);
-        }
-        if end.stop {
-            run.save_checkpoint(&trainer)?;
-            eprintln!("stopped by the hooks after epoch {}; continue with --resume {}", report.epoch, run.dir.display());
-            return Ok(());
-        }
-        let interrupted = stop.load(Ordering::SeqCst);
-        if trainer.epoch % config.checkpoint_every == 0 || trainer.epoch == config.epochs || interrupted {
-            run.save_checkpoint(&trainer)?;
-        }
-        if interrupted {
-            eprintln!("stopped after epoch {}; continue with --resume {}", trainer.epoch - 1, run.dir.display());
-            return Ok(());
-        }
+            r.epoch,
+            e.metric("reward_mean"),
+            e.metric("reward_std"),
+            r.loss,
+            r.approx_kl,
+            r.clipfrac,
+            r.seconds_sampling,
+            r.seconds_reward,
+            r.seconds_training
+        ) + super::scripts::log_suffix(e.start).as_str());
     }
-    eprintln!("done: {} (finetuned weights in {})", run.dir.display(), run.policy_path().display());
-    Ok(())
-}
-
-/// Whether an epoch failed because of a script (rather than, say, the model).
-fn is_script_error(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| c.downcast_ref::<crate::script::ScriptError>().is_some())
-}
-
-/// Watches the scripts until a changed version compiles and passes its dry run (true), or
-/// Ctrl-C (false). Failed versions are reported once each.
-fn wait_for_fix(scripts: &mut ScriptSet, stop: &std::sync::atomic::AtomicBool, bar: &ProgressBar) -> bool {
-    super::say(bar, "waiting for a fixed script: save it and the epoch is retried (Ctrl-C checkpoints and stops)".into());
-    let mut shown = std::collections::HashSet::new();
-    while !stop.load(Ordering::SeqCst) {
-        let reloads = scripts.reload();
-        for r in &reloads {
-            if shown.insert(r.to_string()) {
-                super::say(bar, r.to_string());
-            }
-        }
-        if reloads.iter().any(|r| matches!(r.outcome, crate::script::ReloadOutcome::Reloaded { .. })) {
-            return true;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
-    false
-}
-
-/// What scripts see of the run at `epoch`: the optimiser step and the finished epochs' rewards.
-fn script_context(epoch: usize, trainer: &Trainer, reward_mean: &[f64], reward_std: &[f64]) -> ScriptContext {
-    ScriptContext { epoch, step: trainer.opt.step_count(), reward_mean: reward_mean.to_vec(), reward_std: reward_std.to_vec() }
-}
-
-/// Where a run started with `--prompts` / `--hooks FILE.rhai` keeps the scripts' paths (for `--resume`).
-/// Loads the policy, reward, prompt source and hooks of a run and builds its trainer.
-fn build_trainer(
-    config: &RunConfig,
-    prompt_script: Option<&Path>,
-    hooks_script: Option<&Path>,
-    device: &candle_core::Device,
-) -> anyhow::Result<(Trainer, ScriptSet, Schedule)> {
-    let mut policy = Policy::open_trainable(&config.model, config.lora, config.train.seed, config.dtype, device)?;
-    if let Some(on) = config.clip_sample {
-        policy.set_clip_sample(on);
-    }
-    let models = LazyModels::new(config.reward_models.clone(), device.clone());
-    let mut scripts = ScriptSet::new(Limits::default(), stderr_log()).with_models(models);
-    let script_reward = is_script(&config.reward).then(|| scripts.load_reward(Path::new(&config.reward)).map(Arc::new)).transpose()?;
-    let reward: Arc<dyn crate::reward::Reward> = match &script_reward {
-        Some(r) => r.clone(),
-        None => Arc::from(crate::reward::builtin(&config.reward)?),
-    };
-    let prompts: Box<dyn crate::ddpo::PromptSource> = match prompt_script {
-        Some(p) => Box::new(scripts.load_prompts(p)?),
-        None => Box::new(FixedPrompts(config.prompts.clone())),
-    };
-    let hooks = hooks_script.map(|p| scripts.load_hooks(p)).transpose()?;
-    let (mut schedule, prompts) = Schedule::new(hooks, script_reward, &config.train, prompts);
-    schedule.epochs = config.epochs;
-    let mut trainer = Trainer::new(config.train.clone(), policy, reward, prompts)?;
-    if config.train.kl_weight > 0.0 {
-        // The shipped (or given) model as loaded, never the run's checkpoint: a resumed run
-        // keeps measuring against the same base.
-        let mut base = Policy::open_frozen(&config.model, None, config.dtype, device)
-            .with_context(|| format!("loading the base model {} for --kl-weight", config.model.display()))?;
-        if let Some(on) = config.clip_sample {
-            base.set_clip_sample(on);
-        }
-        trainer.set_base(base);
-    }
-    Ok((trainer, scripts, schedule))
 }
 
 /// Epochs of a run when --epochs is not given.
 const DEFAULT_EPOCHS: usize = 20;
-
-const PROMPT_SCRIPT_FILE: &str = "scripts/sources.json";
-
-/// Whether `--reward` names a script rather than a built-in reward.
-fn is_script(reward: &str) -> bool {
-    reward.ends_with(".rhai")
-}
 
 /// An existing `.rhai` file, made absolute so `--resume` finds it from anywhere.
 fn script_path(path: &Path, flag: &str) -> anyhow::Result<PathBuf> {
@@ -483,36 +377,6 @@ fn script_path(path: &Path, flag: &str) -> anyhow::Result<PathBuf> {
 /// An existing model file or folder, made absolute so `--resume` finds it from anywhere.
 fn existing(path: &Path, flag: &str) -> anyhow::Result<PathBuf> {
     std::fs::canonicalize(path).with_context(|| format!("{flag} {}: no such file or folder", path.display()))
-}
-
-/// The prompt and hooks scripts a run was started with.
-fn read_sources(run_dir: &Path) -> anyhow::Result<(Option<PathBuf>, Option<PathBuf>)> {
-    let Ok(text) = std::fs::read_to_string(run_dir.join(PROMPT_SCRIPT_FILE)) else { return Ok((None, None)) };
-    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}/{PROMPT_SCRIPT_FILE} is corrupt", run_dir.display()))?;
-    Ok((v["prompts"].as_str().map(PathBuf::from), v["hooks"].as_str().map(PathBuf::from)))
-}
-
-/// Reward mean and std of the epochs already in `metrics.jsonl` (for scripts' `context()`).
-fn reward_history(run_dir: &Path) -> (Vec<f64>, Vec<f64>) {
-    let text = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap_or_default();
-    text.lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .map(|v| (v["reward_mean"].as_f64().unwrap_or(f64::NAN), v["reward_std"].as_f64().unwrap_or(f64::NAN)))
-        .unzip()
-}
-
-/// Appends the epoch's script hashes to `scripts/epochs.jsonl` (the versions themselves are
-/// `scripts/<name>.<hash>.rhai`); returns them for the epoch's log line.
-fn record_script_hashes(run_dir: &Path, epoch: usize, scripts: &ScriptSet) -> anyhow::Result<String> {
-    if scripts.is_empty() {
-        return Ok(String::new());
-    }
-    let hashes = scripts.hashes();
-    let line = serde_json::json!({ "epoch": epoch, "scripts": hashes });
-    let path = run_dir.join("scripts/epochs.jsonl");
-    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("cannot append to {}", path.display()))?;
-    writeln!(file, "{line}")?;
-    Ok(hashes.iter().map(|(name, h)| format!("  {name}@{}", &h[..8])).collect())
 }
 
 /// One progress bar reused for each stage of each epoch (hidden when stderr is not a terminal).

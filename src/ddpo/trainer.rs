@@ -9,193 +9,17 @@ use std::time::Instant;
 use anyhow::Context;
 use candle_core::{Tensor, Var, D};
 use rand::seq::SliceRandom;
-use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use super::advantage::{Normalisation, StatTracker};
+use super::advantage::StatTracker;
+use super::config::{Algorithm, ConfigError, TrainConfig};
 use super::loss::{ppo_clip_loss, rwr_weights, score_function_loss};
 use super::prompts::PromptSource;
+use crate::family::{Family, NoiseRng, NoiseRngState, StepOutput};
 use crate::kernels::shards;
-use crate::optim::{accumulate, clip_grad_norm, AdamW, AdamWConfig, Grads};
-use crate::policy::Policy;
+use crate::optim::{accumulate, clip_grad_norm, AdamW, Grads};
 use crate::reward::{check_finite, Reward, Score};
-use crate::sampler::{self, NoiseRng, SamplerConfig, StepOutput, Trajectory};
-
-/// The policy-gradient estimator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Algorithm {
-    /// Importance sampling with PPO clipping (several updates per batch).
-    Is,
-    /// Score function (REINFORCE): one gradient step per sampled batch.
-    Sf,
-    /// Reward-weighted regression on the denoising loss (the paper's baseline).
-    Rwr,
-}
-
-/// Every DDPO hyper-parameter, validated once.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TrainConfig {
-    pub algorithm: Algorithm,
-    pub samples_per_epoch: usize,
-    pub sample_batch_size: usize,
-    pub train_batch_size: usize,
-    pub inner_epochs: usize,
-    /// Minibatches whose gradients are summed before one optimiser step.
-    pub grad_accum: usize,
-    /// Fraction of each trajectory's steps trained on (a random subset per sample).
-    pub timestep_fraction: f64,
-    pub clip_range: f64,
-    pub adv_clip: f64,
-    pub normalisation: Normalisation,
-    pub rwr_beta: f64,
-    pub optimizer: AdamWConfig,
-    pub grad_clip: f64,
-    pub sampler: SamplerConfig,
-    pub reward_workers: usize,
-    pub seed: u64,
-    /// Trajectory steps whose policy noise (DDIM sigma) is below this are left out of the
-    /// policy-gradient loss (DDPO-IS / SF). With few sampling steps, the step into t = 1 is
-    /// nearly deterministic (sigma ~ 0.015) while its mean moves with the noise prediction, so
-    /// its score term carries a 1/sigma weight (12x the other steps' at 20 steps, 23x at 10)
-    /// and swamps the gradient with noise that has almost nothing to do with the reward.
-    /// 0 keeps every step, as the reference (at 50 steps this weight is 5x). Default 0.02.
-    #[serde(default)]
-    pub min_train_sigma: f64,
-    /// Also train the text encoder's weights (as pretraining does). Off by default, as in the
-    /// DDPO reference: the reward shapes the images, and a drifting prompt encoder only blurs
-    /// the conditioning (the sampler reads prompts through it at every step).
-    #[serde(default)]
-    pub train_text_encoder: bool,
-    /// Train only the weights whose name contains one of these (e.g. `attn2.to_k`,
-    /// `attn2.to_v`: the cross-attention projections of the prompt, as Custom Diffusion does);
-    /// empty trains them all. Applies within what `train_text_encoder` leaves trainable.
-    #[serde(default)]
-    pub train_only: Vec<String>,
-    /// Weight of a penalty on the predicted x0 leaving the pixel range [-1, 1]:
-    /// `range_penalty * alpha_bar_t * mean(relu(|x0| - 1)^2)` over the trained steps, added to
-    /// the DDPO-IS / SF loss. alpha_bar_t is x0's share of x_t: the late steps, whose x0 is the
-    /// image, count fully; the early ones, whose x0 is the noisy input divided by
-    /// sqrt(alpha_bar) ~ 0.02 and routinely far out of range, hardly at all.
-    ///
-    /// Without the sampler's x0 clamp (which makes DDPO train backwards on saturated colours)
-    /// nothing stops a policy from drifting out of range, where every reward sees the same
-    /// clipped pixels: incompressibility collapsed to flat red that way after 20 epochs, and
-    /// with weight 1 ran 51 epochs without collapsing. Off (0) by default: on compressibility
-    /// even a weight of 0.1 steered the run away from its reward (Adam gives the penalty's
-    /// consistent gradient full-size steps). Pixel-space models only.
-    #[serde(default)]
-    pub range_penalty: f64,
-    /// Weight of a KL term to the base model (DPOK's regulariser): `kl_weight * KL(p_θ || p_base)`
-    /// of each trained transition, the closed form for two Gaussians with the same sigma,
-    /// `|mean_θ - mean_base|^2 / (2 sigma^2)` averaged over the pixels, added to the DDPO-IS /
-    /// SF loss. It pulls back any change that the reward does not pay for, such as the drift
-    /// of noisy updates; it costs one more (gradient-free) forward pass per trained step. Off (0)
-    /// by default.
-    #[serde(default)]
-    pub kl_weight: f64,
-}
-
-impl Default for TrainConfig {
-    fn default() -> Self {
-        Self {
-            algorithm: Algorithm::Is,
-            samples_per_epoch: 32,
-            sample_batch_size: 16,
-            train_batch_size: 8,
-            inner_epochs: 1,
-            grad_accum: 1,
-            timestep_fraction: 1.0,
-            clip_range: 0.1,
-            adv_clip: 5.0,
-            normalisation: Normalisation::PerPrompt { buffer_size: 32, min_count: 4 },
-            rwr_beta: 1.0,
-            optimizer: AdamWConfig { lr: 2e-4, warmup_steps: 16, ..Default::default() },
-            grad_clip: 1.0,
-            // Fewer, larger steps than sampling's default: see `ddpo train --steps`.
-            sampler: SamplerConfig { steps: 10, ..SamplerConfig::default() },
-            reward_workers: 1,
-            seed: 0,
-            train_text_encoder: false,
-            train_only: Vec::new(),
-            min_train_sigma: 0.02,
-            range_penalty: 0.0,
-            kl_weight: 0.0,
-        }
-    }
-}
-
-impl TrainConfig {
-    pub fn validate(&self) -> anyhow::Result<()> {
-        let c = self;
-        anyhow::ensure!(c.samples_per_epoch > 0, "--samples-per-epoch must be at least 1");
-        anyhow::ensure!(c.sample_batch_size > 0, "--sample-batch-size must be at least 1");
-        anyhow::ensure!(c.train_batch_size > 0, "--train-batch-size must be at least 1");
-        anyhow::ensure!(
-            c.train_batch_size <= c.samples_per_epoch,
-            "--train-batch-size {} is larger than --samples-per-epoch {}",
-            c.train_batch_size,
-            c.samples_per_epoch
-        );
-        anyhow::ensure!(c.inner_epochs > 0, "--inner-epochs must be at least 1");
-        anyhow::ensure!(c.grad_accum > 0, "--grad-accum must be at least 1");
-        anyhow::ensure!(
-            c.timestep_fraction > 0.0 && c.timestep_fraction <= 1.0,
-            "--timestep-fraction must be in (0, 1], got {}",
-            c.timestep_fraction
-        );
-        anyhow::ensure!(c.optimizer.lr > 0.0 && c.optimizer.lr.is_finite(), "--lr must be a positive number, got {}", c.optimizer.lr);
-        anyhow::ensure!(c.clip_range > 0.0, "--clip-range must be positive, got {}", c.clip_range);
-        anyhow::ensure!(c.rwr_beta > 0.0, "--rwr-beta must be positive, got {}", c.rwr_beta);
-        anyhow::ensure!(c.reward_workers > 0, "--reward-workers must be at least 1");
-        anyhow::ensure!(
-            c.min_train_sigma >= 0.0 && c.min_train_sigma.is_finite(),
-            "--min-train-sigma must be a non-negative number, got {}",
-            c.min_train_sigma
-        );
-        anyhow::ensure!(
-            c.range_penalty >= 0.0 && c.range_penalty.is_finite(),
-            "--range-penalty must be a non-negative number, got {}",
-            c.range_penalty
-        );
-        anyhow::ensure!(
-            c.kl_weight >= 0.0 && c.kl_weight.is_finite(),
-            "--kl-weight must be a non-negative number, got {}",
-            c.kl_weight
-        );
-        if let Normalisation::PerPrompt { buffer_size, min_count } = c.normalisation {
-            // One reward has no spread to normalise by.
-            anyhow::ensure!(min_count >= 2, "--stat-min-count must be at least 2, got {min_count}");
-            anyhow::ensure!(
-                buffer_size >= min_count,
-                "--stat-buffer {buffer_size} is smaller than --stat-min-count {min_count}: no prompt would ever use its own statistics"
-            );
-        }
-        Ok(())
-    }
-
-    /// Indices of the sampling steps (0 = the first, noisiest) whose DDIM sigma under `schedule`
-    /// reaches `min_train_sigma`: the steps the policy-gradient loss uses.
-    pub fn trained_steps(&self, schedule: &sampler::NoiseSchedule) -> anyhow::Result<Vec<usize>> {
-        let timesteps = schedule.ddim_timesteps(self.sampler.steps);
-        let sigma = |t: usize| sampler::ddim_sigma(schedule, t, schedule.prev_timestep(t, self.sampler.steps), self.sampler.eta);
-        let steps: Vec<usize> = (0..timesteps.len()).filter(|&k| sigma(timesteps[k]) >= self.min_train_sigma).collect();
-        anyhow::ensure!(
-            !steps.is_empty() || self.algorithm == Algorithm::Rwr,
-            "--min-train-sigma {} leaves none of the {} sampling steps to train on (their largest sigma is {:.3}): lower it or use more --steps",
-            self.min_train_sigma,
-            timesteps.len(),
-            timesteps.iter().map(|&t| sigma(t)).fold(0.0, f64::max)
-        );
-        Ok(steps)
-    }
-
-    /// Trajectory steps trained on per sample, out of `available`: `timestep_fraction` of them,
-    /// at least one.
-    fn train_steps(&self, available: usize) -> usize {
-        ((available as f64 * self.timestep_fraction).ceil() as usize).clamp(1, available)
-    }
-}
+use crate::sampler::{self, Trajectory};
 
 /// What one epoch did, for logging and the run folder.
 #[derive(Debug, Clone)]
@@ -230,19 +54,29 @@ impl EpochReport {
     }
 }
 
-/// The DDPO training state that a checkpoint must hold (besides the weights).
+/// DDPO training: the policy, its optimiser and the state a checkpoint must hold. Settings
+/// change only through [`Trainer::reconfigure`], which validates them against the policy.
 pub struct Trainer {
-    pub config: TrainConfig,
-    pub policy: Policy,
-    pub opt: AdamW,
-    pub stats: StatTracker,
-    pub rng: NoiseRng,
-    pub epoch: usize,
+    config: TrainConfig,
+    policy: Box<dyn Family>,
+    opt: AdamW,
+    stats: StatTracker,
+    rng: NoiseRng,
+    epoch: usize,
     reward: Arc<dyn Reward>,
     prompts: Box<dyn PromptSource>,
     progress: Option<ProgressFn>,
-    /// The frozen base model of `--kl-weight`.
-    base: Option<Policy>,
+    /// The frozen base model of `kl_weight`.
+    base: Option<Box<dyn Family>>,
+}
+
+/// The trainer's state besides weights and optimiser moments (saved in a checkpoint).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Epochs completed.
+    pub epoch: usize,
+    pub rng: NoiseRngState,
+    pub stats: StatTracker,
 }
 
 /// The part of an epoch that is running, for progress bars.
@@ -268,38 +102,77 @@ struct Samples {
 }
 
 impl Trainer {
-    pub fn new(
-        config: TrainConfig,
-        policy: Policy,
-        reward: Arc<dyn Reward>,
-        prompts: Box<dyn PromptSource>,
-    ) -> anyhow::Result<Self> {
-        config.validate()?;
-        config.sampler.validate(policy.schedule.num_train_timesteps())?;
-        config.trained_steps(&policy.schedule)?;
-        anyhow::ensure!(
-            config.kl_weight == 0.0 || config.algorithm != Algorithm::Rwr,
-            "--kl-weight regularises DDPO-IS / SF updates; RWR has no per-step policy to compare: use --kl-weight 0"
-        );
-        anyhow::ensure!(
-            config.range_penalty == 0.0 || policy.vae.is_none(),
-            "--range-penalty keeps pixel-space samples inside [-1, 1], but this model samples VAE latents, \
-             which have no fixed range: use --range-penalty 0"
-        );
+    pub fn new(config: TrainConfig, policy: Box<dyn Family>, reward: Arc<dyn Reward>, prompts: Box<dyn PromptSource>) -> anyhow::Result<Self> {
+        config.validate_for(policy.as_ref())?;
         let vars: Vec<_> = policy
             .trainable_vars()
             .into_iter()
             .filter(|(name, _)| config.train_text_encoder || !name.starts_with("text_encoder."))
             .collect();
-        anyhow::ensure!(!vars.is_empty(), "the policy has no trainable weights (load it with load_trainable)");
+        anyhow::ensure!(!vars.is_empty(), "the policy has no trainable weights (open it for training)");
         let vars = select_vars(vars, &config.train_only)?;
         let opt = AdamW::new(vars, config.optimizer)?;
         let rng = NoiseRng::new(config.seed);
         Ok(Self { config, policy, opt, stats: StatTracker::default(), rng, epoch: 0, reward, prompts, progress: None, base: None })
     }
 
+    pub fn config(&self) -> &TrainConfig {
+        &self.config
+    }
+
+    pub fn policy(&self) -> &dyn Family {
+        self.policy.as_ref()
+    }
+
+    /// Epochs completed.
+    pub fn epoch(&self) -> usize {
+        self.epoch
+    }
+
+    /// Optimiser steps taken so far in the run.
+    pub fn optimizer_steps(&self) -> usize {
+        self.opt.step_count()
+    }
+
+    /// Replaces the settings (validated against the policy first; on error nothing changes). The
+    /// optimiser follows the new learning rate from its next step.
+    pub fn reconfigure(&mut self, config: TrainConfig) -> anyhow::Result<()> {
+        config.validate_for(self.policy.as_ref())?;
+        self.opt.config = config.optimizer;
+        self.config = config;
+        Ok(())
+    }
+
+    /// The trained variables, in optimiser order.
+    pub fn trained_vars(&self) -> &[(String, Var)] {
+        self.opt.vars()
+    }
+
+    /// Optimiser moments and step count as named tensors.
+    pub fn optimizer_state(&self) -> candle_core::Result<std::collections::HashMap<String, Tensor>> {
+        self.opt.state_tensors()
+    }
+
+    /// What a checkpoint holds besides tensors.
+    pub fn state(&self) -> TrainerState {
+        TrainerState { epoch: self.epoch, rng: self.rng.state(), stats: self.stats.clone() }
+    }
+
+    /// Restores a checkpoint: trained weights by name, optimiser state, and the rest.
+    pub fn restore(&mut self, weights: &std::collections::HashMap<String, Tensor>, optimizer: &std::collections::HashMap<String, Tensor>, state: TrainerState) -> anyhow::Result<()> {
+        for (name, var) in self.opt.vars() {
+            let t = weights.get(name).with_context(|| format!("checkpoint lacks weight {name}"))?;
+            var.set(t)?;
+        }
+        self.opt.load_state(optimizer)?;
+        self.epoch = state.epoch;
+        self.rng = NoiseRng::restore(state.rng);
+        self.stats = state.stats;
+        Ok(())
+    }
+
     /// Sets the frozen base model that `kl_weight` measures the policy against.
-    pub fn set_base(&mut self, base: Policy) {
+    pub fn set_base(&mut self, base: Box<dyn Family>) {
         self.base = Some(base);
     }
 
@@ -336,9 +209,9 @@ impl Trainer {
         }
         .with_context(|| format!("epoch {epoch}: policy update"))?;
         self.epoch += 1;
-        let out_of_range = match self.policy.vae {
-            None => out_of_range_fraction(&samples.latents, samples.timesteps.len(), self.policy.schedule.config.clip_sample_range)?,
-            Some(_) => f64::NAN, // latents have no fixed range
+        let out_of_range = match self.policy.pixel_range() {
+            Some(range) => out_of_range_fraction(&samples.latents, samples.timesteps.len(), range)?,
+            None => f64::NAN, // latents have no fixed range
         };
         Ok(EpochReport {
             epoch,
@@ -352,7 +225,7 @@ impl Trainer {
             x0_excess: update.x0_excess,
             kl_base: update.kl_base,
             out_of_range,
-            lr: self.opt.config.lr,
+            lr: update.lr.unwrap_or_else(|| self.opt.current_lr()),
             optimizer_steps: update.steps,
             seconds_sampling,
             seconds_reward,
@@ -372,7 +245,7 @@ impl Trainer {
         let batches: Vec<&[String]> = prompts.chunks(cfg.sample_batch_size).collect();
         let (job_tx, job_rx) = crossbeam::channel::unbounded::<(usize, Vec<image::RgbImage>, Vec<String>)>();
         let (res_tx, res_rx) = crossbeam::channel::unbounded();
-        let policy = &self.policy;
+        let policy = self.policy.as_ref();
         let progress = &mut self.progress;
         let total = prompts.len();
         let rng = &mut self.rng;
@@ -428,7 +301,7 @@ impl Trainer {
     fn policy_gradient_update(&mut self, s: &Samples, adv: &[f64]) -> anyhow::Result<UpdateStats> {
         let cfg = self.config.clone();
         let n = s.prompts.len();
-        let eligible = cfg.trained_steps(&self.policy.schedule)?;
+        let eligible = cfg.trained_steps(self.policy.as_ref())?;
         let k = cfg.train_steps(eligible.len());
         let sf = cfg.algorithm == Algorithm::Sf;
         let inner = if sf { 1 } else { cfg.inner_epochs };
@@ -481,8 +354,8 @@ impl Trainer {
     /// in one shard per CPU core ([`crate::kernels::shards`]): each shard's loss is weighted by
     /// its share of the minibatch, so the shards' gradients sum to the minibatch's.
     fn minibatch_grads(&self, s: &Samples, mb: &[usize], ks: &[usize], adv: &[f64]) -> anyhow::Result<MinibatchGrads> {
-        let (policy, base, config) = (&self.policy, self.base.as_ref(), &self.config);
-        let parts = shards::sharded_backward(mb.len(), &policy.device, |r| -> anyhow::Result<_> {
+        let (policy, base, config) = (self.policy.as_ref(), self.base.as_deref(), &self.config);
+        let parts = shards::sharded_backward(mb.len(), policy.device(), |r| -> anyhow::Result<_> {
             let terms = transition_loss(policy, base, config, s, &mb[r.clone()], &ks[r], adv)?;
             Ok((terms.loss.clone(), terms))
         })?;
@@ -506,7 +379,7 @@ impl Trainer {
         let n = s.prompts.len();
         let weights = rwr_weights(adv, cfg.rwr_beta);
         let last = cfg.sampler.steps;
-        let device = self.policy.device.clone();
+        let device = self.policy.device().clone();
         let mut stats = UpdateStats::default();
         let mut grads: Grads = Vec::new();
         let mut pending = 0;
@@ -520,12 +393,7 @@ impl Trainer {
                 let prompts: Vec<String> = mb.iter().map(|&i| s.prompts[i].clone()).collect();
                 let w = Tensor::from_vec(mb.iter().map(|&i| weights[i] as f32).collect::<Vec<_>>(), mb.len(), &device)?;
                 for _ in 0..k {
-                    let t: Vec<usize> = mb.iter().map(|_| self.rng.rng().random_range(0..self.policy.schedule.num_train_timesteps())).collect();
-                    let noise = self.rng.randn(x0.shape(), &device)?;
-                    let x_t = self.policy.schedule.add_noise(&x0, &noise, &t)?;
-                    let ctx = self.policy.encode_prompts(&prompts)?;
-                    let pred = self.policy.predict_eps(&x_t, &t, &ctx)?;
-                    let per_sample = (pred - noise)?.sqr()?.flatten_from(1)?.mean(1)?;
+                    let per_sample = self.policy.denoising_loss(&x0, &prompts, &mut self.rng)?;
                     let loss = (per_sample * &w)?.mean_all()?;
                     let g = self.opt.collect(&loss.backward()?);
                     accumulate(&mut grads, &g, 1.0 / (k * cfg.grad_accum) as f64)?;
@@ -548,6 +416,7 @@ impl Trainer {
     fn optimizer_step(&mut self, grads: &mut Grads, stats: &mut UpdateStats) -> anyhow::Result<()> {
         let norm = clip_grad_norm(grads, self.config.grad_clip)?;
         anyhow::ensure!(norm.is_finite(), "gradient norm is {norm}; the update was skipped and the weights are unchanged");
+        stats.lr = Some(self.opt.current_lr());
         self.opt.step(grads)?;
         grads.clear();
         stats.steps += 1;
@@ -566,11 +435,13 @@ struct UpdateStats {
     first_ratio_max_dev: f64,
     x0_excess: f64,
     kl_base: f64,
+    /// The learning rate of the last optimiser step (warm-up included).
+    lr: Option<f64>,
 }
 
 /// Loss of a minibatch at one trajectory step per sample (`ks[i]` for sample `mb[i]`), with
 /// its diagnostics.
-fn transition_loss(policy: &Policy, base: Option<&Policy>, config: &TrainConfig, s: &Samples, mb: &[usize], ks: &[usize], adv: &[f64]) -> anyhow::Result<TransitionLoss> {
+fn transition_loss(policy: &dyn Family, base: Option<&dyn Family>, config: &TrainConfig, s: &Samples, mb: &[usize], ks: &[usize], adv: &[f64]) -> anyhow::Result<TransitionLoss> {
     let pick = |offset: usize| -> candle_core::Result<Tensor> {
         let rows: Vec<Tensor> = mb
             .iter()
@@ -587,7 +458,7 @@ fn transition_loss(policy: &Policy, base: Option<&Policy>, config: &TrainConfig,
         .zip(ks)
         .map(|(&i, &k)| s.log_probs.get(i)?.get(k)?.to_scalar::<f32>())
         .collect::<candle_core::Result<_>>()?;
-    let device = &policy.device;
+    let device = policy.device();
     let old = Tensor::from_vec(old, mb.len(), device)?;
     let a = Tensor::from_vec(mb.iter().map(|&i| adv[i] as f32).collect::<Vec<_>>(), mb.len(), device)?;
     let step = sampler::transition(policy, &prompts, &x_t, &x_prev, &timesteps, &config.sampler)?;
@@ -599,14 +470,15 @@ fn transition_loss(policy: &Policy, base: Option<&Policy>, config: &TrainConfig,
     };
     let (mut loss, mut x0_excess, mut kl_base) = (l.loss, 0.0, 0.0);
     if config.range_penalty > 0.0 {
-        let weights: Vec<f32> = timesteps.iter().map(|&t| policy.schedule.alpha_bar(t) as f32).collect();
+        let range = policy.pixel_range().context("the range penalty needs a pixel-space family")?;
+        let weights: Vec<f32> = timesteps.iter().map(|&t| policy.x0_weight(t) as f32).collect();
         let weights = Tensor::from_vec(weights, mb.len(), device)?;
-        let excess = range_excess(&step.pred_original, policy.schedule.config.clip_sample_range, &weights)?;
+        let excess = range_excess(&step.pred_original, range, &weights)?;
         x0_excess = excess.to_scalar::<f32>()? as f64;
         loss = (loss + (excess * config.range_penalty)?)?;
     }
     if config.kl_weight > 0.0 {
-        let base = base.context("--kl-weight needs the base model (Trainer::set_base)")?;
+        let base = base.context("kl_weight needs the base model (Trainer::set_base)")?;
         let base_step = sampler::transition(base, &prompts, &x_t, &x_prev, &timesteps, &config.sampler)?;
         let kl = kl_to_base(&step, &base_step)?;
         kl_base = kl.to_scalar::<f32>()? as f64;
@@ -694,27 +566,6 @@ pub fn component_means(scores: &[Score]) -> BTreeMap<String, f64> {
     sums.into_iter().map(|(k, (s, n))| (k, s / n as f64)).collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::sampler::{NoiseSchedule, ScheduleConfig};
-
-    #[test]
-    fn near_deterministic_steps_are_left_out_of_the_policy_gradient() {
-        let schedule = NoiseSchedule::new(ScheduleConfig::pixel_default()).unwrap();
-        let config = TrainConfig::default();
-        assert_eq!(config.sampler.steps, 10);
-        // sigma of the 10 steps: 0.91 .. 0.29 for the first eight, then 0.0148 (t = 101 -> 1)
-        // and 0.0074 (t = 1 -> 0).
-        assert_eq!(config.trained_steps(&schedule).unwrap(), (0..8).collect::<Vec<_>>());
-        let all = TrainConfig { min_train_sigma: 0.0, ..TrainConfig::default() };
-        assert_eq!(all.trained_steps(&schedule).unwrap().len(), 10);
-        let none = TrainConfig { min_train_sigma: 2.0, ..TrainConfig::default() };
-        let err = none.trained_steps(&schedule).unwrap_err().to_string();
-        assert!(err.contains("leaves none of the 10 sampling steps"), "{err}");
-    }
-}
-
 /// The variables whose name contains one of `patterns` (all of them for no patterns); a
 /// pattern that matches nothing is an error listing what there is to match.
 fn select_vars(vars: Vec<(String, Var)>, patterns: &[String]) -> anyhow::Result<Vec<(String, Var)>> {
@@ -724,11 +575,15 @@ fn select_vars(vars: Vec<(String, Var)>, patterns: &[String]) -> anyhow::Result<
     for p in patterns {
         if !vars.iter().any(|(name, _)| name.contains(p.as_str())) {
             let example = vars.iter().map(|(n, _)| n.as_str()).find(|n| n.contains("attn")).or(vars.first().map(|(n, _)| n.as_str()));
-            anyhow::bail!(
-                "--train-only {p:?} matches none of the {} trainable weights (names look like {:?}; the text encoder's count only with --train-text-encoder)",
-                vars.len(),
-                example.unwrap_or("")
-            );
+            return Err(ConfigError {
+                field: "train_only",
+                problem: format!(
+                    "{p:?} matches none of the {} trainable weights (names look like {:?}; the text encoder's count only when it is trained)",
+                    vars.len(),
+                    example.unwrap_or("")
+                ),
+            }
+            .into());
         }
     }
     Ok(vars.into_iter().filter(|(name, _)| patterns.iter().any(|p| name.contains(p.as_str()))).collect())

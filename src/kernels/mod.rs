@@ -41,6 +41,7 @@ pub mod layer_norm_op;
 pub mod linear_op;
 pub mod norm_op;
 mod product;
+pub mod no_grad;
 pub mod shards;
 mod simd;
 mod slices;

@@ -52,13 +52,13 @@ pub fn shard_ranges(n: usize, shards: usize) -> Vec<Range<usize>> {
 }
 
 /// Runs `f` on each of the shard `ranges` concurrently (the first on this thread) and returns
-/// the results in order. Thread-local model state (LoRA adapters detached for sampling) is
-/// carried into the shards.
+/// the results in order. The caller's no-gradient scope
+/// ([`super::no_grad`]) is carried into the shards.
 pub fn map_shards<R: Send>(ranges: &[Range<usize>], f: impl Fn(Range<usize>) -> R + Sync) -> Vec<R> {
-    let detached = crate::model::lora::adapters_detached();
+    let no_grad = super::no_grad::no_grad();
     let run = |r: Range<usize>| -> R {
         let before = IN_SHARD.with(|s| s.replace(true));
-        let out = crate::model::lora::with_adapters_detached_if(detached, || f(r));
+        let out = super::no_grad::with_no_grad_if(no_grad, || f(r));
         IN_SHARD.with(|s| s.set(before));
         out
     };

@@ -106,11 +106,11 @@ impl UNetConfig {
         }
     }
 
-    /// The second embedded default: twice the channels at 32x32 and 16x16, cross-attention at
-    /// 16x16 as well as 8x8 (where shapes get their outlines), two resnets per down block.
+    /// The second embedded default: 1.5x the channels at 32x32 and 16x16, and cross-attention
+    /// at 16x16 as well as 8x8, where a shape's outline is a few cells wide.
     pub fn shapes_v2() -> Self {
         Self {
-            block_out_channels: vec![32, 64, 64],
+            block_out_channels: vec![24, 48, 64],
             down_block_types: vec![
                 "DownBlock2D".into(),
                 "CrossAttnDownBlock2D".into(),

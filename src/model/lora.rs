@@ -3,41 +3,11 @@
 //! convention (`<layer>.lora_A.weight`, `<layer>.lora_B.weight`) so other tools load our adapters.
 //! B starts at zero, so attaching an adapter leaves the model's output unchanged.
 
-use std::cell::Cell;
-
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use super::layers::Linear;
 use serde::{Deserialize, Serialize};
-
-thread_local! {
-    /// Set while sampling: adapters act as constants, so no autograd graph is kept.
-    static DETACHED: Cell<bool> = const { Cell::new(false) };
-}
-
-/// Runs `f` with every adapter detached from the autograd graph (PyTorch's `no_grad` for LoRA).
-///
-/// The adapters are the only variables of a LoRA policy; while they are attached, each UNet
-/// forward pass keeps every intermediate tensor alive for a backward pass that sampling never
-/// runs, which on Stable Diffusion is the memory of a training step. Values are unchanged.
-pub fn with_adapters_detached<T>(f: impl FnOnce() -> T) -> T {
-    with_adapters_detached_if(true, f)
-}
-
-/// Runs `f` with the adapters detached if `detached` (else as they are on this thread): how
-/// work handed to another thread keeps the caller's setting.
-pub fn with_adapters_detached_if<T>(detached: bool, f: impl FnOnce() -> T) -> T {
-    let before = DETACHED.with(|d| d.replace(detached || d.get()));
-    let out = f();
-    DETACHED.with(|d| d.set(before));
-    out
-}
-
-/// Whether adapters are detached on this thread.
-pub fn adapters_detached() -> bool {
-    DETACHED.with(Cell::get)
-}
 
 /// Rank and scale of the adapters.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -110,7 +80,7 @@ impl Module for LoraLinear {
             Some((down, up)) => {
                 // Adapters stay f32 (trained) while frozen weights may be f16/bf16: run the
                 // adapter in f32 and add it in the base's dtype (both casts are no-ops in f32).
-                let (down, up) = if DETACHED.with(Cell::get) {
+                let (down, up) = if crate::kernels::no_grad::no_grad() {
                     (Linear::new(down.weight().detach(), None), Linear::new(up.weight().detach(), None))
                 } else {
                     (down.clone(), up.clone())

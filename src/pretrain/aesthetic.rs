@@ -17,8 +17,8 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::optim::{AdamW, AdamWConfig};
-use crate::policy::checkpoint::{save_tensors_atomic, write_atomic};
-use crate::policy::init::seeded_var_builder;
+use crate::io::{save_tensors_atomic, write_atomic};
+use crate::family::unet::init::seeded_var_builder;
 use crate::reward::aesthetic::AestheticMlp;
 use crate::reward::shapes_clip::ShapesClip;
 use crate::world::{composition, ShapesWorld, WorldConfig};

@@ -19,8 +19,8 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
-use crate::policy::checkpoint::{save_tensors_atomic, write_atomic};
-use crate::policy::init::seeded_var_builder;
+use crate::io::{save_tensors_atomic, write_atomic};
+use crate::family::unet::init::seeded_var_builder;
 use crate::reward::shapes_clip::{ShapesClip, ShapesClipConfig};
 use crate::world::variants::{random_variant, variants, Attribute};
 use crate::world::{ShapesWorld, WorldConfig, WorldSample};
@@ -65,10 +65,10 @@ impl Default for ClipTrainConfig {
 
 impl ClipTrainConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(self.steps > 0, "--steps must be at least 1");
-        anyhow::ensure!(self.batch_size > 1, "--batch-size must be at least 2 (contrastive pairs need negatives)");
-        anyhow::ensure!(self.lr > 0.0 && self.lr.is_finite(), "--lr must be a positive number, got {}", self.lr);
-        anyhow::ensure!(self.checkpoint_every > 0, "--checkpoint-every must be at least 1");
+        crate::error::ensure(self.steps > 0, "steps", || "must be at least 1".into())?;
+        crate::error::ensure(self.batch_size > 1, "batch_size", || "must be at least 2 (contrastive pairs need negatives)".into())?;
+        crate::error::ensure(self.lr > 0.0 && self.lr.is_finite(), "lr", || format!("must be a positive number, got {}", self.lr))?;
+        crate::error::ensure(self.checkpoint_every > 0, "checkpoint_every", || "must be at least 1".into())?;
         self.model.validate()
     }
 

@@ -1,12 +1,11 @@
 //! Does a policy follow shapes-world prompts? Samples images for prompts drawn from the caption
 //! grammar and checks them with the world's pixel-level judge (background colour from the border,
-//! shape colour from the non-background pixels). Also writes labelled sample grids.
+//! shape colour from the non-background pixels).
 
-use std::path::Path;
 
-use crate::policy::Policy;
+use crate::family::Family;
 use crate::reward::models::RewardModels;
-use crate::sampler::{self, NoiseRng, SamplerConfig};
+use crate::sampler::{sample_images, SamplerConfig};
 use crate::world::{judge, Judgement, Prompt, ShapesWorld};
 
 /// Fraction of samples judged correct, per attribute.
@@ -19,26 +18,9 @@ pub struct PromptFollowing {
     pub both: f64,
 }
 
-/// Samples one image per prompt (in batches) and returns them as RGB images.
-pub fn sample_images(
-    policy: &Policy,
-    prompts: &[String],
-    cfg: &SamplerConfig,
-    seed: u64,
-    batch: usize,
-) -> anyhow::Result<Vec<image::RgbImage>> {
-    let mut rng = NoiseRng::new(seed);
-    let mut images = Vec::with_capacity(prompts.len());
-    for chunk in prompts.chunks(batch.max(1)) {
-        let traj = sampler::sample(policy, chunk, cfg, &mut rng)?;
-        images.extend(policy.images(traj.final_sample())?);
-    }
-    Ok(images)
-}
-
 /// Judges `n` prompts drawn from the grammar with `prompt_seed`, sampled with `seed`.
 pub fn prompt_following(
-    policy: &Policy,
+    policy: &dyn Family,
     world: &ShapesWorld,
     n: usize,
     cfg: &SamplerConfig,
@@ -127,20 +109,6 @@ pub fn reward_scores(images: &[image::RgbImage], prompts: &[String], models: &Re
 /// The fixed prompts shown in pretraining sample grids.
 pub fn grid_prompts(world: &ShapesWorld) -> Vec<String> {
     world.prompts(1234, 16).into_iter().map(|p: Prompt| p.caption).collect()
-}
-
-/// Samples `prompts` and writes a labelled grid PNG to `path`.
-pub fn write_sample_grid(
-    policy: &Policy,
-    prompts: &[String],
-    cfg: &SamplerConfig,
-    seed: u64,
-    path: &Path,
-) -> anyhow::Result<()> {
-    let images = sample_images(policy, prompts, cfg, seed, 64)?;
-    let cols = (prompts.len() as f64).sqrt().ceil() as usize;
-    let grid = crate::render::labelled_grid(&images, prompts, cols, 3);
-    crate::render::save_png(&grid, path)
 }
 
 #[cfg(test)]

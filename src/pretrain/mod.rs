@@ -19,8 +19,9 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, Ema};
-use crate::policy::checkpoint::{save_tensors_atomic, save_weights, write_atomic};
-use crate::policy::{Policy, PolicyConfig};
+use crate::io::{save_tensors_atomic, write_atomic};
+use crate::family::unet::checkpoint::save_weights;
+use crate::family::{Policy, PolicyConfig, PixelPolicy};
 use crate::world::{ShapesWorld, WorldConfig};
 
 /// Pretraining hyper-parameters.
@@ -64,12 +65,12 @@ impl Default for PretrainConfig {
 
 impl PretrainConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(self.steps > 0, "--steps must be at least 1");
-        anyhow::ensure!(self.batch_size > 0, "--batch-size must be at least 1");
-        anyhow::ensure!(self.lr > 0.0 && self.lr.is_finite(), "--lr must be a positive number, got {}", self.lr);
+        crate::error::ensure(self.steps > 0, "steps", || "must be at least 1".into())?;
+        crate::error::ensure(self.batch_size > 0, "batch_size", || "must be at least 1".into())?;
+        crate::error::ensure(self.lr > 0.0 && self.lr.is_finite(), "lr", || format!("must be a positive number, got {}", self.lr))?;
         anyhow::ensure!((0.0..1.0).contains(&self.ema_decay), "EMA decay must be in [0, 1), got {}", self.ema_decay);
         anyhow::ensure!((0.0..=1.0).contains(&self.caption_dropout), "caption dropout must be in [0, 1]");
-        anyhow::ensure!(self.checkpoint_every > 0, "--checkpoint-every must be at least 1");
+        crate::error::ensure(self.checkpoint_every > 0, "checkpoint_every", || "must be at least 1".into())?;
         self.policy.validate()
     }
 
@@ -284,8 +285,8 @@ impl Pretrainer {
         if let Some(folder) = path.parent() {
             std::fs::create_dir_all(folder).with_context(|| format!("cannot create {}", folder.display()))?;
         }
-        let policy = self.ema_policy()?;
-        eval::write_sample_grid(&policy, &eval::grid_prompts(&self.world), &Default::default(), self.config.seed, path)
+        let policy = PixelPolicy(self.ema_policy()?);
+        crate::sampler::write_sample_grid(&policy, &eval::grid_prompts(&self.world), &Default::default(), self.config.seed, path)
     }
 }
 

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use super::aesthetic::AestheticMlp;
 use super::clip::{self, Clip};
 use super::shapes_clip::ShapesClip;
-use crate::sd::tokenizer::ClipTokenizer;
+use crate::family::sd::ClipTokenizer;
 
 /// The shipped small CLIP, relative to the working directory or the source checkout.
 pub const DEFAULT_CLIP: &str = "models/shapes-clip.safetensors";

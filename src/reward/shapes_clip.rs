@@ -280,8 +280,8 @@ impl ShapesClip {
 
     /// Writes the weights and the config beside them, atomically.
     pub fn save(config: &ShapesClipConfig, tensors: &HashMap<String, Tensor>, weights: &Path) -> anyhow::Result<()> {
-        crate::policy::checkpoint::save_tensors_atomic(tensors, weights)?;
-        crate::policy::checkpoint::write_atomic(&config_path(weights), serde_json::to_string_pretty(config)?.as_bytes())
+        crate::io::save_tensors_atomic(tensors, weights)?;
+        crate::io::write_atomic(&config_path(weights), serde_json::to_string_pretty(config)?.as_bytes())
     }
 }
 

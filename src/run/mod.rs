@@ -11,10 +11,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use crate::ddpo::trainer::component_means;
-use crate::ddpo::{EpochReport, StatTracker, TrainConfig, Trainer};
-use crate::policy::checkpoint::{save_tensors_atomic, write_atomic};
-use crate::sampler::{NoiseRng, NoiseRngState};
+use crate::ddpo::{component_means, EpochReport, TrainConfig, Trainer, TrainerState};
+use crate::io::{save_tensors_atomic, write_atomic};
 
 /// What a run was started with (saved as `config.json`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -22,8 +20,8 @@ pub struct RunConfig {
     pub train: TrainConfig,
     /// The model the run started from.
     pub model: PathBuf,
-    /// The reward's name.
-    pub reward: String,
+    /// The reward: a built-in's name or a script's path.
+    pub reward: RewardSpec,
     pub prompts: Vec<String>,
     pub epochs: usize,
     pub checkpoint_every: usize,
@@ -32,7 +30,7 @@ pub struct RunConfig {
     pub lora: Option<crate::model::LoraConfig>,
     /// The dtype of frozen weights (diffusers folders only).
     #[serde(default)]
-    pub dtype: crate::policy::WeightDtype,
+    pub dtype: crate::family::WeightDtype,
     /// The CLIP and aesthetic models behind the script primitives (`None`: the shipped ones).
     #[serde(default)]
     pub reward_models: crate::reward::models::ModelPaths,
@@ -41,13 +39,38 @@ pub struct RunConfig {
     pub clip_sample: Option<bool>,
 }
 
-/// Training state besides weights and optimiser moments.
-#[derive(Debug, Serialize, Deserialize)]
-struct TrainerState {
-    /// Epochs completed.
-    epoch: usize,
-    rng: NoiseRngState,
-    stats: StatTracker,
+/// What a run optimises: a built-in reward by name, or a reward script (a path ending in
+/// `.rhai`). Saved in `config.json` as that one string.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum RewardSpec {
+    Builtin(String),
+    Script(PathBuf),
+}
+
+impl From<String> for RewardSpec {
+    fn from(s: String) -> Self {
+        if s.ends_with(".rhai") {
+            RewardSpec::Script(PathBuf::from(s))
+        } else {
+            RewardSpec::Builtin(s)
+        }
+    }
+}
+
+impl From<RewardSpec> for String {
+    fn from(r: RewardSpec) -> Self {
+        r.to_string()
+    }
+}
+
+impl std::fmt::Display for RewardSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RewardSpec::Builtin(name) => f.write_str(name),
+            RewardSpec::Script(path) => write!(f, "{}", path.display()),
+        }
+    }
 }
 
 /// An open run folder.
@@ -88,6 +111,30 @@ impl RunDir {
         let _ = std::fs::remove_dir_all(self.dir.join("scripts"));
         let _ = std::fs::remove_dir(self.dir.join("samples"));
         let _ = std::fs::remove_dir(&self.dir);
+    }
+
+    /// Reward mean and std of the epochs recorded so far.
+    pub fn reward_curve(&self) -> (&[f64], &[f64]) {
+        (&self.reward_mean, &self.reward_std)
+    }
+
+    /// The records of `metrics.jsonl`, oldest first.
+    pub fn metrics_records(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(self.dir.join("metrics.jsonl")).unwrap_or_default();
+        text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    }
+
+    /// Appends the epoch's script hashes to `scripts/epochs.jsonl` (the versions themselves are
+    /// `scripts/<name>.<hash>.rhai`).
+    pub fn record_script_hashes(&self, epoch: usize, hashes: &std::collections::BTreeMap<String, String>) -> anyhow::Result<()> {
+        if hashes.is_empty() {
+            return Ok(());
+        }
+        let line = serde_json::json!({ "epoch": epoch, "scripts": hashes });
+        let path = self.dir.join("scripts/epochs.jsonl");
+        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("cannot append to {}", path.display()))?;
+        writeln!(file, "{line}")?;
+        Ok(())
     }
 
     /// Opens an existing run folder and its config.
@@ -145,7 +192,7 @@ impl RunDir {
             "seconds_training": r.seconds_training,
         });
         // Resident memory after each epoch, so a leak shows in the run's own log.
-        if let (Ok(rss), Ok(peak)) = (crate::bench::memory_mb("VmRSS"), crate::bench::peak_rss_mb()) {
+        if let (Ok(rss), Ok(peak)) = (crate::io::memory_mb("VmRSS"), crate::io::peak_rss_mb()) {
             m["rss_mb"] = serde_json::json!(rss);
             m["peak_rss_mb"] = serde_json::json!(peak);
         }
@@ -179,10 +226,10 @@ impl RunDir {
         let fresh = self.dir.join("checkpoint.new");
         let _ = std::fs::remove_dir_all(&fresh);
         std::fs::create_dir_all(&fresh)?;
-        trainer.policy.save(&fresh.join("policy.safetensors"))?;
-        let opt: HashMap<_, _> = trainer.opt.state_tensors()?;
+        trainer.policy().save(&fresh.join("policy.safetensors"))?;
+        let opt: HashMap<_, _> = trainer.optimizer_state()?;
         save_tensors_atomic(&opt, &fresh.join("optimizer.safetensors"))?;
-        let state = TrainerState { epoch: trainer.epoch, rng: trainer.rng.state(), stats: trainer.stats.clone() };
+        let state = trainer.state();
         write_atomic(&fresh.join("state.json"), serde_json::to_string_pretty(&state)?.as_bytes())?;
         let current = self.checkpoint_dir();
         let old = self.dir.join("checkpoint.old");
@@ -202,21 +249,16 @@ impl RunDir {
             dir = self.dir.join("checkpoint.old"); // interrupted between the two renames
         }
         anyhow::ensure!(dir.exists(), "{} has no checkpoint to resume from", self.dir.display());
-        let weights = candle_core::safetensors::load(dir.join("policy.safetensors"), &trainer.policy.device)
+        let device = trainer.policy().device().clone();
+        let weights = candle_core::safetensors::load(dir.join("policy.safetensors"), &device)
             .with_context(|| format!("cannot read {}/policy.safetensors", dir.display()))?;
-        for (name, var) in trainer.opt.vars() {
-            let t = weights.get(name).with_context(|| format!("checkpoint lacks weight {name}"))?;
-            var.set(t)?;
-        }
-        let opt = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &trainer.policy.device)?;
-        trainer.opt.load_state(&opt)?;
+        let opt = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &device)?;
         let text = std::fs::read_to_string(dir.join("state.json"))?;
         let state: TrainerState = serde_json::from_str(&text).with_context(|| format!("{}/state.json is corrupt", dir.display()))?;
-        trainer.epoch = state.epoch;
-        trainer.rng = NoiseRng::restore(state.rng);
-        trainer.stats = state.stats;
+        let epochs = state.epoch;
+        trainer.restore(&weights, &opt, state)?;
         // Metrics of epochs after the checkpoint are replayed by the resumed run: drop them.
-        self.truncate_metrics(state.epoch)?;
+        self.truncate_metrics(epochs)?;
         self.reward_mean.clear();
         self.reward_std.clear();
         self.reload_curve()

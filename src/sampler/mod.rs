@@ -1,14 +1,10 @@
-//! Sampling from the diffusion policy: the noise schedule, the DDIM step with per-step
-//! log-probabilities (and its differentiable recompute), seeded noise, and whole trajectories.
+//! Sampling from any model family ([`crate::family::Family`]): whole trajectories that record
+//! every transition and its log-prob, the differentiable recompute of a stored transition, and
+//! batches of images and labelled grids for a list of prompts.
 //!
-//! Owns the maths of sampling; not optimisers, rewards or files.
+//! Owns the loop over steps; a family owns the maths of each step.
 
-pub mod ddim;
-pub mod noise;
-pub mod schedule;
 pub mod trajectory;
 
-pub use ddim::{ddim_sigma, ddim_step, StepOutput};
-pub use noise::{NoiseRng, NoiseRngState};
-pub use schedule::{NoiseSchedule, ScheduleConfig};
-pub use trajectory::{sample, transition, SamplerConfig, Trajectory};
+pub use crate::family::{NoiseRng, NoiseRngState, SamplerConfig, StepOutput};
+pub use trajectory::{sample, sample_images, transition, write_sample_grid, Trajectory};

@@ -1,46 +1,19 @@
-//! Whole DDIM trajectories from a policy, recording every transition and its log-prob, and the
+//! Whole trajectories from a family, recording every transition and its log-prob, and the
 //! differentiable recompute of a stored transition's log-prob under the current weights.
+
+use std::path::Path;
 
 use candle_core::{Result, Tensor};
 
-use super::ddim::{ddim_step, StepOutput};
-use super::noise::NoiseRng;
-use crate::policy::Policy;
-
-/// Sampler settings (DDPO's defaults: eta 1 for a truly stochastic policy, guidance 5).
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct SamplerConfig {
-    pub steps: usize,
-    pub eta: f64,
-    pub guidance: f64,
-}
-
-impl Default for SamplerConfig {
-    fn default() -> Self {
-        Self { steps: 20, eta: 1.0, guidance: 5.0 }
-    }
-}
-
-impl SamplerConfig {
-    pub fn validate(&self, num_train_timesteps: usize) -> anyhow::Result<()> {
-        anyhow::ensure!(
-            (1..=num_train_timesteps).contains(&self.steps),
-            "steps must be between 1 and {num_train_timesteps}, got {}",
-            self.steps
-        );
-        anyhow::ensure!(self.eta > 0.0 && self.eta.is_finite(), "eta must be > 0 for a stochastic policy with log-probs, got {}", self.eta);
-        anyhow::ensure!(self.guidance.is_finite() && self.guidance >= 0.0, "guidance must be a finite number >= 0, got {}", self.guidance);
-        Ok(())
-    }
-}
+use crate::family::{Family, NoiseRng, SamplerConfig, StepOutput};
 
 /// One batch of sampled trajectories.
 #[derive(Debug, Clone)]
 pub struct Trajectory {
     pub prompts: Vec<String>,
-    /// The training timestep at each DDIM step, noisiest first.
+    /// The training timestep at each step, noisiest first.
     pub timesteps: Vec<usize>,
-    /// x_T, ..., x_0: `steps + 1` tensors of shape (N, C, H, W).
+    /// x_T, ..., x_0: `steps + 1` tensors of shape (N, ..).
     pub latents: Vec<Tensor>,
     /// log p(x_{k+1} | x_k, c) for each sample and step, (N, steps).
     pub log_probs: Tensor,
@@ -53,24 +26,18 @@ impl Trajectory {
     }
 }
 
-/// Samples one trajectory per prompt with DDIM, recording transitions and log-probs. No gradient.
-pub fn sample(policy: &Policy, prompts: &[String], cfg: &SamplerConfig, rng: &mut NoiseRng) -> Result<Trajectory> {
-    crate::model::lora::with_adapters_detached(|| sample_untracked(policy, prompts, cfg, rng))
-}
-
-fn sample_untracked(policy: &Policy, prompts: &[String], cfg: &SamplerConfig, rng: &mut NoiseRng) -> Result<Trajectory> {
-    let n = prompts.len();
-    let cond = policy.encode_prompts(prompts)?.detach();
-    let uncond = policy.encode_prompts(&vec![""; n])?.detach();
-    let timesteps = policy.schedule.ddim_timesteps(cfg.steps);
-    let mut x = rng.randn(policy.sample_shape(n), &policy.device)?;
+/// Samples one trajectory per prompt, recording transitions and log-probs. No gradient.
+pub fn sample(family: &dyn Family, prompts: &[String], cfg: &SamplerConfig, rng: &mut NoiseRng) -> Result<Trajectory> {
+    let device = family.device();
+    let cond = family.condition(prompts)?;
+    let timesteps = family.timesteps(cfg.steps);
+    let mut x = rng.randn(family.sample_shape(prompts.len()), device)?;
     let mut latents = vec![x.clone()];
     let mut log_probs = Vec::with_capacity(cfg.steps);
     for &t in &timesteps {
-        let ts = vec![t; n];
-        let eps = policy.guided_eps(&x, &ts, &cond, &uncond, cfg.guidance)?.detach();
-        let noise = rng.randn(x.shape(), &policy.device)?;
-        let out = ddim_step(&policy.schedule, &eps, &ts, &x, cfg.steps, cfg.eta, None, Some(&noise))?;
+        let ts = vec![t; prompts.len()];
+        let noise = rng.randn(x.shape(), device)?;
+        let out = family.step(&cond, &x, &ts, cfg, &noise)?;
         x = out.prev_sample;
         latents.push(x.clone());
         log_probs.push(out.log_prob);
@@ -78,19 +45,27 @@ fn sample_untracked(policy: &Policy, prompts: &[String], cfg: &SamplerConfig, rn
     Ok(Trajectory { prompts: prompts.to_vec(), timesteps, latents, log_probs: Tensor::stack(&log_probs, 1)? })
 }
 
-/// Recomputes the DDIM step of a stored transition x_t -> x_prev under the current weights,
-/// differentiably: its log p(x_prev | x_t, c) and predicted x0. Gradients reach the UNet and
-/// text encoder through the guided noise prediction; `x_t`, `x_prev` are data.
-pub fn transition(
-    policy: &Policy,
-    prompts: &[String],
-    x_t: &Tensor,
-    x_prev: &Tensor,
-    timesteps: &[usize],
-    cfg: &SamplerConfig,
-) -> Result<StepOutput> {
-    let cond = policy.encode_prompts(prompts)?;
-    let uncond = policy.encode_prompts(&vec![""; prompts.len()])?;
-    let eps = policy.guided_eps(&x_t.detach(), timesteps, &cond, &uncond, cfg.guidance)?;
-    ddim_step(&policy.schedule, &eps, timesteps, &x_t.detach(), cfg.steps, cfg.eta, Some(x_prev), None)
+/// Recomputes a stored transition x_t -> x_prev under the current weights, differentiably: its
+/// log p(x_prev | x_t, c) and predicted x0. `x_t`, `x_prev` are data.
+pub fn transition(family: &dyn Family, prompts: &[String], x_t: &Tensor, x_prev: &Tensor, timesteps: &[usize], cfg: &SamplerConfig) -> Result<StepOutput> {
+    family.log_prob(prompts, x_t, x_prev, timesteps, cfg)
+}
+
+/// Images for `prompts`, sampled `batch` at a time from one seeded noise stream.
+pub fn sample_images(family: &dyn Family, prompts: &[String], cfg: &SamplerConfig, seed: u64, batch: usize) -> anyhow::Result<Vec<image::RgbImage>> {
+    let mut rng = NoiseRng::new(seed);
+    let mut images = Vec::with_capacity(prompts.len());
+    for chunk in prompts.chunks(batch.max(1)) {
+        let traj = sample(family, chunk, cfg, &mut rng)?;
+        images.extend(family.images(traj.final_sample())?);
+    }
+    Ok(images)
+}
+
+/// A labelled grid of one sample per prompt, written as a PNG.
+pub fn write_sample_grid(family: &dyn Family, prompts: &[String], cfg: &SamplerConfig, seed: u64, path: &Path) -> anyhow::Result<()> {
+    let images = sample_images(family, prompts, cfg, seed, 64)?;
+    let cols = (prompts.len() as f64).sqrt().ceil() as usize;
+    let grid = crate::render::labelled_grid(&images, prompts, cols, 3);
+    crate::render::save_png(&grid, path)
 }

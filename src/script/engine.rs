@@ -15,11 +15,6 @@ use rhai::{Engine, EvalAltResult, ModuleResolver, ParseErrorType, Position};
 /// Where script `print` and `debug` output goes: one line per call.
 pub type Log = Arc<dyn Fn(&str) + Send + Sync>;
 
-/// A log that writes `[file] line` to stderr (the CLI's choice; stdout stays clean).
-pub fn stderr_log() -> Log {
-    Arc::new(|line: &str| eprintln!("{line}"))
-}
-
 /// Resource limits of one script call.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Limits {

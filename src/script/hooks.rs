@@ -5,8 +5,9 @@
 //! - [`ScriptHooks`]: the script, reloaded like the others by [`super::ScriptSet`].
 //! - [`Overrides`]: a hook's return value, validated (unknown keys, wrong types and bad numbers
 //!   are `hooks.rhai:line:col: message` errors pointing at the key).
-//! - [`Schedule`]: applies overrides to a [`Trainer`]. Overrides are settings: each stays in
-//!   effect until a later hook changes it (like `set()` in the REPL). A hook that fails, or
+//! - [`HookRunner`]: runs the hooks at epoch boundaries and applies their overrides to the
+//!   training settings. Overrides are settings: each stays in effect until a later hook changes
+//!   it (like `set()` in the REPL). A hook that fails, or
 //!   returns a bad value, changes nothing: the previous settings stay.
 //!
 //! **Weights.** With `weights: #{ name: w, .. }` in effect, a reward script's total is
@@ -21,7 +22,8 @@ use rand_chacha::ChaCha8Rng;
 use rhai::{Array, Dynamic, Map, FLOAT, INT};
 
 use super::{Context, Host, ScriptError, ScriptReward, Shared, Version};
-use crate::ddpo::{FixedPrompts, PromptSource, Trainer};
+use crate::ddpo::{FixedPrompts, PromptSource, TrainConfig};
+use crate::family::Family;
 
 /// The entry points of a hooks script.
 pub const ON_EPOCH_START: &str = "on_epoch_start";
@@ -315,9 +317,9 @@ pub struct HookOutcome {
     pub error: Option<String>,
 }
 
-/// Applies schedule hooks to a trainer: settings (lr, guidance, reward weights, prompt list)
-/// that stay in effect until a hook changes them again.
-pub struct Schedule {
+/// Runs schedule hooks and applies what they return to the training settings (lr, guidance,
+/// reward weights, prompt list), which stay in effect until a hook changes them again.
+pub struct HookRunner {
     hooks: Option<ScriptHooks>,
     /// The reward script whose components `weights` recombine (none for a built-in reward).
     reward: Option<Arc<ScriptReward>>,
@@ -328,8 +330,8 @@ pub struct Schedule {
     pub epochs: usize,
 }
 
-impl Schedule {
-    /// A schedule for a trainer that will start from `config`; wraps its prompt source so hooks
+impl HookRunner {
+    /// A hook runner for training that will start from `config`; wraps its prompt source so hooks
     /// can replace the prompt list.
     pub fn new(
         hooks: Option<ScriptHooks>,
@@ -358,11 +360,11 @@ impl Schedule {
     }
 
     /// `ctx` for a hook: the run context, the current settings and (after an epoch) its metrics.
-    pub fn context(&self, trainer: &Trainer, run: &Context, metrics: Option<&serde_json::Value>) -> Map {
+    pub fn context(&self, config: &TrainConfig, run: &Context, metrics: Option<&serde_json::Value>) -> Map {
         let mut m = run.to_map();
         m.insert("epochs".into(), (self.epochs as INT).into());
-        m.insert("lr".into(), Dynamic::from_float(trainer.opt.config.lr));
-        m.insert("guidance".into(), Dynamic::from_float(trainer.config.sampler.guidance));
+        m.insert("lr".into(), Dynamic::from_float(config.optimizer.lr));
+        m.insert("guidance".into(), Dynamic::from_float(config.sampler.guidance));
         m.insert("base_lr".into(), Dynamic::from_float(self.base_lr));
         m.insert("base_guidance".into(), Dynamic::from_float(self.base_guidance));
         let weights: Map = self.weights().into_iter().map(|(k, v)| (k.into(), Dynamic::from_float(v))).collect();
@@ -373,19 +375,19 @@ impl Schedule {
         m
     }
 
-    /// Runs `on_epoch_start` before the trainer's next epoch and applies what it returns (all or
-    /// nothing).
-    pub fn epoch_start(&mut self, trainer: &mut Trainer, run: &Context) -> HookOutcome {
+    /// Runs `on_epoch_start` before the next epoch and applies what it returns to `config` (all
+    /// or nothing); `family` is the policy the settings must suit.
+    pub fn epoch_start(&mut self, config: &mut TrainConfig, family: &dyn Family, run: &Context) -> HookOutcome {
         let Some(hooks) = &self.hooks else { return HookOutcome::default() };
         let version = hooks.current.read().unwrap().clone();
-        let ctx = self.context(trainer, run, None);
+        let ctx = self.context(config, run, None);
         let result = call_hook(&hooks.host, &version, ON_EPOCH_START, ctx.clone(), &START_KEYS).and_then(|o| {
-            self.check(trainer, &o).map_err(|bad| bad.locate(&hooks.host, &version, ON_EPOCH_START, ctx))?;
+            self.check(config, family, &o).map_err(|bad| bad.locate(&hooks.host, &version, ON_EPOCH_START, ctx))?;
             Ok(o)
         });
         match result {
             Ok(o) => {
-                self.apply(trainer, &o);
+                self.apply(config, &o);
                 HookOutcome { stop: o.stop, applied: o, error: None }
             }
             Err(e) => HookOutcome { error: Some(e.to_string()), ..Default::default() },
@@ -393,20 +395,21 @@ impl Schedule {
     }
 
     /// Runs `on_epoch_end` after an epoch whose `metrics.jsonl` record is `metrics`.
-    pub fn epoch_end(&mut self, trainer: &Trainer, run: &Context, metrics: &serde_json::Value) -> HookOutcome {
+    pub fn epoch_end(&mut self, config: &TrainConfig, run: &Context, metrics: &serde_json::Value) -> HookOutcome {
         let Some(hooks) = &self.hooks else { return HookOutcome::default() };
-        let ctx = self.context(trainer, run, Some(metrics));
+        let ctx = self.context(config, run, Some(metrics));
         match hooks.on_epoch_end(ctx) {
             Ok(stop) => HookOutcome { stop, ..Default::default() },
             Err(e) => HookOutcome { error: Some(e.to_string()), ..Default::default() },
         }
     }
 
-    /// Checks overrides against the trainer and the reward (guidance range, weighted components).
-    fn check(&self, trainer: &Trainer, o: &Overrides) -> Result<(), BadValue> {
+    /// Checks overrides against the settings, the policy and the reward (guidance range,
+    /// weighted components).
+    fn check(&self, config: &TrainConfig, family: &dyn Family, o: &Overrides) -> Result<(), BadValue> {
         if let Some(g) = o.guidance {
-            let sampler = crate::sampler::SamplerConfig { guidance: g, ..trainer.config.sampler };
-            sampler.validate(trainer.policy.schedule.num_train_timesteps()).map_err(|e| BadValue::new(Some("guidance"), format!("on_epoch_start(): {e}")))?;
+            let sampler = crate::family::SamplerConfig { guidance: g, ..config.sampler };
+            family.check_sampler(&sampler).map_err(|e| BadValue::new(Some("guidance"), format!("on_epoch_start(): {e}")))?;
         }
         if let Some(w) = o.weights.as_ref().filter(|w| !w.is_empty()) {
             let Some(reward) = &self.reward else {
@@ -425,14 +428,13 @@ impl Schedule {
         Ok(())
     }
 
-    /// Applies checked overrides to `trainer` and the reward and prompt handles.
-    fn apply(&mut self, trainer: &mut Trainer, o: &Overrides) {
+    /// Applies checked overrides to `config` and the reward and prompt handles.
+    fn apply(&mut self, config: &mut TrainConfig, o: &Overrides) {
         if let Some(lr) = o.lr {
-            trainer.config.optimizer.lr = lr;
-            trainer.opt.config.lr = lr;
+            config.optimizer.lr = lr;
         }
         if let Some(g) = o.guidance {
-            trainer.config.sampler.guidance = g;
+            config.sampler.guidance = g;
         }
         if let (Some(w), Some(handle)) = (&o.weights, self.weights_handle()) {
             *handle.write().unwrap() = w.clone();
@@ -444,11 +446,11 @@ impl Schedule {
 
     /// Re-applies the `"hooks"` records of a resumed run's `metrics.jsonl` (kept epochs only),
     /// so settings changed by hooks survive `--resume`.
-    pub fn replay(&mut self, trainer: &mut Trainer, records: &[serde_json::Value]) {
+    pub fn replay(&mut self, config: &mut TrainConfig, family: &dyn Family, records: &[serde_json::Value]) {
         for r in records {
             let o = Overrides::from_json(&r["hooks"]);
-            if r["hooks"].is_object() && self.check(trainer, &o).is_ok() {
-                self.apply(trainer, &o);
+            if r["hooks"].is_object() && self.check(config, family, &o).is_ok() {
+                self.apply(config, &o);
             }
         }
     }

@@ -6,7 +6,7 @@
 //! - [`api`]: the host API scripts see, registered and documented in one place (`scripts/API.md`).
 //! - [`reward`]: [`ScriptReward`], a [`crate::reward::Reward`] backed by `fn reward(img, prompt, meta)`.
 //! - [`prompts`]: [`ScriptPrompts`], a [`crate::ddpo::PromptSource`] backed by `fn prompt()`.
-//! - [`hooks`]: [`ScriptHooks`] (`on_epoch_start` / `on_epoch_end`) and the [`Schedule`] that
+//! - [`hooks`]: [`ScriptHooks`] (`on_epoch_start` / `on_epoch_end`) and the [`HookRunner`] that
 //!   applies their overrides (lr, guidance, reward weights, prompts, early stop) to a trainer.
 //! - [`repl`]: the Rhai side of `ddpo repl` (REPL functions over a [`repl::ReplHost`]).
 //! - [`set`]: [`ScriptSet`], the scripts of a run: loading, dry runs, hot reload, saved versions,
@@ -28,7 +28,7 @@ use rhai::{Dynamic, Engine, Scope, AST};
 
 pub use api::{Context, Image};
 pub use engine::{Limits, Log, ScriptError};
-pub use hooks::{HookOutcome, Overrides, Schedule, ScriptHooks};
+pub use hooks::{HookOutcome, HookRunner, Overrides, ScriptHooks};
 pub use prompts::ScriptPrompts;
 pub use reward::ScriptReward;
 pub use set::{check_file, Kind, Reload, ReloadOutcome, ScriptSet};

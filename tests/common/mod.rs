@@ -1,4 +1,10 @@
-//! Helpers shared by the kernel tests: seeded random tensors and a scale-relative error.
+//! Helpers shared by the tests: seeded random tensors and a scale-relative error (kernels), the
+//! tiny policy fixtures ([`fixtures`]) and a test-double model family ([`gaussian`]).
+#![allow(dead_code)]
+
+pub mod fixtures;
+pub mod gaussian;
+
 
 use candle_core::{DType, Device, Result, Tensor};
 use rand::Rng;

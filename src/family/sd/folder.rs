@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use serde_json::{json, Value};
 
 use crate::model::{HeadDims, TextConfig, UNetConfig};
-use crate::sampler::ScheduleConfig;
+use crate::family::ddpm::ScheduleConfig;
 
 pub const UNET_CONFIG: &str = "unet/config.json";
 pub const UNET_WEIGHTS: &str = "unet/diffusion_pytorch_model.safetensors";
@@ -157,7 +157,7 @@ impl DiffusersFolder {
         // happens here: the last step's previous timestep is clamped to 0, as in the reference.
         let cfg: ScheduleConfig = serde_json::from_value(v)
             .with_context(|| format!("{}: not a supported scheduler config", path.display()))?;
-        crate::sampler::NoiseSchedule::new(cfg.clone()).with_context(|| format!("in {}", path.display()))?;
+        crate::family::ddpm::NoiseSchedule::new(cfg.clone()).with_context(|| format!("in {}", path.display()))?;
         Ok(cfg)
     }
 }

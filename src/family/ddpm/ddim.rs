@@ -7,6 +7,7 @@
 use candle_core::{Result, Tensor};
 
 use super::schedule::NoiseSchedule;
+use crate::family::StepOutput;
 
 /// Per-sample DDIM coefficients for one step, each shaped (N, 1, 1, 1) for broadcasting.
 struct StepCoefficients {
@@ -17,21 +18,6 @@ struct StepCoefficients {
     direction: Tensor,
     sigma: Tensor,
     log_sigma: Tensor,
-}
-
-/// The output of one DDIM step.
-#[derive(Debug, Clone)]
-pub struct StepOutput {
-    /// x_{t-1}: the drawn sample (or the given one, when recomputing).
-    pub prev_sample: Tensor,
-    /// Mean of the Gaussian policy at this step.
-    pub mean: Tensor,
-    /// The x0 the step predicts from `eps`, before any `clip_sample` clamp.
-    pub pred_original: Tensor,
-    /// log p(x_{t-1} | x_t, c), (N,), averaged over all non-batch dimensions.
-    pub log_prob: Tensor,
-    /// Standard deviation of the Gaussian policy at this step, broadcastable: (N, 1, ..).
-    pub sigma: Tensor,
 }
 
 /// sigma_t of the DDIM step from `t` (to `t_prev`) with stochasticity `eta`.

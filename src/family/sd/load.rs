@@ -1,13 +1,13 @@
-//! A [`Policy`] from a diffusers Stable Diffusion folder (`--model-dir DIR`): the folder's UNet,
+//! A [`LatentPolicy`] from a diffusers Stable Diffusion folder (`--model-dir DIR`): the folder's UNet,
 //! CLIP text encoder, CLIP BPE tokenizer, VAE and noise schedule, weights memory-mapped in the
 //! chosen dtype. What trains is chosen by [`Finetune`]: nothing, LoRA adapters on the UNet's
 //! attention projections, or the whole UNet (the text encoder and VAE are always frozen, as in
 //! the DDPO reference).
 //!
-//! Trained weights are saved by [`Policy::save`] with the names other tools expect:
+//! Trained weights are saved by [`Policy::save`](crate::family::unet::Policy::save) with the names other tools expect:
 //! `unet.<module>.lora_A.weight` / `lora_B.weight` for adapters (peft names, with the `unet.`
 //! prefix of diffusers' `load_lora_weights`), `unet.<diffusers name>` for a full UNet.
-//! [`Policy::load_diffusers_with_weights`] applies either kind, and also reads adapters in the
+//! [`LatentPolicy::load_with_weights`] applies either kind, and also reads adapters in the
 //! older diffusers naming (`lora.down.weight` / `lora.up.weight`).
 
 use std::collections::HashMap;
@@ -17,11 +17,12 @@ use anyhow::Context;
 use candle_core::{safetensors::MmapedSafetensors, DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 
-use super::{init, Policy, PolicyConfig, PromptTokenizer};
+use super::folder::{self, DiffusersFolder};
+use super::{ClipTokenizer, LatentPolicy, Vae, MAX_LEN};
+use crate::family::ddpm::NoiseSchedule;
+use crate::family::unet::checkpoint::{LORA_TARGETS, META_ALPHA};
+use crate::family::unet::{init, Policy, PolicyConfig};
 use crate::model::{Lora, LoraConfig, TextEncoder, UNet2DConditionModel, UNetConfig};
-use crate::sampler::NoiseSchedule;
-use crate::sd::folder::{self, DiffusersFolder};
-use crate::sd::{ClipTokenizer, Vae, MAX_LEN};
 
 /// Which weights of a diffusers policy are trained.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -33,13 +34,6 @@ pub enum Finetune {
     /// Every UNet weight, kept in f32 whatever `--dtype` says.
     FullUnet,
 }
-
-/// Safetensors metadata keys of an adapter file (strings, as safetensors metadata must be).
-pub const META_RANK: &str = "lora_rank";
-pub const META_ALPHA: &str = "lora_alpha";
-pub const META_TARGETS: &str = "target_modules";
-/// The modules that carry adapters, as peft's `target_modules`.
-pub const LORA_TARGETS: &str = "to_q,to_k,to_v,to_out.0";
 
 fn mmap(path: &Path) -> anyhow::Result<MmapedSafetensors> {
     // SAFETY: the file is only read; nothing in this process writes it while it is mapped.
@@ -54,13 +48,13 @@ fn mmap_var_builder(path: &Path, dtype: DType, device: &Device) -> anyhow::Resul
         .with_context(|| format!("cannot map {}", path.display()))
 }
 
-impl Policy {
+impl LatentPolicy {
     /// Loads the pipeline in `dir` with frozen weights in `dtype` and `finetune` deciding what
     /// trains. Every file, config field and tensor shape is checked, and errors name them.
-    pub fn load_diffusers(dir: &Path, finetune: Finetune, dtype: DType, device: &Device) -> anyhow::Result<Self> {
+    pub fn load(dir: &Path, finetune: Finetune, dtype: DType, device: &Device) -> anyhow::Result<Self> {
         anyhow::ensure!(
             !(device.is_cpu() && dtype == DType::BF16),
-            "--dtype bf16 needs --device cuda (candle's CPU matmul has no bf16); use f16 or f32 on the CPU"
+            "bf16 weights need a CUDA device (candle's CPU matmul has no bf16); use f16 or f32 on the CPU"
         );
         let folder = DiffusersFolder::open(dir)?;
         let unet_cfg = folder.unet_config()?;
@@ -109,23 +103,23 @@ impl Policy {
         let text = TextEncoder::new(&config.text_encoder, mmap_var_builder(&text_file, dtype, device)?)
             .with_context(|| shape_hint(&text_file))?;
         let (unet, varmap, unet_dtype) = build_unet(&config.unet, &unet_file, finetune, dtype, device)?;
-        Ok(Self {
+        let policy = Policy {
             schedule: NoiseSchedule::new(config.scheduler.clone())?,
             config,
             unet,
             text,
-            tokenizer: PromptTokenizer::Clip(tokenizer),
-            vae: Some(vae),
+            tokenizer: Box::new(tokenizer),
             varmap,
             device: device.clone(),
             unet_dtype,
-        })
+        };
+        Ok(Self { policy, vae })
     }
 
     /// Loads the pipeline in `dir` and applies trained weights from `weights`: a LoRA adapter
     /// (ours, peft-named, or diffusers' older `lora.down` / `lora.up` names), or a full UNet
     /// saved by a `ddpo train --model-dir` run without LoRA.
-    pub fn load_diffusers_with_weights(dir: &Path, weights: &Path, dtype: DType, device: &Device) -> anyhow::Result<Self> {
+    pub fn load_with_weights(dir: &Path, weights: &Path, dtype: DType, device: &Device) -> anyhow::Result<Self> {
         anyhow::ensure!(weights.is_file(), "weights file {} not found", weights.display());
         let tensors = candle_core::safetensors::load(weights, device)
             .with_context(|| format!("{} is not a readable safetensors file", weights.display()))?;
@@ -134,8 +128,8 @@ impl Policy {
             Some(config) => Finetune::Lora { config, seed: 0 },
             None => Finetune::FullUnet,
         };
-        let policy = Self::load_diffusers(dir, finetune, dtype, device)?;
-        let vars = policy.trainable_vars();
+        let policy = Self::load(dir, finetune, dtype, device)?;
+        let vars = policy.policy.trainable_vars();
         for (name, var) in &vars {
             let t = tensors.get(name).with_context(|| {
                 format!("{} lacks tensor {name} (expected shape {:?}); was it trained on {}?", weights.display(), var.dims(), dir.display())
@@ -224,7 +218,7 @@ fn adapter_config(weights: &Path, tensors: &HashMap<String, Tensor>) -> anyhow::
     let meta = read_metadata(weights)?;
     let alpha = match meta.get(META_ALPHA) {
         Some(v) => v.parse::<f64>().with_context(|| format!("{}: metadata {META_ALPHA} {v:?} is not a number", weights.display()))?,
-        None => match super::checkpoint::load_config(weights).ok().and_then(|c| c.lora) {
+        None => match crate::family::unet::checkpoint::load_config(weights).ok().and_then(|c| c.lora) {
             Some(l) => l.alpha,
             None => rank as f64,
         },

@@ -1,28 +1,23 @@
-//! The diffusion policy: text encoder + UNet + noise schedule + tokenizer (+ a VAE in latent
-//! space), behind the few operations that sampling and training need: encode prompts, predict
-//! guided noise, decode final samples to images, give the sample shape and the trainable weights.
-//!
-//! The embedded default (pixel space, shapes-world tokenizer) and a diffusers Stable Diffusion
-//! folder (latent space, CLIP BPE tokenizer, VAE) are the same struct: the prompt tokenizer is an
-//! enum and the VAE optional, so the sampler and the trainer never ask which one they hold.
-//! Loading and saving checkpoints live in [`checkpoint`], diffusers folders in [`diffusers`].
+//! The UNet core both epsilon-predicting families share: text encoder + UNet + DDPM noise
+//! schedule + a prompt tokenizer ([`Policy`]), its checkpoints and seeded initialisation, and the
+//! [`Family`] implementation for every family built on it ([`UNetFamily`]): guided noise
+//! prediction turned into DDIM steps with log-probs, and the denoising loss.
 
 pub mod checkpoint;
-pub mod diffusers;
+mod family;
 pub mod init;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
+use super::ddpm::{NoiseSchedule, ScheduleConfig};
 use crate::model::{Lora, LoraConfig, TextConfig, TextEncoder, UNet2DConditionModel, UNetConfig};
-use crate::sampler::{NoiseSchedule, ScheduleConfig};
-use crate::sd::{ClipTokenizer, Vae};
 use crate::world::Tokenizer;
 
-pub use diffusers::Finetune;
+pub use family::UNetFamily;
 
 /// Everything that defines a policy's architecture; saved as JSON next to its weights.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -108,26 +103,21 @@ impl PolicyConfig {
     }
 }
 
-/// How prompts become token ids: the shapes world's word tokenizer or Stable Diffusion's CLIP BPE.
-#[derive(Debug, Clone)]
-pub enum PromptTokenizer {
-    Shapes(Tokenizer),
-    Clip(ClipTokenizer),
+/// How prompts become token ids (the shapes world's word tokenizer, Stable Diffusion's CLIP BPE).
+pub trait PromptTokenizer: Send + Sync {
+    /// Token ids of `text`, padded to the encoder's sequence length.
+    fn encode(&self, text: &str) -> anyhow::Result<Vec<u32>>;
 }
 
-impl PromptTokenizer {
-    /// Token ids of `text`, padded to the encoder's sequence length.
-    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        match self {
-            PromptTokenizer::Shapes(t) => Ok(t.encode(text)),
-            PromptTokenizer::Clip(t) => t.encode(text).map_err(|e| candle_core::Error::Msg(format!("{e:#}"))),
-        }
+impl PromptTokenizer for Tokenizer {
+    fn encode(&self, text: &str) -> anyhow::Result<Vec<u32>> {
+        Ok(Tokenizer::encode(self, text))
     }
 }
 
 /// The dtype of frozen weights (`--dtype`). Trained weights (LoRA adapters, or the UNet when
 /// finetuned in full) and the sampler's latents and log-probs always stay f32.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WeightDtype {
     #[default]
@@ -151,9 +141,7 @@ pub struct Policy {
     pub config: PolicyConfig,
     pub unet: UNet2DConditionModel,
     pub text: TextEncoder,
-    pub tokenizer: PromptTokenizer,
-    /// Latent-space policies decode their final samples with this; pixel-space ones have none.
-    pub vae: Option<Vae>,
+    pub tokenizer: Box<dyn PromptTokenizer>,
     pub schedule: NoiseSchedule,
     /// The trainable variables, when the policy was built for training.
     pub varmap: Option<VarMap>,
@@ -196,8 +184,7 @@ impl Policy {
         let unet = UNet2DConditionModel::new_with_lora(&config.unet, vb.pp("unet"), lora)?;
         let text = TextEncoder::new(&config.text_encoder, vb.pp("text_encoder"))?;
         Ok(Self {
-            tokenizer: PromptTokenizer::Shapes(Tokenizer::shapes_world(config.max_tokens)),
-            vae: None,
+            tokenizer: Box::new(Tokenizer::shapes_world(config.max_tokens)),
             schedule: NoiseSchedule::new(config.scheduler.clone())?,
             config,
             unet,
@@ -238,44 +225,11 @@ impl Policy {
         self.trainable_vars().iter().map(|(_, v)| v.elem_count()).sum()
     }
 
-    /// Opens `model` for training: a diffusers folder (a directory) or a policy checkpoint file;
-    /// with `lora`, fresh adapters (seeded) are the only trainable weights.
-    pub fn open_trainable(model: &Path, lora: Option<LoraConfig>, seed: u64, dtype: WeightDtype, device: &Device) -> anyhow::Result<Self> {
-        if model.is_dir() {
-            let finetune = match lora {
-                Some(config) => Finetune::Lora { config, seed },
-                None => Finetune::FullUnet,
-            };
-            return Self::load_diffusers(model, finetune, dtype.dtype(), device);
-        }
-        check_checkpoint_dtype(model, dtype)?;
-        match lora {
-            Some(lora) => Self::load_with_new_lora(model, lora, seed, device),
-            None => Self::load_trainable(model, device),
-        }
-    }
-
-    /// Opens `model` for sampling, with trained `weights` applied (a LoRA adapter, or for a
-    /// diffusers folder also a finetuned UNet).
-    pub fn open_frozen(model: &Path, weights: Option<&Path>, dtype: WeightDtype, device: &Device) -> anyhow::Result<Self> {
-        if model.is_dir() {
-            return match weights {
-                Some(w) => Self::load_diffusers_with_weights(model, w, dtype.dtype(), device),
-                None => Self::load_diffusers(model, Finetune::Frozen, dtype.dtype(), device),
-            };
-        }
-        check_checkpoint_dtype(model, dtype)?;
-        match weights {
-            Some(adapter) => Self::load_with_adapter(model, adapter, device),
-            None => Self::load(model, device),
-        }
-    }
-
     /// Text states (B, L, D) for `prompts`; the empty prompt is the unconditional one.
     pub fn encode_prompts<S: AsRef<str>>(&self, prompts: &[S]) -> Result<Tensor> {
         let mut ids = Vec::with_capacity(prompts.len() * self.config.max_tokens);
         for p in prompts {
-            ids.extend(self.tokenizer.encode(p.as_ref())?);
+            ids.extend(self.tokenizer.encode(p.as_ref()).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?);
         }
         let ids = Tensor::from_vec(ids, (prompts.len(), self.config.max_tokens), &self.device)?;
         self.text.forward(&ids)
@@ -319,36 +273,4 @@ impl Policy {
         let (eps_u, eps_c) = (eps.narrow(0, 0, n)?, eps.narrow(0, n, n)?);
         eps_u.clone() + ((eps_c - eps_u)? * guidance)?
     }
-
-    /// Shape of one batch of the policy's samples (latents for a latent-space policy).
-    pub fn sample_shape(&self, n: usize) -> (usize, usize, usize, usize) {
-        let s = match self.vae {
-            Some(_) => self.config.unet.sample_size,
-            None => self.config.image_size,
-        };
-        (n, self.config.unet.in_channels, s, s)
-    }
-
-    /// Final samples to images in -1..1: the identity in pixel space, the VAE in latent space.
-    pub fn decode(&self, samples: &Tensor) -> anyhow::Result<Tensor> {
-        match &self.vae {
-            Some(vae) => vae.decode(samples),
-            None => Ok(samples.clone()),
-        }
-    }
-
-    /// Final samples as RGB images (what rewards score).
-    pub fn images(&self, samples: &Tensor) -> anyhow::Result<Vec<image::RgbImage>> {
-        Ok(crate::render::tensor_to_images(&self.decode(samples)?)?)
-    }
-}
-
-/// The embedded default is small and CPU-bound: it only runs in f32.
-fn check_checkpoint_dtype(model: &Path, dtype: WeightDtype) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        dtype == WeightDtype::F32,
-        "--dtype {dtype:?} applies to diffusers folders (--model-dir); {} runs in f32",
-        model.display()
-    );
-    Ok(())
 }

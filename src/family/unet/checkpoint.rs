@@ -5,13 +5,21 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use crate::io::{save_tensors_atomic_with_metadata, write_atomic};
+
 use anyhow::Context;
 use candle_core::{safetensors::MmapedSafetensors, DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 
-use super::diffusers::{LORA_TARGETS, META_ALPHA, META_RANK, META_TARGETS};
 use super::{Policy, PolicyConfig};
 use crate::model::LoraConfig;
+
+/// Safetensors metadata keys of an adapter file (strings, as safetensors metadata must be).
+pub const META_RANK: &str = "lora_rank";
+pub const META_ALPHA: &str = "lora_alpha";
+pub const META_TARGETS: &str = "target_modules";
+/// The modules that carry adapters, as peft's `target_modules`.
+pub const LORA_TARGETS: &str = "to_q,to_k,to_v,to_out.0";
 
 /// The JSON config that belongs to a weights file.
 pub fn config_path(weights: &Path) -> PathBuf {
@@ -134,34 +142,4 @@ pub fn save_weights(config: &PolicyConfig, tensors: &[(String, Tensor)], weights
     save_tensors_atomic_with_metadata(&map, Some(meta), weights)?;
     let json = serde_json::to_string_pretty(config)?;
     write_atomic(&config_path(weights), json.as_bytes())
-}
-
-/// Writes a safetensors file through a temporary file and a rename.
-pub fn save_tensors_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -> anyhow::Result<()> {
-    save_tensors_atomic_with_metadata(tensors, None, path)
-}
-
-/// As [`save_tensors_atomic`], with string metadata in the file's header.
-pub fn save_tensors_atomic_with_metadata(
-    tensors: &HashMap<String, Tensor>,
-    metadata: Option<HashMap<String, String>>,
-    path: &Path,
-) -> anyhow::Result<()> {
-    let tmp = tmp_path(path);
-    safetensors::serialize_to_file(tensors.iter(), metadata, &tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", path.display()))
-}
-
-/// Writes bytes through a temporary file and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let tmp = tmp_path(path);
-    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", path.display()))
-}
-
-fn tmp_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(".tmp");
-    path.with_file_name(name)
 }

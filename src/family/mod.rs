@@ -1,0 +1,153 @@
+//! Model families behind one trait, [`Family`]: what the sampler and the trainer need of a
+//! text-conditioned diffusion policy, and nothing about how a family computes it.
+//!
+//! - [`shapes`]: the embedded default, a pixel-space UNet over the shapes world.
+//! - [`sd`]: Stable Diffusion 1.x / 2.x diffusers folders (latent space, CLIP BPE, VAE).
+//!
+//! Both are epsilon-predicting UNets sampled with DDIM, so they share [`unet`] (the networks,
+//! guided noise prediction, checkpoints) and [`ddpm`] (the noise schedule and the DDIM step);
+//! a family of another kind (flow matching) implements [`Family`] directly.
+//! [`open_trainable`] / [`open_frozen`] pick the family from what is on disk.
+
+pub mod ddpm;
+pub mod noise;
+pub mod sd;
+pub mod shapes;
+pub mod unet;
+
+use std::path::Path;
+
+use candle_core::{Device, Result, Tensor, Var};
+
+pub use noise::{NoiseRng, NoiseRngState};
+pub use shapes::PixelPolicy;
+pub use sd::LatentPolicy;
+pub use unet::{Policy, PolicyConfig, WeightDtype};
+
+/// Sampler settings (DDPO's defaults: eta 1 for a truly stochastic policy, guidance 5).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SamplerConfig {
+    pub steps: usize,
+    pub eta: f64,
+    pub guidance: f64,
+}
+
+impl Default for SamplerConfig {
+    fn default() -> Self {
+        Self { steps: 20, eta: 1.0, guidance: 5.0 }
+    }
+}
+
+/// The output of one reverse step x_t -> x_{t-1} of a Gaussian policy.
+#[derive(Debug, Clone)]
+pub struct StepOutput {
+    /// x_{t-1}: the drawn sample (or the given one, when recomputing).
+    pub prev_sample: Tensor,
+    /// Mean of the Gaussian policy at this step.
+    pub mean: Tensor,
+    /// The clean sample the step predicts, before any clamp.
+    pub pred_original: Tensor,
+    /// log p(x_{t-1} | x_t, c), (N,), averaged over all non-batch dimensions.
+    pub log_prob: Tensor,
+    /// Standard deviation of the Gaussian policy at this step, broadcastable: (N, 1, ..).
+    pub sigma: Tensor,
+}
+
+/// A family's encoding of a batch of prompts, opaque to the sampler (for the UNet families: the
+/// conditional and unconditional text states).
+pub struct Conditioning(pub Vec<Tensor>);
+
+/// A text-conditioned diffusion policy: a stochastic reverse process whose every step has a
+/// log-probability, plus what training needs of it.
+pub trait Family: Send + Sync {
+    fn device(&self) -> &Device;
+
+    /// Checks sampler settings against the family (number of steps, eta, guidance).
+    fn check_sampler(&self, cfg: &SamplerConfig) -> anyhow::Result<()>;
+
+    /// The step labels of a `steps`-step trajectory, noisiest first (training timesteps).
+    fn timesteps(&self, steps: usize) -> Vec<usize>;
+
+    /// Standard deviation of the policy's step from `t` under `cfg`.
+    fn step_sigma(&self, t: usize, cfg: &SamplerConfig) -> f64;
+
+    /// Shape of a batch of `n` starting samples x_T.
+    fn sample_shape(&self, n: usize) -> Vec<usize>;
+
+    /// Encodes prompts once for a whole trajectory.
+    fn condition(&self, prompts: &[String]) -> Result<Conditioning>;
+
+    /// One reverse step from `x_t` at `timesteps` with the given standard-normal `noise`, without
+    /// gradients (sampling).
+    fn step(&self, cond: &Conditioning, x_t: &Tensor, timesteps: &[usize], cfg: &SamplerConfig, noise: &Tensor) -> Result<StepOutput>;
+
+    /// The stored transition `x_t -> x_prev` recomputed under the current weights, differentiably:
+    /// its log-prob and mean carry gradients to the trainable weights.
+    fn log_prob(&self, prompts: &[String], x_t: &Tensor, x_prev: &Tensor, timesteps: &[usize], cfg: &SamplerConfig) -> Result<StepOutput>;
+
+    /// Per-sample denoising loss of clean samples `x0` (N,): the family's pretraining objective,
+    /// which RWR weights. Randomness (timesteps, noise) is drawn from `rng`.
+    fn denoising_loss(&self, x0: &Tensor, prompts: &[String], rng: &mut NoiseRng) -> Result<Tensor>;
+
+    /// Final samples as images in -1..1, (N, 3, H, W).
+    fn decode(&self, samples: &Tensor) -> anyhow::Result<Tensor>;
+
+    /// The value range of final samples when they are pixels (`None` for latents, which have no
+    /// fixed range): what the out-of-range measure and the range penalty use.
+    fn pixel_range(&self) -> Option<f64>;
+
+    /// How much the predicted clean sample at `t` counts in the range penalty: its share of x_t.
+    fn x0_weight(&self, t: usize) -> f64;
+
+    /// The trainable variables, sorted by name (empty for a frozen policy).
+    fn trainable_vars(&self) -> Vec<(String, Var)>;
+
+    /// Saves the trained weights (and what is needed to load them again) atomically.
+    fn save(&self, path: &Path) -> anyhow::Result<()>;
+
+    /// Final samples as RGB images (what rewards score).
+    fn images(&self, samples: &Tensor) -> anyhow::Result<Vec<image::RgbImage>> {
+        Ok(crate::render::tensor_to_images(&self.decode(samples)?)?)
+    }
+}
+
+/// Opens `model` for training: a diffusers folder (a directory) as [`LatentPolicy`], a policy
+/// checkpoint file as [`PixelPolicy`]; with `options.lora`, fresh adapters (seeded) are the only
+/// trainable weights.
+pub fn open_trainable(model: &Path, options: &OpenOptions, device: &Device) -> anyhow::Result<Box<dyn Family>> {
+    let (lora, seed, dtype) = (options.lora, options.seed, options.dtype);
+    Ok(if model.is_dir() {
+        boxed(LatentPolicy::open_trainable(model, lora, seed, dtype, device)?, options)
+    } else {
+        boxed(PixelPolicy::open_trainable(model, lora, seed, dtype, device)?, options)
+    })
+}
+
+/// Opens `model` for sampling with trained `weights` applied (a LoRA adapter, or for a diffusers
+/// folder also a finetuned UNet).
+pub fn open_frozen(model: &Path, weights: Option<&Path>, options: &OpenOptions, device: &Device) -> anyhow::Result<Box<dyn Family>> {
+    Ok(if model.is_dir() {
+        boxed(LatentPolicy::open_frozen(model, weights, options.dtype, device)?, options)
+    } else {
+        boxed(PixelPolicy::open_frozen(model, weights, options.dtype, device)?, options)
+    })
+}
+
+fn boxed<T: unet::UNetFamily + 'static>(mut policy: T, options: &OpenOptions) -> Box<dyn Family> {
+    if let Some(on) = options.clip_sample {
+        policy.core_mut().set_clip_sample(on);
+    }
+    Box::new(policy)
+}
+
+/// How [`open_trainable`] / [`open_frozen`] load a model.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OpenOptions {
+    pub lora: Option<crate::model::LoraConfig>,
+    /// Seeds fresh LoRA adapters.
+    pub seed: u64,
+    /// The dtype of frozen weights.
+    pub dtype: WeightDtype,
+    /// Overrides the model's x0 clamp in the sampler (`None`: the model's own setting).
+    pub clip_sample: Option<bool>,
+}

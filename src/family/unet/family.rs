@@ -1,0 +1,106 @@
+//! [`Family`] for every epsilon-predicting UNet family: guided noise prediction turned into
+//! DDIM steps with log-probs, and the DDPM denoising loss. A family built on the UNet core says
+//! only what differs: how its samples become pixels, and how its weights are saved.
+
+use std::path::Path;
+
+use candle_core::{Device, Result, Tensor, Var};
+use rand::Rng;
+
+use super::Policy;
+use crate::family::ddpm::{ddim_sigma, ddim_step};
+use crate::family::{Conditioning, Family, NoiseRng, SamplerConfig, StepOutput};
+
+/// A family whose policy is the shared UNet core.
+pub trait UNetFamily: Send + Sync {
+    fn core(&self) -> &Policy;
+    fn core_mut(&mut self) -> &mut Policy;
+    /// Side of a square starting sample x_T (pixels, or latent cells).
+    fn sample_size(&self) -> usize;
+    /// Final samples as images in -1..1.
+    fn decode(&self, samples: &Tensor) -> anyhow::Result<Tensor>;
+    /// See [`Family::pixel_range`].
+    fn pixel_range(&self) -> Option<f64>;
+    /// See [`Family::save`].
+    fn save(&self, path: &Path) -> anyhow::Result<()>;
+}
+
+impl<T: UNetFamily> Family for T {
+    fn device(&self) -> &Device {
+        &self.core().device
+    }
+
+    fn check_sampler(&self, cfg: &SamplerConfig) -> anyhow::Result<()> {
+        let max = self.core().schedule.num_train_timesteps();
+        anyhow::ensure!((1..=max).contains(&cfg.steps), "steps must be between 1 and {max}, got {}", cfg.steps);
+        anyhow::ensure!(cfg.eta > 0.0 && cfg.eta.is_finite(), "eta must be > 0 for a stochastic policy with log-probs, got {}", cfg.eta);
+        anyhow::ensure!(cfg.guidance.is_finite() && cfg.guidance >= 0.0, "guidance must be a finite number >= 0, got {}", cfg.guidance);
+        Ok(())
+    }
+
+    fn timesteps(&self, steps: usize) -> Vec<usize> {
+        self.core().schedule.ddim_timesteps(steps)
+    }
+
+    fn step_sigma(&self, t: usize, cfg: &SamplerConfig) -> f64 {
+        let schedule = &self.core().schedule;
+        ddim_sigma(schedule, t, schedule.prev_timestep(t, cfg.steps), cfg.eta)
+    }
+
+    fn sample_shape(&self, n: usize) -> Vec<usize> {
+        let s = self.sample_size();
+        vec![n, self.core().config.unet.in_channels, s, s]
+    }
+
+    fn condition(&self, prompts: &[String]) -> Result<Conditioning> {
+        let core = self.core();
+        let cond = core.encode_prompts(prompts)?.detach();
+        let uncond = core.encode_prompts(&vec![""; prompts.len()])?.detach();
+        Ok(Conditioning(vec![cond, uncond]))
+    }
+
+    fn step(&self, cond: &Conditioning, x_t: &Tensor, timesteps: &[usize], cfg: &SamplerConfig, noise: &Tensor) -> Result<StepOutput> {
+        let core = self.core();
+        let [c, u] = &cond.0[..] else { candle_core::bail!("a UNet family's conditioning is (cond, uncond)") };
+        let eps = crate::kernels::no_grad::with_no_grad(|| core.guided_eps(x_t, timesteps, c, u, cfg.guidance))?.detach();
+        ddim_step(&core.schedule, &eps, timesteps, x_t, cfg.steps, cfg.eta, None, Some(noise))
+    }
+
+    fn log_prob(&self, prompts: &[String], x_t: &Tensor, x_prev: &Tensor, timesteps: &[usize], cfg: &SamplerConfig) -> Result<StepOutput> {
+        let core = self.core();
+        let cond = core.encode_prompts(prompts)?;
+        let uncond = core.encode_prompts(&vec![""; prompts.len()])?;
+        let eps = core.guided_eps(&x_t.detach(), timesteps, &cond, &uncond, cfg.guidance)?;
+        ddim_step(&core.schedule, &eps, timesteps, &x_t.detach(), cfg.steps, cfg.eta, Some(x_prev), None)
+    }
+
+    fn denoising_loss(&self, x0: &Tensor, prompts: &[String], rng: &mut NoiseRng) -> Result<Tensor> {
+        let core = self.core();
+        let t: Vec<usize> = prompts.iter().map(|_| rng.rng().random_range(0..core.schedule.num_train_timesteps())).collect();
+        let noise = rng.randn(x0.shape(), &core.device)?;
+        let x_t = core.schedule.add_noise(x0, &noise, &t)?;
+        let ctx = core.encode_prompts(prompts)?;
+        let pred = core.predict_eps(&x_t, &t, &ctx)?;
+        (pred - noise)?.sqr()?.flatten_from(1)?.mean(1)
+    }
+
+    fn decode(&self, samples: &Tensor) -> anyhow::Result<Tensor> {
+        UNetFamily::decode(self, samples)
+    }
+
+    fn pixel_range(&self) -> Option<f64> {
+        UNetFamily::pixel_range(self)
+    }
+
+    fn x0_weight(&self, t: usize) -> f64 {
+        self.core().schedule.alpha_bar(t)
+    }
+
+    fn trainable_vars(&self) -> Vec<(String, Var)> {
+        self.core().trainable_vars()
+    }
+
+    fn save(&self, path: &Path) -> anyhow::Result<()> {
+        UNetFamily::save(self, path)
+    }
+}

@@ -1,0 +1,49 @@
+//! Fixtures shared by the policy, trainer and run tests: the tiny shapes policy, its two prompts,
+//! and a small DDPO configuration.
+
+use candle_core::Device;
+use ddpo::ddpo::{FixedPrompts, Normalisation, TrainConfig};
+use ddpo::family::{PixelPolicy, Policy, PolicyConfig, SamplerConfig};
+use ddpo::optim::AdamWConfig;
+
+/// The two shapes-world captions the tiny tests train and sample on.
+pub fn prompt_pair() -> Vec<String> {
+    vec!["a red circle on a blue background".into(), "two small green squares on a black background".into()]
+}
+
+pub fn prompt_source() -> Box<FixedPrompts> {
+    Box::new(FixedPrompts(prompt_pair()))
+}
+
+/// A randomly initialised tiny policy (seeded), trainable.
+pub fn tiny_policy(seed: u64) -> Policy {
+    Policy::new_random(PolicyConfig::tiny_test(), seed, &Device::Cpu).unwrap()
+}
+
+/// The same, as the pixel family the trainer takes.
+pub fn tiny_family(seed: u64) -> Box<PixelPolicy> {
+    Box::new(PixelPolicy(tiny_policy(seed)))
+}
+
+/// Writes a seeded tiny policy to `dir/tiny.safetensors` (+ `.json`) and returns its path.
+pub fn save_tiny_policy(dir: &std::path::Path) -> std::path::PathBuf {
+    let model = dir.join("tiny.safetensors");
+    tiny_policy(0).save(&model).unwrap();
+    model
+}
+
+/// A small, fast DDPO configuration: 8 samples of 3 steps, per-prompt normalisation.
+pub fn small_config() -> TrainConfig {
+    TrainConfig {
+        samples_per_epoch: 8,
+        sample_batch_size: 4,
+        train_batch_size: 4,
+        clip_range: 0.2,
+        normalisation: Normalisation::PerPrompt { buffer_size: 8, min_count: 4 },
+        optimizer: AdamWConfig { lr: 1e-3, ..Default::default() },
+        sampler: SamplerConfig { steps: 3, eta: 1.0, guidance: 2.0 },
+        timestep_fraction: 0.67,
+        seed: 5,
+        ..Default::default()
+    }
+}
