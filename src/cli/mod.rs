@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// Reinforcement-learning finetuning of diffusion models (DDPO), CPU-first.
 #[derive(Debug, Parser)]
@@ -24,6 +24,9 @@ use clap::{Parser, Subcommand};
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Show internal backtraces under errors (for bug reports).
+    #[arg(long, global = true)]
+    debug: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -47,7 +50,10 @@ enum Command {
 
 /// Parses the command line and runs the chosen subcommand.
 pub fn run() -> anyhow::Result<()> {
-    match Cli::parse().command {
+    // `--lr -1` is a value to refuse with a reason, not an unknown flag.
+    let command = Cli::command().mut_subcommands(|s| s.allow_negative_numbers(true));
+    let cli = Cli::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit());
+    match cli.command {
         Command::Train(args) => train::exec(args),
         Command::Sample(args) => sample::exec(args),
         Command::Pretrain(which) => pretrain::exec(which),
@@ -131,10 +137,10 @@ pub struct SamplerArgs {
     #[arg(long)]
     pub steps: Option<usize>,
     /// DDIM stochasticity (1.0 = DDPM-like, as DDPO uses).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = crate::family::SamplerConfig::default().eta)]
     pub eta: f64,
     /// Classifier-free guidance scale.
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = crate::family::SamplerConfig::default().guidance)]
     pub guidance: f64,
     /// Clamp the predicted x0 to [-1, 1] inside each step (diffusers' `clip_sample`). Default:
     /// the model's scheduler setting for `sample` and `eval` (on for the shipped model), off for
@@ -145,16 +151,11 @@ pub struct SamplerArgs {
 }
 
 impl SamplerArgs {
-    /// Sampling steps of `sample` and `eval` unless `--steps` is given.
-    pub const DEFAULT_STEPS: usize = 20;
-    /// Sampling steps of `train` unless `--steps` is given.
-    pub const DEFAULT_TRAIN_STEPS: usize = 10;
-
     /// The sampler settings, validated for `family`.
     pub fn config(&self, family: &dyn crate::family::Family) -> anyhow::Result<crate::family::SamplerConfig> {
-        let steps = self.steps.unwrap_or(Self::DEFAULT_STEPS);
+        let steps = self.steps.unwrap_or(crate::family::SamplerConfig::default().steps);
         let cfg = crate::family::SamplerConfig { steps, eta: self.eta, guidance: self.guidance };
-        family.check_sampler(&cfg).map_err(|e| anyhow::anyhow!("--steps / --eta / --guidance: {e:#}"))?;
+        family.check_sampler(&cfg).map_err(flag_error)?;
         Ok(cfg)
     }
 }
@@ -197,8 +198,7 @@ fn flag_for(field: &str) -> String {
         "optimizer.lr" | "lr" => "--lr".into(),
         "normalisation.min_count" => "--stat-min-count".into(),
         "normalisation.buffer_size" => "--stat-buffer".into(),
-        "sampler" => "--steps / --eta / --guidance".into(),
-        field => format!("--{}", field.replace('_', "-")),
+        field => format!("--{}", field.trim_start_matches("sampler.").replace('_', "-")),
     }
 }
 
@@ -207,7 +207,7 @@ fn fields_to_flags(text: &str) -> String {
     let mut out = String::new();
     let mut word = String::new();
     let flush = |word: &mut String, out: &mut String| {
-        let is_field = word.contains('_') || word.starts_with("normalisation.") || word.starts_with("optimizer.");
+        let is_field = word.contains('_') || ["normalisation.", "optimizer.", "sampler."].iter().any(|p| word.starts_with(p));
         out.push_str(&if is_field { flag_for(word) } else { word.clone() });
         word.clear();
     };

@@ -57,46 +57,46 @@ pub struct Args {
     /// Epochs in all (default 20; with --resume, the run's own plan).
     #[arg(long)]
     epochs: Option<usize>,
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = defaults().samples_per_epoch)]
     samples_per_epoch: usize,
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = defaults().sample_batch_size)]
     sample_batch_size: usize,
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = defaults().train_batch_size)]
     train_batch_size: usize,
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = defaults().inner_epochs)]
     inner_epochs: usize,
     /// Minibatches per optimizer step.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = defaults().grad_accum)]
     grad_accum: usize,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = defaults().timestep_fraction)]
     timestep_fraction: f64,
     #[command(flatten)]
     sampler: super::SamplerArgs,
-    #[arg(long, default_value_t = 2e-4)]
+    #[arg(long, default_value_t = defaults().optimizer.lr)]
     lr: f64,
     /// RWR temperature: samples are weighted by softmax(advantage / beta) (smaller: only the
     /// best samples count).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = defaults().rwr_beta)]
     rwr_beta: f64,
     /// Optimiser steps of linear learning-rate warm-up at the start of a run.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = defaults().optimizer.warmup_steps)]
     warmup_steps: usize,
     /// PPO clip range of the per-step importance ratio.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = defaults().clip_range)]
     clip_range: f64,
     /// Leave trajectory steps whose DDIM noise sigma is below this out of the DDPO-IS / SF loss
     /// (their 1/sigma-weighted score terms are mostly noise; 0 trains on every step).
-    #[arg(long, default_value_t = 0.02)]
+    #[arg(long, default_value_t = defaults().min_train_sigma)]
     min_train_sigma: f64,
     /// Weight of a penalty on predicted x0 values outside [-1, 1] in the DDPO-IS / SF loss
     /// (keeps the unclamped policy from drifting to saturated frames that no reward can tell
     /// apart, e.g. for runs past 20 epochs; 1 is a good start). 0: off. Pixel-space models only.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = defaults().range_penalty)]
     range_penalty: f64,
     /// Weight of a KL term to the base model in the DDPO-IS / SF loss (the closed-form KL of each
     /// trained step's Gaussian to the shipped model's, per pixel): changes the reward does not
     /// pay for are pulled back. Costs one more forward pass per trained step. 0: off.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = defaults().kl_weight)]
     kl_weight: f64,
     /// Finetune the text encoder too (default: the UNet only, as the DDPO reference).
     #[arg(long)]
@@ -110,21 +110,21 @@ pub struct Args {
     #[arg(long)]
     batch_norm_rewards: bool,
     /// Per-prompt normalisation: rewards kept per prompt (the last N).
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = per_prompt_defaults().0)]
     stat_buffer: usize,
     /// Per-prompt normalisation: rewards a prompt needs before its own statistics replace the
     /// batch's.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = per_prompt_defaults().1)]
     stat_min_count: usize,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = defaults().seed)]
     seed: u64,
     /// Epochs between checkpoints.
     #[arg(long, default_value_t = 5)]
     checkpoint_every: usize,
     /// Train LoRA adapters of this rank on the UNet's attention projections instead of all
-    /// weights (0: full finetuning).
-    #[arg(long, default_value_t = 0)]
-    lora_rank: usize,
+    /// weights (left out: every weight trains).
+    #[arg(long)]
+    lora_rank: Option<usize>,
     /// LoRA scale numerator (alpha / rank scales the adapter); default: the rank.
     #[arg(long)]
     lora_alpha: Option<f64>,
@@ -145,7 +145,7 @@ pub struct Args {
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Threads scoring rewards while sampling goes on (script rewards share one compiled AST).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = defaults().reward_workers)]
     reward_workers: usize,
     /// When a reward or prompt script fails during an epoch (throws, returns a non-number, NaN,
     /// or hits a sandbox limit): `wait` keeps the model untouched and waits for a fixed script to
@@ -183,6 +183,18 @@ impl From<AlgoArg> for Algorithm {
 }
 
 impl Args {
+    /// The adapters `--lora-rank` / `--lora-alpha` ask for.
+    fn lora(&self) -> anyhow::Result<Option<LoraConfig>> {
+        let Some(rank) = self.lora_rank else {
+            anyhow::ensure!(self.lora_alpha.is_none(), "--lora-alpha needs --lora-rank");
+            return Ok(None);
+        };
+        anyhow::ensure!(rank > 0, "--lora-rank must be at least 1 (leave it out to finetune every weight)");
+        let alpha = self.lora_alpha.unwrap_or(rank as f64);
+        anyhow::ensure!(alpha > 0.0 && alpha.is_finite(), "--lora-alpha must be a positive number, got {alpha}");
+        Ok(Some(LoraConfig { rank, alpha }))
+    }
+
     fn run_config(&self) -> anyhow::Result<RunConfig> {
         let epochs = self.epochs.unwrap_or(DEFAULT_EPOCHS);
         anyhow::ensure!(epochs > 0, "--epochs must be at least 1");
@@ -210,7 +222,7 @@ impl Args {
             },
             optimizer: AdamWConfig { lr: self.lr, warmup_steps: self.warmup_steps, ..Default::default() },
             sampler: SamplerConfig {
-                steps: self.sampler.steps.unwrap_or(super::SamplerArgs::DEFAULT_TRAIN_STEPS),
+                steps: self.sampler.steps.unwrap_or(defaults().sampler.steps),
                 eta: self.sampler.eta,
                 guidance: self.sampler.guidance,
             },
@@ -245,10 +257,7 @@ impl Args {
             prompts,
             epochs,
             checkpoint_every: self.checkpoint_every,
-            lora: (self.lora_rank > 0).then(|| LoraConfig {
-                rank: self.lora_rank,
-                alpha: self.lora_alpha.unwrap_or(self.lora_rank as f64),
-            }),
+            lora: self.lora()?,
             reward_models: ModelPaths {
                 clip: self.clip.as_deref().map(|p| existing(p, "--clip")).transpose()?,
                 aesthetic: self.aesthetic.as_deref().map(|p| existing(p, "--aesthetic")).transpose()?,
@@ -362,6 +371,19 @@ impl Observer for EpochLines<'_> {
             r.seconds_reward,
             r.seconds_training
         ) + super::scripts::log_suffix(e.start).as_str());
+    }
+}
+
+/// The library's defaults, which the flags' defaults are.
+fn defaults() -> TrainConfig {
+    TrainConfig::default()
+}
+
+/// The default per-prompt normalisation's (buffer size, minimum count).
+fn per_prompt_defaults() -> (usize, usize) {
+    match defaults().normalisation {
+        Normalisation::PerPrompt { buffer_size, min_count } => (buffer_size, min_count),
+        Normalisation::Batch => (32, 4),
     }
 }
 

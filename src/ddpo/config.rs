@@ -132,7 +132,7 @@ impl TrainConfig {
     /// penalty (pixel-space families only).
     pub fn validate_for(&self, family: &dyn Family) -> anyhow::Result<()> {
         self.validate()?;
-        family.check_sampler(&self.sampler).map_err(|e| ConfigError { field: "sampler", problem: format!("{e:#}") })?;
+        family.check_sampler(&self.sampler)?;
         self.trained_steps(family)?;
         ensure(self.range_penalty == 0.0 || family.pixel_range().is_some(), "range_penalty", || {
             "keeps pixel-space samples in range, but this model samples latents, which have no fixed range: set it to 0".into()

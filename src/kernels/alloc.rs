@@ -2,15 +2,14 @@
 //!
 //! candle allocates a fresh buffer for every tensor. glibc serves buffers above its mmap
 //! threshold (at most 32 MiB) with a fresh `mmap` and unmaps them on free, and trims the heap
-//! top once enough is free, so every large tensor is paid for again in page faults: on this
-//! project's VMs an im2col buffer of 38 MB costs ~22 ms of faults against ~3 ms of copying.
-//! Turning off mmap-backed allocations and heap trimming lets the next step's tensors reuse the
+//! top once enough is free, so every large tensor is paid for again in page faults, which cost
+//! several times the copying they serve. Turning off mmap-backed allocations and heap trimming lets the next step's tensors reuse the
 //! pages of the last step's. The price is that the resident size stays at its peak, which a
 //! training process reaches on its first step anyway.
 //!
 //! Batch shards ([`super::shards`]) run on threads of their own, which glibc would give arenas
-//! of their own, each keeping its own peak (+45% resident memory in a DDPO epoch); one arena
-//! lets the shards reuse each other's freed pages (+6%) for a little lock contention.
+//! of their own, each keeping its own peak; one arena lets the shards reuse each other's freed
+//! pages for a little lock contention.
 
 use std::sync::Once;
 

@@ -8,6 +8,7 @@ use candle_core::{Device, Result, Tensor, Var};
 use rand::Rng;
 
 use super::Policy;
+use crate::error::ensure;
 use crate::family::ddpm::{ddim_sigma, ddim_step};
 use crate::family::{Conditioning, Family, NoiseRng, SamplerConfig, StepOutput};
 
@@ -32,9 +33,9 @@ impl<T: UNetFamily> Family for T {
 
     fn check_sampler(&self, cfg: &SamplerConfig) -> anyhow::Result<()> {
         let max = self.core().schedule.num_train_timesteps();
-        anyhow::ensure!((1..=max).contains(&cfg.steps), "steps must be between 1 and {max}, got {}", cfg.steps);
-        anyhow::ensure!(cfg.eta > 0.0 && cfg.eta.is_finite(), "eta must be > 0 for a stochastic policy with log-probs, got {}", cfg.eta);
-        anyhow::ensure!(cfg.guidance.is_finite() && cfg.guidance >= 0.0, "guidance must be a finite number >= 0, got {}", cfg.guidance);
+        ensure((1..=max).contains(&cfg.steps), "sampler.steps", || format!("must be between 1 and {max}, got {}", cfg.steps))?;
+        ensure(cfg.eta > 0.0 && cfg.eta.is_finite(), "sampler.eta", || format!("must be > 0 for a stochastic policy with log-probs, got {}", cfg.eta))?;
+        ensure(cfg.guidance.is_finite() && cfg.guidance >= 0.0, "sampler.guidance", || format!("must be a finite number >= 0, got {}", cfg.guidance))?;
         Ok(())
     }
 

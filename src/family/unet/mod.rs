@@ -45,10 +45,8 @@ impl PolicyConfig {
         Self {
             unet: UNetConfig::shapes_default(),
             text_encoder: TextConfig::shapes_default(tok.vocab_size(), 16),
-            // Clamped x0 in sampling: without it the partly trained default drew saturated,
-            // off-palette colours (background right 17% -> 40% at step 2400). Tiny test policies
-            // leave it off: a model pretrained for a few dozen steps has nearly every x0 clamped,
-            // which flips the sign of d(mean)/d(eps) and stalls DDPO on them.
+            // Clamped x0 in sampling keeps a small model's early steps in the palette. Tiny test
+            // policies leave it off: with nearly every x0 clamped, DDPO cannot move them.
             scheduler: ScheduleConfig { clip_sample: true, ..ScheduleConfig::pixel_default() },
             max_tokens: 16,
             image_size: 32,
