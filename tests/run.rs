@@ -3,11 +3,10 @@
 
 mod common;
 
-use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::Device;
-use common::fixtures::{prompt_source, small_config as config, tiny_family};
+use common::fixtures::{metrics, prompt_source, small_config as config, tiny_family};
 use ddpo::ddpo::Trainer;
 use ddpo::family::Policy;
 use ddpo::reward::{Brightness, Reward, Score};
@@ -30,21 +29,6 @@ fn run_config() -> RunConfig {
         reward_models: Default::default(),
         clip_sample: None,
     }
-}
-
-/// metrics.jsonl without the wall-clock fields.
-fn metrics(dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            for k in ["seconds_sampling", "seconds_reward", "seconds_training", "rss_mb", "peak_rss_mb"] {
-                v.as_object_mut().unwrap().remove(k);
-            }
-            v
-        })
-        .collect()
 }
 
 #[test]

@@ -9,7 +9,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use candle_core::Device;
-use common::fixtures::small_config;
+use common::fixtures::{metrics, small_config};
 use common::gaussian::GaussianFamily;
 use ddpo::ddpo::{Normalisation, TrainConfig};
 use ddpo::family::{Family, SamplerConfig};
@@ -69,19 +69,6 @@ impl Observer for Record {
 fn create(dir: &Path, epochs: usize) -> Session {
     let quiet = Arc::new(|_: &str| {});
     Session::create_with(dir, run_config(epochs), ScriptPaths::default(), quiet, &Device::Cpu, &open_gaussian).unwrap()
-}
-
-fn metrics(dir: &Path) -> Vec<serde_json::Value> {
-    let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
-    text.lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            for k in ["seconds_sampling", "seconds_reward", "seconds_training", "rss_mb", "peak_rss_mb"] {
-                v.as_object_mut().unwrap().remove(k);
-            }
-            v
-        })
-        .collect()
 }
 
 #[test]

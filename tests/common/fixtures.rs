@@ -47,3 +47,19 @@ pub fn small_config() -> TrainConfig {
         ..Default::default()
     }
 }
+
+/// A run's `metrics.jsonl` records without the wall-clock and memory fields (what two runs of
+/// the same seed must agree on).
+pub fn metrics(dir: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            for k in ["seconds_sampling", "seconds_reward", "seconds_training", "rss_mb", "peak_rss_mb"] {
+                v.as_object_mut().unwrap().remove(k);
+            }
+            v
+        })
+        .collect()
+}
