@@ -45,10 +45,10 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(args.n > 0, "-n must be at least 1");
     super::check_png_path(&args.out)?;
     let device = super::device(&args.device)?;
-    if let Some(dir) = &args.model_dir {
-        crate::family::sd::DiffusersFolder::open(dir)?;
-    }
-    let model = args.model_dir.clone().unwrap_or_else(|| super::resolve_model(&args.model));
+    let model = match &args.model_dir {
+        Some(dir) => crate::family::check_model_dir(dir)?,
+        None => super::resolve_model(&args.model),
+    };
     let options = OpenOptions { dtype: args.dtype.into(), clip_sample: args.sampler.clip_sample, ..Default::default() };
     let policy = crate::family::open_frozen(&model, args.lora.as_deref(), &options, &device)?;
     let cfg = args.sampler.config(policy.as_ref())?;

@@ -249,7 +249,7 @@ impl Args {
             train,
             model: match &self.model_dir {
                 // Absolute, so `--resume` finds the folder from anywhere.
-                Some(dir) => std::fs::canonicalize(crate::family::sd::DiffusersFolder::open(dir)?.dir)?,
+                Some(dir) => crate::family::check_model_dir(dir)?,
                 None => super::resolve_model(&self.model),
             },
             dtype: self.dtype.into(),
@@ -273,6 +273,9 @@ pub fn exec(mut args: Args) -> anyhow::Result<()> {
     let session = match &args.resume {
         Some(dir) => {
             let session = Session::resume(dir, args.epochs, log, &device).map_err(super::flag_error)?;
+            if let Some(note) = session.resume_note() {
+                eprintln!("note: {note}");
+            }
             eprintln!("resuming {} at epoch {}", dir.display(), session.trainer().epoch());
             session
         }

@@ -133,6 +133,13 @@ pub fn open_frozen(model: &Path, weights: Option<&Path>, options: &OpenOptions, 
     })
 }
 
+/// Checks that `dir` is a model folder some family opens (a diffusers pipeline), naming what is
+/// missing otherwise; returns it absolute, so a run can find it again from anywhere.
+pub fn check_model_dir(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
+    let folder = sd::DiffusersFolder::open(dir)?;
+    Ok(std::fs::canonicalize(&folder.dir)?)
+}
+
 fn boxed<T: unet::UNetFamily + 'static>(mut policy: T, options: &OpenOptions) -> Box<dyn Family> {
     if let Some(on) = options.clip_sample {
         policy.core_mut().set_clip_sample(on);

@@ -18,16 +18,36 @@ pub fn save_tensors_atomic_with_metadata(
     path: &Path,
 ) -> anyhow::Result<()> {
     let tmp = tmp_path(path);
-    safetensors::serialize_to_file(tensors.iter(), metadata, &tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", path.display()))
+    let written = safetensors::serialize_to_file(tensors.iter(), metadata, &tmp).map_err(|e| match e {
+        safetensors::SafeTensorError::IoError(io) => io_error(io),
+        other => anyhow::Error::new(other),
+    });
+    finish(written, &tmp, path)
 }
 
 /// Writes bytes through a temporary file and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let tmp = tmp_path(path);
-    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", path.display()))
+    finish(std::fs::write(&tmp, bytes).map_err(io_error), &tmp, path)
+}
+
+/// Moves a written temporary file into place; a failed write removes it (a full disk keeps no
+/// half file).
+fn finish(written: anyhow::Result<()>, tmp: &Path, path: &Path) -> anyhow::Result<()> {
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(tmp);
+        return Err(e.context(format!("cannot write {}", path.display())));
+    }
+    std::fs::rename(tmp, path).map_err(io_error).with_context(|| format!("cannot move {} into place", path.display()))
+}
+
+/// An I/O error stated once (the OS's message), with what to do when the disk is full.
+fn io_error(e: std::io::Error) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::StorageFull {
+        anyhow::anyhow!("{e}: free some space")
+    } else {
+        anyhow::Error::new(e)
+    }
 }
 
 fn tmp_path(path: &Path) -> PathBuf {

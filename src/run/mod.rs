@@ -2,17 +2,20 @@
 //! `samples/epoch_NNNN.png`, `reward.png`, and a checkpoint that resumes the same run.
 //!
 //! A checkpoint is a folder written whole and then swapped in by renames, so a crash at any
-//! moment leaves either the previous checkpoint or the new one, never a mix.
+//! moment leaves either the previous checkpoint or the new one, never a mix; the one before it
+//! is kept as a fallback ([`checkpoint`]). A run folder is locked while a process has it open.
 
-use std::collections::HashMap;
+mod checkpoint;
+mod lock;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use crate::ddpo::{component_means, EpochReport, TrainConfig, Trainer, TrainerState};
-use crate::io::{save_tensors_atomic, write_atomic};
+use crate::ddpo::{component_means, EpochReport, TrainConfig};
+use crate::io::write_atomic;
 
 /// What a run was started with (saved as `config.json`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -73,11 +76,12 @@ impl std::fmt::Display for RewardSpec {
     }
 }
 
-/// An open run folder.
+/// An open run folder, locked against a second process for as long as it is open.
 pub struct RunDir {
     pub dir: PathBuf,
     reward_mean: Vec<f64>,
     reward_std: Vec<f64>,
+    _lock: lock::RunLock,
 }
 
 impl RunDir {
@@ -90,7 +94,8 @@ impl RunDir {
             dir.display()
         );
         std::fs::create_dir_all(dir.join("samples")).with_context(|| format!("cannot create run folder {}", dir.display()))?;
-        let run = Self { dir: dir.to_path_buf(), reward_mean: Vec::new(), reward_std: Vec::new() };
+        let _lock = lock::RunLock::acquire(dir)?;
+        let run = Self { dir: dir.to_path_buf(), reward_mean: Vec::new(), reward_std: Vec::new(), _lock };
         run.save_config(config)?;
         Ok(run)
     }
@@ -108,6 +113,7 @@ impl RunDir {
             return;
         }
         let _ = std::fs::remove_file(self.dir.join("config.json"));
+        let _ = std::fs::remove_file(self.dir.join(lock::LOCK_FILE));
         let _ = std::fs::remove_dir_all(self.dir.join("scripts"));
         let _ = std::fs::remove_dir(self.dir.join("samples"));
         let _ = std::fs::remove_dir(&self.dir);
@@ -142,12 +148,15 @@ impl RunDir {
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path).with_context(|| format!("{} is not a run folder (no config.json)", dir.display()))?;
         let config: RunConfig = serde_json::from_str(&text).with_context(|| format!("{} is corrupt", path.display()))?;
-        let mut run = Self { dir: dir.to_path_buf(), reward_mean: Vec::new(), reward_std: Vec::new() };
+        let _lock = lock::RunLock::acquire(dir)?;
+        let mut run = Self { dir: dir.to_path_buf(), reward_mean: Vec::new(), reward_std: Vec::new(), _lock };
         run.reload_curve()?;
         Ok((run, config))
     }
 
     fn reload_curve(&mut self) -> anyhow::Result<()> {
+        self.reward_mean.clear();
+        self.reward_std.clear();
         let Ok(text) = std::fs::read_to_string(self.dir.join("metrics.jsonl")) else { return Ok(()) };
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
             let v: serde_json::Value = serde_json::from_str(line)?;
@@ -155,15 +164,6 @@ impl RunDir {
             self.reward_std.push(v["reward_std"].as_f64().unwrap_or(f64::NAN));
         }
         Ok(())
-    }
-
-    pub fn checkpoint_dir(&self) -> PathBuf {
-        self.dir.join("checkpoint")
-    }
-
-    /// The weights of the latest checkpoint (loadable by `ddpo sample --model`).
-    pub fn policy_path(&self) -> PathBuf {
-        self.checkpoint_dir().join("policy.safetensors")
     }
 
     /// Appends the epoch's metrics (plus the fields of `extra`, e.g. script hashes), writes its
@@ -221,50 +221,7 @@ impl RunDir {
         crate::render::save_png(&grid, &self.dir.join("samples").join(format!("epoch_{:04}.png", r.epoch)))
     }
 
-    /// Writes weights, optimiser state, RNG, stat tracker and epoch as one checkpoint folder.
-    pub fn save_checkpoint(&self, trainer: &Trainer) -> anyhow::Result<()> {
-        let fresh = self.dir.join("checkpoint.new");
-        let _ = std::fs::remove_dir_all(&fresh);
-        std::fs::create_dir_all(&fresh)?;
-        trainer.policy().save(&fresh.join("policy.safetensors"))?;
-        let opt: HashMap<_, _> = trainer.optimizer_state()?;
-        save_tensors_atomic(&opt, &fresh.join("optimizer.safetensors"))?;
-        let state = trainer.state();
-        write_atomic(&fresh.join("state.json"), serde_json::to_string_pretty(&state)?.as_bytes())?;
-        let current = self.checkpoint_dir();
-        let old = self.dir.join("checkpoint.old");
-        let _ = std::fs::remove_dir_all(&old);
-        if current.exists() {
-            std::fs::rename(&current, &old)?;
-        }
-        std::fs::rename(&fresh, &current)?;
-        let _ = std::fs::remove_dir_all(&old);
-        Ok(())
-    }
-
-    /// Restores the trainer's weights and state from the latest checkpoint.
-    pub fn restore(&mut self, trainer: &mut Trainer) -> anyhow::Result<()> {
-        let mut dir = self.checkpoint_dir();
-        if !dir.exists() && self.dir.join("checkpoint.old").exists() {
-            dir = self.dir.join("checkpoint.old"); // interrupted between the two renames
-        }
-        anyhow::ensure!(dir.exists(), "{} has no checkpoint to resume from", self.dir.display());
-        let device = trainer.policy().device().clone();
-        let weights = candle_core::safetensors::load(dir.join("policy.safetensors"), &device)
-            .with_context(|| format!("cannot read {}/policy.safetensors", dir.display()))?;
-        let opt = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &device)?;
-        let text = std::fs::read_to_string(dir.join("state.json"))?;
-        let state: TrainerState = serde_json::from_str(&text).with_context(|| format!("{}/state.json is corrupt", dir.display()))?;
-        let epochs = state.epoch;
-        trainer.restore(&weights, &opt, state)?;
-        // Metrics of epochs after the checkpoint are replayed by the resumed run: drop them.
-        self.truncate_metrics(epochs)?;
-        self.reward_mean.clear();
-        self.reward_std.clear();
-        self.reload_curve()
-    }
-
-    fn truncate_metrics(&self, epochs: usize) -> anyhow::Result<()> {
+    pub(crate) fn truncate_metrics(&self, epochs: usize) -> anyhow::Result<()> {
         let path = self.dir.join("metrics.jsonl");
         let Ok(text) = std::fs::read_to_string(&path) else { return Ok(()) };
         let kept: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).take(epochs).collect();

@@ -72,6 +72,7 @@ pub struct Session {
     scripts: ScriptSet,
     hooks: HookRunner,
     on_script_error: OnScriptError,
+    resume_note: Option<String>,
 }
 
 impl Session {
@@ -109,17 +110,24 @@ impl Session {
         }
         let paths = ScriptPaths::load(&run.dir)?;
         let mut parts = setup::load_parts(&config, &paths, log, device, open)?;
-        run.restore(&mut parts.trainer)?;
+        let note = run.restore(&mut parts.trainer)?;
         // Settings changed by hooks in the kept epochs survive the restart.
         let mut settings = parts.trainer.config().clone();
         parts.hooks.replay(&mut settings, parts.trainer.policy(), &run.metrics_records());
         parts.trainer.reconfigure(settings)?;
-        Ok(Self::assemble(run, config, parts))
+        let mut session = Self::assemble(run, config, parts);
+        session.resume_note = note;
+        Ok(session)
+    }
+
+    /// What resuming had to do differently (a fallback checkpoint), to tell the user.
+    pub fn resume_note(&self) -> Option<&str> {
+        self.resume_note.as_deref()
     }
 
     fn assemble(run: RunDir, config: RunConfig, parts: setup::Parts) -> Self {
         let setup::Parts { trainer, script_reward, scripts, hooks } = parts;
-        Self { run, config, trainer, script_reward, scripts, hooks, on_script_error: OnScriptError::Wait }
+        Self { run, config, trainer, script_reward, scripts, hooks, on_script_error: OnScriptError::Wait, resume_note: None }
     }
 
     /// Chooses what a script failing mid-epoch does (default: wait for a fix).
