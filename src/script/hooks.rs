@@ -14,7 +14,7 @@
 //! the script's own `total` and unweighted components are still logged but do not count. Every
 //! weighted name must be a component the reward returns. `weights: #{}` turns recombination off.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 
 use rand_chacha::ChaCha8Rng;
@@ -468,21 +468,8 @@ fn json_to_dynamic(v: &serde_json::Value) -> Dynamic {
 
 impl Shared {
     /// Recombines `score`'s total from its components when hooks set reward weights.
-    pub(crate) fn reweigh(&self, score: &mut crate::reward::Score) -> Result<(), String> {
-        let weights = self.weights.read().unwrap();
-        if weights.is_empty() {
-            return Ok(());
-        }
-        let mut total = 0.0;
-        for (name, w) in weights.iter() {
-            let Some(c) = score.components.get(name) else {
-                let have: BTreeSet<&str> = score.components.keys().map(String::as_str).collect();
-                return Err(format!("has no component `{name}`, which the hooks weight (its components: {have:?})"));
-            };
-            total += w * c;
-        }
-        score.total = total;
-        Ok(())
+    pub(crate) fn reweigh(&self, score: &mut crate::reward::Score) -> Result<(), crate::reward::weighted::MissingComponent> {
+        crate::reward::weighted::reweigh(score, &self.weights.read().unwrap())
     }
 }
 
