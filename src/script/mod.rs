@@ -11,10 +11,12 @@
 //!   applies their overrides (lr, guidance, reward weights, prompts, early stop) to a trainer.
 //! - [`repl`]: the Rhai side of `ddpo repl` (REPL functions over a [`repl::ReplHost`]).
 //! - [`set`]: [`ScriptSet`], the scripts of a run: loading, dry runs, hot reload, saved versions,
-//!   and [`check_file`] for `ddpo check`.
+//!   and [`check_file`] / [`check_files`] for `ddpo check`.
+//! - [`entry`]: the entry points scripts define, and near misses of them for `ddpo check`.
 
 pub mod api;
 pub mod engine;
+pub mod entry;
 pub mod hooks;
 pub mod prompts;
 pub mod repl;
@@ -34,7 +36,7 @@ pub use engine::{Limits, Log, ScriptError};
 pub use hooks::{HookOutcome, Overrides, Schedule, ScriptHooks};
 pub use prompts::ScriptPrompts;
 pub use reward::ScriptReward;
-pub use set::{check_file, Kind, Reload, ReloadOutcome, ScriptSet};
+pub use set::{check_file, check_files, Kind, Reload, ReloadOutcome, ScriptSet};
 
 /// `scripts/API.md`: the host API, the schedule hooks and the REPL functions, generated from
 /// their registration.
