@@ -10,7 +10,7 @@ use ddpo::ddpo::PromptSource;
 use ddpo::reward::jpeg::jpeg_kb;
 use ddpo::reward::stats::mean_brightness;
 use ddpo::reward::Reward;
-use ddpo::script::{api, check_file, Context, Limits, Log, ReloadOutcome, ScriptSet};
+use ddpo::script::{api, check_file, check_files, Context, Limits, Log, ReloadOutcome, ScriptSet};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -465,6 +465,70 @@ fn cli_check_prints_ok_or_positioned_errors() {
     assert!(!ok, "{stdout}");
     assert!(stdout.contains(&format!("{}:3:1: ", bad.display())), "{stdout}");
     assert!(stderr.contains("1 of 2 scripts failed"), "{stderr}");
+}
+
+#[test]
+fn check_names_near_misses_of_entry_points() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |name: &str, text: &str| {
+        let p = write(dir.path(), name, text);
+        (p.display().to_string(), check_file(&p, &Limits::default(), quiet()).map_err(|e| format!("{e:#}")))
+    };
+    let (file, r) = check("x.rhai", "// a reward with a typo
+
+fn rewrd(img, prompt, meta) {
+  img.brightness()
+}
+");
+    let e = r.unwrap_err();
+    assert!(e.contains(&format!("{file}:3:1: fn rewrd(img, prompt, meta) looks like a misspelt fn reward(img, prompt, meta)")), "{e}");
+    let (file, r) = check("y.rhai", "// a reward missing parameters
+
+fn reward(img) {
+  img.brightness()
+}
+");
+    let e = r.unwrap_err();
+    assert!(e.contains(&format!("{file}:3:1: fn reward(img) takes 1 parameter; a reward is fn reward(img, prompt, meta)")), "{e}");
+    let (file, r) = check("hooks.rhai", "fn on_epoch_start(ctx) { }
+
+  fn on_epoch_ned(ctx) { }
+");
+    let e = r.unwrap_err();
+    assert!(e.contains(&format!("{file}:3:3: fn on_epoch_ned(ctx) looks like a misspelt fn on_epoch_end(ctx)")), "{e}");
+    // Helpers whose names are no near miss stay a module; a reward may define any helper.
+    let (_, r) = check("helpers.rhai", "fn clamp(x, lo, hi) { if x < lo { lo } else if x > hi { hi } else { x } }
+fn score(img) { img.brightness() }
+");
+    assert!(r.as_ref().is_ok_and(|s| s.starts_with("module")), "{r:?}");
+    let (_, r) = check("r.rhai", "fn rewards(img) { img.brightness() }
+fn reward(img, prompt, meta) { rewards(img) }
+");
+    assert!(r.is_ok(), "{r:?}");
+}
+
+#[test]
+fn check_treats_an_imported_file_as_a_module_on_purpose() {
+    let dir = tempfile::tempdir().unwrap();
+    let module = write(dir.path(), "parts.rhai", "fn rewards(img) { [img.brightness(), img.saturation()] }
+");
+    let main = write(dir.path(), "main.rhai", "import \"parts\" as p;\nfn reward(img, prompt, meta) { p::rewards(img)[0] }\n");
+    let alone = check_file(&module, &Limits::default(), quiet()).map_err(|e| format!("{e:#}"));
+    assert!(alone.as_ref().is_err_and(|e| e.contains("parts.rhai:1:1: fn rewards(img) looks like a misspelt fn reward(img, prompt, meta)")), "{alone:?}");
+    let results = check_files(&[main, module], &Limits::default(), quiet());
+    assert!(results[0].is_ok(), "{:?}", results[0]);
+    let summary = results[1].as_ref().unwrap();
+    assert_eq!(summary, "module imported by main.rhai (compiled)");
+}
+
+#[test]
+fn cli_check_fails_on_a_near_miss() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = write(dir.path(), "x.rhai", "\n\nfn rewrd(img, prompt, meta) { 1.0 }\n");
+    let (ok, stdout, stderr) = ddpo(&["check", bad.to_str().unwrap()]);
+    assert!(!ok, "{stdout}");
+    assert!(stdout.contains(&format!("{}:3:1: fn rewrd(img, prompt, meta) looks like a misspelt fn reward(img, prompt, meta)", bad.display())), "{stdout}");
+    assert!(stderr.contains("1 of 1 scripts failed"), "{stderr}");
 }
 
 #[test]

@@ -1,11 +1,13 @@
 //! `ddpo check FILE...`: compiles each script and dry-runs it (rewards on a few shapes-world
 //! images, prompt scripts by drawing a few prompts, hooks once each with a first epoch's
-//! context); prints `ok` or `file:line:col: message`.
+//! context); prints `ok` or `file:line:col: message`. A file defining no entry point but a near
+//! miss of one (`fn rewrd(img, prompt, meta)`, `fn reward(img)`) fails, unless another file of
+//! the same check imports it (a module on purpose).
 
 use std::path::PathBuf;
 
 use super::stderr_log;
-use crate::script::{check_file, Limits};
+use crate::script::{check_files, Limits};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -16,8 +18,9 @@ pub struct Args {
 
 pub fn exec(args: Args) -> anyhow::Result<()> {
     let mut failed = 0;
-    for file in &args.files {
-        match check_file(file, &Limits::default(), stderr_log()) {
+    let results = check_files(&args.files, &Limits::default(), stderr_log());
+    for (file, result) in args.files.iter().zip(results) {
+        match result {
             Ok(summary) => println!("{}: ok ({summary})", file.display()),
             Err(e) => {
                 failed += 1;

@@ -7,9 +7,9 @@
 //! As in LAION's training script the loss is MSE; the released MLP's dropouts are left out
 //! (the data is endless, so there is little to regularise).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use candle_nn::VarMap;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -17,8 +17,9 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::optim::{AdamW, AdamWConfig};
-use crate::io::{save_tensors_atomic, write_atomic};
 use crate::family::unet::init::seeded_var_builder;
+use crate::io::{save_tensors_atomic, write_atomic};
+pub use crate::reward::aesthetic::{head_config_path, load_head};
 use crate::reward::aesthetic::AestheticMlp;
 use crate::reward::shapes_clip::ShapesClip;
 use crate::world::{composition, ShapesWorld, WorldConfig};
@@ -124,25 +125,6 @@ pub fn save_head(varmap: &VarMap, config: &AestheticHeadConfig, path: &Path) -> 
     let tensors = varmap.data().lock().expect("varmap lock").iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
     save_tensors_atomic(&tensors, path)?;
     write_atomic(&head_config_path(path), serde_json::to_string_pretty(config)?.as_bytes())
-}
-
-/// The JSON config beside a head's weights.
-pub fn head_config_path(weights: &Path) -> PathBuf {
-    weights.with_extension("json")
-}
-
-/// Loads a head; its input width comes from the `.json` beside it when there is one (a shipped
-/// small head), else it is the released predictor's 768.
-pub fn load_head(path: &Path, device: &Device) -> anyhow::Result<AestheticMlp> {
-    let cfg_path = head_config_path(path);
-    match std::fs::read_to_string(&cfg_path) {
-        Ok(text) => {
-            let cfg: AestheticHeadConfig = serde_json::from_str(&text)
-                .map_err(|e| anyhow::anyhow!("{} is not an aesthetic head config: {e}", cfg_path.display()))?;
-            AestheticMlp::load_with_input_dim(path, cfg.input_dim, device)
-        }
-        Err(_) => AestheticMlp::load(path, device),
-    }
 }
 
 /// Pearson correlation of two equally long series.

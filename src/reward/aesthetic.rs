@@ -12,7 +12,7 @@
 //! [`ClipAesthetic`] is the [`Reward`]: images -> CLIP image embeddings -> aesthetic score.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use candle_core::{DType, Device, Module, Tensor};
@@ -113,6 +113,26 @@ impl AestheticMlp {
         }
         Ok(x.squeeze(1)?)
     }
+}
+
+/// The JSON sidecar beside a head's weights (written by `ddpo pretrain aesthetic`).
+pub fn head_config_path(weights: &Path) -> PathBuf {
+    weights.with_extension("json")
+}
+
+/// Loads a head; its input width comes from the `input_dim` of the `.json` beside it when there
+/// is one (a shipped small head), else it is the released predictor's 768. Only the width is
+/// read here: the rest of the sidecar describes the pretraining run.
+pub fn load_head(path: &Path, device: &Device) -> anyhow::Result<AestheticMlp> {
+    let cfg_path = head_config_path(path);
+    let Ok(text) = std::fs::read_to_string(&cfg_path) else {
+        return AestheticMlp::load(path, device);
+    };
+    let input_dim = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|cfg| cfg.get("input_dim")?.as_u64())
+        .with_context(|| format!("{} is not an aesthetic head config (no numeric `input_dim`)", cfg_path.display()))?;
+    AestheticMlp::load_with_input_dim(path, input_dim as usize, device)
 }
 
 /// The CLIP-aesthetic reward: CLIP image embedding (L2-normalised) -> aesthetic MLP.

@@ -1,15 +1,22 @@
 //! JPEG compressibility rewards, as in the DDPO paper: the image's JPEG size in kB at quality 95
 //! (negated for compressibility), computed exactly as the reference does (pixels rounded to u8).
 
+use anyhow::Context;
 use image::codecs::jpeg::JpegEncoder;
 use image::RgbImage;
 
 use super::{Reward, Score};
 
-/// JPEG size of `img` at quality 95, in kB (bytes / 1000).
+/// JPEG size of `img` at quality 95, in kB (bytes / 1000): the DDPO compressibility measure.
 pub fn jpeg_kb(img: &RgbImage) -> anyhow::Result<f64> {
+    jpeg_kb_at(img, 95)
+}
+
+/// JPEG size of `img` at `quality` (1..=100), in kB (bytes / 1000).
+pub fn jpeg_kb_at(img: &RgbImage, quality: i64) -> anyhow::Result<f64> {
+    anyhow::ensure!((1..=100).contains(&quality), "jpeg_size({quality}): quality must be between 1 and 100");
     let mut bytes = Vec::new();
-    JpegEncoder::new_with_quality(&mut bytes, 95).encode_image(img)?;
+    JpegEncoder::new_with_quality(&mut bytes, quality as u8).encode_image(img).context("jpeg_size")?;
     Ok(bytes.len() as f64 / 1000.0)
 }
 

@@ -1,13 +1,18 @@
 //! Rewards: what DDPO maximises. One small trait; each reward scores a batch of images with their
 //! prompts and returns, per image, a total plus named components (logged as `reward/<name>`).
-//! Rewards never see gradients. Script rewards (Rhai) plug in behind the same trait.
+//! Rewards never see gradients. Script rewards (Rhai) plug in behind the same trait; the
+//! primitives they call are declared in [`registry`], and [`Weighted`] recombines any reward's
+//! components by weights set between epochs.
 
 pub mod aesthetic;
 pub mod clip;
 pub mod jpeg;
 pub mod models;
+pub mod pixels;
+pub mod registry;
 pub mod shapes_clip;
 pub mod stats;
+pub mod weighted;
 
 use std::collections::BTreeMap;
 
@@ -15,6 +20,7 @@ use image::RgbImage;
 
 pub use jpeg::{JpegCompressibility, JpegIncompressibility};
 pub use stats::Brightness;
+pub use weighted::{Weighted, Weights};
 
 /// The score of one image.
 #[derive(Debug, Clone, PartialEq)]

@@ -133,7 +133,7 @@ impl RewardModels {
         let clip_path = paths.clip.clone().unwrap_or_else(|| resolve(DEFAULT_CLIP));
         let clip = ClipBackend::load(&clip_path, device)?;
         let head_path = paths.aesthetic.clone().unwrap_or_else(|| resolve(DEFAULT_AESTHETIC));
-        let aesthetic = crate::pretrain::aesthetic::load_head(&head_path, device)
+        let aesthetic = super::aesthetic::load_head(&head_path, device)
             .and_then(|mlp| {
                 anyhow::ensure!(
                     mlp.input_dim() == clip.embed_dim(),

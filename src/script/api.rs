@@ -1,22 +1,24 @@
-//! The host API that scripts see, registered in one place ([`register`]). Every function is
-//! registered together with its signature and doc through the `api!` macro, so `scripts/API.md`
-//! ([`markdown`]) is generated from the registration itself and cannot drift from it.
+//! The host API that scripts see, registered in one place ([`register`]): the reward primitives
+//! of [`crate::reward::registry`] (adapted to Rhai here: the `Image` type, the sandbox's pixel
+//! budget, errors as script errors) and the script-only functions (randomness, `context()`),
+//! declared through the `api!` macro. `scripts/API.md` ([`markdown`]) is generated from the
+//! registration itself and cannot drift from it.
 //!
 //! Images are `Image` values (an `image::RgbImage`, shared, never mutated in place); colours are
 //! in 0..1. Randomness draws from the run's seeded generator and exists only in prompt scripts.
 
+use std::any::TypeId;
 use std::cell::RefCell;
-use std::io::Cursor;
 use std::sync::{Arc, RwLock};
 
-use image::codecs::jpeg::JpegEncoder;
 use image::RgbImage;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
-use rhai::{Array, Dynamic, Engine, EvalAltResult, Map, FLOAT, INT};
+use rhai::{Array, Dynamic, Engine, EvalAltResult, ImmutableString, Map, FLOAT, INT};
 
 use super::engine::charge_pixels;
 use crate::reward::models::LazyModels;
+use crate::reward::registry::{self, Arg, Form, Param, Primitive, Value};
 
 type Res<T> = Result<T, Box<EvalAltResult>>;
 
@@ -61,6 +63,8 @@ impl Context {
 /// One documented host function.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiEntry {
+    /// The heading it is documented under in `scripts/API.md`.
+    pub section: &'static str,
     pub name: &'static str,
     pub signature: &'static str,
     pub doc: &'static str,
@@ -88,153 +92,86 @@ fn draw<T>(what: &str, f: impl FnOnce(&mut ChaCha8Rng) -> Res<T>) -> Res<T> {
     })
 }
 
-/// A learned primitive's result as a script value; errors read `name: message`.
-fn learned<T>(result: anyhow::Result<T>, name: &str) -> Res<T> {
-    result.map_err(|e| format!("{name}: {e:#}").into())
-}
-
-fn number(v: &Dynamic) -> Option<f64> {
+/// A script number (float or int) as f64.
+pub(crate) fn number(v: &Dynamic) -> Option<f64> {
     v.as_float().ok().or_else(|| v.as_int().ok().map(|i| i as f64))
 }
 
 /// Registers the host API on `engine`; returns the documentation of what it registered.
 pub(crate) fn register(engine: &mut Engine, context: Arc<RwLock<Context>>, models: LazyModels) -> Vec<ApiEntry> {
+    engine.register_type_with_name::<Image>("Image");
     let mut docs = Vec::new();
+    for section in registry::SECTIONS {
+        for p in section.primitives {
+            register_primitive(engine, p, models.clone());
+            docs.push(ApiEntry { section: section.heading, name: p.name, signature: p.signature, doc: p.doc });
+        }
+    }
+    register_script_only(engine, context, &mut docs);
+    docs
+}
+
+/// Registers one reward primitive as a Rhai function (a property getter for [`Form::Getter`]).
+fn register_primitive(engine: &mut Engine, p: &'static Primitive, models: LazyModels) {
+    let types: Vec<TypeId> = p.params.iter().map(|t| match t {
+        Param::Image => TypeId::of::<Image>(),
+        Param::Int => TypeId::of::<INT>(),
+        Param::Text => TypeId::of::<ImmutableString>(),
+        Param::Texts => TypeId::of::<Array>(),
+    }).collect();
+    let name = match p.form {
+        Form::Getter => format!("get${}", p.name),
+        Form::Call => p.name.to_string(),
+    };
+    engine.register_raw_fn(name, types, move |_, args| call_primitive(p, &models, args));
+}
+
+/// Calls `p` with script arguments (of the types it was registered with) and converts its result.
+fn call_primitive(p: &Primitive, models: &LazyModels, args: &mut [&mut Dynamic]) -> Res<Dynamic> {
+    let args = args.iter().zip(p.params).map(|(a, t)| to_arg(p.name, *t, a)).collect::<Res<Vec<Arg>>>()?;
+    let value = (p.run)(&registry::Args { args: &args, models }).map_err(|e| format!("{e:#}"))?;
+    Ok(match value {
+        Value::Int(v) => Dynamic::from_int(v),
+        Value::Float(v) => Dynamic::from_float(v),
+        Value::Floats(v) => v.into_iter().map(Dynamic::from_float).collect::<Array>().into(),
+        Value::Image(img) => {
+            // Charged once made: every primitive's image is bounded (1024 a side, or the input's size).
+            charge_pixels(img.width() as u64 * img.height() as u64)?;
+            Dynamic::from(Image::new(img))
+        }
+        Value::Map(m) => m.into_iter().map(|(k, v)| (k.into(), Dynamic::from_float(v))).collect::<Map>().into(),
+    })
+}
+
+/// A script argument as the registry's [`Arg`] of type `param`; errors name the primitive.
+fn to_arg(name: &str, param: Param, v: &Dynamic) -> Res<Arg> {
+    let wrong = || format!("{name}(): unexpected argument type {}", super::engine::type_name(v));
+    Ok(match param {
+        Param::Image => Arg::Image(v.clone().try_cast::<Image>().ok_or_else(wrong)?.0),
+        Param::Int => Arg::Int(v.as_int().map_err(|_| wrong())?),
+        Param::Text => Arg::Text(v.clone().into_immutable_string().map_err(|_| wrong())?.to_string()),
+        Param::Texts => Arg::Texts(
+            v.clone()
+                .try_cast::<Array>()
+                .ok_or_else(wrong)?
+                .into_iter()
+                .map(|t| t.into_immutable_string().map(|s| s.to_string()).map_err(|ty| format!("{name}(): texts must be strings, got {ty}")))
+                .collect::<Result<_, _>>()?,
+        ),
+    })
+}
+
+/// Registers the functions that are not reward primitives: seeded randomness and the run context.
+fn register_script_only(engine: &mut Engine, context: Arc<RwLock<Context>>, docs: &mut Vec<ApiEntry>) {
+    let mut section: &'static str;
     macro_rules! api {
         (fn $name:literal, $sig:literal, $doc:literal, $f:expr) => {{
             engine.register_fn($name, $f);
-            docs.push(ApiEntry { name: $name, signature: $sig, doc: $doc });
-        }};
-        (get $name:literal, $sig:literal, $doc:literal, $f:expr) => {{
-            engine.register_get($name, $f);
-            docs.push(ApiEntry { name: $name, signature: $sig, doc: $doc });
+            docs.push(ApiEntry { section, name: $name, signature: $sig, doc: $doc });
         }};
     }
-    engine.register_type_with_name::<Image>("Image");
 
-    // --- images ---
-    api!(get "width", "img.width -> int", "Image width in pixels.", |img: &mut Image| img.0.width() as INT);
-    api!(get "height", "img.height -> int", "Image height in pixels.", |img: &mut Image| img.0.height() as INT);
-    api!(fn "pixel", "img.pixel(x, y) -> [r, g, b]", "Colour of one pixel, channels in 0..1; (0, 0) is the top left.",
-        |img: &mut Image, x: INT, y: INT| -> Res<Array> {
-            let (w, h) = img.0.dimensions();
-            if x < 0 || y < 0 || x >= w as INT || y >= h as INT {
-                return Err(format!("pixel({x}, {y}) is outside the {w}x{h} image").into());
-            }
-            Ok(img.0.get_pixel(x as u32, y as u32).0.iter().map(|&c| Dynamic::from_float(c as FLOAT / 255.0)).collect())
-        });
-    api!(fn "mean_rgb", "img.mean_rgb() -> [r, g, b]", "Mean colour over all pixels, channels in 0..1.",
-        |img: &mut Image| -> Array { mean_rgb(&img.0).iter().map(|&c| Dynamic::from_float(c)).collect() });
-    api!(fn "brightness", "img.brightness() -> float", "Mean of all channels of all pixels, in 0..1.",
-        |img: &mut Image| -> FLOAT { crate::reward::stats::mean_brightness(&img.0) });
-    api!(fn "saturation", "img.saturation() -> float", "Mean HSV saturation, in 0..1 (0 for a grey image).",
-        |img: &mut Image| -> FLOAT {
-            let n = img.0.pixels().len().max(1) as f64;
-            img.0.pixels().map(|p| hsv(p.0).1).sum::<f64>() / n
-        });
-    api!(fn "hue_histogram", "img.hue_histogram(bins) -> [float]",
-        "Fraction of coloured pixels (saturation >= 0.1) in each of `bins` equal hue ranges starting at red; all zeros for a grey image.",
-        |img: &mut Image, bins: INT| -> Res<Array> {
-            if !(1..=360).contains(&bins) {
-                return Err(format!("hue_histogram({bins}): bins must be between 1 and 360").into());
-            }
-            let mut counts = vec![0usize; bins as usize];
-            let mut coloured = 0usize;
-            for p in img.0.pixels() {
-                let (h, s, _) = hsv(p.0);
-                if s >= 0.1 {
-                    counts[((h / 360.0 * bins as f64) as usize).min(bins as usize - 1)] += 1;
-                    coloured += 1;
-                }
-            }
-            Ok(counts.iter().map(|&c| Dynamic::from_float(c as f64 / coloured.max(1) as f64)).collect())
-        });
-    api!(fn "to_gray", "img.to_gray() -> Image", "Greyscale copy (luma, Rec. 601 weights) with three equal channels.",
-        |img: &mut Image| -> Res<Image> {
-            charge_pixels(img.0.width() as u64 * img.0.height() as u64)?;
-            let mut out = (*img.0).clone();
-            for p in out.pixels_mut() {
-                let [r, g, b] = p.0;
-                let y = (0.299 * r as f64 + 0.587 * g as f64 + 0.114 * b as f64).round().clamp(0.0, 255.0) as u8;
-                p.0 = [y, y, y];
-            }
-            Ok(Image::new(out))
-        });
-    api!(fn "crop", "img.crop(x, y, w, h) -> Image", "The w x h rectangle whose top left is (x, y); it must lie inside the image.",
-        |img: &mut Image, x: INT, y: INT, w: INT, h: INT| -> Res<Image> {
-            let (iw, ih) = img.0.dimensions();
-            if x < 0 || y < 0 || w < 1 || h < 1 || x + w > iw as INT || y + h > ih as INT {
-                return Err(format!("crop({x}, {y}, {w}, {h}) is not a non-empty rectangle inside the {iw}x{ih} image").into());
-            }
-            charge_pixels(w as u64 * h as u64)?;
-            Ok(Image::new(image::imageops::crop_imm(&*img.0, x as u32, y as u32, w as u32, h as u32).to_image()))
-        });
-    api!(fn "resize", "img.resize(w, h) -> Image", "Resized copy (bilinear), 1 to 1024 pixels a side.",
-        |img: &mut Image, w: INT, h: INT| -> Res<Image> {
-            if !(1..=1024).contains(&w) || !(1..=1024).contains(&h) {
-                return Err(format!("resize({w}, {h}): sides must be between 1 and 1024").into());
-            }
-            charge_pixels(w as u64 * h as u64)?;
-            Ok(Image::new(image::imageops::resize(&*img.0, w as u32, h as u32, image::imageops::FilterType::Triangle)))
-        });
-    api!(fn "jpeg_size", "img.jpeg_size(quality) -> float",
-        "Size in kB (1000 bytes) of the image encoded as JPEG at `quality` (1..100); jpeg_size(95) is the DDPO compressibility measure.",
-        |img: &mut Image, quality: INT| -> Res<FLOAT> {
-            if !(1..=100).contains(&quality) {
-                return Err(format!("jpeg_size({quality}): quality must be between 1 and 100").into());
-            }
-            let mut bytes = Vec::new();
-            JpegEncoder::new_with_quality(&mut bytes, quality as u8)
-                .encode_image(&*img.0)
-                .map_err(|e| format!("jpeg_size: {e}"))?;
-            Ok(bytes.len() as FLOAT / 1000.0)
-        });
-    api!(fn "png_size", "img.png_size() -> float", "Size in kB (1000 bytes) of the image encoded as PNG.",
-        |img: &mut Image| -> Res<FLOAT> {
-            let mut bytes = Cursor::new(Vec::new());
-            img.0.write_to(&mut bytes, image::ImageFormat::Png).map_err(|e| format!("png_size: {e}"))?;
-            Ok(bytes.into_inner().len() as FLOAT / 1000.0)
-        });
-
-    // --- shapes world's pixel judge (what `ddpo eval` reports) ---
-    api!(fn "judge", "judge(img, prompt) -> #{background, shape_colour, both}",
-        "Shapes world's pixel-level prompt-fidelity check of an image against a shapes-world caption: 1.0 where the background colour(s) read from the border, the main shape colour and both are right, else 0.0. An error for a caption outside the shapes-world grammar.",
-        |img: Image, prompt: &str| -> Res<Map> {
-            let spec = crate::world::parse_caption(prompt).ok_or_else(|| format!("judge(): {prompt:?} is not a shapes-world caption"))?;
-            let j = crate::world::judge(img.rgb(), &spec);
-            let flag = |ok: bool| Dynamic::from_float(if ok { 1.0 } else { 0.0 });
-            let mut out = Map::new();
-            out.insert("background".into(), flag(j.background_ok));
-            out.insert("shape_colour".into(), flag(j.shape_colour_ok));
-            out.insert("both".into(), flag(j.passed()));
-            Ok(out)
-        });
-
-    // --- learned scorers (the run's CLIP and aesthetic models, loaded on first use) ---
-    let m = models.clone();
-    api!(fn "aesthetic", "aesthetic(img) -> float",
-        "Aesthetic score of an image: the aesthetic head on the CLIP image embedding. By default the shipped shapes-world head (a procedural composition score, about 0..10); with `ddpo train --clip --aesthetic` the LAION predictor (about 1..10).",
-        move |img: Image| -> Res<FLOAT> { learned(m.get().and_then(|m| m.aesthetic(img.rgb())), "aesthetic()") });
-    let m = models.clone();
-    api!(fn "clip_similarity", "clip_similarity(img, text) -> float",
-        "Cosine similarity (-1..1) of the CLIP embeddings of an image and a text. By default the shipped shapes-world CLIP; `ddpo train --clip PATH` for real CLIP weights.",
-        move |img: Image, text: &str| -> Res<FLOAT> {
-            learned(m.get().and_then(|m| m.clip_similarity(img.rgb(), &[text])).map(|v| v[0]), "clip_similarity()")
-        });
-    let m = models;
-    api!(fn "clip_similarity", "clip_similarity(img, [text, ..]) -> [float]",
-        "Cosine similarities of an image to each text of an array (one batched text pass).",
-        move |img: Image, texts: Array| -> Res<Array> {
-            let texts: Vec<String> = texts
-                .into_iter()
-                .map(|t| t.into_immutable_string().map(|s| s.to_string()).map_err(|ty| format!("clip_similarity(): texts must be strings, got {ty}")))
-                .collect::<Result<_, _>>()?;
-            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-            let sims = learned(m.get().and_then(|m| m.clip_similarity(img.rgb(), &refs)), "clip_similarity()")?;
-            Ok(sims.into_iter().map(Dynamic::from_float).collect())
-        });
-
-    // --- seeded randomness (prompt scripts only) ---
+    section = "Seeded randomness (prompt scripts only)";
     api!(fn "rand", "rand() -> float", "Uniform number in [0, 1) from the run's seeded generator. Prompt scripts only.",
         || -> Res<FLOAT> { draw("rand()", |r| Ok(r.random::<f64>())) });
     api!(fn "rand_int", "rand_int(a, b) -> int", "Uniform integer in a..=b (both included) from the run's generator. Prompt scripts only.",
@@ -281,41 +218,10 @@ pub(crate) fn register(engine: &mut Engine, context: Arc<RwLock<Context>>, model
             })
         });
 
-    // --- the run ---
+    section = "The run";
     api!(fn "context", "context() -> map",
         "Read-only facts about the run: `epoch` (the epoch about to run, from 0), `step` (optimiser steps taken so far), `reward_mean` and `reward_std` (arrays, one entry per finished epoch).",
         move || -> Map { context.read().unwrap().to_map() });
-    docs
-}
-
-fn mean_rgb(img: &RgbImage) -> [f64; 3] {
-    let mut sum = [0u64; 3];
-    for p in img.pixels() {
-        for c in 0..3 {
-            sum[c] += p.0[c] as u64;
-        }
-    }
-    let n = (img.pixels().len().max(1) as f64) * 255.0;
-    sum.map(|s| s as f64 / n)
-}
-
-/// HSV of an RGB pixel: hue in degrees 0..360, saturation and value in 0..1.
-fn hsv([r, g, b]: [u8; 3]) -> (f64, f64, f64) {
-    let (r, g, b) = (r as f64 / 255.0, g as f64 / 255.0, b as f64 / 255.0);
-    let max = r.max(g).max(b);
-    let min = r.min(g).min(b);
-    let d = max - min;
-    let s = if max > 0.0 { d / max } else { 0.0 };
-    let h = if d == 0.0 {
-        0.0
-    } else if max == r {
-        60.0 * ((g - b) / d).rem_euclid(6.0)
-    } else if max == g {
-        60.0 * ((b - r) / d + 2.0)
-    } else {
-        60.0 * ((r - g) / d + 4.0)
-    };
-    (h, s, max)
 }
 
 /// The documentation of the host API, in registration order.
@@ -327,14 +233,19 @@ pub fn entries() -> Vec<ApiEntry> {
 pub fn markdown() -> String {
     let mut out = String::from(
         "# Script host API\n\n\
-         Generated from `src/script/api.rs` (`ddpo::script::api::markdown()`); a test keeps this file in sync.\n\n\
+         Generated from the registrations in `src/reward/registry.rs` (the reward primitives) and\n\
+         `src/script/` (`ddpo::script::api_md()`); a test keeps this file in sync.\n\n\
          Reward scripts define `fn reward(img, prompt, meta)` returning a number or a map of named\n\
          components with a `total`. Prompt scripts define `fn prompt()` returning a string or\n\
          `#{ prompt: \"..\", meta: #{ .. } }`; the reward receives that `meta`. Scripts may `import`\n\
-         other `.rhai` files from their own folder only. `print` and `debug` go to the training log.\n\n\
-         | function | description |\n|---|---|\n",
+         other `.rhai` files from their own folder only. `print` and `debug` go to the training log.\n",
     );
+    let mut section = "";
     for e in entries() {
+        if e.section != section {
+            section = e.section;
+            out.push_str(&format!("\n## {section}\n\n| function | description |\n|---|---|\n"));
+        }
         out.push_str(&format!("| `{}` | {} |\n", e.signature, e.doc));
     }
     out

@@ -15,7 +15,7 @@
 //! the script's own `total` and unweighted components are still logged but do not count. Every
 //! weighted name must be a component the reward returns. `weights: #{}` turns recombination off.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 
 use rand_chacha::ChaCha8Rng;
@@ -117,7 +117,7 @@ impl ScriptHooks {
     }
 
     /// Calls `on_epoch_start(ctx)` if defined; returns its overrides (none when it returns
-    /// nothing), not yet checked against a trainer (see [`Schedule::epoch_start`]).
+    /// nothing), not yet checked against a trainer (see [`HookRunner::epoch_start`]).
     pub fn on_epoch_start(&self, ctx: Map) -> Result<Overrides, ScriptError> {
         let version = self.current.read().unwrap().clone();
         call_hook(&self.host, &version, ON_EPOCH_START, ctx, &START_KEYS)
@@ -470,21 +470,8 @@ fn json_to_dynamic(v: &serde_json::Value) -> Dynamic {
 
 impl Shared {
     /// Recombines `score`'s total from its components when hooks set reward weights.
-    pub(crate) fn reweigh(&self, score: &mut crate::reward::Score) -> Result<(), String> {
-        let weights = self.weights.read().unwrap();
-        if weights.is_empty() {
-            return Ok(());
-        }
-        let mut total = 0.0;
-        for (name, w) in weights.iter() {
-            let Some(c) = score.components.get(name) else {
-                let have: BTreeSet<&str> = score.components.keys().map(String::as_str).collect();
-                return Err(format!("has no component `{name}`, which the hooks weight (its components: {have:?})"));
-            };
-            total += w * c;
-        }
-        score.total = total;
-        Ok(())
+    pub(crate) fn reweigh(&self, score: &mut crate::reward::Score) -> Result<(), crate::reward::weighted::MissingComponent> {
+        crate::reward::weighted::reweigh(score, &self.weights.read().unwrap())
     }
 }
 

@@ -3,35 +3,40 @@
 //!
 //! - [`engine`]: the sandbox (limits, deadline, `import` confined to the scripts folder) and
 //!   `file:line:col: message` errors.
-//! - [`api`]: the host API scripts see, registered and documented in one place (`scripts/API.md`).
+//! - [`api`]: the host API scripts see (the reward primitives of [`crate::reward::registry`] and
+//!   the script-only functions), registered and documented in one place (`scripts/API.md`).
 //! - [`reward`]: [`ScriptReward`], a [`crate::reward::Reward`] backed by `fn reward(img, prompt, meta)`.
 //! - [`prompts`]: [`ScriptPrompts`], a [`crate::ddpo::PromptSource`] backed by `fn prompt()`.
 //! - [`hooks`]: [`ScriptHooks`] (`on_epoch_start` / `on_epoch_end`) and the [`HookRunner`] that
 //!   applies their overrides (lr, guidance, reward weights, prompts, early stop) to a trainer.
 //! - [`repl`]: the Rhai side of `ddpo repl` (REPL functions over a [`repl::ReplHost`]).
 //! - [`set`]: [`ScriptSet`], the scripts of a run: loading, dry runs, hot reload, saved versions,
-//!   and [`check_file`] for `ddpo check`.
+//!   and [`check_file`] / [`check_files`] for `ddpo check`.
+//! - [`entry`]: the entry points scripts define, and near misses of them for `ddpo check`.
 
 pub mod api;
 pub mod engine;
+pub mod entry;
 pub mod hooks;
 pub mod prompts;
 pub mod repl;
 pub mod reward;
 pub mod set;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
-use rhai::{Dynamic, Engine, Scope, AST};
+use rhai::{ASTNode, Dynamic, Engine, Expr, Scope, AST};
+
+use crate::reward::registry::{self, Needs};
 
 pub use api::{Context, Image};
 pub use engine::{Limits, Log, ScriptError};
 pub use hooks::{HookOutcome, HookRunner, Overrides, ScriptHooks};
 pub use prompts::ScriptPrompts;
 pub use reward::ScriptReward;
-pub use set::{check_file, Kind, Reload, ReloadOutcome, ScriptSet};
+pub use set::{check_file, check_files, Kind, Reload, ReloadOutcome, ScriptSet};
 
 /// `scripts/API.md`: the host API, the schedule hooks and the REPL functions, generated from
 /// their registration.
@@ -60,7 +65,7 @@ pub(crate) struct Shared {
     pub context: Arc<RwLock<Context>>,
     pub meta: Arc<Mutex<HashMap<String, rhai::Map>>>,
     /// Reward-component weights set by hooks (empty: the reward's own total counts).
-    pub weights: Arc<RwLock<std::collections::BTreeMap<String, f64>>>,
+    pub weights: crate::reward::Weights,
     /// The CLIP and aesthetic models behind `clip_similarity` and `aesthetic`.
     pub models: crate::reward::models::LazyModels,
 }
@@ -72,16 +77,39 @@ pub struct Version {
     pub source: String,
     /// Imported module files and their sources, as compiled.
     pub imports: Vec<(PathBuf, String)>,
+    /// Names of the functions, methods and properties the script and its modules call.
+    pub calls: BTreeSet<String>,
     ast: AST,
 }
 
 impl Version {
+    /// The learned models the reward primitives this version calls need.
+    pub fn needs(&self) -> Needs {
+        registry::needs(self.calls.iter().map(String::as_str))
+    }
+
     /// Whether the script (or a module it imports) calls a learned primitive, so its batches
     /// are worth embedding up front.
     pub fn uses_models(&self) -> bool {
-        let calls = |s: &str| s.contains("clip_similarity") || s.contains("aesthetic");
-        calls(&self.source) || self.imports.iter().any(|(_, s)| calls(s))
+        self.needs() > Needs::Nothing
     }
+}
+
+/// Adds the names of the functions, methods and properties `ast` calls (also inside its
+/// functions) to `into`. Calls through function pointers (`Fn("name")`) are not seen.
+fn called_names(ast: &AST, into: &mut BTreeSet<String>) {
+    ast.walk(&mut |path: &[ASTNode]| {
+        match path.last() {
+            Some(ASTNode::Expr(Expr::FnCall(f, _) | Expr::MethodCall(f, _))) => {
+                into.insert(f.name.to_string());
+            }
+            Some(ASTNode::Expr(Expr::Property(p, _))) => {
+                into.insert(p.2.to_string());
+            }
+            _ => {}
+        }
+        true
+    });
 }
 
 /// A script file with its sandboxed engines (its folder is the only one it may import from).
@@ -157,9 +185,18 @@ impl Host {
         let ast = ast.map_err(|e| engine::script_error(&self.display, &self.root, &e, &self.limits, None, None))?;
         let imports: Vec<(PathBuf, String)> =
             files.into_iter().map(|p| (p.clone(), std::fs::read_to_string(&p).unwrap_or_default())).collect();
+        let mut calls = BTreeSet::new();
+        called_names(&ast, &mut calls);
+        for (path, text) in &imports {
+            // A plain compile: the module's own imports are listed in `imports` already.
+            let module = self.engine.compile(text).map_err(|e| {
+                engine::script_error(&path.display().to_string(), &self.root, &e.into(), &self.limits, None, None)
+            })?;
+            called_names(&module, &mut calls);
+        }
         let mut texts = vec![source.as_str()];
         texts.extend(imports.iter().map(|(_, s)| s.as_str()));
-        Ok(Version { hash: content_hash(&texts), source, imports, ast })
+        Ok(Version { hash: content_hash(&texts), source, imports, calls, ast })
     }
 
     /// Calls script function `name` of `version` under the limits. A call stopped by a limit is

@@ -7,6 +7,7 @@ use std::sync::{Arc, RwLock};
 use image::RgbImage;
 use rhai::{Dynamic, Map};
 
+use super::api::number;
 use super::{Host, Image, ScriptError, Shared, Version};
 use crate::reward::{Reward, Score};
 
@@ -79,11 +80,6 @@ impl ScriptReward {
         }
         Ok(score)
     }
-}
-
-/// A script number (float or int) as f64.
-fn number(v: &Dynamic) -> Option<f64> {
-    v.as_float().ok().or_else(|| v.as_int().ok().map(|i| i as f64))
 }
 
 impl Reward for ScriptReward {

@@ -4,7 +4,9 @@
 //! [`check_file`], the engine of `ddpo check`.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
 use std::sync::{Arc, RwLock};
 
 use rand::SeedableRng;
@@ -246,20 +248,57 @@ fn check_hooks(host: &Host, version: &Version) -> anyhow::Result<String> {
     Ok(format!("{defines}; at epoch 0 on_epoch_start returns {}, on_epoch_end {}; {ms:.2} ms", shown(&start), shown(&end)))
 }
 
-/// Compiles `path` and dry-runs it as what it defines (`fn reward` or `fn prompt`; a module with
-/// neither is only compiled). Returns a one-line summary, or the error as `file:line:col: message`.
+/// Compiles `path` and dry-runs it as what it defines (`fn reward`, `fn prompt` or hooks); a
+/// file defining none of them passes as a module unless it defines a near miss of one (see
+/// [`super::entry`]). Returns a one-line summary, or the error as `file:line:col: message`.
 pub fn check_file(path: &Path, limits: &Limits, log: Log) -> anyhow::Result<String> {
+    check_files(&[path.to_path_buf()], limits, log).pop().context("no check result")?
+}
+
+/// [`check_file`] on each of `paths`, except that a file another of them imports is a module on
+/// purpose: near misses of entry points in it are not errors. One result per path, in order.
+pub fn check_files(paths: &[PathBuf], limits: &Limits, log: Log) -> Vec<anyhow::Result<String>> {
     let shared = Shared::default();
-    let host = Host::new(path, limits, &shared, log);
-    let version = host.compile()?;
-    let kind = if Host::defines(&version, "reward", 3) {
-        Kind::Reward
-    } else if Host::defines(&version, "prompt", 0) {
-        Kind::Prompts
-    } else if [super::hooks::ON_EPOCH_START, super::hooks::ON_EPOCH_END].iter().any(|f| version.ast.iter_functions().any(|d| d.name == *f)) {
-        return check_hooks(&host, &version);
-    } else {
-        return Ok("module (compiled; defines none of `fn reward(img, prompt, meta)`, `fn prompt()`, `fn on_epoch_start(ctx)`, `fn on_epoch_end(ctx)`)".into());
+    let compiled: Vec<_> = paths
+        .iter()
+        .map(|p| {
+            let host = Host::new(p, limits, &shared, log.clone());
+            host.compile().map(|v| (host, v))
+        })
+        .collect();
+    let canonical = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+    let importers = |path: &Path| -> Vec<String> {
+        let path = canonical(path);
+        let by = compiled.iter().flatten().filter(|(_, v)| v.imports.iter().any(|(m, _)| canonical(m) == path));
+        by.map(|(h, _)| h.file_name()).collect()
     };
-    dry_run(&host, &shared, &version, kind)
+    compiled
+        .iter()
+        .zip(paths)
+        .map(|(c, path)| {
+            let (host, version) = c.as_ref().map_err(|e| anyhow::Error::from(e.clone()))?;
+            check_version(host, &shared, version, &importers(path))
+        })
+        .collect()
+}
+
+/// `ddpo check` of one compiled file; `importers` are the checked files that import it.
+fn check_version(host: &Host, shared: &Shared, version: &Version, importers: &[String]) -> anyhow::Result<String> {
+    let summary = if Host::defines(version, "reward", 3) {
+        dry_run(host, shared, version, Kind::Reward)?
+    } else if Host::defines(version, "prompt", 0) {
+        dry_run(host, shared, version, Kind::Prompts)?
+    } else if [super::hooks::ON_EPOCH_START, super::hooks::ON_EPOCH_END].iter().any(|f| version.ast.iter_functions().any(|d| d.name == *f)) {
+        check_hooks(host, version)?
+    } else if !importers.is_empty() {
+        return Ok(format!("module imported by {} (compiled)", importers.join(", ")));
+    } else {
+        "module (compiled; defines none of `fn reward(img, prompt, meta)`, `fn prompt()`, `fn on_epoch_start(ctx)`, `fn on_epoch_end(ctx)`)".into()
+    };
+    if importers.is_empty() {
+        if let Some(e) = super::entry::near_miss(host, version) {
+            return Err(e.into());
+        }
+    }
+    Ok(summary)
 }
