@@ -50,6 +50,13 @@ pub trait Reward: Send + Sync {
     fn score(&self, images: &[RgbImage], prompts: &[String]) -> anyhow::Result<Vec<Score>>;
 }
 
+/// The names of the components `reward` returns, read off its score of one shapes-world image.
+pub fn component_names(reward: &dyn Reward) -> anyhow::Result<std::collections::BTreeSet<String>> {
+    let sample = crate::world::ShapesWorld::default().batch(0, 1).remove(0);
+    let score = reward.score(&[sample.image], &[sample.caption])?;
+    Ok(score.into_iter().next().map(|s| s.components.into_keys().collect()).unwrap_or_default())
+}
+
 /// Looks up a built-in reward by name (`compressibility`, `incompressibility`).
 pub fn builtin(name: &str) -> anyhow::Result<Box<dyn Reward>> {
     match name {

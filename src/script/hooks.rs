@@ -10,10 +10,11 @@
 //!   it (like `set()` in the REPL). A hook that fails, or
 //!   returns a bad value, changes nothing: the previous settings stay.
 //!
-//! **Weights.** With `weights: #{ name: w, .. }` in effect, a reward script's total is
-//! recombined from its components: `total = sum of w * component` over the weighted names only;
-//! the script's own `total` and unweighted components are still logged but do not count. Every
-//! weighted name must be a component the reward returns. `weights: #{}` turns recombination off.
+//! **Weights.** With `weights: #{ name: w, .. }` in effect, the reward's total (a script's or a
+//! built-in's) is recombined from its components: `total = sum of w * component` over the
+//! weighted names only; the reward's own `total` and unweighted components are still logged but
+//! do not count. Every weighted name must be a component the reward returns. `weights: #{}`
+//! turns recombination off.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -21,9 +22,10 @@ use std::sync::{Arc, Mutex, RwLock};
 use rand_chacha::ChaCha8Rng;
 use rhai::{Array, Dynamic, Map, FLOAT, INT};
 
-use super::{Context, Host, ScriptError, ScriptReward, Shared, Version};
+use super::{Context, Host, ScriptError, Shared, Version};
 use crate::ddpo::{FixedPrompts, PromptSource, TrainConfig};
 use crate::family::Family;
+use crate::reward::{Reward, Weights};
 
 /// The entry points of a hooks script.
 pub const ON_EPOCH_START: &str = "on_epoch_start";
@@ -321,8 +323,9 @@ pub struct HookOutcome {
 /// reward weights, prompt list), which stay in effect until a hook changes them again.
 pub struct HookRunner {
     hooks: Option<ScriptHooks>,
-    /// The reward script whose components `weights` recombine (none for a built-in reward).
-    reward: Option<Arc<ScriptReward>>,
+    /// The reward whose components `weights` recombine, and the handle that sets them.
+    reward: Arc<dyn Reward>,
+    weights: Weights,
     prompts: Arc<Mutex<Option<FixedPrompts>>>,
     base_lr: f64,
     base_guidance: f64,
@@ -335,13 +338,14 @@ impl HookRunner {
     /// can replace the prompt list.
     pub fn new(
         hooks: Option<ScriptHooks>,
-        reward: Option<Arc<ScriptReward>>,
+        (reward, weights): (Arc<dyn Reward>, Weights),
         config: &crate::ddpo::TrainConfig,
         prompts: Box<dyn PromptSource>,
     ) -> (Self, Box<dyn PromptSource>) {
         let list = Arc::new(Mutex::new(None));
         let wrapped = Box::new(HookedPrompts { inner: prompts, list: list.clone() });
-        let s = Self { hooks, reward, prompts: list, base_lr: config.optimizer.lr, base_guidance: config.sampler.guidance, epochs: 0 };
+        let (base_lr, base_guidance) = (config.optimizer.lr, config.sampler.guidance);
+        let s = Self { hooks, reward, weights, prompts: list, base_lr, base_guidance, epochs: 0 };
         (s, wrapped)
     }
 
@@ -350,13 +354,9 @@ impl HookRunner {
         self.hooks.is_some()
     }
 
-    /// The reward-component weights in effect (empty: the script's own total counts).
+    /// The reward-component weights in effect (empty: the reward's own total counts).
     pub fn weights(&self) -> BTreeMap<String, f64> {
-        self.weights_handle().map(|w| w.read().unwrap().clone()).unwrap_or_default()
-    }
-
-    fn weights_handle(&self) -> Option<&Arc<RwLock<BTreeMap<String, f64>>>> {
-        self.reward.as_ref().map(|r| &r.shared.weights)
+        self.weights.read().unwrap().clone()
     }
 
     /// `ctx` for a hook: the run context, the current settings and (after an epoch) its metrics.
@@ -412,15 +412,13 @@ impl HookRunner {
             family.check_sampler(&sampler).map_err(|e| BadValue::new(Some("guidance"), format!("on_epoch_start(): {e}")))?;
         }
         if let Some(w) = o.weights.as_ref().filter(|w| !w.is_empty()) {
-            let Some(reward) = &self.reward else {
-                return Err(BadValue::new(Some("weights"), "on_epoch_start(): `weights` recombine a reward script's named components, but the reward is a built-in".into()));
-            };
-            let names = reward.component_names().map_err(|e| BadValue::new(Some("weights"), format!("on_epoch_start(): cannot list the reward's components: {e:#}")))?;
+            let names = crate::reward::component_names(self.reward.as_ref())
+                .map_err(|e| BadValue::new(Some("weights"), format!("on_epoch_start(): cannot list the reward's components: {e:#}")))?;
             if let Some(unknown) = w.keys().find(|k| !names.contains(*k)) {
                 let have: Vec<&str> = names.iter().map(String::as_str).collect();
                 return Err(BadValue::new(Some(unknown), format!(
                     "on_epoch_start(): `weights` names `{unknown}`, which {} does not return (its components: {})",
-                    reward.name,
+                    self.reward.name(),
                     if have.is_empty() { "none".into() } else { have.join(", ") }
                 )));
             }
@@ -436,8 +434,8 @@ impl HookRunner {
         if let Some(g) = o.guidance {
             config.sampler.guidance = g;
         }
-        if let (Some(w), Some(handle)) = (&o.weights, self.weights_handle()) {
-            *handle.write().unwrap() = w.clone();
+        if let Some(w) = &o.weights {
+            *self.weights.write().unwrap() = w.clone();
         }
         if let Some(p) = &o.prompts {
             *self.prompts.lock().unwrap() = (!p.is_empty()).then(|| FixedPrompts(p.clone()));
@@ -479,7 +477,7 @@ impl Shared {
 const OVERRIDE_DOCS: [(&str, &str); 5] = [
     ("lr", "Learning rate, a positive number."),
     ("guidance", "Classifier-free guidance scale, a number >= 0."),
-    ("weights", "`#{ component: weight, .. }`: the reward total becomes the weighted sum of these named components of the reward script (the script's own `total` and unweighted components are logged but do not count); every name must be a component the reward returns. `#{}` turns recombination off."),
+    ("weights", "`#{ component: weight, .. }`: the reward total becomes the weighted sum of these named components of the reward, a script or a built-in such as `compressibility` (`jpeg_kb`) (its own `total` and unweighted components are logged but do not count); every name must be a component the reward returns. `#{}` turns recombination off."),
     ("prompts", "An array of prompt strings drawn uniformly from the run's generator instead of the run's prompts; `[]` goes back to the run's prompts."),
     ("stop", "`true`: stop before this epoch (the run is checkpointed)."),
 ];

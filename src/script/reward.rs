@@ -35,12 +35,10 @@ impl ScriptReward {
         Ok(score)
     }
 
-    /// The names of the components the version in use returns (scored on one shapes-world image).
-    pub fn component_names(&self) -> anyhow::Result<std::collections::BTreeSet<String>> {
-        let version = self.current.read().unwrap().clone();
-        let sample = crate::world::ShapesWorld::default().batch(0, 1).remove(0);
-        let score = Self::score_meta(&self.host, &version, &sample.image, &sample.caption, Map::new(), 0)?;
-        Ok(score.components.into_keys().collect())
+    /// The handle of the weights hooks set on this reward's components (applied per sample, so
+    /// a bad weight is a script error that names the sample).
+    pub fn weights(&self) -> crate::reward::Weights {
+        self.shared.weights.clone()
     }
 
     /// Scores one image with the version in use and an explicit `meta` (the REPL's `reward`).

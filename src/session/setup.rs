@@ -9,7 +9,7 @@ use anyhow::Context;
 use crate::ddpo::{FixedPrompts, PromptSource, Trainer};
 use crate::family::{self, Family, OpenOptions};
 use crate::reward::models::LazyModels;
-use crate::reward::Reward;
+use crate::reward::{Reward, Weighted, Weights};
 use crate::run::{RewardSpec, RunConfig};
 use crate::script::{HookRunner, Limits, Log, ScriptReward, ScriptSet};
 
@@ -71,16 +71,22 @@ pub(super) fn load_parts(config: &RunConfig, paths: &ScriptPaths, log: Log, devi
         RewardSpec::Script(path) => Some(Arc::new(scripts.load_reward(path)?)),
         RewardSpec::Builtin(_) => None,
     };
-    let reward: Arc<dyn Reward> = match (&script_reward, &config.reward) {
-        (Some(r), _) => r.clone(),
-        (None, spec) => Arc::from(crate::reward::builtin(&spec.to_string())?),
+    // Hooks' `weights` recombine any reward's components: a script reward applies them per
+    // sample itself (its errors name the script); a built-in is wrapped.
+    let (reward, weights): (Arc<dyn Reward>, Weights) = match (&script_reward, &config.reward) {
+        (Some(r), _) => (r.clone(), r.weights()),
+        (None, spec) => {
+            let weights = Weights::default();
+            let builtin: Arc<dyn Reward> = Arc::from(crate::reward::builtin(&spec.to_string())?);
+            (Arc::new(Weighted::new(builtin, weights.clone())), weights)
+        }
     };
     let prompts: Box<dyn PromptSource> = match &paths.prompts {
         Some(p) => Box::new(scripts.load_prompts(p)?),
         None => Box::new(FixedPrompts(config.prompts.clone())),
     };
     let hook_script = paths.hooks.as_deref().map(|p| scripts.load_hooks(p)).transpose()?;
-    let (mut hooks, prompts) = HookRunner::new(hook_script, script_reward.clone(), &config.train, prompts);
+    let (mut hooks, prompts) = HookRunner::new(hook_script, (reward.clone(), weights), &config.train, prompts);
     hooks.epochs = config.epochs;
     let mut trainer = Trainer::new(config.train.clone(), policy, reward, prompts)?;
     if config.train.kl_weight > 0.0 {
