@@ -21,7 +21,7 @@ pub struct EntryPoint {
 
 pub const ENTRY_POINTS: [EntryPoint; 4] = [
     EntryPoint { name: "reward", params: &["img", "prompt", "meta"], kind: Kind::Reward, what: "a reward" },
-    EntryPoint { name: "prompt", params: &[], kind: Kind::Prompts, what: "a prompt script" },
+    EntryPoint { name: "prompt", params: &[], kind: Kind::Prompts, what: "a prompt script's entry point" },
     EntryPoint { name: ON_EPOCH_START, params: &["ctx"], kind: Kind::Hooks, what: "a hook" },
     EntryPoint { name: ON_EPOCH_END, params: &["ctx"], kind: Kind::Hooks, what: "a hook" },
 ];

@@ -5,9 +5,9 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use anyhow::Context as _;
-use std::sync::{Arc, RwLock};
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
