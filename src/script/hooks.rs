@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use rand_chacha::ChaCha8Rng;
 use rhai::{Array, Dynamic, Map, FLOAT, INT};
 
+use super::api::number;
 use super::{Context, Host, ScriptError, Shared, Version};
 use crate::ddpo::{FixedPrompts, PromptSource, TrainConfig};
 use crate::family::Family;
@@ -227,10 +228,6 @@ fn parse(value: &Dynamic, func: &str, keys: &[&str]) -> Result<Overrides, BadVal
         }
     }
     Ok(out)
-}
-
-fn number(v: &Dynamic) -> Option<f64> {
-    v.as_float().ok().or_else(|| v.as_int().ok().map(|i| i as f64))
 }
 
 /// 1-based (line, column) of `key` written as a map key (`key:`, `"key":`) or property (`.key`)

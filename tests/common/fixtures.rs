@@ -63,3 +63,15 @@ pub fn metrics(dir: &std::path::Path) -> Vec<serde_json::Value> {
         })
         .collect()
 }
+
+/// A script log that drops everything.
+pub fn quiet() -> ddpo::script::Log {
+    std::sync::Arc::new(|_: &str| {})
+}
+
+/// Writes `text` to `dir/name` and returns the path.
+pub fn write(dir: &std::path::Path, name: &str, text: &str) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
