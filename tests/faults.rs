@@ -30,6 +30,20 @@ fn train_args(model: &Path, run: &Path, epochs: usize) -> Vec<String> {
     .to_vec()
 }
 
+/// Trains `epochs` epochs into `run` and checks that it succeeded.
+fn train(model: &Path, run: &Path, epochs: usize) {
+    let (ok, stderr) = ddpo(&train_args(model, run, epochs).iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{stderr}");
+}
+
+/// The tiny model saved in `dir`, and an uninterrupted run of `epochs` epochs on it.
+fn straight_run(dir: &Path, epochs: usize) -> (std::path::PathBuf, std::path::PathBuf) {
+    let model = save_tiny_policy(dir);
+    let straight = dir.join("straight");
+    train(&model, &straight, epochs);
+    (model, straight)
+}
+
 fn wait_for(mut done: impl FnMut() -> bool) {
     let start = Instant::now();
     while !done() {
@@ -41,10 +55,7 @@ fn wait_for(mut done: impl FnMut() -> bool) {
 #[test]
 fn a_live_run_is_locked_and_a_killed_one_resumes_to_the_same_run() {
     let dir = tempfile::tempdir().unwrap();
-    let model = save_tiny_policy(dir.path());
-    let straight = dir.path().join("straight");
-    let (ok, stderr) = ddpo(&train_args(&model, &straight, 6).iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(ok, "{stderr}");
+    let (model, straight) = straight_run(dir.path(), 6);
 
     let run = dir.path().join("run");
     let args = train_args(&model, &run, 6);
@@ -67,13 +78,9 @@ fn metrics_lines(run: &Path) -> usize {
 #[test]
 fn a_damaged_checkpoint_falls_back_to_the_previous_one() {
     let dir = tempfile::tempdir().unwrap();
-    let model = save_tiny_policy(dir.path());
-    let straight = dir.path().join("straight");
-    let (ok, stderr) = ddpo(&train_args(&model, &straight, 4).iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(ok, "{stderr}");
+    let (model, straight) = straight_run(dir.path(), 4);
     let run = dir.path().join("run");
-    let (ok, stderr) = ddpo(&train_args(&model, &run, 3).iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(ok, "{stderr}");
+    train(&model, &run, 3);
     // Truncate the latest checkpoint's weights, as a crash of the disk under it would.
     let latest = run.join("checkpoint/policy.safetensors");
     let bytes = std::fs::read(&latest).unwrap();
@@ -112,8 +119,7 @@ fn a_failed_checkpoint_write_is_one_clean_error_and_keeps_the_last_checkpoint() 
     // A real full disk where the machine allows mounting a tmpfs; else a write that fails the
     // same way (the checkpoint's staging folder is taken by a file).
     let tmpfs = Tmpfs::mount(&disk, "16m");
-    let (ok, stderr) = ddpo(&train_args(&model, &run, 1).iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(ok, "{stderr}");
+    train(&model, &run, 1);
     let good = std::fs::read(run.join("checkpoint/policy.safetensors")).unwrap();
     match &tmpfs {
         Some(_) => fill(&disk.join("filler")),
