@@ -112,7 +112,8 @@ fn detect_shape_colours(img: &RgbImage, background: &[Colour]) -> Vec<Colour> {
 /// Explains `rgb` as a blend of a background colour and another palette
 /// colour: that colour and its share in [0, 1], for the closest such blend
 /// within [`MAX_COLOUR_DISTANCE`]; `None` when no blend is that close.
-fn unmix(rgb: [u8; 3], background: &[Colour]) -> Option<(Colour, f32)> {
+/// The detector ([`super::detect`]) labels pixels with it too.
+pub fn unmix(rgb: [u8; 3], background: &[Colour]) -> Option<(Colour, f32)> {
     let p = rgb.map(f32::from);
     let blends = background.iter().flat_map(|&bg| {
         Colour::ALL
