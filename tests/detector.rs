@@ -235,3 +235,83 @@ fn wrong_captions_are_rejected() {
     eprintln!("wrong captions: rejected {rejected}/{total} = {:.4}", rejected as f64 / total as f64);
     assert!(rejected as f64 >= 0.99 * total as f64);
 }
+
+/// One hand-labelled sample of the shipped model (tests/fixtures/detector/labels.json).
+#[derive(serde::Deserialize)]
+struct Labelled {
+    file: String,
+    prompt: String,
+    background: Vec<Colour>,
+    objects: Vec<LabelledObject>,
+}
+
+#[derive(serde::Deserialize, Clone, Copy, PartialEq)]
+struct LabelledObject {
+    colour: Colour,
+    /// None: a blob that is no recognisable shape.
+    shape: Option<ShapeKind>,
+}
+
+/// How often the detector sees what a person saw, on samples of the shipped model.
+#[derive(Debug, Default)]
+struct Agreement {
+    images: usize,
+    background: usize,
+    /// Objects seen by both (same colour and shape or both blobs), and all labelled / detected.
+    matched: usize,
+    labelled: usize,
+    detected: usize,
+    /// Images whose objects match exactly.
+    exact: usize,
+    /// Images where the prompt's verdict (position aside) is the same from labels and detections.
+    verdict: usize,
+}
+
+fn agreement() -> (Agreement, Vec<String>) {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/detector");
+    let labels: Vec<Labelled> = serde_json::from_str(&std::fs::read_to_string(format!("{dir}/labels.json")).unwrap()).unwrap();
+    let (mut a, mut notes) = (Agreement::default(), Vec::new());
+    for l in &labels {
+        let img = image::open(format!("{dir}/{}", l.file)).unwrap().to_rgb8();
+        let det = detect(&img);
+        let seen: Vec<LabelledObject> = det.objects.iter().map(|o| LabelledObject { colour: o.colour, shape: o.shape }).collect();
+        let mut left = seen.clone();
+        let matched = l.objects.iter().filter(|o| left.iter().position(|s| s == *o).map(|i| left.swap_remove(i)).is_some()).count();
+        let as_detection = Detection {
+            background: l.background.clone(),
+            objects: l.objects.iter().filter_map(|o| det.objects.first().map(|d| Object { colour: o.colour, shape: o.shape, ..d.clone() })).collect(),
+        };
+        let mut clauses = Clauses::from_spec(&parse_caption(&l.prompt).unwrap());
+        clauses.relation = None;
+        let same_verdict = score(&clauses, &det).strict == score(&clauses, &as_detection).strict;
+        a.images += 1;
+        a.background += same_set(&det.background, &l.background) as usize;
+        a.matched += matched;
+        a.labelled += l.objects.len();
+        a.detected += seen.len();
+        a.exact += (matched == l.objects.len() && matched == seen.len()) as usize;
+        a.verdict += same_verdict as usize;
+        if matched != l.objects.len() || matched != seen.len() || !same_verdict {
+            let show = |os: &[LabelledObject]| os.iter().map(|o| format!("{} {}", o.colour, o.shape.map_or("blob", |k| k.name()))).collect::<Vec<_>>().join(", ");
+            notes.push(format!("{}: labels [{}] detector [{}]", l.file, show(&l.objects), show(&seen)));
+        }
+    }
+    (a, notes)
+}
+
+fn same_set(a: &[Colour], b: &[Colour]) -> bool {
+    a.iter().all(|c| b.contains(c)) && b.iter().all(|c| a.contains(c))
+}
+
+#[test]
+fn detector_agrees_with_hand_labels_of_model_samples() {
+    let (a, notes) = agreement();
+    let pct = |k: usize, n: usize| 100.0 * k as f64 / n.max(1) as f64;
+    let object_f1 = 200.0 * a.matched as f64 / (a.labelled + a.detected) as f64;
+    eprintln!(
+        "hand labels ({} images, {} labelled objects, {} detected): background {:.1}%, objects F1 {object_f1:.1}%, exact images {:.1}%, prompt verdict {:.1}%",
+        a.images, a.labelled, a.detected, pct(a.background, a.images), pct(a.exact, a.images), pct(a.verdict, a.images)
+    );
+    notes.iter().for_each(|n| eprintln!("  {n}"));
+    assert!(a.images >= 100);
+}

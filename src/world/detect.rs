@@ -18,7 +18,8 @@ use image::RgbImage;
 use serde::Serialize;
 
 use super::caption::ShapeKind;
-use super::judge::{detect_background, unmix};
+use super::judge::{detect_background, unmix_within};
+use super::palette::rgb_distance;
 use super::palette::Colour;
 use super::scene::covers;
 
@@ -27,9 +28,15 @@ const CORE_SHARE: f32 = 0.5;
 /// Softer pixels than this are background (noise or the faintest anti-aliasing).
 const MIN_SHARE: f32 = 0.15;
 /// Objects covering less area (in pixels of colour share) are specks, not shapes.
-pub const MIN_OBJECT_AREA: f32 = 6.0;
+pub const MIN_OBJECT_AREA: f32 = 8.0;
 /// The least template overlap (IoU) that names an object's shape.
-pub const MIN_SHAPE_SCORE: f32 = 0.6;
+pub const MIN_SHAPE_SCORE: f32 = 0.75;
+/// How far a pixel may lie from every background-to-colour blend and still be labelled.
+const MAX_COLOUR_DISTANCE: f32 = 80.0;
+/// Neighbours closer than this in RGB count as the same flat patch.
+const FLAT_DISTANCE: f32 = 24.0;
+/// A pixel with at least this many flat neighbours is inside a region, not on an edge.
+const FLAT_NEIGHBOURS: usize = 6;
 /// Subsamples per pixel side when painting a template.
 const SUPERSAMPLE: usize = 4;
 
@@ -109,12 +116,26 @@ struct Core {
 
 impl Labels {
     fn new(img: &RgbImage, background: &[Colour]) -> Labels {
-        let pixels: Vec<Option<(Colour, f32)>> = img
-            .pixels()
-            .map(|p| unmix(p.0, background).filter(|&(_, share)| share >= MIN_SHARE))
-            .collect();
         let (width, height) = (img.width() as usize, img.height() as usize);
-        Labels { width, height, owner: vec![None; pixels.len()], pixels }
+        let mut labels = Labels { width, height, owner: vec![None; (width * height)], pixels: Vec::new() };
+        labels.pixels = img.pixels().enumerate().map(|(i, p)| labels.label(img, i, p.0, background)).collect();
+        labels
+    }
+
+    /// A pixel's shape colour and share. Inside a flat patch the pixel is its nearest colour
+    /// outright: blends are for thin edges, and a flat orange patch on red is orange, not a
+    /// half-yellow edge. Between two background colours, a blend of the two is background.
+    fn label(&self, img: &RgbImage, i: usize, rgb: [u8; 3], background: &[Colour]) -> Option<(Colour, f32)> {
+        let (nearest, distance) = Colour::nearest(rgb);
+        if between_backgrounds(rgb, background) {
+            return None;
+        }
+        let at = |n: usize| img.get_pixel((n % self.width) as u32, (n / self.width) as u32).0;
+        let flat = || self.neighbours(i).filter(|&n| rgb_distance(at(n), rgb) < FLAT_DISTANCE).count();
+        if !background.contains(&nearest) && distance <= MAX_COLOUR_DISTANCE && flat() >= FLAT_NEIGHBOURS {
+            return Some((nearest, 1.0));
+        }
+        unmix_within(rgb, background, MAX_COLOUR_DISTANCE).filter(|&(_, share)| share >= MIN_SHARE)
     }
 
     fn is_core(&self, i: usize, colour: Colour) -> bool {
@@ -170,6 +191,24 @@ impl Labels {
         }
         Blob { colour: core.colour, width: self.width, core: &core.members, soft }
     }
+}
+
+/// Whether `rgb` is closer to a blend of the two background colours than to either blend of a
+/// background colour with the pixel's nearest other colour (the seam of a split background).
+fn between_backgrounds(rgb: [u8; 3], background: &[Colour]) -> bool {
+    let [a, b] = background else { return false };
+    let seam = segment_distance(rgb, a.rgb(), b.rgb());
+    let (nearest, _) = Colour::ALL.into_iter().filter(|c| !background.contains(c)).map(|c| (c, rgb_distance(rgb, c.rgb()))).fold((Colour::Black, f32::MAX), |m, x| if x.1 < m.1 { x } else { m });
+    let shape = background.iter().map(|bg| segment_distance(rgb, bg.rgb(), nearest.rgb())).fold(f32::MAX, f32::min);
+    seam < shape
+}
+
+/// Distance from `p` to the RGB segment from `a` to `b`.
+fn segment_distance(p: [u8; 3], a: [u8; 3], b: [u8; 3]) -> f32 {
+    let (p, a, b) = (p.map(f32::from), a.map(f32::from), b.map(f32::from));
+    let d = [0, 1, 2].map(|i| b[i] - a[i]);
+    let t = ((0..3).map(|i| (p[i] - a[i]) * d[i]).sum::<f32>() / (0..3).map(|i| d[i] * d[i]).sum::<f32>()).clamp(0.0, 1.0);
+    (0..3).map(|i| (a[i] + t * d[i] - p[i]).powi(2)).sum::<f32>().sqrt()
 }
 
 /// A component's pixels, each with its share of the component's colour.
