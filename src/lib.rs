@@ -17,12 +17,14 @@
 //! - [`reward`]: the `Reward` trait and built-in rewards (JPEG size, brightness).
 //! - [`script`]: the sandboxed Rhai host: script rewards and prompts, host API, hot reload.
 //! - [`run`]: the training run folder: metrics, sample grids, reward curve, checkpoints.
+//! - [`eval`]: benchmarks of a policy: the compositional suite run, its report, table and grids.
 //! - [`bench`]: the fixed benchmark workloads and JSON report behind `ddpo bench`.
 //! - [`cli`]: the command line (clap), progress bars and user-facing errors.
 
 pub mod bench;
 pub mod cli;
 pub mod ddpo;
+pub mod eval;
 pub mod kernels;
 pub mod model;
 pub mod optim;

@@ -314,4 +314,57 @@ fn detector_agrees_with_hand_labels_of_model_samples() {
     );
     notes.iter().for_each(|n| eprintln!("  {n}"));
     assert!(a.images >= 100);
+    // At or just under the figures measured when the labels were made (README section).
+    assert!(object_f1 >= 70.0, "object agreement fell to {object_f1:.1}%");
+    assert!(pct(a.verdict, a.images) >= 95.0 && pct(a.background, a.images) >= 93.0, "{a:?}");
+}
+
+/// The suite's summary on ground-truth renders: every category right, the table lists them all.
+#[test]
+fn suite_report_on_rendered_images() {
+    use ddpo::eval::suite::{score_suite, select, SuiteOptions};
+    let prompts = select(&compositional_v1(), Some(Half::Heldout));
+    assert!(prompts.iter().all(|p| p.half == Half::Heldout));
+    let images: Vec<_> = prompts.iter().enumerate().flat_map(|(i, p)| (0..2).map(move |s| render(&p.text, 10 * i as u64 + s))).collect();
+    let opts = SuiteOptions { suite: "compositional-v1".into(), half: Some(Half::Heldout), per_prompt: 2, seed: 0, sampler: Default::default() };
+    let run = score_suite(prompts.clone(), images, &opts);
+    assert_eq!(run.report.images, 2 * prompts.len());
+    assert_eq!(run.report.categories.len(), 6);
+    assert!(run.report.strict >= 0.99 && run.report.partial >= 0.99, "{:?}", run.report);
+    let table = run.report.markdown();
+    for c in Category::ALL {
+        assert!(table.contains(&format!("| {} |", c.name())), "{table}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let grids = ddpo::eval::suite::write_grids(&run, dir.path()).unwrap();
+    assert_eq!(grids.len(), 6);
+}
+
+fn ddpo_cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_ddpo")).args(args).output().unwrap()
+}
+
+#[test]
+fn eval_suite_command_runs_and_refuses_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.safetensors");
+    ddpo::policy::Policy::new_random(ddpo::policy::PolicyConfig::tiny_test(), 0, &candle_core::Device::Cpu).unwrap().save(&model).unwrap();
+    let (model, table) = (model.to_str().unwrap(), dir.path().join("t.md"));
+    let out = ddpo_cli(&["eval", "--suite", "compositional", "--half", "heldout", "--per-prompt", "1", "--steps", "2", "--model", model, "--table", table.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["suite"], "compositional-v1");
+    assert_eq!(report["images"], report["prompts"]);
+    assert_eq!(report["categories"].as_array().unwrap().len(), 6);
+    assert!(std::fs::read_to_string(&table).unwrap().contains("| **overall**"));
+    for (args, needle) in [
+        (vec!["eval", "--suite", "compositional", "--model-dir", "/some/sd"], "shapes-world prompts"),
+        (vec!["eval", "--suite", "nope", "--model", model], "unknown suite"),
+        (vec!["eval", "--suite", "compositional", "--half", "middle", "--model", model], "use train or heldout"),
+    ] {
+        let out = ddpo_cli(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(needle), "{args:?}: {err}");
+        assert!(err.trim().lines().count() <= 2, "{args:?}: error is not one line: {err}");
+    }
 }

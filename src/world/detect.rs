@@ -117,7 +117,7 @@ struct Core {
 impl Labels {
     fn new(img: &RgbImage, background: &[Colour]) -> Labels {
         let (width, height) = (img.width() as usize, img.height() as usize);
-        let mut labels = Labels { width, height, owner: vec![None; (width * height)], pixels: Vec::new() };
+        let mut labels = Labels { width, height, owner: vec![None; width * height], pixels: Vec::new() };
         labels.pixels = img.pixels().enumerate().map(|(i, p)| labels.label(img, i, p.0, background)).collect();
         labels
     }
