@@ -5,7 +5,9 @@
 //! one shape colour and that colour's share of the pixel, so anti-aliased or blurred edges keep
 //! their colour instead of reading as a third one. Objects are the 8-connected components of
 //! pixels more than half one colour; the softer pixels around them join them for area and
-//! centroid. Specks below [`MIN_OBJECT_AREA`] are dropped as model noise.
+//! centroid. Specks below [`MIN_OBJECT_AREA`], or far smaller than the image's largest object
+//! ([`MIN_RELATIVE_AREA`]), are dropped as model noise, and so are fringes: components
+//! mostly surrounded by other objects, which are blends along their edges.
 //!
 //! The shape class comes from fitting each shape's template (the world's own geometry, see
 //! [`super::scene::covers`]) at the object's centroid and area and keeping the best overlap
@@ -29,6 +31,9 @@ const CORE_SHARE: f32 = 0.5;
 const MIN_SHARE: f32 = 0.15;
 /// Objects covering less area (in pixels of colour share) are specks, not shapes.
 pub const MIN_OBJECT_AREA: f32 = 8.0;
+/// Objects smaller than this share of the image's largest object are fragments of noise: the
+/// world's shapes in one image differ in area by at most a factor of three.
+pub const MIN_RELATIVE_AREA: f32 = 0.2;
 /// The least template overlap (IoU) that names an object's shape.
 pub const MIN_SHAPE_SCORE: f32 = 0.75;
 /// How far a pixel may lie from every background-to-colour blend and still be labelled.
@@ -94,8 +99,15 @@ pub fn detect(img: &RgbImage) -> Detection {
     let background = detect_background(img);
     let mut labels = Labels::new(img, &background);
     let cores = labels.components();
-    let mut objects: Vec<Object> = cores.iter().filter_map(|core| labels.blob(core).object()).collect();
+    let mut objects: Vec<Object> = cores
+        .iter()
+        .enumerate()
+        .filter(|&(id, core)| !labels.is_fringe(id, core))
+        .filter_map(|(_, core)| labels.blob(core).object())
+        .collect();
     objects.sort_by(|a, b| b.area.total_cmp(&a.area));
+    let largest = objects.first().map_or(0.0, |o| o.area);
+    objects.retain(|o| o.area >= MIN_RELATIVE_AREA * largest);
     Detection { background, objects }
 }
 
@@ -174,6 +186,18 @@ impl Labels {
             cores.push(Core { colour, members });
         }
         cores
+    }
+
+    /// Whether most of the pixels around a core belong to other objects: then it is a fringe of
+    /// blended colour along another object's edge (red on yellow reads orange), not an object.
+    /// The world's shapes never touch, so a real object is mostly ringed by background.
+    fn is_fringe(&self, id: usize, core: &Core) -> bool {
+        let mut around: std::collections::HashSet<usize> = std::collections::HashSet::new();
+        for &i in &core.members {
+            around.extend(self.neighbours(i).filter(|&n| self.owner[n] != Some(id)));
+        }
+        let others = around.iter().filter(|&&n| self.owner[n].is_some()).count();
+        2 * others > around.len()
     }
 
     /// The core with its halo: the unowned pixels of its colour that touch it, with their shares.
