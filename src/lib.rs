@@ -19,6 +19,7 @@
 //! - [`script`]: the sandboxed Rhai host: script rewards and prompts, host API, hot reload.
 //! - [`run`]: the training run folder: metrics, sample grids, reward curve, checkpoints.
 //! - [`session`]: a training run in progress: epochs, script reloads, hooks, records, stops.
+//! - [`eval`]: benchmarks of a policy: the compositional suite run, its report, table and grids.
 //! - [`bench`]: the fixed benchmark workloads and JSON report behind `ddpo bench`.
 //! - [`cli`]: the command line (clap), progress bars and user-facing errors.
 
@@ -26,6 +27,7 @@ pub mod bench;
 pub mod cli;
 pub mod ddpo;
 pub mod error;
+pub mod eval;
 pub mod family;
 pub mod io;
 pub mod kernels;

@@ -1,7 +1,8 @@
 //! `ddpo eval`: how well a model follows shapes-world prompts, per attribute, and the mean
 //! reward-model scores of its samples (JPEG size, CLIP alignment to the prompt, aesthetic); the
 //! before / after measure of a finetuning run. With `--clip`, the small CLIP's zero-shot accuracy
-//! per attribute instead.
+//! per attribute instead. With `--suite compositional`, the compositional benchmark: GenEval's six
+//! categories scored by the shapes detector (strict and partial, per category and overall).
 
 use std::path::PathBuf;
 
@@ -29,11 +30,27 @@ pub struct Args {
     /// has a line per prompt as well.
     #[arg(long = "prompt")]
     prompts: Vec<String>,
-    /// Samples per --prompt.
-    #[arg(long, default_value_t = 8)]
-    per_prompt: usize,
-    /// Write a labelled grid of the evaluated samples (PNG).
-    #[arg(long, value_name = "PNG")]
+    /// A diffusers Stable Diffusion folder: refused, since every evaluation here uses
+    /// shapes-world prompts and the shapes judge or detector.
+    #[arg(long, value_name = "DIR")]
+    model_dir: Option<PathBuf>,
+    /// Run a fixed benchmark instead: `compositional` (GenEval's six categories on the shapes
+    /// world, scored by the shape detector; the latest version) or a versioned name such as
+    /// `compositional-v1`.
+    #[arg(long, value_name = "NAME")]
+    suite: Option<String>,
+    /// With --suite: only the `train` or the `heldout` half of the prompts.
+    #[arg(long, value_name = "HALF", requires = "suite")]
+    half: Option<String>,
+    /// With --suite: also write the table as markdown to this file.
+    #[arg(long, value_name = "FILE.md", requires = "suite")]
+    table: Option<PathBuf>,
+    /// Samples per --prompt (default 8) or per suite prompt (default 4).
+    #[arg(long)]
+    per_prompt: Option<usize>,
+    /// Write a labelled grid of the evaluated samples (PNG); with --suite a folder, one grid
+    /// per category.
+    #[arg(long, value_name = "PNG|DIR")]
     grid: Option<PathBuf>,
     #[command(flatten)]
     sampler: super::SamplerArgs,
@@ -58,8 +75,18 @@ pub struct Args {
 }
 
 pub fn exec(args: Args) -> anyhow::Result<()> {
+    if let Some(dir) = &args.model_dir {
+        anyhow::bail!(
+            "--model-dir {}: ddpo eval scores shapes-world prompts, which a Stable Diffusion folder was not trained on; evaluate a shapes model with --model",
+            dir.display()
+        );
+    }
     anyhow::ensure!(args.n > 0, "-n must be at least 1");
     let device = super::device(&args.device)?;
+    if let Some(name) = &args.suite {
+        return exec_suite(&args, name, &device);
+    }
+    let per_prompt = args.per_prompt.unwrap_or(8);
     if let Some(clip) = &args.clip {
         use crate::pretrain::clip::{eval_samples, zero_shot};
         let model = crate::reward::shapes_clip::ShapesClip::load(&super::resolve_model(clip), &device)?;
@@ -75,8 +102,8 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         let world = ShapesWorld::new(WorldConfig { size, ..Default::default() })?;
         world.prompts(args.prompt_seed, args.n)
     } else {
-        anyhow::ensure!(args.per_prompt > 0, "--per-prompt must be at least 1");
-        given_prompts(&args.prompts, args.per_prompt)?
+        anyhow::ensure!(per_prompt > 0, "--per-prompt must be at least 1");
+        given_prompts(&args.prompts, per_prompt)?
     };
     let texts: Vec<String> = prompts.iter().map(|p| p.caption.clone()).collect();
     let images = sample_images(policy.as_ref(), &texts, &cfg, args.seed, 50)?;
@@ -92,7 +119,7 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
             .iter()
             .enumerate()
             .map(|(i, text)| {
-                let range = i * args.per_prompt..(i + 1) * args.per_prompt;
+                let range = i * per_prompt..(i + 1) * per_prompt;
                 let mut line = serde_json::json!({ "prompt": text });
                 merge_json(&mut line, eval.scores(range)?);
                 Ok(line)
@@ -101,10 +128,38 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         report["per_prompt"] = serde_json::Value::Array(per_prompt?);
     }
     if let Some(path) = &args.grid {
-        let cols = if args.prompts.is_empty() { (images.len() as f64).sqrt().ceil() as usize } else { args.per_prompt };
+        let cols = if args.prompts.is_empty() { (images.len() as f64).sqrt().ceil() as usize } else { per_prompt };
         crate::render::save_png(&crate::render::labelled_grid(&images, &texts, cols, 3), path)?;
     }
     println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+/// `ddpo eval --suite NAME`: samples the suite's prompts, prints the report as JSON, and
+/// writes the markdown table and per-category grids when asked.
+fn exec_suite(args: &Args, name: &str, device: &candle_core::Device) -> anyhow::Result<()> {
+    use crate::eval::suite::{run_suite, select, write_grids, SuiteOptions};
+    use crate::world::suite::{suite, Half, LATEST};
+    anyhow::ensure!(args.prompts.is_empty(), "--suite has its own prompts; drop --prompt");
+    let half = args
+        .half
+        .as_deref()
+        .map(|h| Half::from_name(h).with_context(|| format!("--half {h:?}: use train or heldout")))
+        .transpose()?;
+    let prompts = select(&suite(name)?, half);
+    let options = OpenOptions { clip_sample: args.sampler.clip_sample, ..Default::default() };
+    let policy = crate::family::open_frozen(&super::resolve_model(&args.model), None, &options, device)?;
+    let sampler = args.sampler.config(policy.as_ref())?;
+    let suite_name = if name == "compositional" { LATEST.to_string() } else { name.to_string() };
+    let opts = SuiteOptions { suite: suite_name, half, per_prompt: args.per_prompt.unwrap_or(4), seed: args.seed, sampler };
+    let run = run_suite(policy.as_ref(), prompts, &opts)?;
+    if let Some(path) = &args.table {
+        std::fs::write(path, run.report.markdown()).with_context(|| format!("cannot write --table {}; check the folder exists", path.display()))?;
+    }
+    if let Some(dir) = &args.grid {
+        write_grids(&run, dir)?;
+    }
+    println!("{}", serde_json::to_string(&run.report)?);
     Ok(())
 }
 

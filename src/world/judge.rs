@@ -112,7 +112,13 @@ fn detect_shape_colours(img: &RgbImage, background: &[Colour]) -> Vec<Colour> {
 /// Explains `rgb` as a blend of a background colour and another palette
 /// colour: that colour and its share in [0, 1], for the closest such blend
 /// within [`MAX_COLOUR_DISTANCE`]; `None` when no blend is that close.
-fn unmix(rgb: [u8; 3], background: &[Colour]) -> Option<(Colour, f32)> {
+pub fn unmix(rgb: [u8; 3], background: &[Colour]) -> Option<(Colour, f32)> {
+    unmix_within(rgb, background, MAX_COLOUR_DISTANCE)
+}
+
+/// [`unmix`] with its own tolerance: the detector ([`super::detect`]) allows more, since
+/// generated colours drift further from the palette than rendered ones.
+pub fn unmix_within(rgb: [u8; 3], background: &[Colour], max_distance: f32) -> Option<(Colour, f32)> {
     let p = rgb.map(f32::from);
     let blends = background.iter().flat_map(|&bg| {
         Colour::ALL
@@ -134,7 +140,7 @@ fn unmix(rgb: [u8; 3], background: &[Colour]) -> Option<(Colour, f32)> {
                 .sqrt();
             (colour, share, distance)
         })
-        .filter(|&(_, _, distance)| distance <= MAX_COLOUR_DISTANCE)
+        .filter(|&(_, _, distance)| distance <= max_distance)
         .min_by(|a, b| a.2.total_cmp(&b.2))
         .map(|(colour, share, _)| (colour, share))
 }

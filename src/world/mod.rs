@@ -22,14 +22,19 @@
 //! - **Compositional relations**: "A above/below/left of/right of B" pairs any two
 //!   looks, so most such captions never occur verbatim in training data.
 //!
-//! [`judge`] checks an image against a caption's background and shape colours.
+//! [`judge`] checks an image against a caption's background and shape colours; [`detect`] finds
+//! each object's colour, shape, area and place, [`geneval`] scores that against a caption as
+//! GenEval does, and [`suite`] is the fixed compositional benchmark's prompt set.
 //! Everything here is plain Rust; tensors live in `render`.
 
 pub mod caption;
 pub mod composition;
+pub mod detect;
+pub mod geneval;
 pub mod judge;
 pub mod palette;
 pub mod scene;
+pub mod suite;
 pub mod tokenizer;
 pub mod variants;
 
@@ -38,6 +43,8 @@ pub use caption::{
     RARE_COMBOS,
 };
 pub use composition::{composition, Composition};
+pub use detect::{detect, Detection, Object};
+pub use geneval::{geneval, Clauses, Score};
 pub use judge::{judge, Judgement};
 pub use palette::Colour;
 pub use scene::{relation_holds, PlacedShape, Scene, Split};

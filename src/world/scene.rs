@@ -188,7 +188,7 @@ pub fn relation_holds(a: &PlacedShape, b: &PlacedShape, relation: Relation) -> b
 
 /// Whether a shape of `kind` covers the point (u, v) given in units of its
 /// radius from its centre (y down). Every shape fits the square [-1, 1]².
-fn covers(kind: ShapeKind, u: f32, v: f32) -> bool {
+pub fn covers(kind: ShapeKind, u: f32, v: f32) -> bool {
     if u.abs() > 1.0 || v.abs() > 1.0 {
         return false;
     }
