@@ -530,3 +530,25 @@ fn hook_overrides_are_validated_with_positions() {
     let e = bad("fn on_epoch_start(ctx) {\n  ctx.nope()\n}\n");
     assert!(e.contains("hooks.rhai:2:") && e.contains("nope"), "{e}");
 }
+
+/// `geneval` and `detect` in a script read world renders as the suite's detector does: a render of
+/// its own caption is right on every clause, the same image against another shape is not, and
+/// `detect` names the drawn shape.
+#[test]
+fn geneval_and_detect_primitives_score_world_renders() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "reward.rhai", "fn reward(img, prompt, meta) {\n  let g = geneval(img, prompt);\n  let d = detect(img);\n  #{ total: g.partial, strict: g.strict, count: g.count, objects: d.objects.len(), first: if d.objects.len() > 0 && d.objects[0].shape == \"circle\" { 1.0 } else { 0.0 } }\n}\n");
+    let reward = ScriptSet::new(Limits::default(), quiet()).load_reward(&path).unwrap();
+    let world = ddpo::world::ShapesWorld::default();
+    let spec = ddpo::world::parse_caption("a red circle on a blue background").unwrap();
+    let scene = ddpo::world::Scene::layout(&spec, 32, &mut ChaCha8Rng::seed_from_u64(3));
+    let img = scene.render(world.config().supersample);
+    let right = reward.score(&[img.clone()], &["a red circle on a blue background".into()]).unwrap().remove(0);
+    assert_eq!((right.total, right.components["strict"], right.components["count"]), (1.0, 1.0, 1.0), "{right:?}");
+    assert_eq!((right.components["objects"], right.components["first"]), (1.0, 1.0), "{right:?}");
+    let wrong = reward.score(&[img], &["a red star on a blue background".into()]).unwrap().remove(0);
+    assert_eq!(wrong.components["strict"], 0.0, "{wrong:?}");
+    assert!(wrong.total < 1.0, "{wrong:?}");
+    let e = format!("{:#}", reward.score(&[image::RgbImage::new(32, 32)], &["not a caption".into()]).unwrap_err());
+    assert!(e.contains("geneval()") && e.contains("not a shapes-world caption"), "{e}");
+}

@@ -59,6 +59,11 @@ pub enum Value {
     Image(RgbImage),
     /// Named numbers (a map in scripts).
     Map(BTreeMap<String, f64>),
+    Text(String),
+    /// An array in scripts.
+    List(Vec<Value>),
+    /// Named values of any kind (a map in scripts).
+    Record(BTreeMap<String, Value>),
 }
 
 /// The arguments of one call and the run's models.
@@ -181,6 +186,17 @@ pub static SECTIONS: &[Section] = &[
             form: Form::Call, params: &[Param::Image, Param::Text], needs: Needs::Nothing, run: judge }],
     },
     Section {
+        heading: "Shapes world's object detector and compositional score (what `ddpo eval --suite` reports)",
+        primitives: &[
+            Primitive { name: "detect", signature: "detect(img) -> #{background, objects}",
+                doc: "The shapes detector's reading of an image: `background`, the background colour names; `objects`, one map per object with `colour`, `shape` (\"\" for an unrecognised blob), `area` (pixels), `x`, `y` (centroid, 0..1 of the width and height), `width`, `height` (pixels).",
+                form: Form::Call, params: IMG, needs: Needs::Nothing, run: detect },
+            Primitive { name: "geneval", signature: "geneval(img, prompt) -> #{strict, partial, count, colour, position, background}",
+                doc: "GenEval's score of an image against a shapes-world caption, by the shapes detector: `strict` 1.0 when every clause is right (exact counts, colours, positions, background), `partial` the mean of the clause terms as Flow-GRPO's reward computes them (count credit 1 - |n - target| / target), and the mean term of each clause kind the caption has. An error for a caption outside the grammar.",
+                form: Form::Call, params: &[Param::Image, Param::Text], needs: Needs::Nothing, run: geneval },
+        ],
+    },
+    Section {
         heading: "Learned scorers (`reward::models`: the run's CLIP and aesthetic models, loaded on first use)",
         primitives: &[
             Primitive { name: "aesthetic", signature: "aesthetic(img) -> float",
@@ -201,6 +217,41 @@ pub static SECTIONS: &[Section] = &[
 
 fn clip_similarity(a: &Args, texts: &[&str]) -> anyhow::Result<Vec<f64>> {
     a.models.get().and_then(|m| m.clip_similarity(a.image(0)?, texts)).context("clip_similarity()")
+}
+
+fn detect(a: &Args) -> anyhow::Result<Value> {
+    let img = a.image(0)?;
+    let d = crate::world::detect::detect(img);
+    let (w, h) = (img.width() as f64, img.height() as f64);
+    let object = |o: &crate::world::detect::Object| {
+        let number = |k: &str, v: f64| (k.to_string(), Value::Float(v));
+        Value::Record(BTreeMap::from([
+            ("colour".to_string(), Value::Text(o.colour.name().to_string())),
+            ("shape".to_string(), Value::Text(o.shape.map(|s| s.name()).unwrap_or("").to_string())),
+            number("area", o.area as f64),
+            number("x", o.centroid.0 as f64 / w),
+            number("y", o.centroid.1 as f64 / h),
+            number("width", o.width() as f64),
+            number("height", o.height() as f64),
+        ]))
+    };
+    let background = d.background.iter().map(|c| Value::Text(c.name().to_string())).collect();
+    Ok(Value::Record(BTreeMap::from([
+        ("background".to_string(), Value::List(background)),
+        ("objects".to_string(), Value::List(d.objects.iter().map(object).collect())),
+    ])))
+}
+
+fn geneval(a: &Args) -> anyhow::Result<Value> {
+    let s = crate::world::geneval::geneval(a.image(0)?, a.text(1)?).context("geneval()")?;
+    let mut map = BTreeMap::from([("strict".to_string(), if s.strict { 1.0 } else { 0.0 }), ("partial".to_string(), s.partial)]);
+    for kind in crate::world::geneval::ClauseKind::ALL {
+        let credits: Vec<f64> = s.verdicts.iter().filter(|v| v.kind == kind).map(|v| v.credit).collect();
+        if !credits.is_empty() {
+            map.insert(kind.name().to_string(), credits.iter().sum::<f64>() / credits.len() as f64);
+        }
+    }
+    Ok(Value::Map(map))
 }
 
 fn judge(a: &Args) -> anyhow::Result<Value> {

@@ -130,6 +130,11 @@ fn register_primitive(engine: &mut Engine, p: &'static Primitive, models: LazyMo
 fn call_primitive(p: &Primitive, models: &LazyModels, args: &mut [&mut Dynamic]) -> Res<Dynamic> {
     let args = args.iter().zip(p.params).map(|(a, t)| to_arg(p.name, *t, a)).collect::<Res<Vec<Arg>>>()?;
     let value = (p.run)(&registry::Args { args: &args, models }).map_err(|e| format!("{e:#}"))?;
+    to_dynamic(value)
+}
+
+/// A primitive's result as a script value.
+fn to_dynamic(value: Value) -> Res<Dynamic> {
     Ok(match value {
         Value::Int(v) => Dynamic::from_int(v),
         Value::Float(v) => Dynamic::from_float(v),
@@ -140,6 +145,9 @@ fn call_primitive(p: &Primitive, models: &LazyModels, args: &mut [&mut Dynamic])
             Dynamic::from(Image::new(img))
         }
         Value::Map(m) => m.into_iter().map(|(k, v)| (k.into(), Dynamic::from_float(v))).collect::<Map>().into(),
+        Value::Text(s) => s.into(),
+        Value::List(items) => items.into_iter().map(to_dynamic).collect::<Res<Array>>()?.into(),
+        Value::Record(fields) => fields.into_iter().map(|(k, v)| Ok((k.into(), to_dynamic(v)?))).collect::<Res<Map>>()?.into(),
     })
 }
 
