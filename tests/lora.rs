@@ -91,6 +91,17 @@ fn cli_trains_an_adapter_and_samples_with_it() {
     let out = dir.path().join("s.png");
     let (ok, stderr) = ddpo(&["sample", "--model", model.to_str().unwrap(), "--lora", adapter.to_str().unwrap(), "--prompt", "a red circle on a blue background", "-n", "2", "--steps", "2", "--out", out.to_str().unwrap()]);
     assert!(ok && out.exists(), "{stderr}");
-    let (ok, stderr) = ddpo(&["sample", "--model", adapter.to_str().unwrap(), "--prompt", "a red circle", "--out", out.to_str().unwrap()]);
-    assert!(!ok, "sampling an adapter alone should fail: {stderr}");
+    // The adapter alone, or its run folder: the run's config names the base model.
+    for model in [adapter.to_str().unwrap(), run.to_str().unwrap()] {
+        let (ok, stderr) = ddpo(&["sample", "--model", model, "--prompt", "a red circle", "-n", "2", "--steps", "2", "--out", out.to_str().unwrap()]);
+        assert!(ok && stderr.contains("with the trained weights") && stderr.contains("tiny.safetensors"), "{stderr}");
+        let (ok, stderr) = ddpo(&["eval", "--model", model, "--prompt", "a red circle on a blue background", "--per-prompt", "2", "--steps", "2"]);
+        assert!(ok && stderr.contains("with the trained weights"), "{stderr}");
+    }
+    // An adapter outside any run folder has no base to go on: a clear error.
+    let lone = dir.path().join("lone.safetensors");
+    std::fs::copy(&adapter, &lone).unwrap();
+    std::fs::copy(adapter.with_extension("json"), lone.with_extension("json")).unwrap();
+    let (ok, stderr) = ddpo(&["sample", "--model", lone.to_str().unwrap(), "--prompt", "a red circle", "--out", out.to_str().unwrap()]);
+    assert!(!ok && stderr.contains("is a LoRA adapter") && stderr.contains("--lora"), "{stderr}");
 }

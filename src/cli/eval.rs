@@ -19,10 +19,13 @@ use crate::world::{parse_caption, Judgement, Prompt, ShapesWorld, WorldConfig};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Model weights (.safetensors with its .json config beside it), e.g. a run's
-    /// `checkpoint/policy.safetensors`.
+    /// Model to evaluate: weights (.safetensors with its .json config beside it), a run folder,
+    /// or any run's `checkpoint/policy.safetensors` (full weights or a LoRA adapter).
     #[arg(long, default_value = super::DEFAULT_MODEL)]
     model: PathBuf,
+    /// A LoRA adapter to apply to --model.
+    #[arg(long)]
+    lora: Option<PathBuf>,
     /// Number of prompts drawn from the caption grammar.
     #[arg(short = 'n', long, default_value_t = 200)]
     n: usize,
@@ -95,7 +98,8 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     let options = OpenOptions { clip_sample: args.sampler.clip_sample, ..Default::default() };
-    let policy = crate::family::open_frozen(&super::resolve_model(&args.model), None, &options, &device)?;
+    let source = crate::run::resolve_model(&super::resolve_model(&args.model), args.lora.as_deref())?;
+    let policy = super::open_model(&source, &options, &device)?;
     let cfg = args.sampler.config(policy.as_ref())?;
     let prompts = if args.prompts.is_empty() {
         let size = policy.sample_shape(1)[2] as u32;
@@ -148,7 +152,8 @@ fn exec_suite(args: &Args, name: &str, device: &candle_core::Device) -> anyhow::
         .transpose()?;
     let prompts = select(&suite(name)?, half);
     let options = OpenOptions { clip_sample: args.sampler.clip_sample, ..Default::default() };
-    let policy = crate::family::open_frozen(&super::resolve_model(&args.model), None, &options, device)?;
+    let source = crate::run::resolve_model(&super::resolve_model(&args.model), args.lora.as_deref())?;
+    let policy = super::open_model(&source, &options, device)?;
     let sampler = args.sampler.config(policy.as_ref())?;
     let suite_name = if name == "compositional" { LATEST.to_string() } else { name.to_string() };
     let opts = SuiteOptions { suite: suite_name, half, per_prompt: args.per_prompt.unwrap_or(4), seed: args.seed, sampler };

@@ -80,6 +80,13 @@ fn resolve_model(path: &Path) -> PathBuf {
     }
 }
 
+/// Opens a resolved model for sampling and says what it loaded.
+fn open_model(source: &crate::run::ModelSource, options: &crate::family::OpenOptions, device: &candle_core::Device) -> anyhow::Result<Box<dyn crate::family::Family>> {
+    let policy = crate::family::open_frozen(&source.model, source.weights.as_deref(), options, device)?;
+    eprintln!("loaded {source}");
+    Ok(policy)
+}
+
 /// The compute device named on the command line.
 fn device(name: &str) -> anyhow::Result<candle_core::Device> {
     match name {

@@ -18,7 +18,8 @@ pub struct Args {
     /// Random seed (same seed, same images).
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Model weights (.safetensors with its .json config beside it).
+    /// Model weights (.safetensors with its .json config beside it), a run folder, or any run's
+    /// `checkpoint/policy.safetensors` (full weights or a LoRA adapter).
     #[arg(long, default_value = super::DEFAULT_MODEL)]
     model: PathBuf,
     /// A diffusers Stable Diffusion folder to sample from instead of --model.
@@ -49,8 +50,9 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         Some(dir) => crate::family::check_model_dir(dir)?,
         None => super::resolve_model(&args.model),
     };
+    let source = crate::run::resolve_model(&model, args.lora.as_deref())?;
     let options = OpenOptions { dtype: args.dtype.into(), clip_sample: args.sampler.clip_sample, ..Default::default() };
-    let policy = crate::family::open_frozen(&model, args.lora.as_deref(), &options, &device)?;
+    let policy = super::open_model(&source, &options, &device)?;
     let cfg = args.sampler.config(policy.as_ref())?;
     let prompts = vec![args.prompt.clone(); args.n];
     write_sample_grid(policy.as_ref(), &prompts, &cfg, args.seed, &args.out)?;

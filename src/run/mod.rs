@@ -7,6 +7,7 @@
 
 mod checkpoint;
 mod lock;
+mod model;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -16,6 +17,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::ddpo::{component_means, EpochReport, TrainConfig};
 use crate::io::write_atomic;
+
+pub use model::{resolve_model, ModelSource};
 
 /// What a run was started with (saved as `config.json`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
