@@ -19,138 +19,138 @@ use crate::session::{EpochLog, Ended, Observer, OnScriptError, ScriptPaths, Sess
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Model to finetune (.safetensors with its .json config beside it).
-    #[arg(long, default_value = super::DEFAULT_MODEL)]
+    #[arg(help_heading = "Model", long, default_value = super::DEFAULT_MODEL)]
     model: PathBuf,
     /// Finetune a diffusers Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/,
     /// scheduler/) instead of --model: its UNet in full, or LoRA adapters with --lora-rank.
-    #[arg(long, value_name = "DIR", conflicts_with = "model")]
+    #[arg(help_heading = "Model", long, value_name = "DIR", conflicts_with = "model")]
     model_dir: Option<PathBuf>,
     /// dtype of the frozen weights of a --model-dir model (f16 / bf16 halve their memory on a
     /// GPU; trained weights stay f32).
-    #[arg(long, value_enum, default_value = "f32")]
+    #[arg(help_heading = "Model", long, value_enum, default_value = "f32")]
     dtype: super::DtypeArg,
     /// Run folder (default: runs/<date-time>).
-    #[arg(long)]
+    #[arg(help_heading = "Run folder", long)]
     run_dir: Option<PathBuf>,
     /// Continue the run in this folder from its last checkpoint (other flags are ignored, except
     /// --epochs, which extends or shortens the plan).
-    #[arg(long, conflicts_with = "run_dir")]
+    #[arg(help_heading = "Run folder", long, conflicts_with = "run_dir")]
     resume: Option<PathBuf>,
     /// Built-in reward (compressibility, incompressibility, brightness) or a reward script
     /// (a path ending in .rhai), reloaded at each epoch boundary. Default: scripts/reward.rhai
     /// when the working directory has it, else the built-in compressibility.
-    #[arg(long)]
+    #[arg(help_heading = "Scripts and rewards", long)]
     reward: Option<String>,
     /// Prompt script (a path ending in .rhai defining `fn prompt()`), reloaded at each epoch
     /// boundary; replaces the fixed prompt list. Default: scripts/prompts.rhai when the working
     /// directory has it (and no --prompt is given), else the built-in prompt list.
-    #[arg(long = "prompts", value_name = "FILE.rhai", conflicts_with = "prompts")]
+    #[arg(help_heading = "Scripts and rewards", long = "prompts", value_name = "FILE.rhai", conflicts_with = "prompts")]
     prompt_script: Option<PathBuf>,
     /// Schedule hooks (`fn on_epoch_start(ctx)` / `fn on_epoch_end(ctx)`: lr, guidance, reward
     /// weights, prompts, early stop), reloaded at each epoch boundary. Default:
     /// scripts/hooks.rhai when the working directory has it, else none.
-    #[arg(long, value_name = "FILE.rhai")]
+    #[arg(help_heading = "Scripts and rewards", long, value_name = "FILE.rhai")]
     hooks: Option<PathBuf>,
     /// Policy-gradient estimator.
-    #[arg(long, value_enum, default_value = "is")]
+    #[arg(help_heading = "Algorithm", long, value_enum, default_value = "is")]
     algo: AlgoArg,
     /// Epochs in all (default 20; with --resume, the run's own plan).
-    #[arg(long)]
+    #[arg(help_heading = "Sampling and batches", long)]
     epochs: Option<usize>,
-    #[arg(long, default_value_t = defaults().samples_per_epoch)]
+    #[arg(help_heading = "Sampling and batches", long, default_value_t = defaults().samples_per_epoch)]
     samples_per_epoch: usize,
-    #[arg(long, default_value_t = defaults().sample_batch_size)]
+    #[arg(help_heading = "Sampling and batches", long, default_value_t = defaults().sample_batch_size)]
     sample_batch_size: usize,
-    #[arg(long, default_value_t = defaults().train_batch_size)]
+    #[arg(help_heading = "Sampling and batches", long, default_value_t = defaults().train_batch_size)]
     train_batch_size: usize,
-    #[arg(long, default_value_t = defaults().inner_epochs)]
+    #[arg(help_heading = "Sampling and batches", long, default_value_t = defaults().inner_epochs)]
     inner_epochs: usize,
     /// Minibatches per optimizer step.
-    #[arg(long, default_value_t = defaults().grad_accum)]
+    #[arg(help_heading = "Sampling and batches", long, default_value_t = defaults().grad_accum)]
     grad_accum: usize,
-    #[arg(long, default_value_t = defaults().timestep_fraction)]
+    #[arg(help_heading = "Algorithm", long, default_value_t = defaults().timestep_fraction)]
     timestep_fraction: f64,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = "Sampling and batches")]
     sampler: super::SamplerArgs,
-    #[arg(long, default_value_t = defaults().optimizer.lr)]
+    #[arg(help_heading = "Optimiser", long, default_value_t = defaults().optimizer.lr)]
     lr: f64,
     /// RWR temperature: samples are weighted by softmax(advantage / beta) (smaller: only the
     /// best samples count).
-    #[arg(long, default_value_t = defaults().rwr_beta)]
+    #[arg(help_heading = "Algorithm", long, default_value_t = defaults().rwr_beta)]
     rwr_beta: f64,
     /// Optimiser steps of linear learning-rate warm-up at the start of a run.
-    #[arg(long, default_value_t = defaults().optimizer.warmup_steps)]
+    #[arg(help_heading = "Optimiser", long, default_value_t = defaults().optimizer.warmup_steps)]
     warmup_steps: usize,
     /// PPO clip range of the per-step importance ratio.
-    #[arg(long, default_value_t = defaults().clip_range)]
+    #[arg(help_heading = "Algorithm", long, default_value_t = defaults().clip_range)]
     clip_range: f64,
     /// Leave trajectory steps whose DDIM noise sigma is below this out of the DDPO-IS / SF loss
     /// (their 1/sigma-weighted score terms are mostly noise; 0 trains on every step).
-    #[arg(long, default_value_t = defaults().min_train_sigma)]
+    #[arg(help_heading = "Algorithm", long, default_value_t = defaults().min_train_sigma)]
     min_train_sigma: f64,
     /// Weight of a penalty on predicted x0 values outside [-1, 1] in the DDPO-IS / SF loss
     /// (keeps the unclamped policy from drifting to saturated frames that no reward can tell
     /// apart, e.g. for runs past 20 epochs; 1 is a good start). 0: off. Pixel-space models only.
-    #[arg(long, default_value_t = defaults().range_penalty)]
+    #[arg(help_heading = "Algorithm", long, default_value_t = defaults().range_penalty)]
     range_penalty: f64,
     /// Weight of a KL term to the base model in the DDPO-IS / SF loss (the closed-form KL of each
     /// trained step's Gaussian to the shipped model's, per pixel): changes the reward does not
     /// pay for are pulled back. Costs one more forward pass per trained step. 0: off.
-    #[arg(long, default_value_t = defaults().kl_weight)]
+    #[arg(help_heading = "Algorithm", long, default_value_t = defaults().kl_weight)]
     kl_weight: f64,
     /// Finetune the text encoder too (default: the UNet only, as the DDPO reference).
-    #[arg(long)]
+    #[arg(help_heading = "Model", long)]
     train_text_encoder: bool,
     /// Train only the weights whose name contains one of these (comma-separated or repeated),
     /// e.g. `attn2.to_k,attn2.to_v` for the cross-attention projections of the prompt (Custom
     /// Diffusion's choice): far fewer ways for noisy updates to wear the model down.
-    #[arg(long, value_delimiter = ',', value_name = "PATTERN")]
+    #[arg(help_heading = "Model", long, value_delimiter = ',', value_name = "PATTERN")]
     train_only: Vec<String>,
     /// Normalise rewards over the batch instead of per prompt.
-    #[arg(long)]
+    #[arg(help_heading = "Algorithm", long)]
     batch_norm_rewards: bool,
     /// Per-prompt normalisation: rewards kept per prompt (the last N).
-    #[arg(long, default_value_t = per_prompt_defaults().0)]
+    #[arg(help_heading = "Algorithm", long, default_value_t = per_prompt_defaults().0)]
     stat_buffer: usize,
     /// Per-prompt normalisation: rewards a prompt needs before its own statistics replace the
     /// batch's.
-    #[arg(long, default_value_t = per_prompt_defaults().1)]
+    #[arg(help_heading = "Algorithm", long, default_value_t = per_prompt_defaults().1)]
     stat_min_count: usize,
-    #[arg(long, default_value_t = defaults().seed)]
+    #[arg(help_heading = "Sampling and batches", long, default_value_t = defaults().seed)]
     seed: u64,
     /// Epochs between checkpoints.
-    #[arg(long, default_value_t = 5)]
+    #[arg(help_heading = "Run folder", long, default_value_t = 5)]
     checkpoint_every: usize,
     /// Train LoRA adapters of this rank on the UNet's attention projections instead of all
     /// weights (left out: every weight trains).
-    #[arg(long)]
+    #[arg(help_heading = "Model", long)]
     lora_rank: Option<usize>,
     /// LoRA scale numerator (alpha / rank scales the adapter); default: the rank.
-    #[arg(long)]
+    #[arg(help_heading = "Model", long)]
     lora_alpha: Option<f64>,
     /// CLIP behind the scripts' `clip_similarity` (and `aesthetic`): a Hugging Face CLIP
     /// `model.safetensors` (ViT-B/32 or ViT-L/14, with vocab.json and merges.txt beside it) or
     /// its folder, or a small shapes CLIP; default: models/shapes-clip.safetensors.
-    #[arg(long)]
+    #[arg(help_heading = "Scripts and rewards", long)]
     clip: Option<PathBuf>,
     /// Aesthetic head behind the scripts' `aesthetic`: the LAION predictor (.pth or
     /// .safetensors, with a ViT-L/14 --clip) or a small head; default:
     /// models/shapes-aesthetic.safetensors.
-    #[arg(long)]
+    #[arg(help_heading = "Scripts and rewards", long)]
     aesthetic: Option<PathBuf>,
     /// Training prompt (repeatable); default: 8 fixed shapes-world prompts (45 animal names,
     /// the reference's `simple_animals`, for --model-dir).
-    #[arg(long = "prompt")]
+    #[arg(help_heading = "Scripts and rewards", long = "prompt")]
     prompts: Vec<String>,
-    #[arg(long, default_value = "cpu")]
+    #[arg(help_heading = "Device", long, default_value = "cpu")]
     device: String,
     /// Threads scoring rewards while sampling goes on (script rewards share one compiled AST).
-    #[arg(long, default_value_t = defaults().reward_workers)]
+    #[arg(help_heading = "Scripts and rewards", long, default_value_t = defaults().reward_workers)]
     reward_workers: usize,
     /// When a reward or prompt script fails during an epoch (throws, returns a non-number, NaN,
     /// or hits a sandbox limit): `wait` keeps the model untouched and waits for a fixed script to
     /// be saved, then retries the epoch; `exit` checkpoints and exits.
-    #[arg(long, value_enum, default_value = "wait")]
+    #[arg(help_heading = "Scripts and rewards", long, value_enum, default_value = "wait")]
     on_error: OnError,
 }
 
