@@ -330,10 +330,13 @@ fn resume_hint(e: anyhow::Error, session: &Session) -> anyhow::Error {
 /// Shows each stage's progress on `bar`.
 fn progress_fn(bar: ProgressBar) -> crate::ddpo::ProgressFn {
     let mut last_stage = None;
+    let mut started = std::time::Instant::now();
     Box::new(move |stage, done, total| {
         if last_stage != Some(stage) {
             last_stage = Some(stage);
+            started = std::time::Instant::now();
             bar.reset();
+            bar.set_message("");
             bar.set_prefix(match stage {
                 Stage::Sampling => "sampling",
                 Stage::Training => "training",
@@ -341,6 +344,12 @@ fn progress_fn(bar: ProgressBar) -> crate::ddpo::ProgressFn {
         }
         bar.set_length(total as u64);
         bar.set_position(done as u64);
+        // A rate once a whole second and some work lie behind it (the first updates have none).
+        let seconds = started.elapsed().as_secs_f64();
+        if seconds >= 1.0 && done > 0 {
+            let unit = if stage == Stage::Sampling { "images/s" } else { "passes/s" };
+            bar.set_message(format!("{:.1} {unit}", done as f64 / seconds));
+        }
     })
 }
 
@@ -408,7 +417,7 @@ fn existing(path: &Path, flag: &str) -> anyhow::Result<PathBuf> {
 fn stage_bar() -> ProgressBar {
     let bar = ProgressBar::new(0);
     bar.set_style(
-        ProgressStyle::with_template("{prefix:>9} {bar:30} {pos}/{len} {per_sec} {elapsed}").expect("valid template"),
+        ProgressStyle::with_template("{prefix:>9} {bar:30} {pos}/{len} {msg} {elapsed}").expect("valid template"),
     );
     bar
 }

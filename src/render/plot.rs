@@ -1,41 +1,210 @@
-//! A reward curve as a PNG: the per-epoch mean as a line inside a mean ± std band, with the
-//! y-range written in the corner. No plotting dependency needed for one chart.
+//! Line plots a researcher can read values off: epochs on x with ticks, values on y with tick
+//! labels, a title, axis labels and a legend; each series a line, optionally with a shaded band.
+//! `reward.png` of a run is one ([`reward_curve`]).
 
 use image::{Rgb, RgbImage};
 
-use super::font::draw_text;
+use super::font::{draw_text, text_width, LINE_HEIGHT};
 
-/// Draws `mean[i] ± std[i]` against epoch `i` on a `width` x `height` white canvas.
+/// One line of a plot: a value per epoch, and optionally a +-band around it.
+pub struct Series<'a> {
+    pub name: &'a str,
+    pub values: &'a [f64],
+    pub band: Option<&'a [f64]>,
+    pub colour: Rgb<u8>,
+}
+
+const BLACK: Rgb<u8> = Rgb([0, 0, 0]);
+const GRID: Rgb<u8> = Rgb([228, 228, 228]);
+
+/// The reward curve of a run: mean per epoch, and a band of +-1 standard deviation over the
+/// epoch's samples.
 pub fn reward_curve(mean: &[f64], std: &[f64], width: u32, height: u32, title: &str) -> RgbImage {
+    let series = Series { name: "reward mean (band: +-1 std over the epoch's samples)", values: mean, band: Some(std), colour: Rgb([33, 113, 181]) };
+    line_plot(&[series], title, "epoch", "reward", width, height)
+}
+
+/// Draws `series` against epochs 0.. on one pair of axes.
+pub fn line_plot(series: &[Series], title: &str, x_label: &str, y_label: &str, width: u32, height: u32) -> RgbImage {
     let mut img = RgbImage::from_pixel(width, height, Rgb([255, 255, 255]));
-    let (left, right, top, bottom) = (8u32, 8u32, 22u32, 8u32);
-    let (pw, ph) = (width - left - right, height - top - bottom);
-    let lo = mean.iter().zip(std).map(|(m, s)| m - s).fold(f64::INFINITY, f64::min);
-    let hi = mean.iter().zip(std).map(|(m, s)| m + s).fold(f64::NEG_INFINITY, f64::max);
-    let (lo, hi) = if hi - lo < 1e-9 { (lo - 0.5, hi + 0.5) } else { (lo, hi) };
-    let y_of = |v: f64| top as f64 + (hi - v) / (hi - lo) * ph as f64;
-    let at = |i: f64, v: &[f64]| {
-        // Linear interpolation between epochs, for drawing column by column.
-        let (a, b) = (i.floor() as usize, (i.ceil() as usize).min(v.len() - 1));
-        v[a] + (v[b] - v[a]) * (i - a as f64)
-    };
-    if !mean.is_empty() {
-        for px in left..left + pw {
-            let i = ((px - left) as f64 * (mean.len().max(2) - 1) as f64 / pw as f64).min((mean.len() - 1) as f64);
-            let (m, s) = (at(i, mean), at(i, std));
-            let (y0, y1) = (y_of(m + s).max(0.0) as u32, y_of(m - s).min((height - 1) as f64) as u32);
-            for py in y0..=y1 {
-                img.put_pixel(px, py, Rgb([198, 219, 239]));
-            }
+    let (lo, hi) = value_range(series);
+    let y_ticks = ticks(lo, hi, 5);
+    let label_w = y_ticks.iter().map(|&t| text_width(&tick_label(t, &y_ticks), 1)).max().unwrap_or(0);
+    let legend_h = LINE_HEIGHT * series.len() as u32;
+    let frame = Frame { left: label_w + 16, right: 10, top: 12 + 2 * LINE_HEIGHT + legend_h, bottom: 2 * LINE_HEIGHT + 8, width, height, lo, hi };
+    let epochs = series.iter().map(|s| s.values.len()).max().unwrap_or(0);
+    draw_text(&mut img, frame.left, 4, title, BLACK, 1);
+    frame.grid(&mut img, &y_ticks, epochs);
+    for s in series {
+        frame.band(&mut img, s);
+        frame.line(&mut img, s);
+    }
+    frame.axes(&mut img, &y_ticks, epochs, x_label, y_label);
+    for (i, s) in series.iter().enumerate() {
+        let y = 6 + LINE_HEIGHT * (i as u32 + 1);
+        fill(&mut img, frame.left, y + 2, 14, 3, s.colour);
+        draw_text(&mut img, frame.left + 18, y, s.name, BLACK, 1);
+    }
+    img
+}
+
+/// The plotting area inside `width` x `height` and the value range it shows.
+struct Frame {
+    left: u32,
+    right: u32,
+    top: u32,
+    bottom: u32,
+    width: u32,
+    height: u32,
+    lo: f64,
+    hi: f64,
+}
+
+impl Frame {
+    fn plot_width(&self) -> u32 {
+        self.width.saturating_sub(self.left + self.right).max(1)
+    }
+
+    fn plot_height(&self) -> u32 {
+        self.height.saturating_sub(self.top + self.bottom).max(1)
+    }
+
+    fn y_of(&self, v: f64) -> f64 {
+        self.top as f64 + (self.hi - v) / (self.hi - self.lo) * self.plot_height() as f64
+    }
+
+    /// Pixel column of epoch `e` (of `epochs`): the first at the left edge, the last at the right.
+    fn x_of(&self, e: f64, epochs: usize) -> f64 {
+        self.left as f64 + e / (epochs.max(2) - 1) as f64 * self.plot_width() as f64
+    }
+
+    /// The epoch (fractional) under pixel column `px`.
+    fn epoch_at(&self, px: u32, epochs: usize) -> f64 {
+        ((px - self.left) as f64 * (epochs.max(2) - 1) as f64 / self.plot_width() as f64).min(epochs.saturating_sub(1) as f64)
+    }
+
+    fn grid(&self, img: &mut RgbImage, y_ticks: &[f64], epochs: usize) {
+        for &t in y_ticks {
+            fill(img, self.left, self.y_of(t) as u32, self.plot_width(), 1, GRID);
         }
-        for px in left..left + pw {
-            let i = ((px - left) as f64 * (mean.len().max(2) - 1) as f64 / pw as f64).min((mean.len() - 1) as f64);
-            let y = y_of(at(i, mean)).clamp(0.0, (height - 2) as f64) as u32;
-            img.put_pixel(px, y, Rgb([33, 113, 181]));
-            img.put_pixel(px, y + 1, Rgb([33, 113, 181]));
+        for e in epoch_ticks(epochs) {
+            fill(img, self.x_of(e as f64, epochs) as u32, self.top, 1, self.plot_height(), GRID);
         }
     }
-    let label = format!("{title}  [{lo:.3}, {hi:.3}]  epochs {}", mean.len());
-    draw_text(&mut img, left, 6, &label, Rgb([0, 0, 0]), 1);
-    img
+
+    fn band(&self, img: &mut RgbImage, s: &Series) {
+        let (Some(band), false) = (s.band, s.values.is_empty()) else { return };
+        let light = Rgb(s.colour.0.map(|c| ((c as u16 + 3 * 255) / 4) as u8));
+        for px in self.left..self.left + self.plot_width() {
+            let e = self.epoch_at(px, s.values.len());
+            let (m, d) = (interpolate(s.values, e), interpolate(band, e));
+            let (y0, y1) = (self.y_of(m + d).max(self.top as f64) as u32, self.y_of(m - d).min((self.top + self.plot_height()) as f64) as u32);
+            fill(img, px, y0, 1, y1.saturating_sub(y0) + 1, light);
+        }
+    }
+
+    fn line(&self, img: &mut RgbImage, s: &Series) {
+        if s.values.is_empty() {
+            return;
+        }
+        let bottom = (self.top + self.plot_height()) as f64;
+        for px in self.left..self.left + self.plot_width() {
+            let y = self.y_of(interpolate(s.values, self.epoch_at(px, s.values.len()))).clamp(self.top as f64, bottom - 1.0) as u32;
+            fill(img, px, y, 1, 2, s.colour);
+        }
+    }
+
+    fn axes(&self, img: &mut RgbImage, y_ticks: &[f64], epochs: usize, x_label: &str, y_label: &str) {
+        let (pw, ph) = (self.plot_width(), self.plot_height());
+        fill(img, self.left, self.top, 1, ph + 1, BLACK);
+        fill(img, self.left, self.top + ph, pw, 1, BLACK);
+        for &t in y_ticks {
+            let (y, text) = (self.y_of(t) as u32, tick_label(t, y_ticks));
+            fill(img, self.left - 3, y, 3, 1, BLACK);
+            draw_text(img, self.left - 5 - text_width(&text, 1), y.saturating_sub(3), &text, BLACK, 1);
+        }
+        for e in epoch_ticks(epochs) {
+            let (x, text) = (self.x_of(e as f64, epochs) as u32, e.to_string());
+            fill(img, x, self.top + ph, 1, 3, BLACK);
+            draw_text(img, x.saturating_sub(text_width(&text, 1) / 2), self.top + ph + 5, &text, BLACK, 1);
+        }
+        let x_text_at = self.left + pw / 2 - text_width(x_label, 1) / 2;
+        draw_text(img, x_text_at, self.top + ph + 5 + LINE_HEIGHT, x_label, BLACK, 1);
+        draw_text(img, 2, self.top.saturating_sub(LINE_HEIGHT + 1), y_label, BLACK, 1);
+    }
+}
+
+/// The range every series (with its band) spans, widened when flat.
+fn value_range(series: &[Series]) -> (f64, f64) {
+    let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
+    for s in series {
+        for (i, &v) in s.values.iter().enumerate().filter(|(_, v)| v.is_finite()) {
+            let d = s.band.and_then(|b| b.get(i)).copied().filter(|d| d.is_finite()).unwrap_or(0.0);
+            (lo, hi) = (lo.min(v - d), hi.max(v + d));
+        }
+    }
+    if !lo.is_finite() {
+        return (0.0, 1.0);
+    }
+    if hi - lo < 1e-9 {
+        return (lo - 0.5, hi + 0.5);
+    }
+    let pad = (hi - lo) * 0.05;
+    (lo - pad, hi + pad)
+}
+
+/// About `n` round tick values inside [lo, hi] (steps of 1, 2 or 5 times a power of ten, the
+/// one giving the count nearest `n`).
+pub fn ticks(lo: f64, hi: f64, n: usize) -> Vec<f64> {
+    let raw = (hi - lo) / n.max(1) as f64;
+    let power = 10f64.powf(raw.log10().floor());
+    let count = |s: f64| ((hi - lo) / s - n as f64).abs();
+    let step = [1.0, 2.0, 5.0, 10.0].iter().map(|m| m * power).min_by(|a, b| count(*a).total_cmp(&count(*b))).unwrap_or(power);
+    let first = (lo / step).ceil() as i64;
+    let last = (hi / step).floor() as i64;
+    (first..=last).map(|k| k as f64 * step).collect()
+}
+
+/// A tick value with as many decimals as its step needs.
+fn tick_label(v: f64, ticks: &[f64]) -> String {
+    let step = if ticks.len() > 1 { (ticks[1] - ticks[0]).abs() } else { 1.0 };
+    let decimals = (-step.log10() - 1e-6).ceil().max(0.0) as usize;
+    format!("{v:.decimals$}")
+}
+
+/// Epochs to label on x: every one for a short run, else about eight round ones.
+fn epoch_ticks(epochs: usize) -> Vec<usize> {
+    if epochs <= 1 {
+        return vec![0];
+    }
+    let step = ticks(0.0, (epochs - 1) as f64, 8).get(1).map_or(1, |s| (*s as usize).max(1));
+    (0..epochs).step_by(step).collect()
+}
+
+fn interpolate(v: &[f64], i: f64) -> f64 {
+    let (a, b) = (i.floor() as usize, (i.ceil() as usize).min(v.len() - 1));
+    v[a] + (v[b] - v[a]) * (i - a as f64)
+}
+
+fn fill(img: &mut RgbImage, x: u32, y: u32, w: u32, h: u32, colour: Rgb<u8>) {
+    for py in y..y.saturating_add(h).min(img.height()) {
+        for px in x..x.saturating_add(w).min(img.width()) {
+            img.put_pixel(px, py, colour);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ticks_are_round_and_inside_the_range() {
+        let labels = |t: Vec<f64>| t.iter().map(|&v| tick_label(v, &t)).collect::<Vec<_>>();
+        assert_eq!(labels(ticks(0.0, 1.0, 5)), ["0.0", "0.2", "0.4", "0.6", "0.8", "1.0"]);
+        assert_eq!(labels(ticks(-1.57, -1.03, 5)), ["-1.5", "-1.4", "-1.3", "-1.2", "-1.1"]);
+        assert_eq!(labels(ticks(3.0, 480.0, 4)), ["100", "200", "300", "400"]);
+        assert_eq!(epoch_ticks(20), vec![0, 2, 4, 6, 8, 10, 12, 14, 16, 18]);
+        assert_eq!(epoch_ticks(4), vec![0, 1, 2, 3]);
+    }
 }

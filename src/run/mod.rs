@@ -212,7 +212,7 @@ impl RunDir {
         self.write_grid(r)?;
         self.reward_mean.push(mean);
         self.reward_std.push(std);
-        let curve = crate::render::reward_curve(&self.reward_mean, &self.reward_std, 480, 240, "reward mean +- std");
+        let curve = crate::render::reward_curve(&self.reward_mean, &self.reward_std, 480, 260, "training reward per epoch");
         crate::render::save_png(&curve, &self.dir.join("reward.png"))?;
         Ok(m)
     }
