@@ -153,3 +153,33 @@ fn resume_with_epochs_extends_the_run() {
     let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(std::path::Path::new(run).join("config.json")).unwrap()).unwrap();
     assert_eq!(config["epochs"], 2);
 }
+
+/// Numbers that look like flags reach validation and get its reason; `--lora-rank 0` is refused;
+/// a library error under RUST_BACKTRACE=1 is its cause chain, with no backtrace (only --debug
+/// asks for one).
+#[test]
+fn bad_numbers_get_reasons_and_errors_stay_short() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let run = run.to_str().unwrap();
+    fails_with(&["train", "--run-dir", run, "--lr", "-1"], "--lr must be a positive number, got -1");
+    fails_with(&["train", "--run-dir", run, "--guidance", "-1"], "--guidance must be a finite number >= 0, got -1");
+    fails_with(&["train", "--run-dir", run, "--kl-weight", "-0.5"], "--kl-weight must be a non-negative number, got -0.5");
+    fails_with(&["train", "--run-dir", run, "--lora-rank", "0"], "--lora-rank must be at least 1");
+    // Weights that do not fit their config: candle's shape error, which carries a backtrace.
+    let model = tiny_model(dir.path());
+    let mut config = ddpo::family::PolicyConfig::tiny_test();
+    config.unet.block_out_channels = vec![16, 48];
+    std::fs::write(dir.path().join("tiny.json"), serde_json::to_string(&config).unwrap()).unwrap();
+    let out = dir.path().join("x.png");
+    let mut args = vec!["sample", "--prompt", "a red circle", "--out", out.to_str().unwrap(), "--model", &model];
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_ddpo")).args(args).env("RUST_BACKTRACE", "1").output().unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let stderr = run(&args);
+    assert!(stderr.contains("does not match its config") && stderr.trim().lines().count() == 1, "{stderr}");
+    args.push("--debug");
+    assert!(run(&args).lines().count() > 5, "--debug shows the backtrace");
+}
