@@ -1,6 +1,10 @@
 //! LoRA adapters on the UNet's attention projections: peft names, no change at attachment, only
 //! adapters trainable, and gradients reaching every adapter tensor.
 
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use ddpo::model::LoraConfig;
@@ -98,6 +102,27 @@ fn cli_trains_an_adapter_and_samples_with_it() {
         let (ok, stderr) = ddpo(&["eval", "--model", model, "--prompt", "a red circle on a blue background", "--per-prompt", "2", "--steps", "2"]);
         assert!(ok && stderr.contains("with the trained weights"), "{stderr}");
     }
+    // The REPL opens the run folder too, and trains the adapter on.
+    let scripts = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts");
+    let mut repl = ddpo::cli::repl::open(ddpo::cli::repl::Options {
+        model: run.clone(),
+        reward: scripts.join("reward.rhai"),
+        prompts: scripts.join("prompts.rhai"),
+        hooks: None,
+        run_dir: dir.path().join("repl"),
+        seed: 0,
+        device: Device::Cpu,
+        log: Arc::new(|_: &str| {}),
+        interrupt: Arc::new(AtomicBool::new(false)),
+    })
+    .unwrap();
+    for line in ["set(\"steps\", 3)", "set(\"samples_per_epoch\", 4)", "set(\"sample_batch_size\", 2)", "set(\"train_batch_size\", 2)"] {
+        repl.feed(line).unwrap();
+    }
+    let trained_out = repl.feed("train(1)").unwrap();
+    assert!(trained_out.contains("epoch   0"), "{trained_out}");
+    let trained = candle_core::safetensors::load(dir.path().join("repl/checkpoint/policy.safetensors"), &Device::Cpu).unwrap();
+    assert!(trained.keys().all(|k| k.contains(".lora_")), "the REPL should train the adapter: {:?}", trained.keys());
     // An adapter outside any run folder has no base to go on: a clear error.
     let lone = dir.path().join("lone.safetensors");
     std::fs::copy(&adapter, &lone).unwrap();

@@ -76,7 +76,20 @@ pub fn open(o: Options) -> anyhow::Result<Repl> {
         clip_sample: Some(false),
     };
     let paths = ScriptPaths { prompts: Some(o.prompts.clone()), hooks: o.hooks.clone() };
-    let session = Session::create(&o.run_dir, config, paths, o.log, &o.device)?.on_script_error(OnScriptError::Fail);
+    // A run folder or a run's checkpoint works too; an adapter goes on its base and trains on.
+    let source = crate::run::resolve_model(&o.model, None)?;
+    let loaded = format!("loaded {source}");
+    let device = o.device.clone();
+    let open = move |c: &RunConfig, frozen: bool| -> anyhow::Result<Box<dyn crate::family::Family>> {
+        let options = crate::family::OpenOptions { clip_sample: c.clip_sample, ..Default::default() };
+        match (&source.weights, frozen) {
+            (Some(w), _) => crate::family::open_frozen(&source.model, Some(w), &options, &device),
+            (None, true) => crate::family::open_frozen(&source.model, None, &options, &device),
+            (None, false) => crate::family::open_trainable(&source.model, &options, &device),
+        }
+    };
+    let session = Session::create_with(&o.run_dir, config, paths, o.log, &o.device, &open)?.on_script_error(OnScriptError::Fail);
+    eprintln!("{loaded}");
     let reward = session.script_reward();
     let host = ModelHost { state: Mutex::new(State { session, samples: 0 }), interrupt: o.interrupt };
     Ok(Repl::new(Arc::new(host), reward, o.run_dir))
