@@ -107,8 +107,22 @@ pub struct Args {
     #[arg(help_heading = "Model", long, value_delimiter = ',', value_name = "PATTERN")]
     train_only: Vec<String>,
     /// Normalise rewards over the batch instead of per prompt.
-    #[arg(help_heading = "Algorithm", long)]
+    #[arg(help_heading = "Algorithm", long, conflicts_with = "group_size")]
     batch_norm_rewards: bool,
+    /// Sample each prompt this many times per epoch, side by side, and take advantages relative
+    /// to the group (GRPO); 1: every sample its own prompt, per-prompt statistics.
+    #[arg(help_heading = "Algorithm", long, default_value_t = defaults().group_size)]
+    group_size: usize,
+    /// Start each group from one x_T (DanceGRPO's init_same_noise).
+    #[arg(help_heading = "Algorithm", long)]
+    same_noise: bool,
+    /// With --group-size: divide by the group's standard deviation or the whole batch's
+    /// (Flow-GRPO's global_std).
+    #[arg(help_heading = "Algorithm", long, value_enum, default_value = "group")]
+    adv_std: AdvStd,
+    /// Train only sampling steps FROM..TO (0 = the noisiest; TO excluded), as Flow-GRPO-Fast.
+    #[arg(help_heading = "Algorithm", long, value_name = "FROM..TO", value_parser = parse_window)]
+    train_timesteps: Option<(usize, usize)>,
     /// Per-prompt normalisation: rewards kept per prompt (the last N).
     #[arg(help_heading = "Algorithm", long, default_value_t = per_prompt_defaults().0)]
     stat_buffer: usize,
@@ -182,7 +196,32 @@ impl From<AlgoArg> for Algorithm {
     }
 }
 
+/// `--adv-std`: which standard deviation scales a group's advantages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AdvStd {
+    Group,
+    Global,
+}
+
+/// `FROM..TO` as a window of step indices.
+fn parse_window(text: &str) -> Result<(usize, usize), String> {
+    let (from, to) = text.split_once("..").ok_or_else(|| format!("{text:?} is not FROM..TO, e.g. 0..5"))?;
+    let number = |s: &str| s.trim().parse::<usize>().map_err(|_| format!("{s:?} in {text:?} is not a step index"));
+    Ok((number(from)?, number(to)?))
+}
+
 impl Args {
+    /// How rewards become advantages: per prompt (the default), over the batch, or within groups.
+    fn normalisation(&self) -> Normalisation {
+        if self.batch_norm_rewards {
+            Normalisation::Batch
+        } else if self.group_size > 1 {
+            Normalisation::Group { global_std: self.adv_std == AdvStd::Global }
+        } else {
+            Normalisation::PerPrompt { buffer_size: self.stat_buffer, min_count: self.stat_min_count }
+        }
+    }
+
     /// The adapters `--lora-rank` / `--lora-alpha` ask for.
     fn lora(&self) -> anyhow::Result<Option<LoraConfig>> {
         let Some(rank) = self.lora_rank else {
@@ -215,11 +254,10 @@ impl Args {
             timestep_fraction: self.timestep_fraction,
             clip_range: self.clip_range,
             rwr_beta: self.rwr_beta,
-            normalisation: if self.batch_norm_rewards {
-                Normalisation::Batch
-            } else {
-                Normalisation::PerPrompt { buffer_size: self.stat_buffer, min_count: self.stat_min_count }
-            },
+            normalisation: self.normalisation(),
+            group_size: self.group_size,
+            same_noise: self.same_noise,
+            train_timesteps: self.train_timesteps,
             optimizer: AdamWConfig { lr: self.lr, warmup_steps: self.warmup_steps, ..Default::default() },
             sampler: SamplerConfig {
                 steps: self.sampler.steps.unwrap_or(defaults().sampler.steps),
@@ -393,10 +431,7 @@ fn defaults() -> TrainConfig {
 
 /// The default per-prompt normalisation's (buffer size, minimum count).
 fn per_prompt_defaults() -> (usize, usize) {
-    match defaults().normalisation {
-        Normalisation::PerPrompt { buffer_size, min_count } => (buffer_size, min_count),
-        Normalisation::Batch => (32, 4),
-    }
+    Normalisation::PER_PROMPT
 }
 
 /// Epochs of a run when --epochs is not given.

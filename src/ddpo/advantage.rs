@@ -1,5 +1,6 @@
 //! Advantages from rewards: per-prompt normalisation with a stat tracker (the DDPO reference's
-//! `PerPromptStatTracker`), or normalisation over the whole batch; then clipping.
+//! `PerPromptStatTracker`), over the whole batch, or within groups of samples of one prompt
+//! (GRPO); then clipping.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -13,6 +14,50 @@ pub enum Normalisation {
     PerPrompt { buffer_size: usize, min_count: usize },
     /// Over the current batch.
     Batch,
+    /// Within each group of consecutive samples of one prompt (group-relative, as GRPO): the
+    /// group's mean, and its standard deviation or (`global_std`) the whole batch's.
+    Group { global_std: bool },
+}
+
+impl Normalisation {
+    /// The reference's per-prompt statistics: the last 32 rewards of a prompt, once it has 4.
+    pub const PER_PROMPT: (usize, usize) = (32, 4);
+}
+
+/// Group-relative advantages and how many groups carried no signal.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupAdvantages {
+    pub advantages: Vec<f64>,
+    /// Groups whose rewards were all equal: their advantages are 0, so they add nothing to the
+    /// loss.
+    pub zero_std_groups: usize,
+    pub groups: usize,
+}
+
+impl GroupAdvantages {
+    /// The share of groups without signal (0 with no groups).
+    pub fn zero_std_ratio(&self) -> f64 {
+        self.zero_std_groups as f64 / self.groups.max(1) as f64
+    }
+}
+
+/// (r - mean of its group) / (std + 1e-6) over consecutive groups of `group_size` rewards, the std
+/// of the group or (`global_std`) of the whole batch; a group of equal rewards gets 0.
+pub fn group_advantages(rewards: &[f64], group_size: usize, global_std: bool) -> GroupAdvantages {
+    let batch_std = mean_std(rewards.iter()).1;
+    let mut out = GroupAdvantages { advantages: Vec::with_capacity(rewards.len()), zero_std_groups: 0, groups: 0 };
+    for group in rewards.chunks(group_size.max(1)) {
+        let (mean, std) = mean_std(group.iter());
+        out.groups += 1;
+        if std < 1e-12 {
+            out.zero_std_groups += 1;
+            out.advantages.extend(group.iter().map(|_| 0.0));
+            continue;
+        }
+        let scale = if global_std { batch_std } else { std };
+        out.advantages.extend(group.iter().map(|r| (r - mean) / (scale + 1e-6)));
+    }
+    out
 }
 
 /// Reward history per prompt; saved in checkpoints so a resumed run normalises identically.
@@ -29,7 +74,8 @@ fn mean_std<'a>(values: impl Iterator<Item = &'a f64> + Clone) -> (f64, f64) {
 }
 
 impl StatTracker {
-    /// Records `rewards` and returns their advantages (r - mean) / (std + 1e-6).
+    /// Records `rewards` and returns their advantages (r - mean) / (std + 1e-6); for group
+    /// normalisation see [`group_advantages`].
     pub fn advantages(&mut self, prompts: &[String], rewards: &[f64], how: Normalisation) -> Vec<f64> {
         let batch = mean_std(rewards.iter());
         let Normalisation::PerPrompt { buffer_size, min_count } = how else {

@@ -62,6 +62,22 @@ pub struct TrainConfig {
     /// regulariser): changes the reward does not pay for are pulled back.
     #[serde(default)]
     pub kl_weight: f64,
+    /// Samples of each prompt per epoch, consecutive in the batch (GRPO's group; 1: every sample
+    /// draws its own prompt).
+    #[serde(default = "one")]
+    pub group_size: usize,
+    /// A group starts from one x_T (DanceGRPO's `init_same_noise`), so its members differ only by
+    /// the step noise that the policy gradient credits.
+    #[serde(default)]
+    pub same_noise: bool,
+    /// Train only the sampling steps in `[from, to)` (0 = the noisiest), as Flow-GRPO-Fast and
+    /// MixGRPO train a window of the trajectory; `None`: every step.
+    #[serde(default)]
+    pub train_timesteps: Option<(usize, usize)>,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl Default for TrainConfig {
@@ -76,7 +92,7 @@ impl Default for TrainConfig {
             timestep_fraction: 1.0,
             clip_range: 0.1,
             adv_clip: 5.0,
-            normalisation: Normalisation::PerPrompt { buffer_size: 32, min_count: 4 },
+            normalisation: Normalisation::PerPrompt { buffer_size: Normalisation::PER_PROMPT.0, min_count: Normalisation::PER_PROMPT.1 },
             rwr_beta: 1.0,
             optimizer: AdamWConfig { lr: 2e-4, warmup_steps: 16, ..Default::default() },
             grad_clip: 1.0,
@@ -88,6 +104,9 @@ impl Default for TrainConfig {
             min_train_sigma: 0.02,
             range_penalty: 0.0,
             kl_weight: 0.0,
+            group_size: 1,
+            same_noise: false,
+            train_timesteps: None,
         }
     }
 }
@@ -118,11 +137,35 @@ impl TrainConfig {
         ensure(c.kl_weight == 0.0 || c.algorithm != Algorithm::Rwr, "kl_weight", || {
             "regularises DDPO-IS / SF updates; RWR has no per-step policy to compare: set it to 0".into()
         })?;
+        c.validate_groups()?;
         if let Normalisation::PerPrompt { buffer_size, min_count } = c.normalisation {
             // One reward has no spread to normalise by.
             ensure(min_count >= 2, "normalisation.min_count", || format!("must be at least 2, got {min_count}"))?;
             ensure(buffer_size >= min_count, "normalisation.buffer_size", || {
                 format!("{buffer_size} is smaller than normalisation.min_count {min_count}: no prompt would ever use its own statistics")
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Groups fill the epoch and (for a shared x_T) each sampling batch; a group advantage needs
+    /// a group.
+    fn validate_groups(&self) -> Result<(), ConfigError> {
+        let c = self;
+        ensure(c.group_size >= 1, "group_size", || "must be at least 1, got 0".into())?;
+        ensure(c.samples_per_epoch % c.group_size == 0, "samples_per_epoch", || {
+            format!("{} is not a multiple of group_size {}", c.samples_per_epoch, c.group_size)
+        })?;
+        ensure(!c.same_noise || c.group_size > 1, "same_noise", || "needs a group_size above 1".into())?;
+        ensure(!c.same_noise || c.sample_batch_size % c.group_size == 0, "sample_batch_size", || {
+            format!("{} must be a multiple of group_size {} for groups to share their noise", c.sample_batch_size, c.group_size)
+        })?;
+        ensure(!matches!(c.normalisation, Normalisation::Group { .. }) || c.group_size > 1, "group_size", || {
+            "must be above 1 for group-relative advantages".into()
+        })?;
+        if let Some((from, to)) = c.train_timesteps {
+            ensure(from < to && to <= c.sampler.steps, "train_timesteps", || {
+                format!("{from}..{to} is not a window of the {} sampling steps (from < to <= steps)", c.sampler.steps)
             })?;
         }
         Ok(())
@@ -145,7 +188,8 @@ impl TrainConfig {
     pub fn trained_steps(&self, family: &dyn Family) -> Result<Vec<usize>, ConfigError> {
         let timesteps = family.timesteps(self.sampler.steps);
         let sigma = |t: usize| family.step_sigma(t, &self.sampler);
-        let steps: Vec<usize> = (0..timesteps.len()).filter(|&k| sigma(timesteps[k]) >= self.min_train_sigma).collect();
+        let window = self.train_timesteps.unwrap_or((0, timesteps.len()));
+        let steps: Vec<usize> = (window.0..window.1.min(timesteps.len())).filter(|&k| sigma(timesteps[k]) >= self.min_train_sigma).collect();
         ensure(!steps.is_empty() || self.algorithm == Algorithm::Rwr, "min_train_sigma", || {
             format!(
                 "{} leaves none of the {} sampling steps to train on (their largest sigma is {:.3}): lower it or sample with more steps",

@@ -7,10 +7,11 @@
 pub mod advantage;
 pub mod config;
 pub mod loss;
+pub mod monitor;
 pub mod prompts;
 pub mod trainer;
 
-pub use advantage::{Normalisation, StatTracker};
+pub use advantage::{group_advantages, GroupAdvantages, Normalisation, StatTracker};
 pub use config::{Algorithm, ConfigError, TrainConfig};
 pub use prompts::{FixedPrompts, PromptSource};
 pub use trainer::{component_means, kl_to_base, range_excess, EpochReport, ProgressFn, Stage, Trainer, TrainerState};

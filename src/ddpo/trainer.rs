@@ -11,7 +11,7 @@ use candle_core::{Tensor, Var, D};
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
-use super::advantage::StatTracker;
+use super::advantage::{group_advantages, Normalisation, StatTracker};
 use super::config::{Algorithm, ConfigError, TrainConfig};
 use super::loss::{ppo_clip_loss, rwr_weights, score_function_loss};
 use super::prompts::PromptSource;
@@ -41,6 +41,8 @@ pub struct EpochReport {
     /// Fraction of the final samples' values outside [-1, 1], which the images clip (NaN for
     /// latent-space models).
     pub out_of_range: f64,
+    /// Share of prompt groups whose rewards were all equal (no signal; 0 without groups).
+    pub zero_std_ratio: f64,
     pub lr: f64,
     pub optimizer_steps: usize,
     pub seconds_sampling: f64,
@@ -200,7 +202,13 @@ impl Trainer {
             self.sample_and_score().with_context(|| format!("epoch {epoch}"))?;
         let seconds_sampling = t0.elapsed().as_secs_f64() - seconds_reward;
         let rewards: Vec<f64> = scores.iter().map(|s| s.total).collect();
-        let adv = self.stats.advantages(&samples.prompts, &rewards, self.config.normalisation);
+        let (adv, zero_std_ratio) = match self.config.normalisation {
+            Normalisation::Group { global_std } => {
+                let g = group_advantages(&rewards, self.config.group_size, global_std);
+                (g.advantages.clone(), g.zero_std_ratio())
+            }
+            how => (self.stats.advantages(&samples.prompts, &rewards, how), 0.0),
+        };
         let adv: Vec<f64> = adv.iter().map(|a| a.clamp(-self.config.adv_clip, self.config.adv_clip)).collect();
         let t1 = Instant::now();
         let update = match self.config.algorithm {
@@ -225,6 +233,7 @@ impl Trainer {
             x0_excess: update.x0_excess,
             kl_base: update.kl_base,
             out_of_range,
+            zero_std_ratio,
             lr: update.lr.unwrap_or_else(|| self.opt.current_lr()),
             optimizer_steps: update.steps,
             seconds_sampling,
@@ -238,10 +247,12 @@ impl Trainer {
     /// spent waiting for rewards after sampling finished.
     fn sample_and_score(&mut self) -> anyhow::Result<(Samples, Vec<Score>, Vec<image::RgbImage>, f64)> {
         let cfg = self.config.clone();
-        let prompts = (0..cfg.samples_per_epoch)
+        let groups = (0..cfg.samples_per_epoch / cfg.group_size)
             .map(|_| self.prompts.next_prompt(self.rng.rng()))
             .collect::<anyhow::Result<Vec<_>>>()
             .context("drawing prompts")?;
+        let prompts: Vec<String> = groups.iter().flat_map(|p| std::iter::repeat_n(p.clone(), cfg.group_size)).collect();
+        let shared_start = if cfg.same_noise { cfg.group_size } else { 1 };
         let batches: Vec<&[String]> = prompts.chunks(cfg.sample_batch_size).collect();
         let (job_tx, job_rx) = crossbeam::channel::unbounded::<(usize, Vec<image::RgbImage>, Vec<String>)>();
         let (res_tx, res_rx) = crossbeam::channel::unbounded();
@@ -263,7 +274,7 @@ impl Trainer {
             drop(res_tx);
             let mut trajectories: Vec<Trajectory> = Vec::new();
             for (i, batch) in batches.iter().enumerate() {
-                let traj = sampler::sample(policy, batch, &cfg.sampler, rng)?;
+                let traj = sampler::sample_grouped(policy, batch, &cfg.sampler, rng, shared_start)?;
                 let images = policy.images(traj.final_sample())?;
                 job_tx.send((i, images, batch.to_vec())).expect("reward workers alive");
                 trajectories.push(traj);

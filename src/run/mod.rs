@@ -188,6 +188,7 @@ impl RunDir {
             "x0_excess": r.x0_excess,
             "kl_base": r.kl_base,
             "out_of_range": r.out_of_range,
+            "zero_std_ratio": r.zero_std_ratio,
             "lr": r.lr,
             "optimizer_steps": r.optimizer_steps,
             "seconds_sampling": r.seconds_sampling,

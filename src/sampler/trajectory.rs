@@ -28,10 +28,16 @@ impl Trajectory {
 
 /// Samples one trajectory per prompt, recording transitions and log-probs. No gradient.
 pub fn sample(family: &dyn Family, prompts: &[String], cfg: &SamplerConfig, rng: &mut NoiseRng) -> Result<Trajectory> {
+    sample_grouped(family, prompts, cfg, rng, 1)
+}
+
+/// As [`sample`], with each run of `group` consecutive prompts starting from one shared x_T
+/// (their step noise still differs).
+pub fn sample_grouped(family: &dyn Family, prompts: &[String], cfg: &SamplerConfig, rng: &mut NoiseRng, group: usize) -> Result<Trajectory> {
     let device = family.device();
     let cond = family.condition(prompts)?;
     let timesteps = family.timesteps(cfg.steps);
-    let mut x = rng.randn(family.sample_shape(prompts.len()), device)?;
+    let mut x = start(family, prompts.len(), group, rng)?;
     let mut latents = vec![x.clone()];
     let mut log_probs = Vec::with_capacity(cfg.steps);
     for &t in &timesteps {
@@ -43,6 +49,17 @@ pub fn sample(family: &dyn Family, prompts: &[String], cfg: &SamplerConfig, rng:
         log_probs.push(out.log_prob);
     }
     Ok(Trajectory { prompts: prompts.to_vec(), timesteps, latents, log_probs: Tensor::stack(&log_probs, 1)? })
+}
+
+/// x_T for `n` samples, one draw per run of `group` of them.
+fn start(family: &dyn Family, n: usize, group: usize, rng: &mut NoiseRng) -> Result<Tensor> {
+    let group = group.max(1);
+    if group == 1 {
+        return rng.randn(family.sample_shape(n), family.device());
+    }
+    let distinct = rng.randn(family.sample_shape(n.div_ceil(group)), family.device())?;
+    let rows: Vec<u32> = (0..n).map(|i| (i / group) as u32).collect();
+    distinct.index_select(&Tensor::new(rows, family.device())?, 0)
 }
 
 /// Recomputes a stored transition x_t -> x_prev under the current weights, differentiably: its
