@@ -183,3 +183,29 @@ fn bad_numbers_get_reasons_and_errors_stay_short() {
     args.push("--debug");
     assert!(run(&args).lines().count() > 5, "--debug shows the backtrace");
 }
+
+/// `--eval-every`: the gold score on held-out suite prompts, their diversity and range land in
+/// metrics.jsonl at the epochs due, and `--keep-best` keeps the best checkpoint.
+#[test]
+fn train_evaluates_a_gold_score_and_keeps_the_best() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let run = dir.path().join("run");
+    let (ok, stderr) = ddpo(&[
+        "train", "--model", &model, "--run-dir", run.to_str().unwrap(), "--reward", "brightness", "--epochs", "2",
+        "--samples-per-epoch", "4", "--sample-batch-size", "4", "--train-batch-size", "4", "--steps", "3",
+        "--eval-every", "1", "--eval-prompts", "2", "--eval-per-prompt", "2", "--keep-best",
+    ]);
+    assert!(ok, "{stderr}");
+    let records: Vec<serde_json::Value> =
+        std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    for r in &records {
+        for key in ["eval/suite_strict", "eval/suite_partial", "eval/diversity", "eval/out_of_range"] {
+            let v = r[key].as_f64().unwrap_or_else(|| panic!("{key} missing: {r}"));
+            assert!((0.0..=1.0).contains(&v), "{key} {v}");
+        }
+        assert!(r["eval/diversity"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    assert!(stderr.contains("is the best so far") && run.join("best/policy.safetensors").exists(), "{stderr}");
+    fails_with(&["train", "--run-dir", dir.path().join("r2").to_str().unwrap(), "--eval-every", "1", "--eval-per-prompt", "1"], "--eval-per-prompt must be at least 2");
+}

@@ -11,12 +11,12 @@ const LAYERS: &[&[&str]] = &[
     &["model"],
     &["family"],
     &["sampler"],
-    &["reward"],
+    &["reward", "eval"],
     &["ddpo"],
     &["script"],
     &["run"],
     &["session"],
-    &["pretrain", "bench", "eval"],
+    &["pretrain", "bench"],
     &["cli"],
 ];
 

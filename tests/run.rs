@@ -28,6 +28,7 @@ fn run_config() -> RunConfig {
         dtype: Default::default(),
         reward_models: Default::default(),
         clip_sample: None,
+        eval: None,
     }
 }
 

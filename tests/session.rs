@@ -43,6 +43,7 @@ fn run_config(epochs: usize) -> RunConfig {
         dtype: Default::default(),
         reward_models: Default::default(),
         clip_sample: None,
+        eval: None,
     }
 }
 

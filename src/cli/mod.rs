@@ -205,6 +205,10 @@ fn flag_for(field: &str) -> String {
         "optimizer.lr" | "lr" => "--lr".into(),
         "normalisation.min_count" => "--stat-min-count".into(),
         "normalisation.buffer_size" => "--stat-buffer".into(),
+        "eval.every" => "--eval-every".into(),
+        "eval.prompts" => "--eval-prompts".into(),
+        "eval.per_prompt" => "--eval-per-prompt".into(),
+        "eval.patience" => "--hack-patience".into(),
         field => format!("--{}", field.trim_start_matches("sampler.").replace('_', "-")),
     }
 }

@@ -74,6 +74,7 @@ pub fn open(o: Options) -> anyhow::Result<Repl> {
         reward_models: Default::default(),
         // As `ddpo train`: DDPO trains the unclamped policy.
         clip_sample: Some(false),
+        eval: None,
     };
     let paths = ScriptPaths { prompts: Some(o.prompts.clone()), hooks: o.hooks.clone() };
     // A run folder or a run's checkpoint works too; an adapter goes on its base and trains on.
@@ -156,6 +157,7 @@ impl ReplHost for ModelHost {
             Ended::StoppedByHooks { epoch, before: true } => out.0 += &format!("stopped by the hooks before epoch {epoch}\n"),
             Ended::StoppedByHooks { epoch, before: false } => out.0 += &format!("stopped by the hooks after epoch {epoch}\n"),
             Ended::Interrupted { epoch } => out.0 += &format!("interrupted: stopped after epoch {epoch}\n"),
+            Ended::Hacking { epoch, .. } => out.0 += &format!("stopped after epoch {epoch} on reward hacking\n"),
         }
         s.session.checkpoint()?;
         out.0 += &format!("checkpoint: {}\n", s.session.policy_path().display());

@@ -109,6 +109,26 @@ pub struct Args {
     /// Normalise rewards over the batch instead of per prompt.
     #[arg(help_heading = "Algorithm", long, conflicts_with = "group_size")]
     batch_norm_rewards: bool,
+    /// Every N epochs, score held-out compositional-suite prompts (fixed noise) with the suite's
+    /// detector, a gold score the reward never sees, with the samples' diversity and range;
+    /// logged as eval/* in metrics.jsonl. 0: never.
+    #[arg(help_heading = "Evaluation", long, default_value_t = 0)]
+    eval_every: usize,
+    /// Held-out prompts per evaluation.
+    #[arg(help_heading = "Evaluation", long, default_value_t = 24)]
+    eval_prompts: usize,
+    /// Samples per held-out prompt.
+    #[arg(help_heading = "Evaluation", long, default_value_t = 4)]
+    eval_per_prompt: usize,
+    /// Evaluations over which a rising reward and a falling gold score count as reward hacking.
+    #[arg(help_heading = "Evaluation", long, default_value_t = 3)]
+    hack_patience: usize,
+    /// Keep the checkpoint with the best gold score in RUN/best/.
+    #[arg(help_heading = "Evaluation", long)]
+    keep_best: bool,
+    /// Stop the run when it hacks the reward (and point to the best checkpoint).
+    #[arg(help_heading = "Evaluation", long)]
+    stop_on_hack: bool,
     /// Sample each prompt this many times per epoch, side by side, and take advantages relative
     /// to the group (GRPO); 1: every sample its own prompt, per-prompt statistics.
     #[arg(help_heading = "Algorithm", long, default_value_t = defaults().group_size)]
@@ -211,6 +231,24 @@ fn parse_window(text: &str) -> Result<(usize, usize), String> {
 }
 
 impl Args {
+    /// The gold evaluation `--eval-every` asks for.
+    fn gold(&self) -> anyhow::Result<Option<crate::eval::gold::GoldConfig>> {
+        if self.eval_every == 0 {
+            anyhow::ensure!(!self.keep_best && !self.stop_on_hack, "--keep-best and --stop-on-hack need --eval-every N");
+            return Ok(None);
+        }
+        let gold = crate::eval::gold::GoldConfig {
+            every: self.eval_every,
+            prompts: self.eval_prompts,
+            per_prompt: self.eval_per_prompt,
+            patience: self.hack_patience,
+            keep_best: self.keep_best,
+            stop_on_hack: self.stop_on_hack,
+        };
+        gold.validate().map_err(super::flag_error)?;
+        Ok(Some(gold))
+    }
+
     /// How rewards become advantages: per prompt (the default), over the batch, or within groups.
     fn normalisation(&self) -> Normalisation {
         if self.batch_norm_rewards {
@@ -301,6 +339,7 @@ impl Args {
                 aesthetic: self.aesthetic.as_deref().map(|p| existing(p, "--aesthetic")).transpose()?,
             },
             clip_sample: Some(self.sampler.clip_sample.unwrap_or(false)),
+            eval: self.gold()?,
         })
     }
 }
@@ -356,6 +395,11 @@ fn run(mut session: Session) -> anyhow::Result<()> {
         Ended::StoppedByHooks { epoch, before: true } => eprintln!("stopped by the hooks before epoch {epoch} (checkpointed in {dir})"),
         Ended::StoppedByHooks { epoch, before: false } => eprintln!("stopped by the hooks after epoch {epoch}; continue with --resume {dir}"),
         Ended::Interrupted { epoch } => eprintln!("stopped after epoch {epoch}; continue with --resume {dir}"),
+        Ended::Hacking { epoch, best_epoch } => eprintln!(
+            "stopped after epoch {epoch} on reward hacking (--stop-on-hack); the best gold score was after epoch {}{}",
+            best_epoch.map_or("?".into(), |e| e.to_string()),
+            if session.config().eval.as_ref().is_some_and(|g| g.keep_best) { format!(", kept in {dir}/best/") } else { String::new() }
+        ),
     }
     Ok(())
 }

@@ -72,6 +72,20 @@ impl RunDir {
         std::fs::rename(&fresh, &current).with_context(|| format!("cannot move {} into place", fresh.display()))
     }
 
+    /// Writes the trainer as it is into `best/` (the checkpoint with the best gold score); returns
+    /// its weights' path.
+    pub fn save_best(&self, trainer: &Trainer) -> anyhow::Result<PathBuf> {
+        let (fresh, best) = (self.dir.join("best.new"), self.dir.join("best"));
+        let _ = std::fs::remove_dir_all(&fresh);
+        if let Err(e) = write(&fresh, trainer) {
+            let _ = std::fs::remove_dir_all(&fresh);
+            return Err(e.context("the best checkpoint was not written (the previous best is unchanged)"));
+        }
+        let _ = std::fs::remove_dir_all(&best);
+        std::fs::rename(&fresh, &best).with_context(|| format!("cannot move {} into place", fresh.display()))?;
+        Ok(best.join("policy.safetensors"))
+    }
+
     /// Restores the trainer from the latest readable checkpoint (the previous one when the
     /// latest is damaged; the run's start when there is none yet), drops the metrics of the
     /// epochs after it, and returns a note saying which it used when it was not the latest.

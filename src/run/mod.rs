@@ -43,6 +43,9 @@ pub struct RunConfig {
     /// Overrides the model's x0 clamp in the sampler (`None`: the model's own setting).
     #[serde(default)]
     pub clip_sample: Option<bool>,
+    /// The gold evaluation every few epochs (`None`: none).
+    #[serde(default)]
+    pub eval: Option<crate::eval::gold::GoldConfig>,
 }
 
 /// What a run optimises: a built-in reward by name, or a reward script (a path ending in

@@ -4,6 +4,7 @@
 //! and what to do when a script fails mid-epoch. `ddpo train` and the REPL's `train(n)` are thin
 //! callers; what they show of it goes through an [`Observer`].
 
+mod gold;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -61,6 +62,9 @@ pub enum Ended {
     StoppedByHooks { epoch: usize, before: bool },
     /// The stop flag (Ctrl-C) was set; the epoch named was the last one run.
     Interrupted { epoch: usize },
+    /// The training reward rose while the gold score fell (`stop_on_hack`); the best gold score
+    /// was at `best_epoch`.
+    Hacking { epoch: usize, best_epoch: Option<usize> },
 }
 
 /// An open training session.
@@ -73,6 +77,7 @@ pub struct Session {
     hooks: HookRunner,
     on_script_error: OnScriptError,
     resume_note: Option<String>,
+    gold: Option<gold::GoldWatch>,
 }
 
 impl Session {
@@ -87,7 +92,7 @@ impl Session {
         let run = RunDir::create(dir, &config)?;
         let parts = paths.save(&run.dir).and_then(|_| setup::load_parts(&config, &paths, log, device, open));
         match parts {
-            Ok(parts) => Ok(Self::assemble(run, config, parts)),
+            Ok(parts) => Self::assemble(run, config, parts),
             Err(e) => {
                 run.discard_unstarted();
                 Err(e)
@@ -115,7 +120,7 @@ impl Session {
         let mut settings = parts.trainer.config().clone();
         parts.hooks.replay(&mut settings, parts.trainer.policy(), &run.metrics_records());
         parts.trainer.reconfigure(settings)?;
-        let mut session = Self::assemble(run, config, parts);
+        let mut session = Self::assemble(run, config, parts)?;
         session.resume_note = note;
         Ok(session)
     }
@@ -125,9 +130,10 @@ impl Session {
         self.resume_note.as_deref()
     }
 
-    fn assemble(run: RunDir, config: RunConfig, parts: setup::Parts) -> Self {
+    fn assemble(run: RunDir, config: RunConfig, parts: setup::Parts) -> anyhow::Result<Self> {
         let setup::Parts { trainer, script_reward, scripts, hooks } = parts;
-        Self { run, config, trainer, script_reward, scripts, hooks, on_script_error: OnScriptError::Wait, resume_note: None }
+        let gold = config.eval.clone().map(|g| gold::GoldWatch::new(g, &run.metrics_records())).transpose()?;
+        Ok(Self { run, config, trainer, script_reward, scripts, hooks, on_script_error: OnScriptError::Wait, resume_note: None, gold })
     }
 
     /// Chooses what a script failing mid-epoch does (default: wait for a fix).
@@ -196,7 +202,14 @@ impl Session {
                 return Ok(Ended::StoppedByHooks { epoch: self.trainer.epoch(), before: true });
             }
             let Some(report) = self.epoch_or_retry(observer, stop)? else { continue };
-            let metrics = self.record(&report, &start, observer)?;
+            let gold = match &self.gold {
+                Some(g) if g.due(report.epoch) => Some(g.evaluate(self.trainer.policy())?),
+                _ => None,
+            };
+            let metrics = self.record(&report, &start, gold.as_ref(), observer)?;
+            if let Some(ended) = gold.and_then(|g| self.judge_gold(report.epoch, &metrics, &g, observer).transpose()) {
+                return ended;
+            }
             let end = self.hooks.epoch_end(self.trainer.config(), &self.script_context(report.epoch), &metrics);
             report_hook_error(&end, observer);
             if end.stop {
@@ -276,10 +289,14 @@ impl Session {
     }
 
     /// Records a finished epoch in the run folder and shows it.
-    fn record(&mut self, report: &EpochReport, start: &HookOutcome, observer: &mut dyn Observer) -> anyhow::Result<serde_json::Value> {
+    fn record(&mut self, report: &EpochReport, start: &HookOutcome, gold: Option<&crate::eval::gold::GoldReport>, observer: &mut dyn Observer) -> anyhow::Result<serde_json::Value> {
         let scripts = self.scripts.hashes();
         self.run.record_script_hashes(report.epoch, &scripts)?;
-        let metrics = self.run.record(report, self.record_extra(start))?;
+        let mut extra = self.record_extra(start);
+        if let Some(g) = gold {
+            crate::run::merge_json(&mut extra, gold::record_fields(g));
+        }
+        let metrics = self.run.record(report, extra)?;
         let kl_weight = self.trainer.config().kl_weight;
         observer.epoch(&EpochLog { report, metrics: &metrics, start, scripts, kl_weight });
         Ok(metrics)
@@ -300,6 +317,35 @@ impl Session {
             extra["weights"] = serde_json::json!(weights);
         }
         extra
+    }
+}
+
+impl Session {
+    /// What the hacking monitor makes of an evaluation: keep the best checkpoint, say when the
+    /// reward rises while the gold score falls, and (`stop_on_hack`) stop the run.
+    fn judge_gold(&mut self, epoch: usize, metrics: &serde_json::Value, report: &crate::eval::gold::GoldReport, observer: &mut dyn Observer) -> anyhow::Result<Option<Ended>> {
+        let Some(watch) = self.gold.as_mut() else { return Ok(None) };
+        let reward = metrics["reward_mean"].as_f64().unwrap_or(f64::NAN);
+        let verdict = watch.judge(epoch, reward, report);
+        let (keep_best, stop_on_hack, best_epoch) = (watch.config.keep_best, watch.config.stop_on_hack, watch.best_epoch());
+        match verdict {
+            crate::ddpo::monitor::Verdict::Best if keep_best => {
+                let path = self.run.save_best(&self.trainer)?;
+                observer.line(&format!("gold score {:.3} is the best so far: kept in {}", report.suite_strict, path.display()));
+            }
+            crate::ddpo::monitor::Verdict::Hacking { since_epoch, reward_gain, gold_loss } => {
+                observer.line(&format!(
+                    "reward hacking: since epoch {since_epoch} the reward rose by {reward_gain:.4} while the gold score fell by {gold_loss:.3}; the best gold score was after epoch {}",
+                    best_epoch.map_or("?".into(), |e| e.to_string())
+                ));
+                if stop_on_hack {
+                    self.checkpoint()?;
+                    return Ok(Some(Ended::Hacking { epoch, best_epoch }));
+                }
+            }
+            _ => {}
+        }
+        Ok(None)
     }
 }
 

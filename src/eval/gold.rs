@@ -1,0 +1,95 @@
+//! The gold score of a training run: a held-out slice of the compositional suite, sampled with
+//! fixed noise and scored by its detector (never the training reward), plus the samples' diversity
+//! and how much of them leaves the pixel range. A run evaluates it every few epochs to notice a
+//! reward that rises while the images go to nothing.
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use super::suite::{score_suite, select, SuiteOptions};
+use crate::family::{Family, NoiseRng, SamplerConfig};
+use crate::world::suite::{suite, Half, SuitePrompt, LATEST};
+
+/// What a run's gold evaluation samples.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GoldConfig {
+    /// Epochs between evaluations.
+    pub every: usize,
+    /// Held-out suite prompts, spread over its categories.
+    pub prompts: usize,
+    /// Samples per prompt (at least 2, for the diversity).
+    pub per_prompt: usize,
+    /// Evaluations over which a rising reward with a falling gold score counts as hacking.
+    pub patience: usize,
+    /// Keep the checkpoint with the best gold score in `best/`.
+    #[serde(default)]
+    pub keep_best: bool,
+    /// Stop the run when it hacks the reward.
+    #[serde(default)]
+    pub stop_on_hack: bool,
+}
+
+/// One evaluation's figures (logged as `eval/<name>`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct GoldReport {
+    /// The suite's strict score (mean over its categories).
+    pub suite_strict: f64,
+    pub suite_partial: f64,
+    /// Mean RMS distance in 0..1 pixel units between samples of the same prompt.
+    pub diversity: f64,
+    /// Fraction of final sample values outside the pixel range (NaN for latent families).
+    pub out_of_range: f64,
+}
+
+impl GoldConfig {
+    pub fn validate(&self) -> Result<(), crate::error::ConfigError> {
+        use crate::error::ensure;
+        ensure(self.every > 0, "eval.every", || "must be at least 1".into())?;
+        ensure(self.prompts > 0, "eval.prompts", || "must be at least 1".into())?;
+        ensure(self.per_prompt >= 2, "eval.per_prompt", || "must be at least 2 (diversity compares samples of a prompt)".into())?;
+        ensure(self.patience > 0, "eval.patience", || "must be at least 1".into())
+    }
+
+    /// The held-out prompts it samples: every k-th of the suite's held-out half.
+    pub fn prompts(&self) -> anyhow::Result<Vec<SuitePrompt>> {
+        let heldout = select(&suite(LATEST)?, Some(Half::Heldout));
+        let stride = (heldout.len() / self.prompts).max(1);
+        Ok(heldout.into_iter().step_by(stride).take(self.prompts).collect())
+    }
+}
+
+/// Samples the held-out prompts with fixed noise (`seed`) and scores them.
+pub fn evaluate(family: &dyn Family, prompts: &[SuitePrompt], per_prompt: usize, sampler: &SamplerConfig, seed: u64) -> anyhow::Result<GoldReport> {
+    let texts: Vec<String> = prompts.iter().flat_map(|p| std::iter::repeat_n(p.text.clone(), per_prompt)).collect();
+    let mut rng = NoiseRng::new(seed);
+    let (mut images, mut outside, mut values) = (Vec::new(), 0.0, 0usize);
+    for chunk in texts.chunks(32) {
+        let traj = crate::sampler::sample(family, chunk, sampler, &mut rng)?;
+        let finals = traj.final_sample();
+        if let Some(range) = family.pixel_range() {
+            outside += finals.abs()?.gt(range)?.to_dtype(candle_core::DType::F32)?.sum_all()?.to_scalar::<f32>()? as f64;
+            values += finals.elem_count();
+        }
+        images.extend(family.images(finals)?);
+    }
+    let diversity = diversity(&images, per_prompt)?;
+    let opts = SuiteOptions { suite: LATEST.to_string(), half: Some(Half::Heldout), per_prompt, seed, sampler: *sampler };
+    let report = score_suite(prompts.to_vec(), images, &opts).report;
+    let out_of_range = if values > 0 { outside / values as f64 } else { f64::NAN };
+    Ok(GoldReport { suite_strict: report.strict, suite_partial: report.partial, diversity, out_of_range })
+}
+
+/// Mean over prompts of the mean pairwise RMS distance between their samples (0..1 units).
+fn diversity(images: &[image::RgbImage], per_prompt: usize) -> anyhow::Result<f64> {
+    let (mut sum, mut pairs) = (0.0, 0usize);
+    for group in images.chunks(per_prompt) {
+        let t: Vec<Tensor> = group.iter().map(|img| Tensor::from_vec(img.as_raw().iter().map(|&v| v as f32 / 255.0).collect::<Vec<_>>(), img.as_raw().len(), &candle_core::Device::Cpu)).collect::<candle_core::Result<_>>()?;
+        for i in 0..t.len() {
+            for j in i + 1..t.len() {
+                sum += (&t[i] - &t[j])?.sqr()?.mean_all()?.to_scalar::<f32>()?.sqrt() as f64;
+                pairs += 1;
+            }
+        }
+    }
+    Ok(sum / pairs.max(1) as f64)
+}

@@ -1,0 +1,60 @@
+//! The session's gold evaluations: when they are due, what they found, and what the hacking
+//! monitor makes of them (keep the best checkpoint, warn, stop).
+
+use crate::ddpo::monitor::{Evaluation, HackMonitor, Verdict};
+use crate::eval::gold::{evaluate, GoldConfig, GoldReport};
+use crate::family::{Family, SamplerConfig};
+use crate::world::suite::SuitePrompt;
+
+/// The noise seed of every gold evaluation: the same starting noise each time, so the score
+/// moves only with the model.
+const SEED: u64 = 0x601D;
+
+pub(super) struct GoldWatch {
+    pub config: GoldConfig,
+    prompts: Vec<SuitePrompt>,
+    monitor: HackMonitor,
+}
+
+impl GoldWatch {
+    /// Starts watching; a resumed run's earlier evaluations (its `metrics.jsonl` records) count.
+    pub fn new(config: GoldConfig, records: &[serde_json::Value]) -> anyhow::Result<Self> {
+        config.validate()?;
+        let mut monitor = HackMonitor::new(config.patience);
+        for r in records {
+            if let (Some(epoch), Some(reward), Some(gold)) = (r["epoch"].as_u64(), r["reward_mean"].as_f64(), r["eval/suite_strict"].as_f64()) {
+                monitor.observe(Evaluation { epoch: epoch as usize, reward, gold });
+            }
+        }
+        Ok(Self { prompts: config.prompts()?, config, monitor })
+    }
+
+    /// Whether epoch `epoch` (0-based, just finished) ends with an evaluation.
+    pub fn due(&self, epoch: usize) -> bool {
+        (epoch + 1) % self.config.every == 0
+    }
+
+    pub fn evaluate(&self, family: &dyn Family) -> anyhow::Result<GoldReport> {
+        evaluate(family, &self.prompts, self.config.per_prompt, &SamplerConfig::default(), SEED)
+    }
+
+    /// The monitor's verdict on an evaluation after the epoch whose mean reward is `reward`.
+    pub fn judge(&mut self, epoch: usize, reward: f64, report: &GoldReport) -> Verdict {
+        self.monitor.observe(Evaluation { epoch, reward, gold: report.suite_strict })
+    }
+
+    /// The epoch of the best gold score so far.
+    pub fn best_epoch(&self) -> Option<usize> {
+        self.monitor.best().map(|e| e.epoch)
+    }
+}
+
+/// The `metrics.jsonl` fields of an evaluation.
+pub(super) fn record_fields(r: &GoldReport) -> serde_json::Value {
+    serde_json::json!({
+        "eval/suite_strict": r.suite_strict,
+        "eval/suite_partial": r.suite_partial,
+        "eval/diversity": r.diversity,
+        "eval/out_of_range": r.out_of_range,
+    })
+}
