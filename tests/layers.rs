@@ -16,7 +16,7 @@ const LAYERS: &[&[&str]] = &[
     &["script"],
     &["run"],
     &["session"],
-    &["pretrain", "bench", "eval"],
+    &["pretrain", "bench", "eval", "selftest"],
     &["cli"],
 ];
 
