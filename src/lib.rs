@@ -20,6 +20,7 @@
 //! - [`run`]: the training run folder: metrics, sample grids, reward curve, checkpoints.
 //! - [`session`]: a training run in progress: epochs, script reloads, hooks, records, stops.
 //! - [`eval`]: benchmarks of a policy: the compositional suite run, its report, table and grids.
+//! - [`selftest`]: the golden checks on any device and dtype, behind `ddpo selftest`.
 //! - [`bench`]: the fixed benchmark workloads and JSON report behind `ddpo bench`.
 //! - [`cli`]: the command line (clap), progress bars and user-facing errors.
 
@@ -39,5 +40,6 @@ pub mod reward;
 pub mod run;
 pub mod sampler;
 pub mod script;
+pub mod selftest;
 pub mod session;
 pub mod world;

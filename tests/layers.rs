@@ -16,7 +16,7 @@ const LAYERS: &[&[&str]] = &[
     &["script"],
     &["run"],
     &["session"],
-    &["pretrain", "bench"],
+    &["pretrain", "bench", "selftest"],
     &["cli"],
 ];
 

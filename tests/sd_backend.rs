@@ -113,32 +113,7 @@ fn broken_folders_fail_naming_the_file_field_or_tensor() -> Result<()> {
     Ok(())
 }
 
-/// The policy seam reproduces the reference's whole trajectory: every transition's log-prob
-/// through `sampler::transition`, and the final images through `Policy::decode`.
-#[test]
-fn policy_seam_recomputes_the_reference_trajectory() -> Result<()> {
-    let g = candle_core::safetensors::load(fixture().join("golden.safetensors"), &Device::Cpu)?;
-    let policy = LatentPolicy::load(fixture(), Finetune::Frozen, DType::F32, &Device::Cpu)?;
-    assert_eq!(policy.sample_shape(2), vec![2, 4, 16, 16]);
-    assert!(policy.trainable_vars().is_empty());
-    let prompts: Vec<String> = PROMPTS.iter().map(|p| p.to_string()).collect();
-    let cfg = SamplerConfig { steps: 20, eta: 1.0, guidance: 5.0 };
-    let timesteps = policy.timesteps(cfg.steps);
-    let latents = &g["traj.latents"];
-    let mut ours = Vec::new();
-    for (i, &t) in timesteps.iter().enumerate() {
-        let (x, x_prev) = (latents.i((.., i))?, latents.i((.., i + 1))?);
-        ours.push(sampler::transition(&policy, &prompts, &x, &x_prev, &[t, t], &cfg)?.log_prob);
-    }
-    let err = max_abs_diff(&Tensor::stack(&ours, 1)?, &g["traj.log_probs"])?;
-    println!("traj.log_probs through the policy seam: max abs error {err:e}");
-    assert!(err < 1e-3, "traj.log_probs: max abs error {err}");
-    let images = ddpo::family::sd::post_process(&Family::decode(&policy, &latents.i((.., 20))?)?)?;
-    let err = max_abs_diff(&images, &g["traj.images"])?;
-    println!("traj.images through Policy::decode: max abs error {err:e}");
-    assert!(err < 1e-4, "traj.images: max abs error {err}");
-    Ok(())
-}
+// The reference trajectory through the policy seam: `ddpo::selftest::sd` (tests/golden_unet.rs).
 
 #[test]
 fn gradients_reach_every_lora_tensor_of_the_sd_unet() -> Result<()> {

@@ -10,6 +10,7 @@ mod pretrain_rewards;
 mod progress;
 mod sample;
 mod scripts;
+mod selftest;
 mod train;
 
 use std::path::{Path, PathBuf};
@@ -46,6 +47,8 @@ enum Command {
     Check(check::Args),
     /// Interactive Rhai session with the model and scripts loaded: sample, score, show, train.
     Repl(repl::Args),
+    /// Recompute the golden reference outputs on a device and dtype; one line per check.
+    Selftest(selftest::Args),
 }
 
 /// Parses the command line and runs the chosen subcommand.
@@ -61,6 +64,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Bench(args) => bench::exec(args),
         Command::Check(args) => check::exec(args),
         Command::Repl(args) => repl::exec(args),
+        Command::Selftest(args) => selftest::exec(args),
     }
 }
 
