@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_core::{DType, Device, Tensor};
 use ddpo::ddpo::{FixedPrompts, Normalisation, TrainConfig, Trainer};
 use ddpo::model::LoraConfig;
 use ddpo::optim::{AdamW, AdamWConfig};
