@@ -141,16 +141,17 @@ pub fn draw_text(img: &mut RgbImage, x: u32, y: u32, text: &str, colour: Rgb<u8>
                 if bits & (1 << row) != 0 {
                     let top = y.saturating_add(row.saturating_mul(scale));
                     let column = left.saturating_add((col as u32).saturating_mul(scale));
-                    fill_block(img, column, top, scale, colour);
+                    fill(img, column, top, scale, scale, colour);
                 }
             }
         }
     }
 }
 
-fn fill_block(img: &mut RgbImage, x: u32, y: u32, side: u32, colour: Rgb<u8>) {
-    for py in y..y.saturating_add(side).min(img.height()) {
-        for px in x..x.saturating_add(side).min(img.width()) {
+/// Paints the `w` x `h` rectangle at (x, y), clipped to the image.
+pub fn fill(img: &mut RgbImage, x: u32, y: u32, w: u32, h: u32, colour: Rgb<u8>) {
+    for py in y..y.saturating_add(h).min(img.height()) {
+        for px in x..x.saturating_add(w).min(img.width()) {
             img.put_pixel(px, py, colour);
         }
     }

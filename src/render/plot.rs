@@ -4,7 +4,7 @@
 
 use image::{Rgb, RgbImage};
 
-use super::font::{draw_text, text_width, LINE_HEIGHT};
+use super::font::{draw_text, fill, text_width, LINE_HEIGHT};
 
 /// One line of a plot: a value per epoch, and optionally a +-band around it.
 pub struct Series<'a> {
@@ -184,14 +184,6 @@ fn epoch_ticks(epochs: usize) -> Vec<usize> {
 fn interpolate(v: &[f64], i: f64) -> f64 {
     let (a, b) = (i.floor() as usize, (i.ceil() as usize).min(v.len() - 1));
     v[a] + (v[b] - v[a]) * (i - a as f64)
-}
-
-fn fill(img: &mut RgbImage, x: u32, y: u32, w: u32, h: u32, colour: Rgb<u8>) {
-    for py in y..y.saturating_add(h).min(img.height()) {
-        for px in x..x.saturating_add(w).min(img.width()) {
-            img.put_pixel(px, py, colour);
-        }
-    }
 }
 
 #[cfg(test)]
