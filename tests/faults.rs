@@ -57,13 +57,22 @@ fn a_live_run_is_locked_and_a_killed_one_resumes_to_the_same_run() {
     let dir = tempfile::tempdir().unwrap();
     let (model, straight) = straight_run(dir.path(), 6);
 
-    let run = dir.path().join("run");
-    let args = train_args(&model, &run, 6);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ddpo")).args(&args).stderr(Stdio::null()).spawn().unwrap();
-    wait_for(|| metrics_lines(&run) >= 2);
-    let (ok, stderr) = ddpo(&["train", "--resume", run.to_str().unwrap()]);
+    // A run long enough to be alive when a second process comes: refused, naming its pid.
+    let long = dir.path().join("long");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ddpo")).args(train_args(&model, &long, 10_000)).stderr(Stdio::null()).spawn().unwrap();
+    wait_for(|| metrics_lines(&long) >= 1);
+    let (ok, stderr) = ddpo(&["train", "--resume", long.to_str().unwrap()]);
     assert!(!ok && stderr.contains("in use by process") && stderr.contains(&child.id().to_string()), "{stderr}");
-    // kill -9 mid-run: the lock dies with the process, and the run resumes to the same result.
+    // kill -9: the lock dies with the process.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let (ok, stderr) = ddpo(&["train", "--resume", long.to_str().unwrap(), "--epochs", "1"]);
+    assert!(ok && !stderr.contains("in use"), "{stderr}");
+
+    // Killed mid-run, resumed: the uninterrupted run's metrics.
+    let run = dir.path().join("run");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ddpo")).args(train_args(&model, &run, 6)).stderr(Stdio::null()).spawn().unwrap();
+    wait_for(|| metrics_lines(&run) >= 2);
     child.kill().unwrap();
     child.wait().unwrap();
     let (ok, stderr) = ddpo(&["train", "--resume", run.to_str().unwrap()]);
