@@ -54,16 +54,22 @@ impl RunDir {
         self.dir.join("checkpoint.prev")
     }
 
+    /// Writes the trainer whole into the staging folder `name`, removed again on a failed write.
+    fn stage(&self, name: &str, trainer: &Trainer) -> anyhow::Result<PathBuf> {
+        let fresh = self.dir.join(name);
+        let _ = std::fs::remove_dir_all(&fresh);
+        if let Err(e) = write(&fresh, trainer) {
+            let _ = std::fs::remove_dir_all(&fresh);
+            return Err(e);
+        }
+        Ok(fresh)
+    }
+
     /// Writes weights, optimiser state, RNG, stat tracker and epoch as one checkpoint folder; the
     /// latest one before it stays as `checkpoint.prev`. On a failed write the existing
     /// checkpoints are untouched.
     pub fn save_checkpoint(&self, trainer: &Trainer) -> anyhow::Result<()> {
-        let fresh = self.dir.join("checkpoint.new");
-        let _ = std::fs::remove_dir_all(&fresh);
-        if let Err(e) = write(&fresh, trainer) {
-            let _ = std::fs::remove_dir_all(&fresh);
-            return Err(e.context("checkpoint not written (the existing checkpoints are unchanged)"));
-        }
+        let fresh = self.stage("checkpoint.new", trainer).context("checkpoint not written (the existing checkpoints are unchanged)")?;
         let (current, previous) = (self.checkpoint_dir(), self.previous_dir());
         if current.exists() {
             let _ = std::fs::remove_dir_all(&previous);
@@ -75,12 +81,8 @@ impl RunDir {
     /// Writes the trainer as it is into `best/` (the checkpoint with the best gold score); returns
     /// its weights' path.
     pub fn save_best(&self, trainer: &Trainer) -> anyhow::Result<PathBuf> {
-        let (fresh, best) = (self.dir.join("best.new"), self.dir.join("best"));
-        let _ = std::fs::remove_dir_all(&fresh);
-        if let Err(e) = write(&fresh, trainer) {
-            let _ = std::fs::remove_dir_all(&fresh);
-            return Err(e.context("the best checkpoint was not written (the previous best is unchanged)"));
-        }
+        let fresh = self.stage("best.new", trainer).context("the best checkpoint was not written (the previous best is unchanged)")?;
+        let best = self.dir.join("best");
         let _ = std::fs::remove_dir_all(&best);
         std::fs::rename(&fresh, &best).with_context(|| format!("cannot move {} into place", fresh.display()))?;
         Ok(best.join("policy.safetensors"))

@@ -292,7 +292,7 @@ impl Session {
     fn record(&mut self, report: &EpochReport, start: &HookOutcome, gold: Option<&crate::eval::gold::GoldReport>, observer: &mut dyn Observer) -> anyhow::Result<serde_json::Value> {
         let scripts = self.scripts.hashes();
         self.run.record_script_hashes(report.epoch, &scripts)?;
-        let mut extra = self.record_extra(start);
+        let mut extra = self.record_extra(start, &scripts);
         if let Some(g) = gold {
             crate::run::merge_json(&mut extra, gold::record_fields(g));
         }
@@ -304,8 +304,8 @@ impl Session {
 
     /// The extra fields of an epoch's `metrics.jsonl` record: script hashes, the overrides the
     /// hooks applied at its start (`hooks`), a hook error, and the reward weights in effect.
-    fn record_extra(&self, start: &HookOutcome) -> serde_json::Value {
-        let mut extra = serde_json::json!({ "scripts": self.scripts.hashes() });
+    fn record_extra(&self, start: &HookOutcome, scripts: &std::collections::BTreeMap<String, String>) -> serde_json::Value {
+        let mut extra = serde_json::json!({ "scripts": scripts });
         if !start.applied.is_empty() {
             extra["hooks"] = start.applied.to_json();
         }
