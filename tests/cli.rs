@@ -209,3 +209,35 @@ fn train_evaluates_a_gold_score_and_keeps_the_best() {
     assert!(stderr.contains("is the best so far") && run.join("best/policy.safetensors").exists(), "{stderr}");
     fails_with(&["train", "--run-dir", dir.path().join("r2").to_str().unwrap(), "--eval-every", "1", "--eval-per-prompt", "1"], "--eval-per-prompt must be at least 2");
 }
+
+/// `--eval-reward`: a script's mean on the held-out samples is the gold score the monitor
+/// watches (`eval/gold` = `eval/reward`), the suite's figures still logged, and `reward.png`
+/// gains its panels; the script is checked before the run starts.
+#[test]
+fn a_gold_reward_script_replaces_the_suite_score() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let gold = dir.path().join("gold.rhai");
+    std::fs::write(&gold, "fn reward(img, prompt, meta) { 10.0 + img.brightness() }\n").unwrap();
+    let run = dir.path().join("run");
+    let (ok, stderr) = ddpo(&[
+        "train", "--model", &model, "--run-dir", run.to_str().unwrap(), "--reward", "brightness", "--epochs", "2",
+        "--samples-per-epoch", "4", "--sample-batch-size", "4", "--train-batch-size", "4", "--steps", "3",
+        "--eval-every", "2", "--eval-prompts", "2", "--eval-per-prompt", "2", "--eval-reward", gold.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let records: Vec<serde_json::Value> =
+        std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(records[0].get("eval/gold").is_none(), "no evaluation after epoch 0 with --eval-every 2");
+    let (gold_value, reward) = (records[1]["eval/gold"].as_f64().unwrap(), records[1]["eval/reward"].as_f64().unwrap());
+    assert!(gold_value == reward && (10.0..=11.0).contains(&reward), "{}", records[1]);
+    assert!(records[1]["eval/suite_strict"].is_number());
+    let plot = image::open(run.join("reward.png")).unwrap();
+    assert_eq!(plot.height(), 3 * 260, "reward, gold reward and evaluation panels");
+    std::fs::write(&gold, "fn reward(img, prompt, meta) { img.nope() }\n").unwrap();
+    let (ok, stderr) = ddpo(&[
+        "train", "--model", &model, "--run-dir", dir.path().join("r2").to_str().unwrap(), "--epochs", "1", "--steps", "3",
+        "--eval-every", "1", "--eval-reward", gold.to_str().unwrap(),
+    ]);
+    assert!(!ok && stderr.contains("gold.rhai:1:") && stderr.contains("the gold reward"), "{stderr}");
+}

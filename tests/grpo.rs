@@ -110,3 +110,41 @@ fn the_kl_term_is_zero_at_the_reference() {
     let moved = ddpo::ddpo::kl_to_base(&step(policy.as_ref()), &step(base.as_ref())).unwrap().to_scalar::<f32>().unwrap();
     assert!(moved > 0.0, "{moved}");
 }
+
+/// PPO's clip fraction splits into ratios above 1 + eps and below 1 - eps.
+#[test]
+fn clip_fractions_split_high_and_low() {
+    use candle_core::{Device, Tensor};
+    let old = Tensor::new(&[0.0f32, 0.0, 0.0, 0.0, 0.0], &Device::Cpu).unwrap();
+    // Ratios e^0.5 = 1.65 (high), e^-0.5 = 0.61 (low), 1.0, e^0.05 = 1.05, e^-0.3 = 0.74 (low).
+    let new = Tensor::new(&[0.5f32, -0.5, 0.0, 0.05, -0.3], &Device::Cpu).unwrap();
+    let adv = Tensor::new(&[1.0f32; 5], &Device::Cpu).unwrap();
+    let l = ddpo::ddpo::loss::ppo_clip_loss(&new, &old, &adv, 0.2).unwrap();
+    assert!((l.clipfrac_high - 0.2).abs() < 1e-6 && (l.clipfrac_low - 0.4).abs() < 1e-6, "{} {}", l.clipfrac_high, l.clipfrac_low);
+    assert!((l.clipfrac - 0.6).abs() < 1e-6);
+    let ratios = l.ratio.to_vec1::<f32>().unwrap();
+    assert!((ratios[0] - 0.5f32.exp()).abs() < 1e-6 && ratios[2] == 1.0);
+}
+
+/// CFG-free training: sampling stays guided, the trained log-probs are the unguided model's and
+/// are relabelled before the update, so the first ratio is exactly 1; the mean ratio per step is
+/// reported for the trained steps only.
+#[test]
+fn cfg_free_training_starts_on_policy_and_reports_ratios_per_step() {
+    let run = |train_guidance: Option<f64>| {
+        let config = TrainConfig { train_guidance, timestep_fraction: 1.0, min_train_sigma: 0.0, train_timesteps: Some((0, 2)), ..small_config() };
+        let mut t = Trainer::new(config, tiny_family(2), Arc::new(ByPrompt), prompt_source()).unwrap();
+        t.run_epoch().unwrap()
+    };
+    let unguided = run(Some(1.0));
+    assert!(unguided.first_ratio_max_dev < 1e-4, "relabelled log-probs: ratio 1 before any update, got {}", unguided.first_ratio_max_dev);
+    assert_eq!(unguided.ratio_by_step.len(), 3);
+    assert!(unguided.ratio_by_step[..2].iter().all(|r| r.is_finite() && (r - 1.0).abs() < 0.5), "{:?}", unguided.ratio_by_step);
+    assert!(unguided.ratio_by_step[2].is_nan(), "step 2 is outside the window: {:?}", unguided.ratio_by_step);
+    // The same epoch with guided training differs only in the update: sampling is identical.
+    let guided = run(None);
+    assert_eq!(guided.prompts, unguided.prompts);
+    assert_eq!(guided.rewards(), unguided.rewards());
+    let bad = TrainConfig { train_guidance: Some(-1.0), ..small_config() }.validate().unwrap_err().to_string();
+    assert!(bad.contains("train_guidance must be a finite number >= 0"), "{bad}");
+}

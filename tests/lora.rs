@@ -130,3 +130,62 @@ fn cli_trains_an_adapter_and_samples_with_it() {
     let (ok, stderr) = ddpo(&["sample", "--model", lone.to_str().unwrap(), "--prompt", "a red circle", "--out", out.to_str().unwrap()]);
     assert!(!ok && stderr.contains("is a LoRA adapter") && stderr.contains("--lora"), "{stderr}");
 }
+
+/// With adapters the policy is its own KL reference: switched off, they leave the base model's
+/// step exactly, however far training moved them; the KL to it is zero until they move.
+#[test]
+fn adapters_off_is_the_base_model_and_the_kl_reference() {
+    let (base, lora) = base_and_lora();
+    assert!(lora.has_own_reference() && !base.has_own_reference());
+    let prompts = vec!["a red circle on a blue background".to_string(); 2];
+    let cfg = SamplerConfig { steps: 3, ..Default::default() };
+    let traj = sampler::sample(&base, &prompts, &cfg, &mut NoiseRng::new(2)).unwrap();
+    let ts = vec![traj.timesteps[1]; 2];
+    let (x_t, x_prev) = (&traj.latents[1], &traj.latents[2]);
+    let kl = |policy: &PixelPolicy| {
+        let step = policy.log_prob(&prompts, x_t, x_prev, &ts, &cfg).unwrap();
+        let reference = policy.reference_log_prob(&prompts, x_t, x_prev, &ts, &cfg).unwrap();
+        ddpo::ddpo::kl_to_base(&step, &reference).unwrap().to_scalar::<f32>().unwrap()
+    };
+    assert_eq!(kl(&lora), 0.0, "fresh adapters (B = 0) are the reference");
+    for (name, var) in lora.trainable_vars() {
+        if name.ends_with("lora_B.weight") {
+            var.set(&(var.as_tensor() + 0.05).unwrap()).unwrap();
+        }
+    }
+    assert!(kl(&lora) > 0.0, "moved adapters have a KL to the base");
+    let base_lp = base.log_prob(&prompts, x_t, x_prev, &ts, &cfg).unwrap().log_prob.to_vec1::<f32>().unwrap();
+    let off_lp = lora.reference_log_prob(&prompts, x_t, x_prev, &ts, &cfg).unwrap().log_prob.to_vec1::<f32>().unwrap();
+    let on_lp = lora.log_prob(&prompts, x_t, x_prev, &ts, &cfg).unwrap().log_prob.to_vec1::<f32>().unwrap();
+    for ((b, off), on) in base_lp.iter().zip(&off_lp).zip(&on_lp) {
+        assert!((b - off).abs() < 1e-5, "adapters off {off} vs base {b}");
+        assert!((b - on).abs() > 1e-4, "adapters on {on} should differ from the base {b}");
+    }
+    assert!(base.reference_log_prob(&prompts, x_t, x_prev, &ts, &cfg).is_err(), "a plain policy has no built-in reference");
+}
+
+/// A LoRA run's KL term needs no second model: the trainer, given no base (it would refuse the
+/// KL term without one), uses the adapters-off reference, and the KL grows as the adapters move.
+#[test]
+fn a_lora_run_takes_its_kl_reference_from_itself() {
+    use ddpo::ddpo::{FixedPrompts, Normalisation, TrainConfig, Trainer};
+    let (_, lora) = base_and_lora();
+    let config = TrainConfig {
+        samples_per_epoch: 4,
+        sample_batch_size: 4,
+        train_batch_size: 2,
+        kl_weight: 1.0,
+        normalisation: Normalisation::Batch,
+        optimizer: AdamWConfig { lr: 1e-2, warmup_steps: 0, ..Default::default() },
+        sampler: SamplerConfig { steps: 3, eta: 1.0, guidance: 2.0 },
+        min_train_sigma: 0.0,
+        ..Default::default()
+    };
+    let prompts = Box::new(FixedPrompts(vec!["a red circle on a blue background".into(), "a green square on a white background".into()]));
+    let reward: Arc<dyn ddpo::reward::Reward> = Arc::new(ddpo::reward::Brightness);
+    let mut trainer = Trainer::new(config, Box::new(lora), reward, prompts).unwrap();
+    let first = trainer.run_epoch().unwrap();
+    assert!(first.kl_base > 0.0 && first.kl_base.is_finite(), "the adapters moved within the epoch: {}", first.kl_base);
+    let second = trainer.run_epoch().unwrap();
+    assert!(second.kl_base > 0.0, "{}", second.kl_base);
+}

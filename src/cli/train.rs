@@ -95,7 +95,8 @@ pub struct Args {
     range_penalty: f64,
     /// Weight of a KL term to the base model in the DDPO-IS / SF loss (the closed-form KL of each
     /// trained step's Gaussian to the shipped model's, per pixel): changes the reward does not
-    /// pay for are pulled back. Costs one more forward pass per trained step. 0: off.
+    /// pay for are pulled back. Costs one more forward pass per trained step; with --lora the
+    /// reference is the same model with its adapters off (no second copy). 0: off.
     #[arg(help_heading = "Algorithm", long, default_value_t = defaults().kl_weight)]
     kl_weight: f64,
     /// Finetune the text encoder too (default: the UNet only, as the DDPO reference).
@@ -114,6 +115,10 @@ pub struct Args {
     /// logged as eval/* in metrics.jsonl. 0: never.
     #[arg(help_heading = "Evaluation", long, default_value_t = 0)]
     eval_every: usize,
+    /// Gold score of the evaluations: this reward script's mean on the held-out samples instead
+    /// of the suite's strict score (which is still logged). Loaded once: edits do not move it.
+    #[arg(help_heading = "Evaluation", long, value_name = "FILE.rhai")]
+    eval_reward: Option<PathBuf>,
     /// Held-out prompts per evaluation.
     #[arg(help_heading = "Evaluation", long, default_value_t = 24)]
     eval_prompts: usize,
@@ -143,6 +148,11 @@ pub struct Args {
     /// Train only sampling steps FROM..TO (0 = the noisiest; TO excluded), as Flow-GRPO-Fast.
     #[arg(help_heading = "Algorithm", long, value_name = "FROM..TO", value_parser = parse_window)]
     train_timesteps: Option<(usize, usize)>,
+    /// Recompute training log-probs under this guidance while sampling keeps --guidance: 1 is
+    /// CFG-free training (one conditional pass per step, half the training compute; RL as
+    /// guidance distillation). Default: the sampler's guidance.
+    #[arg(help_heading = "Algorithm", long, value_name = "G")]
+    train_guidance: Option<f64>,
     /// Per-prompt normalisation: rewards kept per prompt (the last N).
     #[arg(help_heading = "Algorithm", long, default_value_t = per_prompt_defaults().0)]
     stat_buffer: usize,
@@ -234,7 +244,7 @@ impl Args {
     /// The gold evaluation `--eval-every` asks for.
     fn gold(&self) -> anyhow::Result<Option<crate::eval::gold::GoldConfig>> {
         if self.eval_every == 0 {
-            anyhow::ensure!(!self.keep_best && !self.stop_on_hack, "--keep-best and --stop-on-hack need --eval-every N");
+            anyhow::ensure!(!self.keep_best && !self.stop_on_hack && self.eval_reward.is_none(), "--keep-best, --stop-on-hack and --eval-reward need --eval-every N");
             return Ok(None);
         }
         let gold = crate::eval::gold::GoldConfig {
@@ -244,6 +254,7 @@ impl Args {
             patience: self.hack_patience,
             keep_best: self.keep_best,
             stop_on_hack: self.stop_on_hack,
+            reward: self.eval_reward.as_deref().map(|p| script_path(p, "--eval-reward")).transpose()?,
         };
         gold.validate().map_err(super::flag_error)?;
         Ok(Some(gold))
@@ -272,7 +283,15 @@ impl Args {
         Ok(Some(LoraConfig { rank, alpha }))
     }
 
-    fn run_config(&self) -> anyhow::Result<RunConfig> {
+    /// The prompt and hooks scripts, made absolute so `--resume` finds them from anywhere.
+    pub(super) fn script_paths(&self) -> anyhow::Result<ScriptPaths> {
+        Ok(ScriptPaths {
+            prompts: self.prompt_script.as_deref().map(|p| script_path(p, "--prompts")).transpose()?,
+            hooks: self.hooks.as_deref().map(|p| script_path(p, "--hooks")).transpose()?,
+        })
+    }
+
+    pub(super) fn run_config(&self) -> anyhow::Result<RunConfig> {
         let epochs = self.epochs.unwrap_or(DEFAULT_EPOCHS);
         anyhow::ensure!(epochs > 0, "--epochs must be at least 1");
         anyhow::ensure!(self.checkpoint_every > 0, "--checkpoint-every must be at least 1");
@@ -296,6 +315,7 @@ impl Args {
             group_size: self.group_size,
             same_noise: self.same_noise,
             train_timesteps: self.train_timesteps,
+            train_guidance: self.train_guidance,
             optimizer: AdamWConfig { lr: self.lr, warmup_steps: self.warmup_steps, ..Default::default() },
             sampler: SamplerConfig {
                 steps: self.sampler.steps.unwrap_or(defaults().sampler.steps),
@@ -363,10 +383,7 @@ pub fn exec(mut args: Args) -> anyhow::Result<()> {
             args.prompt_script = args.prompt_script.take().or(defaults.prompts);
             args.hooks = args.hooks.take().or(defaults.hooks);
             let config = args.run_config()?;
-            let paths = ScriptPaths {
-                prompts: args.prompt_script.as_deref().map(|p| script_path(p, "--prompts")).transpose()?,
-                hooks: args.hooks.as_deref().map(|p| script_path(p, "--hooks")).transpose()?,
-            };
+            let paths = args.script_paths()?;
             let dir = args.run_dir.clone().unwrap_or_else(default_run_dir);
             let session = Session::create(&dir, config, paths, log, &device).map_err(super::flag_error)?;
             let c = session.config();
@@ -436,8 +453,8 @@ fn progress_fn(bar: ProgressBar) -> crate::ddpo::ProgressFn {
 }
 
 /// Prints a session's lines above the progress bar, one line per epoch.
-struct EpochLines<'a> {
-    bar: &'a ProgressBar,
+pub(super) struct EpochLines<'a> {
+    pub bar: &'a ProgressBar,
 }
 
 impl Observer for EpochLines<'_> {
@@ -482,7 +499,7 @@ fn per_prompt_defaults() -> (usize, usize) {
 const DEFAULT_EPOCHS: usize = 20;
 
 /// An existing `.rhai` file, made absolute so `--resume` finds it from anywhere.
-fn script_path(path: &Path, flag: &str) -> anyhow::Result<PathBuf> {
+pub(super) fn script_path(path: &Path, flag: &str) -> anyhow::Result<PathBuf> {
     anyhow::ensure!(path.extension().is_some_and(|e| e == "rhai"), "{flag} {}: a script must end in .rhai", path.display());
     std::fs::canonicalize(path).with_context(|| format!("{flag} {}: no such script", path.display()))
 }
@@ -493,7 +510,7 @@ fn existing(path: &Path, flag: &str) -> anyhow::Result<PathBuf> {
 }
 
 /// One progress bar reused for each stage of each epoch (hidden when stderr is not a terminal).
-fn stage_bar() -> ProgressBar {
+pub(super) fn stage_bar() -> ProgressBar {
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("{prefix:>9} {bar:30} {pos}/{len} {msg} {elapsed}").expect("valid template"),

@@ -74,6 +74,11 @@ pub struct TrainConfig {
     /// MixGRPO train a window of the trajectory; `None`: every step.
     #[serde(default)]
     pub train_timesteps: Option<(usize, usize)>,
+    /// Guidance of the log-probs that training recomputes (CFG-free training at 1: one
+    /// conditional pass, RL as guidance distillation) while sampling keeps `sampler.guidance`;
+    /// `None`: the sampler's.
+    #[serde(default)]
+    pub train_guidance: Option<f64>,
 }
 
 fn one() -> usize {
@@ -107,6 +112,7 @@ impl Default for TrainConfig {
             group_size: 1,
             same_noise: false,
             train_timesteps: None,
+            train_guidance: None,
         }
     }
 }
@@ -137,6 +143,10 @@ impl TrainConfig {
         ensure(c.kl_weight == 0.0 || c.algorithm != Algorithm::Rwr, "kl_weight", || {
             "regularises DDPO-IS / SF updates; RWR has no per-step policy to compare: set it to 0".into()
         })?;
+        if let Some(g) = c.train_guidance {
+            ensure(g.is_finite() && g >= 0.0, "train_guidance", || format!("must be a finite number >= 0, got {g}"))?;
+            ensure(c.algorithm != Algorithm::Rwr, "train_guidance", || "applies to DDPO-IS / SF log-probs; RWR trains the denoising loss: leave it unset".into())?;
+        }
         c.validate_groups()?;
         if let Normalisation::PerPrompt { buffer_size, min_count } = c.normalisation {
             // One reward has no spread to normalise by.
@@ -176,11 +186,23 @@ impl TrainConfig {
     pub fn validate_for(&self, family: &dyn Family) -> anyhow::Result<()> {
         self.validate()?;
         family.check_sampler(&self.sampler)?;
+        family.check_sampler(&self.train_sampler())?;
         self.trained_steps(family)?;
         ensure(self.range_penalty == 0.0 || family.pixel_range().is_some(), "range_penalty", || {
             "keeps pixel-space samples in range, but this model samples latents, which have no fixed range: set it to 0".into()
         })?;
         Ok(())
+    }
+
+    /// The sampler settings under which training recomputes log-probs: the sampler's, with
+    /// `train_guidance` where it is set.
+    pub fn train_sampler(&self) -> SamplerConfig {
+        SamplerConfig { guidance: self.train_guidance.unwrap_or(self.sampler.guidance), ..self.sampler }
+    }
+
+    /// Whether training recomputes log-probs under another guidance than sampling used.
+    pub fn train_guidance_differs(&self) -> bool {
+        self.train_sampler().guidance != self.sampler.guidance
     }
 
     /// Indices of the sampling steps (0 = the first, noisiest) whose policy sigma reaches

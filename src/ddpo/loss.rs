@@ -11,6 +11,12 @@ pub struct PolicyLoss {
     pub approx_kl: f64,
     /// Fraction of ratios outside [1 - clip, 1 + clip].
     pub clipfrac: f64,
+    /// Fraction of ratios above 1 + clip (the update made the sample likelier than clipping allows).
+    pub clipfrac_high: f64,
+    /// Fraction of ratios below 1 - clip.
+    pub clipfrac_low: f64,
+    /// Per-sample ratio exp(logp_new - logp_old), detached, (N,).
+    pub ratio: Tensor,
 }
 
 /// DDPO-IS: mean(max(-A r, -A clip(r, 1 - eps, 1 + eps))), r = exp(logp_new - logp_old).
@@ -21,16 +27,19 @@ pub fn ppo_clip_loss(logp_new: &Tensor, logp_old: &Tensor, advantages: &Tensor, 
     let clipped = (advantages.neg()? * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)?)?;
     let loss = unclipped.maximum(&clipped)?.mean_all()?;
     let approx_kl = (diff.detach().sqr()?.mean_all()?.to_scalar::<f32>()? * 0.5) as f64;
-    let outside = (ratio.detach() - 1.0)?.abs()?.gt(clip_range)?;
-    let clipfrac = outside.to_dtype(candle_core::DType::F32)?.mean_all()?.to_scalar::<f32>()? as f64;
-    Ok(PolicyLoss { loss, approx_kl, clipfrac })
+    let ratio = ratio.detach();
+    let fraction = |mask: Tensor| -> Result<f64> { Ok(mask.to_dtype(candle_core::DType::F32)?.mean_all()?.to_scalar::<f32>()? as f64) };
+    let clipfrac_high = fraction(ratio.gt(1.0 + clip_range)?)?;
+    let clipfrac_low = fraction(ratio.lt(1.0 - clip_range)?)?;
+    Ok(PolicyLoss { loss, approx_kl, clipfrac: clipfrac_high + clipfrac_low, clipfrac_high, clipfrac_low, ratio })
 }
 
 /// DDPO-SF (REINFORCE): -mean(A logp). Its gradient equals DDPO-IS's at ratio 1.
 pub fn score_function_loss(logp_new: &Tensor, logp_old: &Tensor, advantages: &Tensor) -> Result<PolicyLoss> {
     let loss = (advantages * logp_new)?.mean_all()?.neg()?;
-    let approx_kl = ((logp_new - logp_old)?.detach().sqr()?.mean_all()?.to_scalar::<f32>()? * 0.5) as f64;
-    Ok(PolicyLoss { loss, approx_kl, clipfrac: 0.0 })
+    let diff = (logp_new - logp_old)?.detach();
+    let approx_kl = (diff.sqr()?.mean_all()?.to_scalar::<f32>()? * 0.5) as f64;
+    Ok(PolicyLoss { loss, approx_kl, clipfrac: 0.0, clipfrac_high: 0.0, clipfrac_low: 0.0, ratio: diff.exp()? })
 }
 
 /// RWR weights: softmax(A / beta) scaled to mean 1, so the weighted denoising loss keeps the scale

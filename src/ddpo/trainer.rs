@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use candle_core::{Tensor, Var, D};
+use candle_core::{Tensor, Var};
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
@@ -16,6 +16,7 @@ use super::config::{Algorithm, ConfigError, TrainConfig};
 use super::loss::{ppo_clip_loss, rwr_weights, score_function_loss};
 use super::prompts::PromptSource;
 use crate::family::{Family, NoiseRng, NoiseRngState, StepOutput};
+use crate::kernels::no_grad::with_no_grad;
 use crate::kernels::shards;
 use crate::optim::{accumulate, clip_grad_norm, AdamW, Grads};
 use crate::reward::{check_finite, Reward, Score};
@@ -31,6 +32,13 @@ pub struct EpochReport {
     pub loss: f64,
     pub approx_kl: f64,
     pub clipfrac: f64,
+    /// Share of ratios above 1 + clip_range (the update made samples likelier than PPO allows).
+    pub clipfrac_high: f64,
+    /// Share of ratios below 1 - clip_range.
+    pub clipfrac_low: f64,
+    /// Mean importance ratio per sampling step (0 = the noisiest) over the epoch's updates; NaN
+    /// for the steps not trained. GRPO-Guard's diagnostic: a mean below 1 at low noise is a bias.
+    pub ratio_by_step: Vec<f64>,
     /// Loss of the first minibatch before any update (for IS its ratio is exactly 1).
     pub first_ratio_max_dev: f64,
     /// The range penalty's term before its weight: alpha_bar_t * mean(relu(|x0| - 1)^2) over the
@@ -189,6 +197,18 @@ impl Trainer {
         }
     }
 
+    /// The reward the epochs are scored with.
+    pub fn reward(&self) -> &dyn Reward {
+        self.reward.as_ref()
+    }
+
+    /// `n` prompts from the run's prompt source, drawn with a generator of their own (`seed`):
+    /// the training's random stream is untouched.
+    pub fn draw_prompts(&mut self, n: usize, seed: u64) -> anyhow::Result<Vec<String>> {
+        let mut rng = NoiseRng::new(seed);
+        (0..n).map(|_| self.prompts.next_prompt(rng.rng())).collect()
+    }
+
     /// Replaces the reward (e.g. after a script reload); state is kept.
     pub fn set_reward(&mut self, reward: Arc<dyn Reward>) {
         self.reward = reward;
@@ -211,6 +231,10 @@ impl Trainer {
         };
         let adv: Vec<f64> = adv.iter().map(|a| a.clamp(-self.config.adv_clip, self.config.adv_clip)).collect();
         let t1 = Instant::now();
+        let mut samples = samples;
+        if self.config.train_guidance_differs() {
+            self.relabel_log_probs(&mut samples).with_context(|| format!("epoch {epoch}: log-probs under the training guidance"))?;
+        }
         let update = match self.config.algorithm {
             Algorithm::Is | Algorithm::Sf => self.policy_gradient_update(&samples, &adv),
             Algorithm::Rwr => self.rwr_update(&samples, &adv),
@@ -226,12 +250,15 @@ impl Trainer {
             prompts: samples.prompts,
             scores,
             images,
-            loss: update.loss,
-            approx_kl: update.approx_kl,
-            clipfrac: update.clipfrac,
+            loss: update.diag.loss,
+            approx_kl: update.diag.approx_kl,
+            clipfrac: update.diag.clipfrac_high + update.diag.clipfrac_low,
+            clipfrac_high: update.diag.clipfrac_high,
+            clipfrac_low: update.diag.clipfrac_low,
+            ratio_by_step: update.ratio_by_step.iter().map(|&(sum, n)| if n == 0 { f64::NAN } else { sum / n as f64 }).collect(),
             first_ratio_max_dev: update.first_ratio_max_dev,
-            x0_excess: update.x0_excess,
-            kl_base: update.kl_base,
+            x0_excess: update.diag.x0_excess,
+            kl_base: update.diag.kl_base,
             out_of_range,
             zero_std_ratio,
             lr: update.lr.unwrap_or_else(|| self.opt.current_lr()),
@@ -308,6 +335,32 @@ impl Trainer {
         Ok((samples, scores, images, wait))
     }
 
+    /// Recomputes the stored log-probs of the trained steps under the training guidance
+    /// (CFG-free training), so the importance ratio starts at 1 and measures how far the updates
+    /// moved the policy being trained, not the gap between the guided and the unguided model.
+    fn relabel_log_probs(&self, s: &mut Samples) -> anyhow::Result<()> {
+        let (policy, cfg) = (self.policy.as_ref(), self.config.train_sampler());
+        let steps = self.config.trained_steps(policy)?;
+        let n = s.prompts.len();
+        let steps_total = s.timesteps.len();
+        let mut log_probs = s.log_probs.flatten_all()?.to_vec1::<f32>()?;
+        for start in (0..n).step_by(self.config.sample_batch_size) {
+            let len = self.config.sample_batch_size.min(n - start);
+            let rows = s.latents.narrow(0, start, len)?;
+            let prompts = &s.prompts[start..start + len];
+            for &k in &steps {
+                let (x_t, x_prev) = (rows.narrow(1, k, 1)?.squeeze(1)?, rows.narrow(1, k + 1, 1)?.squeeze(1)?);
+                let timesteps = vec![s.timesteps[k]; len];
+                let step = with_no_grad(|| sampler::transition(policy, prompts, &x_t, &x_prev, &timesteps, &cfg))?;
+                for (i, lp) in step.log_prob.to_vec1::<f32>()?.into_iter().enumerate() {
+                    log_probs[(start + i) * steps_total + k] = lp;
+                }
+            }
+        }
+        s.log_probs = Tensor::from_vec(log_probs, (n, steps_total), policy.device())?;
+        Ok(())
+    }
+
     /// DDPO-IS / DDPO-SF over inner epochs, minibatches and (a random subset of) timesteps.
     fn policy_gradient_update(&mut self, s: &Samples, adv: &[f64]) -> anyhow::Result<UpdateStats> {
         let cfg = self.config.clone();
@@ -318,7 +371,7 @@ impl Trainer {
         let inner = if sf { 1 } else { cfg.inner_epochs };
         let minibatches = n.div_ceil(cfg.train_batch_size);
         let accum = if sf { minibatches } else { cfg.grad_accum };
-        let mut stats = UpdateStats::default();
+        let mut stats = UpdateStats::new(cfg.sampler.steps);
         let mut grads: Grads = Vec::new();
         let mut pending = 0;
         for _ in 0..inner {
@@ -343,9 +396,11 @@ impl Trainer {
                     for g in &terms.grads {
                         accumulate(&mut grads, &self.opt.collect(g), 1.0 / (k * accum) as f64)?;
                     }
-                    stats.x0_excess += terms.x0_excess;
-                    stats.kl_base += terms.kl_base;
-                    stats.add(terms.loss, terms.approx_kl, terms.clipfrac);
+                    for (&k, &ratio) in ks.iter().zip(&terms.ratios) {
+                        let slot = &mut stats.ratio_by_step[k];
+                        (slot.0, slot.1) = (slot.0 + ratio, slot.1 + 1);
+                    }
+                    stats.add(&terms.diag);
                     self.report(Stage::Training, stats.terms, inner * minibatches * k);
                 }
                 pending += 1;
@@ -373,12 +428,9 @@ impl Trainer {
         let mut out = MinibatchGrads::default();
         for part in parts {
             let (share, terms) = (part.share, part.extra);
-            out.loss += share * terms.loss.to_scalar::<f32>()? as f64;
-            out.approx_kl += share * terms.approx_kl;
-            out.clipfrac += share * terms.clipfrac;
-            out.x0_excess += share * terms.x0_excess;
-            out.kl_base += share * terms.kl_base;
+            out.diag.add_scaled(&terms.diag, share);
             out.ratio_dev = out.ratio_dev.max(terms.ratio_dev);
+            out.ratios.extend(terms.ratios);
             out.grads.push(part.grads);
         }
         Ok(out)
@@ -391,7 +443,7 @@ impl Trainer {
         let weights = rwr_weights(adv, cfg.rwr_beta);
         let last = cfg.sampler.steps;
         let device = self.policy.device().clone();
-        let mut stats = UpdateStats::default();
+        let mut stats = UpdateStats::new(cfg.sampler.steps);
         let mut grads: Grads = Vec::new();
         let mut pending = 0;
         let k = cfg.train_steps(cfg.sampler.steps);
@@ -408,7 +460,7 @@ impl Trainer {
                     let loss = (per_sample * &w)?.mean_all()?;
                     let g = self.opt.collect(&loss.backward()?);
                     accumulate(&mut grads, &g, 1.0 / (k * cfg.grad_accum) as f64)?;
-                    stats.add(loss.to_scalar::<f32>()? as f64, 0.0, 0.0);
+                    stats.add(&Diagnostics { loss: loss.to_scalar::<f32>()? as f64, ..Default::default() });
                     self.report(Stage::Training, stats.terms, cfg.inner_epochs * n.div_ceil(cfg.train_batch_size) * k);
                 }
                 pending += 1;
@@ -435,17 +487,39 @@ impl Trainer {
     }
 }
 
-/// Running means of the update's diagnostics.
-#[derive(Debug, Default)]
-struct UpdateStats {
+/// The update's diagnostics: one minibatch-step's, or their running sum or mean.
+#[derive(Debug, Default, Clone)]
+struct Diagnostics {
     loss: f64,
     approx_kl: f64,
-    clipfrac: f64,
+    clipfrac_high: f64,
+    clipfrac_low: f64,
+    /// The range penalty's term before its weight.
+    x0_excess: f64,
+    /// KL of the trained transitions to the reference's.
+    kl_base: f64,
+}
+
+impl Diagnostics {
+    fn add_scaled(&mut self, other: &Self, weight: f64) {
+        self.loss += weight * other.loss;
+        self.approx_kl += weight * other.approx_kl;
+        self.clipfrac_high += weight * other.clipfrac_high;
+        self.clipfrac_low += weight * other.clipfrac_low;
+        self.x0_excess += weight * other.x0_excess;
+        self.kl_base += weight * other.kl_base;
+    }
+}
+
+/// Running means of the update's diagnostics.
+#[derive(Debug)]
+struct UpdateStats {
+    diag: Diagnostics,
     terms: usize,
     steps: usize,
     first_ratio_max_dev: f64,
-    x0_excess: f64,
-    kl_base: f64,
+    /// (sum of ratios, count) per sampling step.
+    ratio_by_step: Vec<(f64, usize)>,
     /// The learning rate of the last optimiser step (warm-up included).
     lr: Option<f64>,
 }
@@ -472,13 +546,15 @@ fn transition_loss(policy: &dyn Family, base: Option<&dyn Family>, config: &Trai
     let device = policy.device();
     let old = Tensor::from_vec(old, mb.len(), device)?;
     let a = Tensor::from_vec(mb.iter().map(|&i| adv[i] as f32).collect::<Vec<_>>(), mb.len(), device)?;
-    let step = sampler::transition(policy, &prompts, &x_t, &x_prev, &timesteps, &config.sampler)?;
+    let train_sampler = config.train_sampler();
+    let step = sampler::transition(policy, &prompts, &x_t, &x_prev, &timesteps, &train_sampler)?;
     let new = &step.log_prob;
-    let ratio_dev = (new.detach() - &old)?.exp()?.affine(1.0, -1.0)?.abs()?.max(D::Minus1)?.to_scalar::<f32>()? as f64;
     let l = match config.algorithm {
         Algorithm::Sf => score_function_loss(new, &old, &a)?,
         _ => ppo_clip_loss(new, &old, &a, config.clip_range)?,
     };
+    let ratios: Vec<f64> = l.ratio.to_vec1::<f32>()?.into_iter().map(f64::from).collect();
+    let ratio_dev = ratios.iter().map(|r| (r - 1.0).abs()).fold(0.0, f64::max);
     let (mut loss, mut x0_excess, mut kl_base) = (l.loss, 0.0, 0.0);
     if config.range_penalty > 0.0 {
         let range = policy.pixel_range().context("the range penalty needs a pixel-space family")?;
@@ -489,13 +565,25 @@ fn transition_loss(policy: &dyn Family, base: Option<&dyn Family>, config: &Trai
         loss = (loss + (excess * config.range_penalty)?)?;
     }
     if config.kl_weight > 0.0 {
-        let base = base.context("kl_weight needs the base model (Trainer::set_base)")?;
-        let base_step = sampler::transition(base, &prompts, &x_t, &x_prev, &timesteps, &config.sampler)?;
+        let base_step = if policy.has_own_reference() {
+            policy.reference_log_prob(&prompts, &x_t, &x_prev, &timesteps, &train_sampler)?
+        } else {
+            let base = base.context("kl_weight needs the base model (Trainer::set_base)")?;
+            sampler::transition(base, &prompts, &x_t, &x_prev, &timesteps, &train_sampler)?
+        };
         let kl = kl_to_base(&step, &base_step)?;
         kl_base = kl.to_scalar::<f32>()? as f64;
         loss = (loss + (kl * config.kl_weight)?)?;
     }
-    Ok(TransitionLoss { loss, approx_kl: l.approx_kl, clipfrac: l.clipfrac, ratio_dev, x0_excess, kl_base })
+    let diag = Diagnostics {
+        loss: loss.to_scalar::<f32>()? as f64,
+        approx_kl: l.approx_kl,
+        clipfrac_high: l.clipfrac_high,
+        clipfrac_low: l.clipfrac_low,
+        x0_excess,
+        kl_base,
+    };
+    Ok(TransitionLoss { loss, diag, ratio_dev, ratios })
 }
 
 /// Batch mean of KL(p_θ(x_prev | x_t) || p_base(x_prev | x_t)) per pixel. Both steps have the
@@ -511,23 +599,19 @@ pub fn kl_to_base(step: &StepOutput, base: &StepOutput) -> candle_core::Result<T
 #[derive(Default)]
 struct MinibatchGrads {
     grads: Vec<candle_core::backprop::GradStore>,
-    loss: f64,
-    approx_kl: f64,
-    clipfrac: f64,
+    diag: Diagnostics,
     ratio_dev: f64,
-    x0_excess: f64,
-    kl_base: f64,
+    /// The importance ratio of each sample of the minibatch, in order.
+    ratios: Vec<f64>,
 }
 
 /// One minibatch-step's loss and diagnostics.
 struct TransitionLoss {
     loss: Tensor,
-    approx_kl: f64,
-    clipfrac: f64,
+    diag: Diagnostics,
     /// max |ratio - 1| over the minibatch.
     ratio_dev: f64,
-    x0_excess: f64,
-    kl_base: f64,
+    ratios: Vec<f64>,
 }
 
 /// mean_i(w_i * mean(relu(|x_i| - range)^2)) over the batch rows x_i: zero inside the range,
@@ -546,20 +630,18 @@ fn out_of_range_fraction(latents: &Tensor, last: usize, range: f64) -> candle_co
 }
 
 impl UpdateStats {
-    fn add(&mut self, loss: f64, kl: f64, clipfrac: f64) {
-        self.loss += loss;
-        self.approx_kl += kl;
-        self.clipfrac += clipfrac;
+    fn new(sampling_steps: usize) -> Self {
+        Self { diag: Diagnostics::default(), terms: 0, steps: 0, first_ratio_max_dev: 0.0, ratio_by_step: vec![(0.0, 0); sampling_steps], lr: None }
+    }
+
+    fn add(&mut self, diag: &Diagnostics) {
+        self.diag.add_scaled(diag, 1.0);
         self.terms += 1;
     }
 
     fn finish(mut self) -> Self {
-        let n = self.terms.max(1) as f64;
-        self.loss /= n;
-        self.approx_kl /= n;
-        self.clipfrac /= n;
-        self.x0_excess /= n;
-        self.kl_base /= n;
+        let sum = std::mem::take(&mut self.diag);
+        self.diag.add_scaled(&sum, 1.0 / self.terms.max(1) as f64);
         self
     }
 }

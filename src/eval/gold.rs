@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use super::suite::{score_suite, select, SuiteOptions};
 use crate::family::{Family, NoiseRng, SamplerConfig};
+use crate::reward::Reward;
+use anyhow::Context;
 use crate::world::suite::{suite, Half, SuitePrompt, LATEST};
 
 /// What a run's gold evaluation samples.
@@ -27,6 +29,10 @@ pub struct GoldConfig {
     /// Stop the run when it hacks the reward.
     #[serde(default)]
     pub stop_on_hack: bool,
+    /// A reward script that is the gold score instead of the suite's strict score (scored on the
+    /// same held-out samples; the suite's figures are still logged).
+    #[serde(default)]
+    pub reward: Option<std::path::PathBuf>,
 }
 
 /// One evaluation's figures (logged as `eval/<name>`).
@@ -39,6 +45,16 @@ pub struct GoldReport {
     pub diversity: f64,
     /// Fraction of final sample values outside the pixel range (NaN for latent families).
     pub out_of_range: f64,
+    /// Mean of the gold reward script over the samples, when the run has one.
+    pub reward: Option<f64>,
+}
+
+impl GoldReport {
+    /// The score the monitor watches: the gold reward script's mean where there is one, else
+    /// the suite's strict score.
+    pub fn gold(&self) -> f64 {
+        self.reward.unwrap_or(self.suite_strict)
+    }
 }
 
 impl GoldConfig {
@@ -58,8 +74,9 @@ impl GoldConfig {
     }
 }
 
-/// Samples the held-out prompts with fixed noise (`seed`) and scores them.
-pub fn evaluate(family: &dyn Family, prompts: &[SuitePrompt], per_prompt: usize, sampler: &SamplerConfig, seed: u64) -> anyhow::Result<GoldReport> {
+/// Samples the held-out prompts with fixed noise (`seed`) and scores them with the suite's
+/// detector and, where given, a gold `reward`.
+pub fn evaluate(family: &dyn Family, prompts: &[SuitePrompt], per_prompt: usize, sampler: &SamplerConfig, seed: u64, reward: Option<&dyn Reward>) -> anyhow::Result<GoldReport> {
     let texts: Vec<String> = prompts.iter().flat_map(|p| std::iter::repeat_n(p.text.clone(), per_prompt)).collect();
     let mut rng = NoiseRng::new(seed);
     let (mut images, mut outside, mut values) = (Vec::new(), 0.0, 0usize);
@@ -73,10 +90,18 @@ pub fn evaluate(family: &dyn Family, prompts: &[SuitePrompt], per_prompt: usize,
         images.extend(family.images(finals)?);
     }
     let diversity = diversity(&images, per_prompt)?;
+    let reward = match reward {
+        Some(r) => {
+            let scores = r.score(&images, &texts).with_context(|| format!("gold reward {}", r.name()))?;
+            crate::reward::check_finite(&scores, &texts, 0)?;
+            Some(scores.iter().map(|s| s.total).sum::<f64>() / scores.len().max(1) as f64)
+        }
+        None => None,
+    };
     let opts = SuiteOptions { suite: LATEST.to_string(), half: Some(Half::Heldout), per_prompt, seed, sampler: *sampler };
     let report = score_suite(prompts.to_vec(), images, &opts).report;
     let out_of_range = if values > 0 { outside / values as f64 } else { f64::NAN };
-    Ok(GoldReport { suite_strict: report.strict, suite_partial: report.partial, diversity, out_of_range })
+    Ok(GoldReport { suite_strict: report.strict, suite_partial: report.partial, diversity, out_of_range, reward })
 }
 
 /// Mean over prompts of the mean pairwise RMS distance between their samples (0..1 units).

@@ -85,6 +85,19 @@ pub trait Family: Send + Sync {
     /// its log-prob and mean carry gradients to the trainable weights.
     fn log_prob(&self, prompts: &[String], x_t: &Tensor, x_prev: &Tensor, timesteps: &[usize], cfg: &SamplerConfig) -> Result<StepOutput>;
 
+    /// Whether the policy carries its own frozen reference for the KL term (LoRA: the same
+    /// weights with the adapters off), so that no second copy of the model is needed.
+    fn has_own_reference(&self) -> bool {
+        false
+    }
+
+    /// [`Family::log_prob`] under the policy's own frozen reference, without gradients; an error
+    /// where [`Family::has_own_reference`] is false.
+    fn reference_log_prob(&self, prompts: &[String], x_t: &Tensor, x_prev: &Tensor, timesteps: &[usize], cfg: &SamplerConfig) -> Result<StepOutput> {
+        let _ = (prompts, x_t, x_prev, timesteps, cfg);
+        candle_core::bail!("this policy has no adapters to switch off; open a separate reference model")
+    }
+
     /// Per-sample denoising loss of clean samples `x0` (N,): the family's pretraining objective,
     /// which RWR weights. Randomness (timesteps, noise) is drawn from `rng`.
     fn denoising_loss(&self, x0: &Tensor, prompts: &[String], rng: &mut NoiseRng) -> Result<Tensor>;

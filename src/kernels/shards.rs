@@ -52,13 +52,13 @@ pub fn shard_ranges(n: usize, shards: usize) -> Vec<Range<usize>> {
 }
 
 /// Runs `f` on each of the shard `ranges` concurrently (the first on this thread) and returns
-/// the results in order. The caller's no-gradient scope
-/// ([`super::no_grad`]) is carried into the shards.
+/// the results in order. The caller's forward-pass scopes ([`super::no_grad`]) are carried
+/// into the shards.
 pub fn map_shards<R: Send>(ranges: &[Range<usize>], f: impl Fn(Range<usize>) -> R + Sync) -> Vec<R> {
-    let no_grad = super::no_grad::no_grad();
+    let scopes = super::no_grad::Scopes::current();
     let run = |r: Range<usize>| -> R {
         let before = IN_SHARD.with(|s| s.replace(true));
-        let out = super::no_grad::with_no_grad_if(no_grad, || f(r));
+        let out = scopes.enter(|| f(r));
         IN_SHARD.with(|s| s.set(before));
         out
     };

@@ -77,7 +77,8 @@ impl Module for LoraLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = self.base.forward(x)?;
         match &self.adapter {
-            Some((down, up)) => {
+            // Switched off (`kernels::no_grad::without_adapters`): the frozen base, the KL reference.
+            Some((down, up)) if !crate::kernels::no_grad::adapters_off() => {
                 // Adapters stay f32 (trained) while frozen weights may be f16/bf16: run the
                 // adapter in f32 and add it in the base's dtype (both casts are no-ops in f32).
                 let (down, up) = if crate::kernels::no_grad::no_grad() {
@@ -88,7 +89,7 @@ impl Module for LoraLinear {
                 let delta = up.forward(&down.forward(&x.to_dtype(DType::F32)?)?)?;
                 y + (delta * self.scale)?.to_dtype(x.dtype())?
             }
-            None => Ok(y),
+            _ => Ok(y),
         }
     }
 }

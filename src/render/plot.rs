@@ -97,7 +97,7 @@ impl Frame {
         let light = Rgb(s.colour.0.map(|c| ((c as u16 + 3 * 255) / 4) as u8));
         for px in self.left..self.left + self.plot_width() {
             let e = self.epoch_at(px, s.values.len());
-            let (m, d) = (interpolate(s.values, e), interpolate(band, e));
+            let (Some(m), Some(d)) = (interpolate(s.values, e), interpolate(band, e)) else { continue };
             let (y0, y1) = (self.y_of(m + d).max(self.top as f64) as u32, self.y_of(m - d).min((self.top + self.plot_height()) as f64) as u32);
             fill(img, px, y0, 1, y1.saturating_sub(y0) + 1, light);
         }
@@ -108,9 +108,18 @@ impl Frame {
             return;
         }
         let bottom = (self.top + self.plot_height()) as f64;
+        let y_at = |v: f64| self.y_of(v).clamp(self.top as f64, bottom - 1.0) as u32;
         for px in self.left..self.left + self.plot_width() {
-            let y = self.y_of(interpolate(s.values, self.epoch_at(px, s.values.len()))).clamp(self.top as f64, bottom - 1.0) as u32;
-            fill(img, px, y, 1, 2, s.colour);
+            if let Some(v) = interpolate(s.values, self.epoch_at(px, s.values.len())) {
+                fill(img, px, y_at(v), 1, 2, s.colour);
+            }
+        }
+        // A series with gaps (values on some epochs only, e.g. evaluations) marks its points.
+        if s.values.iter().any(|v| !v.is_finite()) {
+            for (e, &v) in s.values.iter().enumerate().filter(|(_, v)| v.is_finite()) {
+                let x = self.x_of(e as f64, s.values.len()) as u32;
+                fill(img, x.saturating_sub(2), y_at(v).saturating_sub(2), 5, 5, s.colour);
+            }
         }
     }
 
@@ -181,9 +190,27 @@ fn epoch_ticks(epochs: usize) -> Vec<usize> {
     (0..epochs).step_by(step).collect()
 }
 
-fn interpolate(v: &[f64], i: f64) -> f64 {
-    let (a, b) = (i.floor() as usize, (i.ceil() as usize).min(v.len() - 1));
-    v[a] + (v[b] - v[a]) * (i - a as f64)
+/// The value at fractional epoch `i`, linear between the nearest finite values on either side
+/// (NaN marks an epoch without a value); `None` outside the first and last finite value.
+fn interpolate(v: &[f64], i: f64) -> Option<f64> {
+    let a = (0..=(i.floor() as usize).min(v.len() - 1)).rev().find(|&k| v[k].is_finite())?;
+    let b = ((i.ceil() as usize).min(v.len() - 1)..v.len()).find(|&k| v[k].is_finite())?;
+    if a == b {
+        return Some(v[a]);
+    }
+    Some(v[a] + (v[b] - v[a]) * (i - a as f64) / (b - a) as f64)
+}
+
+/// Images stacked top to bottom on white, as wide as the widest.
+pub fn stack(panels: &[RgbImage]) -> RgbImage {
+    let width = panels.iter().map(RgbImage::width).max().unwrap_or(1);
+    let mut out = RgbImage::from_pixel(width, panels.iter().map(RgbImage::height).sum::<u32>().max(1), Rgb([255, 255, 255]));
+    let mut y = 0;
+    for p in panels {
+        image::imageops::replace(&mut out, p, 0, y as i64);
+        y += p.height();
+    }
+    out
 }
 
 #[cfg(test)]
@@ -198,5 +225,16 @@ mod tests {
         assert_eq!(labels(ticks(3.0, 480.0, 4)), ["100", "200", "300", "400"]);
         assert_eq!(epoch_ticks(20), vec![0, 2, 4, 6, 8, 10, 12, 14, 16, 18]);
         assert_eq!(epoch_ticks(4), vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn gaps_are_bridged_between_finite_values() {
+        let v = [f64::NAN, 1.0, f64::NAN, f64::NAN, 4.0, f64::NAN];
+        assert_eq!(interpolate(&v, 0.5), None, "before the first value");
+        assert_eq!(interpolate(&v, 1.0), Some(1.0));
+        assert_eq!(interpolate(&v, 2.5), Some(2.5));
+        assert_eq!(interpolate(&v, 4.0), Some(4.0));
+        assert_eq!(interpolate(&v, 4.5), None, "after the last value");
+        assert_eq!(interpolate(&[0.0, 2.0], 0.25), Some(0.5));
     }
 }

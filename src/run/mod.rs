@@ -6,6 +6,7 @@
 //! is kept as a fallback ([`checkpoint`]). A run folder is locked while a process has it open.
 
 mod checkpoint;
+mod curves;
 mod lock;
 mod model;
 
@@ -85,8 +86,7 @@ impl std::fmt::Display for RewardSpec {
 /// An open run folder, locked against a second process for as long as it is open.
 pub struct RunDir {
     pub dir: PathBuf,
-    reward_mean: Vec<f64>,
-    reward_std: Vec<f64>,
+    curves: curves::RunCurves,
     _lock: lock::RunLock,
 }
 
@@ -101,7 +101,7 @@ impl RunDir {
         );
         std::fs::create_dir_all(dir.join("samples")).with_context(|| format!("cannot create run folder {}", dir.display()))?;
         let _lock = lock::RunLock::acquire(dir)?;
-        let run = Self { dir: dir.to_path_buf(), reward_mean: Vec::new(), reward_std: Vec::new(), _lock };
+        let run = Self { dir: dir.to_path_buf(), curves: Default::default(), _lock };
         run.save_config(config)?;
         Ok(run)
     }
@@ -127,13 +127,12 @@ impl RunDir {
 
     /// Reward mean and std of the epochs recorded so far.
     pub fn reward_curve(&self) -> (&[f64], &[f64]) {
-        (&self.reward_mean, &self.reward_std)
+        (&self.curves.reward_mean, &self.curves.reward_std)
     }
 
     /// The records of `metrics.jsonl`, oldest first.
     pub fn metrics_records(&self) -> Vec<serde_json::Value> {
-        let text = std::fs::read_to_string(self.dir.join("metrics.jsonl")).unwrap_or_default();
-        text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+        read_records(&self.dir)
     }
 
     /// Appends the epoch's script hashes to `scripts/epochs.jsonl` (the versions themselves are
@@ -149,25 +148,27 @@ impl RunDir {
         Ok(())
     }
 
-    /// Opens an existing run folder and its config.
-    pub fn open(dir: &Path) -> anyhow::Result<(Self, RunConfig)> {
+    /// The config of the run in `dir`, read without opening (or locking) the run.
+    pub fn read_config(dir: &Path) -> anyhow::Result<RunConfig> {
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path).with_context(|| format!("{} is not a run folder (no config.json)", dir.display()))?;
-        let config: RunConfig = serde_json::from_str(&text).with_context(|| format!("{} is corrupt", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("{} is corrupt", path.display()))
+    }
+
+    /// Opens an existing run folder and its config.
+    pub fn open(dir: &Path) -> anyhow::Result<(Self, RunConfig)> {
+        let config = Self::read_config(dir)?;
         let _lock = lock::RunLock::acquire(dir)?;
-        let mut run = Self { dir: dir.to_path_buf(), reward_mean: Vec::new(), reward_std: Vec::new(), _lock };
+        let mut run = Self { dir: dir.to_path_buf(), curves: Default::default(), _lock };
         run.reload_curve()?;
         Ok((run, config))
     }
 
     fn reload_curve(&mut self) -> anyhow::Result<()> {
-        self.reward_mean.clear();
-        self.reward_std.clear();
+        self.curves = Default::default();
         let Ok(text) = std::fs::read_to_string(self.dir.join("metrics.jsonl")) else { return Ok(()) };
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
-            let v: serde_json::Value = serde_json::from_str(line)?;
-            self.reward_mean.push(v["reward_mean"].as_f64().unwrap_or(f64::NAN));
-            self.reward_std.push(v["reward_std"].as_f64().unwrap_or(f64::NAN));
+            self.curves.push(&serde_json::from_str::<serde_json::Value>(line)?);
         }
         Ok(())
     }
@@ -188,6 +189,10 @@ impl RunDir {
             "loss": r.loss,
             "approx_kl": r.approx_kl,
             "clipfrac": r.clipfrac,
+            "clipfrac_high": r.clipfrac_high,
+            "clipfrac_low": r.clipfrac_low,
+            // NaN (a step not trained) is written as null.
+            "ratio_by_step": r.ratio_by_step.iter().map(|&v| if v.is_finite() { serde_json::json!(v) } else { serde_json::Value::Null }).collect::<Vec<_>>(),
             "x0_excess": r.x0_excess,
             "kl_base": r.kl_base,
             "out_of_range": r.out_of_range,
@@ -214,10 +219,8 @@ impl RunDir {
             .with_context(|| format!("cannot append to {}/metrics.jsonl", self.dir.display()))?;
         writeln!(file, "{m}")?;
         self.write_grid(r)?;
-        self.reward_mean.push(mean);
-        self.reward_std.push(std);
-        let curve = crate::render::reward_curve(&self.reward_mean, &self.reward_std, 480, 260, "training reward per epoch");
-        crate::render::save_png(&curve, &self.dir.join("reward.png"))?;
+        self.curves.push(&m);
+        crate::render::save_png(&self.curves.draw(), &self.dir.join("reward.png"))?;
         Ok(m)
     }
 
@@ -234,6 +237,13 @@ impl RunDir {
         let kept: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).take(epochs).collect();
         write_atomic(&path, (kept.join("\n") + if kept.is_empty() { "" } else { "\n" }).as_bytes())
     }
+}
+
+/// The `metrics.jsonl` records of the run in `dir` (none when it has no epochs yet), read
+/// without opening the run.
+pub fn read_records(dir: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap_or_default();
+    text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
 }
 
 /// Copies the fields of the JSON object `extra` into the object `into` (overwriting).

@@ -491,7 +491,7 @@ const CONTEXT_DOCS: [(&str, &str); 11] = [
     ("base_guidance", "The guidance scale the run started with."),
     ("reward_mean", "Mean reward of each finished epoch, oldest first (in `on_epoch_end`, including the one just finished)."),
     ("reward_std", "Standard deviation of the reward of each finished epoch."),
-    ("metrics", "`on_epoch_end` only: the finished epoch's `metrics.jsonl` record (`reward_mean`, `reward_std`, `reward_min`, `reward_max`, `loss`, `approx_kl`, `clipfrac`, `lr`, `reward/<component>`, ..)."),
+    ("metrics", "`on_epoch_end` only: the finished epoch's `metrics.jsonl` record (`reward_mean`, `reward_std`, `reward_min`, `reward_max`, `loss`, `approx_kl`, `clipfrac` (`clipfrac_high`, `clipfrac_low`), `ratio_by_step`, `lr`, `reward/<component>`, `eval/<name>` after an evaluation, ..)."),
 ];
 
 /// The hooks section of `scripts/API.md`.

@@ -4,6 +4,7 @@
 use crate::ddpo::monitor::{Evaluation, HackMonitor, Verdict};
 use crate::eval::gold::{evaluate, GoldConfig, GoldReport};
 use crate::family::{Family, SamplerConfig};
+use crate::script::ScriptReward;
 use crate::world::suite::SuitePrompt;
 
 /// The noise seed of every gold evaluation: the same starting noise each time, so the score
@@ -14,19 +15,24 @@ pub(super) struct GoldWatch {
     pub config: GoldConfig,
     prompts: Vec<SuitePrompt>,
     monitor: HackMonitor,
+    /// The gold reward script (`GoldConfig::reward`), loaded.
+    reward: Option<ScriptReward>,
 }
 
 impl GoldWatch {
     /// Starts watching; a resumed run's earlier evaluations (its `metrics.jsonl` records) count.
-    pub fn new(config: GoldConfig, records: &[serde_json::Value]) -> anyhow::Result<Self> {
+    pub fn new(config: GoldConfig, reward: Option<ScriptReward>, records: &[serde_json::Value]) -> anyhow::Result<Self> {
         config.validate()?;
+        anyhow::ensure!(config.reward.is_some() == reward.is_some(), "the gold reward script is configured but not loaded, or loaded but not configured");
         let mut monitor = HackMonitor::new(config.patience);
         for r in records {
-            if let (Some(epoch), Some(reward), Some(gold)) = (r["epoch"].as_u64(), r["reward_mean"].as_f64(), r["eval/suite_strict"].as_f64()) {
+            // Runs from before `eval/gold` watched the suite's strict score.
+            let gold = r["eval/gold"].as_f64().or(r["eval/suite_strict"].as_f64());
+            if let (Some(epoch), Some(reward), Some(gold)) = (r["epoch"].as_u64(), r["reward_mean"].as_f64(), gold) {
                 monitor.observe(Evaluation { epoch: epoch as usize, reward, gold });
             }
         }
-        Ok(Self { prompts: config.prompts()?, config, monitor })
+        Ok(Self { prompts: config.prompts()?, config, monitor, reward })
     }
 
     /// Whether epoch `epoch` (0-based, just finished) ends with an evaluation.
@@ -35,12 +41,13 @@ impl GoldWatch {
     }
 
     pub fn evaluate(&self, family: &dyn Family) -> anyhow::Result<GoldReport> {
-        evaluate(family, &self.prompts, self.config.per_prompt, &SamplerConfig::default(), SEED)
+        let reward = self.reward.as_ref().map(|r| r as &dyn crate::reward::Reward);
+        evaluate(family, &self.prompts, self.config.per_prompt, &SamplerConfig::default(), SEED, reward)
     }
 
     /// The monitor's verdict on an evaluation after the epoch whose mean reward is `reward`.
     pub fn judge(&mut self, epoch: usize, reward: f64, report: &GoldReport) -> Verdict {
-        self.monitor.observe(Evaluation { epoch, reward, gold: report.suite_strict })
+        self.monitor.observe(Evaluation { epoch, reward, gold: report.gold() })
     }
 
     /// The epoch of the best gold score so far.
@@ -51,10 +58,15 @@ impl GoldWatch {
 
 /// The `metrics.jsonl` fields of an evaluation.
 pub(super) fn record_fields(r: &GoldReport) -> serde_json::Value {
-    serde_json::json!({
+    let mut fields = serde_json::json!({
+        "eval/gold": r.gold(),
         "eval/suite_strict": r.suite_strict,
         "eval/suite_partial": r.suite_partial,
         "eval/diversity": r.diversity,
         "eval/out_of_range": r.out_of_range,
-    })
+    });
+    if let Some(reward) = r.reward {
+        fields["eval/reward"] = serde_json::json!(reward);
+    }
+    fields
 }

@@ -10,6 +10,8 @@ mod setup;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use anyhow::Context;
+
 use crate::ddpo::{EpochReport, TrainConfig, Trainer};
 use crate::run::{RunConfig, RunDir};
 use crate::script::{Context as ScriptContext, HookOutcome, HookRunner, Log, Reload, ReloadOutcome, ScriptSet};
@@ -131,8 +133,8 @@ impl Session {
     }
 
     fn assemble(run: RunDir, config: RunConfig, parts: setup::Parts) -> anyhow::Result<Self> {
-        let setup::Parts { trainer, script_reward, scripts, hooks } = parts;
-        let gold = config.eval.clone().map(|g| gold::GoldWatch::new(g, &run.metrics_records())).transpose()?;
+        let setup::Parts { trainer, script_reward, scripts, hooks, gold_reward } = parts;
+        let gold = config.eval.clone().map(|g| gold::GoldWatch::new(g, gold_reward, &run.metrics_records())).transpose()?;
         Ok(Self { run, config, trainer, script_reward, scripts, hooks, on_script_error: OnScriptError::Wait, resume_note: None, gold })
     }
 
@@ -177,6 +179,23 @@ impl Session {
     /// Picks up edited scripts now (a broken edit keeps the previous version).
     pub fn reload(&mut self) -> Vec<Reload> {
         self.scripts.reload()
+    }
+
+    /// The run's reward on `prompts` prompts (`per_prompt` samples each) of its prompt source,
+    /// or of the prompt script `script`, through the base model and the policy as trained, with
+    /// the same noise (`seed`) and the run's sampler.
+    pub fn paired_eval(&mut self, prompts: usize, per_prompt: usize, seed: u64, script: Option<&Path>) -> anyhow::Result<crate::eval::paired::PairedReport> {
+        let base = setup::open_model(&self.config, true, self.trainer.policy().device()).context("opening the base model for the paired evaluation")?;
+        let prompts = match script {
+            Some(path) => {
+                let mut source = ScriptSet::new(crate::script::Limits::default(), std::sync::Arc::new(|_: &str| {})).load_prompts(path)?;
+                let mut rng = crate::family::NoiseRng::new(seed);
+                (0..prompts).map(|_| crate::ddpo::PromptSource::next_prompt(&mut source, rng.rng())).collect::<anyhow::Result<Vec<_>>>()?
+            }
+            None => self.trainer.draw_prompts(prompts, seed)?,
+        };
+        let sampler = self.trainer.config().sampler;
+        crate::eval::paired::paired(base.as_ref(), self.trainer.policy(), self.trainer.reward(), &prompts, per_prompt, &sampler, seed)
     }
 
     /// Writes a checkpoint of the run as it is.
@@ -331,7 +350,7 @@ impl Session {
         match verdict {
             crate::ddpo::monitor::Verdict::Best if keep_best => {
                 let path = self.run.save_best(&self.trainer)?;
-                observer.line(&format!("gold score {:.3} is the best so far: kept in {}", report.suite_strict, path.display()));
+                observer.line(&format!("gold score {:.3} is the best so far: kept in {}", report.gold(), path.display()));
             }
             crate::ddpo::monitor::Verdict::Hacking { since_epoch, reward_gain, gold_loss } => {
                 observer.line(&format!(

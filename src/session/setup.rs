@@ -47,6 +47,8 @@ pub(super) struct Parts {
     pub script_reward: Option<Arc<ScriptReward>>,
     pub scripts: ScriptSet,
     pub hooks: HookRunner,
+    /// The gold evaluation's reward script, when the run has one.
+    pub gold_reward: Option<ScriptReward>,
 }
 
 /// Opens a run's policy: trainable, or (`frozen`) as the fixed base model of the KL term.
@@ -66,6 +68,16 @@ pub fn open_model(config: &RunConfig, frozen: bool, device: &candle_core::Device
 pub(super) fn load_parts(config: &RunConfig, paths: &ScriptPaths, log: Log, device: &candle_core::Device, open: Opener) -> anyhow::Result<Parts> {
     let policy = open(config, false)?;
     let models = LazyModels::new(config.reward_models.clone(), device.clone());
+    let gold_reward = match config.eval.as_ref().and_then(|g| g.reward.as_ref()) {
+        // A script set of its own: hooks' reward weights and hot reloads never move the yardstick.
+        Some(path) => Some(
+            ScriptSet::new(Limits::default(), log.clone())
+                .with_models(models.clone())
+                .load_reward(path)
+                .with_context(|| format!("the gold reward {}", path.display()))?,
+        ),
+        None => None,
+    };
     let mut scripts = ScriptSet::new(Limits::default(), log).with_models(models);
     let script_reward = match &config.reward {
         RewardSpec::Script(path) => Some(Arc::new(scripts.load_reward(path)?)),
@@ -89,10 +101,11 @@ pub(super) fn load_parts(config: &RunConfig, paths: &ScriptPaths, log: Log, devi
     let (mut hooks, prompts) = HookRunner::new(hook_script, (reward.clone(), weights), &config.train, prompts);
     hooks.epochs = config.epochs;
     let mut trainer = Trainer::new(config.train.clone(), policy, reward, prompts)?;
-    if config.train.kl_weight > 0.0 {
+    if config.train.kl_weight > 0.0 && !trainer.policy().has_own_reference() {
         // The model as loaded, never the run's checkpoint: a resumed run keeps the same reference.
+        // A LoRA policy is its own reference (adapters off): no second copy.
         let base = open(config, true).with_context(|| format!("loading the base model {} for the KL term", config.model.display()))?;
         trainer.set_base(base);
     }
-    Ok(Parts { trainer, script_reward, scripts, hooks })
+    Ok(Parts { trainer, script_reward, scripts, hooks, gold_reward })
 }

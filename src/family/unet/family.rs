@@ -11,6 +11,7 @@ use super::Policy;
 use crate::error::ensure;
 use crate::family::ddpm::{ddim_sigma, ddim_step};
 use crate::family::{Conditioning, Family, NoiseRng, SamplerConfig, StepOutput};
+use crate::kernels::no_grad::{with_no_grad, without_adapters};
 
 /// A family whose policy is the shared UNet core.
 pub trait UNetFamily: Send + Sync {
@@ -63,7 +64,7 @@ impl<T: UNetFamily> Family for T {
     fn step(&self, cond: &Conditioning, x_t: &Tensor, timesteps: &[usize], cfg: &SamplerConfig, noise: &Tensor) -> Result<StepOutput> {
         let core = self.core();
         let [c, u] = &cond.0[..] else { candle_core::bail!("a UNet family's conditioning is (cond, uncond)") };
-        let eps = crate::kernels::no_grad::with_no_grad(|| core.guided_eps(x_t, timesteps, c, u, cfg.guidance))?.detach();
+        let eps = with_no_grad(|| core.guided_eps(x_t, timesteps, c, u, cfg.guidance))?.detach();
         ddim_step(&core.schedule, &eps, timesteps, x_t, cfg.steps, cfg.eta, None, Some(noise))
     }
 
@@ -73,6 +74,24 @@ impl<T: UNetFamily> Family for T {
         let uncond = core.encode_prompts(&vec![""; prompts.len()])?;
         let eps = core.guided_eps(&x_t.detach(), timesteps, &cond, &uncond, cfg.guidance)?;
         ddim_step(&core.schedule, &eps, timesteps, &x_t.detach(), cfg.steps, cfg.eta, Some(x_prev), None)
+    }
+
+    fn has_own_reference(&self) -> bool {
+        self.core().config.lora.is_some()
+    }
+
+    fn reference_log_prob(&self, prompts: &[String], x_t: &Tensor, x_prev: &Tensor, timesteps: &[usize], cfg: &SamplerConfig) -> Result<StepOutput> {
+        if !self.has_own_reference() {
+            candle_core::bail!("this policy has no adapters to switch off; open a separate reference model");
+        }
+        let step = without_adapters(|| with_no_grad(|| self.log_prob(prompts, x_t, x_prev, timesteps, cfg)))?;
+        Ok(StepOutput {
+            prev_sample: step.prev_sample.detach(),
+            mean: step.mean.detach(),
+            pred_original: step.pred_original.detach(),
+            log_prob: step.log_prob.detach(),
+            sigma: step.sigma.detach(),
+        })
     }
 
     fn denoising_loss(&self, x0: &Tensor, prompts: &[String], rng: &mut NoiseRng) -> Result<Tensor> {
