@@ -19,9 +19,11 @@
 //! - [`script`]: the sandboxed Rhai host: script rewards and prompts, host API, hot reload.
 //! - [`run`]: the training run folder: metrics, sample grids, reward curve, checkpoints.
 //! - [`session`]: a training run in progress: epochs, script reloads, hooks, records, stops.
-//! - [`eval`]: benchmarks of a policy: the compositional suite run, its report, table and grids.
+//! - [`eval`]: benchmarks of a policy: the compositional suite run, its report, table and grids;
+//!   gold evaluations; paired base-versus-finetuned evaluations.
 //! - [`selftest`]: the golden checks on any device and dtype, behind `ddpo selftest`.
 //! - [`bench`]: the fixed benchmark workloads and JSON report behind `ddpo bench`.
+//! - [`experiment`]: the runs of an experiment script, resumable, and their table and curves.
 //! - [`cli`]: the command line (clap), progress bars and user-facing errors.
 
 pub mod bench;
@@ -29,6 +31,7 @@ pub mod cli;
 pub mod ddpo;
 pub mod error;
 pub mod eval;
+pub mod experiment;
 pub mod family;
 pub mod io;
 pub mod kernels;

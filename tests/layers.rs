@@ -16,7 +16,7 @@ const LAYERS: &[&[&str]] = &[
     &["script"],
     &["run"],
     &["session"],
-    &["pretrain", "bench", "selftest"],
+    &["pretrain", "bench", "selftest", "experiment"],
     &["cli"],
 ];
 

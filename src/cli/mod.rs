@@ -4,6 +4,7 @@
 mod bench;
 mod check;
 mod eval;
+mod experiment;
 mod pretrain;
 pub mod repl;
 mod pretrain_rewards;
@@ -49,6 +50,8 @@ enum Command {
     Repl(repl::Args),
     /// Recompute the golden reference outputs on a device and dtype; one line per check.
     Selftest(selftest::Args),
+    /// Run an experiment script's runs (resuming where it stopped) and write its table and curves.
+    Experiment(experiment::Args),
 }
 
 /// Parses the command line and runs the chosen subcommand.
@@ -65,6 +68,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Check(args) => check::exec(args),
         Command::Repl(args) => repl::exec(args),
         Command::Selftest(args) => selftest::exec(args),
+        Command::Experiment(args) => experiment::exec(args),
     }
 }
 

@@ -2,6 +2,8 @@
 //!
 //! - [`suite`]: the compositional suite (GenEval's design on the shapes world).
 //! - [`gold`]: a training run's gold score on held-out suite prompts, with diversity and range.
+//! - [`paired`]: base versus finetuned on the same prompts and noise, by one reward.
 
 pub mod gold;
+pub mod paired;
 pub mod suite;

@@ -17,6 +17,7 @@
 pub mod api;
 pub mod engine;
 pub mod entry;
+pub mod experiment;
 pub mod hooks;
 pub mod prompts;
 pub mod repl;
