@@ -108,3 +108,18 @@ fn bad_experiments_fail_at_load_with_file_line_col() {
     // A combination only the whole run's settings refuse, still before any run.
     fails("e.set(\"group-size\", 3);", "--samples-per-epoch 32 is not a multiple of --group-size 3");
 }
+
+/// The shipped experiments load, and every run's settings build (`--plan`), from any folder.
+#[test]
+fn shipped_experiments_plan() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/experiments");
+    let root = tempfile::tempdir().unwrap();
+    let mut count = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let (ok, stdout, stderr) = ddpo(&["experiment", path.to_str().unwrap(), "--plan", "--root", root.path().to_str().unwrap()]);
+        assert!(ok && stdout.lines().all(|l| l.starts_with("new ")), "{}: {stderr}{stdout}", path.display());
+        count += 1;
+    }
+    assert!(count >= 4);
+}

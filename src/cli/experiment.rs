@@ -20,6 +20,9 @@ pub struct Args {
     /// Only write results.md and results.png from the runs finished so far.
     #[arg(long)]
     report: bool,
+    /// Only check the script and every run's settings, and list the runs with their state.
+    #[arg(long, conflicts_with = "report")]
+    plan: bool,
     /// The folder the experiment's own folder (named in the script) goes in.
     #[arg(long, default_value = "experiments")]
     root: PathBuf,
@@ -81,6 +84,13 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
     let log = super::stderr_log();
     let spec = crate::script::experiment::load(&args.file, &Limits::default(), log.clone(), Arc::new(validate))?;
     let exp = Experiment::new(spec, &args.root);
+    if args.plan {
+        exp.check(&configure)?;
+        for run in exp.spec.runs() {
+            println!("{:<12} {}", format!("{:?}", exp.state(&run)).to_lowercase(), exp.run_dir(&run).display());
+        }
+        return Ok(());
+    }
     if !args.report {
         let bar = train::stage_bar();
         let mut lines = train::EpochLines { bar: &bar };

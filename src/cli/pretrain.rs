@@ -42,6 +42,10 @@ pub struct DiffusionArgs {
     /// config JSON file (as written beside every model's weights).
     #[arg(long, default_value = "v1")]
     arch: String,
+    /// Train a rectified flow instead (the flow family: the UNet predicts the velocity
+    /// eps - x0, sampled with Flow-GRPO's SDE step), on sigmas shifted by this (SD3.5: 3).
+    #[arg(long, value_name = "SHIFT")]
+    flow_shift: Option<f64>,
     /// Steps between checkpoints.
     #[arg(long, default_value_t = 250)]
     checkpoint_every: usize,
@@ -86,7 +90,7 @@ pub fn exec(which: Which) -> anyhow::Result<()> {
             seed: args.seed,
             checkpoint_every: args.checkpoint_every,
             sample_every: args.sample_every,
-            policy: architecture(&args.arch)?,
+            policy: crate::family::PolicyConfig { flow_shift: args.flow_shift, ..architecture(&args.arch)? },
             ..defaults
         };
         Pretrainer::create(config, &args.out, &device).map_err(super::flag_error)?

@@ -10,6 +10,7 @@
 //! [`open_trainable`] / [`open_frozen`] pick the family from what is on disk.
 
 pub mod ddpm;
+pub mod flow;
 pub mod noise;
 pub mod sd;
 pub mod shapes;
@@ -124,6 +125,16 @@ pub trait Family: Send + Sync {
     }
 }
 
+/// A step computed with the LoRA adapters off and no gradients (the KL reference), or an error
+/// when the policy has no adapters (`has_adapters`).
+fn adapters_off_step(has_adapters: bool, step: impl FnOnce() -> Result<StepOutput>) -> Result<StepOutput> {
+    if !has_adapters {
+        candle_core::bail!("this policy has no adapters to switch off; open a separate reference model");
+    }
+    let s = crate::kernels::no_grad::without_adapters(|| crate::kernels::no_grad::with_no_grad(step))?;
+    Ok(StepOutput { prev_sample: s.prev_sample.detach(), mean: s.mean.detach(), pred_original: s.pred_original.detach(), log_prob: s.log_prob.detach(), sigma: s.sigma.detach() })
+}
+
 /// Opens `model` for training: a diffusers folder (a directory) as [`LatentPolicy`], a policy
 /// checkpoint file as [`PixelPolicy`]; with `options.lora`, fresh adapters (seeded) are the only
 /// trainable weights.
@@ -132,7 +143,7 @@ pub fn open_trainable(model: &Path, options: &OpenOptions, device: &Device) -> a
     Ok(if model.is_dir() {
         boxed(LatentPolicy::open_trainable(model, lora, seed, dtype, device)?, options)
     } else {
-        boxed(PixelPolicy::open_trainable(model, lora, seed, dtype, device)?, options)
+        pixel_or_flow(PixelPolicy::open_trainable(model, lora, seed, dtype, device)?, options)?
     })
 }
 
@@ -142,8 +153,17 @@ pub fn open_frozen(model: &Path, weights: Option<&Path>, options: &OpenOptions, 
     Ok(if model.is_dir() {
         boxed(LatentPolicy::open_frozen(model, weights, options.dtype, device)?, options)
     } else {
-        boxed(PixelPolicy::open_frozen(model, weights, options.dtype, device)?, options)
+        pixel_or_flow(PixelPolicy::open_frozen(model, weights, options.dtype, device)?, options)?
     })
+}
+
+/// A shapes-world checkpoint as its family: a flow model where its config has a `flow_shift`.
+fn pixel_or_flow(policy: PixelPolicy, options: &OpenOptions) -> anyhow::Result<Box<dyn Family>> {
+    if policy.0.config.flow_shift.is_some() {
+        anyhow::ensure!(options.clip_sample != Some(true), "--clip-sample is a DDIM setting; a flow model has no x0 clamp");
+        return Ok(Box::new(flow::FlowPolicy::new(policy.0)?));
+    }
+    Ok(boxed(policy, options))
 }
 
 /// Checks that `dir` is a model folder some family opens (a diffusers pipeline), naming what is

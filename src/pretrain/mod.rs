@@ -225,16 +225,22 @@ impl Pretrainer {
             .iter()
             .map(|s| if rng.random_bool(cfg.caption_dropout) { String::new() } else { s.caption.clone() })
             .collect();
-        let t: Vec<usize> = (0..cfg.batch_size).map(|_| rng.random_range(0..self.policy.schedule.num_train_timesteps())).collect();
-        let mut noise_rng = crate::sampler::NoiseRng::new(rng.random());
-        let noise = noise_rng.randn(x0.shape(), &device)?;
-        let x_t = self.policy.schedule.add_noise(&x0, &noise, &t)?;
-        let tt = Tensor::from_vec(t.iter().map(|&v| v as f32).collect::<Vec<_>>(), cfg.batch_size, &device)?;
+        let (x_t, tt, target) = match self.policy.config.flow_shift {
+            None => {
+                let t: Vec<usize> = (0..cfg.batch_size).map(|_| rng.random_range(0..self.policy.schedule.num_train_timesteps())).collect();
+                let mut noise_rng = crate::sampler::NoiseRng::new(rng.random());
+                let noise = noise_rng.randn(x0.shape(), &device)?;
+                let x_t = self.policy.schedule.add_noise(&x0, &noise, &t)?;
+                (x_t, t.iter().map(|&v| v as f32).collect::<Vec<_>>(), noise)
+            }
+            Some(shift) => flow_inputs(&x0, shift, &mut rng)?,
+        };
+        let tt = Tensor::from_vec(tt, cfg.batch_size, &device)?;
         let policy = &self.policy;
         let shards = crate::kernels::shards::sharded_backward(cfg.batch_size, &device, |r| -> candle_core::Result<_> {
             let rows = |v: &Tensor| v.narrow(0, r.start, r.len());
             let ctx = policy.encode_prompts(&captions[r.clone()])?;
-            let loss = (policy.unet.forward(&rows(&x_t)?, &rows(&tt)?, &ctx)? - rows(&noise)?)?.sqr()?.mean_all()?;
+            let loss = (policy.unet.forward(&rows(&x_t)?, &rows(&tt)?, &ctx)? - rows(&target)?)?.sqr()?.mean_all()?;
             let value = loss.to_scalar::<f32>()? as f64;
             Ok((loss, value))
         })?;
@@ -285,8 +291,10 @@ impl Pretrainer {
         if let Some(folder) = path.parent() {
             std::fs::create_dir_all(folder).with_context(|| format!("cannot create {}", folder.display()))?;
         }
-        let policy = PixelPolicy(self.ema_policy()?);
-        crate::sampler::write_sample_grid(&policy, &eval::grid_prompts(&self.world), &Default::default(), self.config.seed, path)
+        let policy = self.ema_policy()?;
+        let family: Box<dyn crate::family::Family> =
+            if policy.config.flow_shift.is_some() { Box::new(crate::family::flow::FlowPolicy::new(policy)?) } else { Box::new(PixelPolicy(policy)) };
+        crate::sampler::write_sample_grid(family.as_ref(), &eval::grid_prompts(&self.world), &Default::default(), self.config.seed, path)
     }
 }
 
@@ -295,4 +303,16 @@ fn prefixed(tensors: &HashMap<String, Tensor>, prefix: &str) -> HashMap<String, 
         .iter()
         .filter_map(|(k, v)| k.strip_prefix(prefix).map(|n| (n.to_string(), v.clone())))
         .collect()
+}
+
+/// A flow-matching batch: x_s = (1 - s) x0 + s eps at a shifted uniform s per image, the UNet's
+/// time input 1000 s, and the velocity target eps - x0.
+fn flow_inputs(x0: &Tensor, shift: f64, rng: &mut ChaCha8Rng) -> candle_core::Result<(Tensor, Vec<f32>, Tensor)> {
+    let n = x0.dim(0)?;
+    let s: Vec<f32> = (0..n).map(|_| rng.random::<f64>()).map(|u| (shift * u / (1.0 + (shift - 1.0) * u)) as f32).collect();
+    let noise = crate::sampler::NoiseRng::new(rng.random()).randn(x0.shape(), x0.device())?;
+    let s_col = Tensor::from_vec(s.clone(), (n, 1, 1, 1), x0.device())?;
+    let x_s = (x0.broadcast_mul(&s_col.affine(-1.0, 1.0)?)? + noise.broadcast_mul(&s_col)?)?;
+    let target = (noise - x0)?;
+    Ok((x_s, s.iter().map(|v| 1000.0 * v).collect(), target))
 }

@@ -226,10 +226,41 @@ fn register_script_only(engine: &mut Engine, context: Arc<RwLock<Context>>, docs
             })
         });
 
+    section = "The compositional suite";
+    api!(fn "suite_prompts", "suite_prompts(half) -> [string]",
+        "The compositional suite's prompts (its latest version) of one half: \"train\" (finetune on these), \"heldout\" (what `--eval-every` measures) or \"all\"; e.g. `choice(suite_prompts(\"train\"))` in a prompt script.",
+        |half: &str| -> Res<Array> { suite_texts(half, None) });
+    api!(fn "suite_prompts", "suite_prompts(half, category) -> [string]",
+        "The same, of one category: single_object, two_object, counting, colors, position or color_attr.",
+        |half: &str, category: &str| -> Res<Array> { suite_texts(half, Some(category)) });
+
     section = "The run";
     api!(fn "context", "context() -> map",
         "Read-only facts about the run: `epoch` (the epoch about to run, from 0), `step` (optimiser steps taken so far), `reward_mean` and `reward_std` (arrays, one entry per finished epoch).",
         move || -> Map { context.read().unwrap().to_map() });
+}
+
+/// The texts of the suite's prompts of `half` (and `category`), as a script array.
+fn suite_texts(half: &str, category: Option<&str>) -> Res<Array> {
+    use crate::world::suite::{suite, Category, Half, LATEST};
+    let half = match half {
+        "all" => None,
+        h => Some(Half::from_name(h).ok_or_else(|| format!("suite_prompts(): half {h:?} is not \"train\", \"heldout\" or \"all\""))?),
+    };
+    let category = match category {
+        Some(c) => Some(Category::ALL.into_iter().find(|k| k.name() == c).ok_or_else(|| {
+            format!("suite_prompts(): category {c:?} is not one of {}", Category::ALL.map(Category::name).join(", "))
+        })?),
+        None => None,
+    };
+    // Built once: prompt scripts call this for every prompt they draw.
+    static PROMPTS: std::sync::OnceLock<Vec<crate::world::suite::SuitePrompt>> = std::sync::OnceLock::new();
+    let prompts = PROMPTS.get_or_init(|| suite(LATEST).unwrap_or_default());
+    Ok(prompts
+        .iter()
+        .filter(|p| half.is_none_or(|h| p.half == h) && category.is_none_or(|c| p.category == c))
+        .map(|p| Dynamic::from(p.text.clone()))
+        .collect())
 }
 
 /// The documentation of the host API, in registration order.

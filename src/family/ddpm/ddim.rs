@@ -100,7 +100,7 @@ pub fn ddim_step(
 }
 
 /// Mean over non-batch dimensions of the log-density of `x` under N(mean, sigma^2).
-fn gaussian_log_prob(x: &Tensor, mean: &Tensor, sigma: &Tensor, log_sigma: &Tensor) -> Result<Tensor> {
+pub(crate) fn gaussian_log_prob(x: &Tensor, mean: &Tensor, sigma: &Tensor, log_sigma: &Tensor) -> Result<Tensor> {
     let half_log_2pi = 0.5 * (2.0 * std::f64::consts::PI).ln();
     let var2 = (sigma.sqr()? * 2.0)?;
     let lp = (x - mean)?

@@ -83,6 +83,7 @@ impl LatentPolicy {
         );
         let vae_factor = 1 << (vae.config().block_out_channels.len() - 1);
         let config = PolicyConfig {
+            flow_shift: None,
             image_size: unet_cfg.sample_size * vae_factor,
             unet: unet_cfg,
             text_encoder: text_cfg,

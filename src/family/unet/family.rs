@@ -11,7 +11,7 @@ use super::Policy;
 use crate::error::ensure;
 use crate::family::ddpm::{ddim_sigma, ddim_step};
 use crate::family::{Conditioning, Family, NoiseRng, SamplerConfig, StepOutput};
-use crate::kernels::no_grad::{with_no_grad, without_adapters};
+use crate::kernels::no_grad::with_no_grad;
 
 /// A family whose policy is the shared UNet core.
 pub trait UNetFamily: Send + Sync {
@@ -81,17 +81,7 @@ impl<T: UNetFamily> Family for T {
     }
 
     fn reference_log_prob(&self, prompts: &[String], x_t: &Tensor, x_prev: &Tensor, timesteps: &[usize], cfg: &SamplerConfig) -> Result<StepOutput> {
-        if !self.has_own_reference() {
-            candle_core::bail!("this policy has no adapters to switch off; open a separate reference model");
-        }
-        let step = without_adapters(|| with_no_grad(|| self.log_prob(prompts, x_t, x_prev, timesteps, cfg)))?;
-        Ok(StepOutput {
-            prev_sample: step.prev_sample.detach(),
-            mean: step.mean.detach(),
-            pred_original: step.pred_original.detach(),
-            log_prob: step.log_prob.detach(),
-            sigma: step.sigma.detach(),
-        })
+        crate::family::adapters_off_step(self.has_own_reference(), || self.log_prob(prompts, x_t, x_prev, timesteps, cfg))
     }
 
     fn denoising_loss(&self, x0: &Tensor, prompts: &[String], rng: &mut NoiseRng) -> Result<Tensor> {

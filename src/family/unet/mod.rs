@@ -36,6 +36,10 @@ pub struct PolicyConfig {
     /// such a checkpoint is applied to its folder with `--model-dir DIR --lora FILE`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub diffusers_dir: Option<PathBuf>,
+    /// A rectified flow's velocity is what the UNet predicts (the flow family), with this
+    /// sigma-schedule shift; absent: the noise (DDPM / DDIM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow_shift: Option<f64>,
 }
 
 impl PolicyConfig {
@@ -52,6 +56,7 @@ impl PolicyConfig {
             image_size: 32,
             lora: None,
             diffusers_dir: None,
+            flow_shift: None,
         }
     }
 
@@ -80,11 +85,15 @@ impl PolicyConfig {
             image_size: 16,
             lora: None,
             diffusers_dir: None,
+            flow_shift: None,
         }
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
         self.unet.validate()?;
+        if let Some(shift) = self.flow_shift {
+            anyhow::ensure!(shift > 0.0 && shift.is_finite(), "policy config: flow_shift must be a positive number, got {shift}");
+        }
         anyhow::ensure!(
             self.unet.cross_attention_dim == self.text_encoder.hidden_size,
             "policy config: unet.cross_attention_dim {} must equal text_encoder.hidden_size {}",
@@ -235,19 +244,24 @@ impl Policy {
 
     /// Unguided noise prediction for `x` at `timesteps` given text states `context`, in f32
     /// whatever the weights' dtype.
+    pub fn predict_eps(&self, x: &Tensor, timesteps: &[usize], context: &Tensor) -> Result<Tensor> {
+        self.predict(x, &timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(), context)
+    }
+
+    /// The UNet's prediction (noise, or a flow's velocity) at continuous `times` (a flow's
+    /// timestep is 1000 * sigma), in f32.
     ///
     /// On the CPU the batch runs in one shard per core ([`crate::kernels::shards`]).
-    pub fn predict_eps(&self, x: &Tensor, timesteps: &[usize], context: &Tensor) -> Result<Tensor> {
+    pub fn predict(&self, x: &Tensor, times: &[f32], context: &Tensor) -> Result<Tensor> {
         let ranges = crate::kernels::shards::split(x.dim(0)?, &self.device);
         if ranges.len() > 1 {
             let parts = crate::kernels::shards::map_shards(&ranges, |r| {
                 let rows = |t: &Tensor| t.narrow(0, r.start, r.len());
-                self.predict_eps(&rows(x)?, &timesteps[r.clone()], &rows(context)?)
+                self.predict(&rows(x)?, &times[r.clone()], &rows(context)?)
             });
             return Tensor::cat(&parts.into_iter().collect::<Result<Vec<_>>>()?, 0);
         }
-        let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
-        let t = Tensor::from_vec(t, timesteps.len(), x.device())?;
+        let t = Tensor::from_vec(times.to_vec(), times.len(), x.device())?;
         let dt = self.unet_dtype;
         self.unet.forward(&x.to_dtype(dt)?, &t, &context.to_dtype(dt)?)?.to_dtype(DType::F32)
     }
@@ -261,13 +275,18 @@ impl Policy {
         uncond: &Tensor,
         guidance: f64,
     ) -> Result<Tensor> {
+        self.guided(x, &timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(), cond, uncond, guidance)
+    }
+
+    /// Classifier-free guidance of [`Policy::predict`] at continuous `times`.
+    pub fn guided(&self, x: &Tensor, times: &[f32], cond: &Tensor, uncond: &Tensor, guidance: f64) -> Result<Tensor> {
         let n = x.dim(0)?;
         if guidance == 1.0 {
-            return self.predict_eps(x, timesteps, cond);
+            return self.predict(x, times, cond);
         }
         let x2 = Tensor::cat(&[x, x], 0)?;
         let ctx = Tensor::cat(&[uncond, cond], 0)?;
-        let eps = self.predict_eps(&x2, &[timesteps, timesteps].concat(), &ctx)?;
+        let eps = self.predict(&x2, &[times, times].concat(), &ctx)?;
         let (eps_u, eps_c) = (eps.narrow(0, 0, n)?, eps.narrow(0, n, n)?);
         eps_u.clone() + ((eps_c - eps_u)? * guidance)?
     }

@@ -1,0 +1,206 @@
+//! The flow-matching family on the shapes world: the same UNet core as the embedded default,
+//! trained to predict a rectified flow's velocity v = eps - x0 along x_s = (1 - s) x0 + s eps,
+//! sampled with Flow-GRPO's SDE step (a Gaussian policy with a log-prob per step) on shifted
+//! sigmas. The trainer, session and samplers see only [`Family`]: a step's label is its
+//! timestep round(1000 s), the noise level is the sampler's `eta`.
+
+use std::path::Path;
+
+use candle_core::{Device, Result, Tensor, Var};
+use rand::Rng;
+
+use super::ddpm::ddim::gaussian_log_prob;
+use super::unet::Policy;
+use super::{Conditioning, Family, NoiseRng, SamplerConfig, StepOutput};
+use crate::error::ensure;
+use crate::kernels::no_grad::with_no_grad;
+
+/// The `steps + 1` sigmas of a trajectory, from 1 (noise) to 0 (image): linear in u, then
+/// shifted, s = shift u / (1 + (shift - 1) u), as SD3's `FlowMatchEulerDiscreteScheduler`.
+pub fn sigmas(steps: usize, shift: f64) -> Vec<f64> {
+    (0..=steps)
+        .map(|i| {
+            let u = 1.0 - i as f64 / steps as f64;
+            shift * u / (1.0 + (shift - 1.0) * u)
+        })
+        .collect()
+}
+
+/// Flow-GRPO's SDE step's standard deviation before the sqrt(-dt) factor: a sqrt(s / (1 - s)),
+/// with 1 - s taken at the second sigma on the first step (s = 1).
+fn std_dev_t(sigmas: &[f64], k: usize, noise_level: f64) -> f64 {
+    let s = sigmas[k];
+    let denominator = if s >= 1.0 { 1.0 - sigmas.get(1).copied().unwrap_or(0.0) } else { 1.0 - s };
+    noise_level * (s / denominator).sqrt()
+}
+
+/// Standard deviation of step `k` of the SDE: std_dev_t sqrt(s - s').
+pub fn step_std(sigmas: &[f64], k: usize, noise_level: f64) -> f64 {
+    std_dev_t(sigmas, k, noise_level) * (sigmas[k] - sigmas[k + 1]).sqrt()
+}
+
+/// One SDE step from `x` with velocity `v` between `sigmas[k]` and `sigmas[k + 1]` (Flow-GRPO's
+/// `sde_step_with_logprob`): mean x (1 + std^2 dt / 2s) + v (1 + std^2 (1 - s) / 2s) dt with
+/// dt = s' - s, variance std_dev_t^2 (-dt); the log-prob of `prev` (given) or of the drawn
+/// sample (`noise`), meaned over the non-batch dimensions.
+pub fn sde_step(x: &Tensor, v: &Tensor, sigmas: &[f64], k: usize, noise_level: f64, prev: Option<&Tensor>, noise: Option<&Tensor>) -> Result<StepOutput> {
+    let (s, s_next) = (sigmas[k], sigmas[k + 1]);
+    let dt = s_next - s;
+    let sd = std_dev_t(sigmas, k, noise_level);
+    let mean = ((x * (1.0 + sd * sd * dt / (2.0 * s)))? + (v * ((1.0 + sd * sd * (1.0 - s) / (2.0 * s)) * dt))?)?;
+    let std = sd * (-dt).sqrt();
+    let n = x.dim(0)?;
+    let mut shape = vec![n];
+    shape.extend(std::iter::repeat_n(1, x.rank() - 1));
+    let sigma = Tensor::full(std as f32, shape.as_slice(), x.device())?;
+    let log_sigma = Tensor::full(std.ln() as f32, shape.as_slice(), x.device())?;
+    let prev_sample = match (prev, noise) {
+        (Some(p), _) => p.detach(),
+        (None, Some(z)) => (&mean + (z * std)?)?.detach(),
+        (None, None) => candle_core::bail!("sde_step: give either prev or noise"),
+    };
+    let log_prob = gaussian_log_prob(&prev_sample, &mean, &sigma, &log_sigma)?;
+    let pred_original = (x - (v * s)?)?;
+    Ok(StepOutput { prev_sample, mean, pred_original, log_prob, sigma })
+}
+
+/// A pixel-space rectified-flow policy on the UNet core (its config's `flow_shift` is set).
+pub struct FlowPolicy(pub Policy);
+
+impl FlowPolicy {
+    pub fn new(policy: Policy) -> anyhow::Result<Self> {
+        anyhow::ensure!(policy.config.flow_shift.is_some(), "this model predicts noise, not a flow's velocity (its config has no flow_shift)");
+        Ok(Self(policy))
+    }
+
+    fn shift(&self) -> f64 {
+        self.0.config.flow_shift.unwrap_or(1.0)
+    }
+
+    /// The guided velocity at sigma `s` for every row of `x`.
+    fn velocity(&self, cond: &Tensor, uncond: &Tensor, x: &Tensor, s: f64, guidance: f64) -> Result<Tensor> {
+        self.0.guided(x, &vec![(1000.0 * s) as f32; x.dim(0)?], cond, uncond, guidance)
+    }
+
+    /// The index in the `steps`-step schedule of the step labelled `label`.
+    fn index(&self, label: usize, steps: usize) -> Result<usize> {
+        labels(&sigmas(steps, self.shift()))
+            .iter()
+            .position(|&l| l == label)
+            .ok_or_else(|| candle_core::Error::Msg(format!("{label} is not a timestep of the {steps}-step flow schedule")))
+    }
+}
+
+/// The labels of a schedule's steps (all but the final sigma 0): round(1000 s).
+fn labels(sigmas: &[f64]) -> Vec<usize> {
+    sigmas[..sigmas.len() - 1].iter().map(|s| (1000.0 * s).round() as usize).collect()
+}
+
+impl Family for FlowPolicy {
+    fn device(&self) -> &Device {
+        &self.0.device
+    }
+
+    fn check_sampler(&self, cfg: &SamplerConfig) -> anyhow::Result<()> {
+        ensure((1..=1000).contains(&cfg.steps), "sampler.steps", || format!("must be between 1 and 1000, got {}", cfg.steps))?;
+        ensure(cfg.eta > 0.0 && cfg.eta.is_finite(), "sampler.eta", || format!("is the flow SDE's noise level: must be > 0 for a stochastic policy with log-probs, got {}", cfg.eta))?;
+        ensure(cfg.guidance.is_finite() && cfg.guidance >= 0.0, "sampler.guidance", || format!("must be a finite number >= 0, got {}", cfg.guidance))?;
+        let l = labels(&sigmas(cfg.steps, self.shift()));
+        ensure(l.windows(2).all(|w| w[0] > w[1]), "sampler.steps", || format!("{} steps put two steps on one timestep of 1000 at shift {}: use fewer", cfg.steps, self.shift()))?;
+        Ok(())
+    }
+
+    fn timesteps(&self, steps: usize) -> Vec<usize> {
+        labels(&sigmas(steps, self.shift()))
+    }
+
+    fn step_sigma(&self, label: usize, cfg: &SamplerConfig) -> f64 {
+        self.index(label, cfg.steps).map_or(0.0, |k| step_std(&sigmas(cfg.steps, self.shift()), k, cfg.eta))
+    }
+
+    fn sample_shape(&self, n: usize) -> Vec<usize> {
+        let s = self.0.config.image_size;
+        vec![n, self.0.config.unet.in_channels, s, s]
+    }
+
+    fn condition(&self, prompts: &[String]) -> Result<Conditioning> {
+        let cond = self.0.encode_prompts(prompts)?.detach();
+        let uncond = self.0.encode_prompts(&vec![""; prompts.len()])?.detach();
+        Ok(Conditioning(vec![cond, uncond]))
+    }
+
+    fn step(&self, cond: &Conditioning, x_t: &Tensor, labels: &[usize], cfg: &SamplerConfig, noise: &Tensor) -> Result<StepOutput> {
+        let [c, u] = &cond.0[..] else { candle_core::bail!("the flow family's conditioning is (cond, uncond)") };
+        let sigmas = sigmas(cfg.steps, self.shift());
+        let k = self.index(*labels.first().ok_or_else(|| candle_core::Error::Msg("an empty batch".into()))?, cfg.steps)?;
+        if labels.iter().any(|&l| l != labels[0]) {
+            candle_core::bail!("a sampling batch moves through the schedule together; got steps {labels:?}");
+        }
+        let v = with_no_grad(|| self.velocity(c, u, x_t, sigmas[k], cfg.guidance))?.detach();
+        sde_step(x_t, &v, &sigmas, k, cfg.eta, None, Some(noise))
+    }
+
+    fn log_prob(&self, prompts: &[String], x_t: &Tensor, x_prev: &Tensor, labels: &[usize], cfg: &SamplerConfig) -> Result<StepOutput> {
+        let sigmas = sigmas(cfg.steps, self.shift());
+        let cond = self.0.encode_prompts(prompts)?;
+        let uncond = self.0.encode_prompts(&vec![""; prompts.len()])?;
+        // Samples of a minibatch may sit at different steps: one step output per label, stacked.
+        let mut parts = Vec::new();
+        for (i, &label) in labels.iter().enumerate() {
+            let k = self.index(label, cfg.steps)?;
+            let row = |t: &Tensor| t.narrow(0, i, 1);
+            let v = self.velocity(&row(&cond)?, &row(&uncond)?, &row(&x_t.detach())?, sigmas[k], cfg.guidance)?;
+            parts.push(sde_step(&row(&x_t.detach())?, &v, &sigmas, k, cfg.eta, Some(&row(x_prev)?), None)?);
+        }
+        let cat = |f: fn(&StepOutput) -> &Tensor| Tensor::cat(&parts.iter().map(f).collect::<Vec<_>>(), 0);
+        Ok(StepOutput {
+            prev_sample: cat(|p| &p.prev_sample)?,
+            mean: cat(|p| &p.mean)?,
+            pred_original: cat(|p| &p.pred_original)?,
+            log_prob: cat(|p| &p.log_prob)?,
+            sigma: cat(|p| &p.sigma)?,
+        })
+    }
+
+    fn has_own_reference(&self) -> bool {
+        self.0.config.lora.is_some()
+    }
+
+    fn reference_log_prob(&self, prompts: &[String], x_t: &Tensor, x_prev: &Tensor, labels: &[usize], cfg: &SamplerConfig) -> Result<StepOutput> {
+        super::adapters_off_step(self.has_own_reference(), || self.log_prob(prompts, x_t, x_prev, labels, cfg))
+    }
+
+    /// Flow matching: x_s = (1 - s) x0 + s eps at a shifted uniform s, the squared error of the
+    /// predicted velocity against eps - x0, per sample.
+    fn denoising_loss(&self, x0: &Tensor, prompts: &[String], rng: &mut NoiseRng) -> Result<Tensor> {
+        let shift = self.shift();
+        let s: Vec<f64> = prompts.iter().map(|_| rng.rng().random::<f64>()).map(|u| shift * u / (1.0 + (shift - 1.0) * u)).collect();
+        let noise = rng.randn(x0.shape(), x0.device())?;
+        let s_col = Tensor::from_vec(s.iter().map(|&v| v as f32).collect::<Vec<_>>(), (s.len(), 1, 1, 1), x0.device())?;
+        let x_s = (x0.broadcast_mul(&s_col.affine(-1.0, 1.0)?)? + noise.broadcast_mul(&s_col)?)?;
+        let times: Vec<f32> = s.iter().map(|&v| (1000.0 * v) as f32).collect();
+        let pred = self.0.predict(&x_s, &times, &self.0.encode_prompts(prompts)?)?;
+        (pred - (noise - x0)?)?.sqr()?.flatten_from(1)?.mean(1)
+    }
+
+    fn decode(&self, samples: &Tensor) -> anyhow::Result<Tensor> {
+        Ok(samples.clone())
+    }
+
+    fn pixel_range(&self) -> Option<f64> {
+        Some(1.0)
+    }
+
+    /// The clean image's share of x_s at timestep `label` = 1000 s: 1 - s.
+    fn x0_weight(&self, label: usize) -> f64 {
+        1.0 - label as f64 / 1000.0
+    }
+
+    fn trainable_vars(&self) -> Vec<(String, Var)> {
+        self.0.trainable_vars()
+    }
+
+    fn save(&self, path: &Path) -> anyhow::Result<()> {
+        self.0.save(path)
+    }
+}

@@ -1,0 +1,135 @@
+//! The flow-matching family: the shifted sigma schedule, Flow-GRPO's SDE step against its
+//! formula, a trajectory's log-probs recomputed exactly (ratio 1), the flow-matching loss
+//! learning, and a DDPO epoch, group-relative with a LoRA KL term, through the unchanged trainer.
+
+mod common;
+
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use common::fixtures::prompt_source;
+use ddpo::ddpo::{Normalisation, TrainConfig, Trainer};
+use ddpo::family::flow::{sde_step, sigmas, step_std, FlowPolicy};
+use ddpo::family::{Family, NoiseRng, Policy, PolicyConfig, SamplerConfig};
+use ddpo::sampler;
+
+fn tiny_flow(seed: u64) -> FlowPolicy {
+    let config = PolicyConfig { flow_shift: Some(3.0), ..PolicyConfig::tiny_test() };
+    FlowPolicy::new(Policy::new_random(config, seed, &Device::Cpu).unwrap()).unwrap()
+}
+
+#[test]
+fn sigmas_are_shifted_from_one_to_zero() {
+    let s = sigmas(4, 1.0);
+    assert_eq!(s, vec![1.0, 0.75, 0.5, 0.25, 0.0]);
+    let shifted = sigmas(2, 3.0);
+    // u = 0.5: 3 * 0.5 / (1 + 2 * 0.5) = 0.75.
+    assert_eq!(shifted, vec![1.0, 0.75, 0.0]);
+}
+
+/// Mean, standard deviation and log-density of one step, element by element in f64.
+#[test]
+fn the_sde_step_matches_flow_grpo_formula() {
+    let dev = Device::Cpu;
+    let x: Vec<f32> = (0..12).map(|i| (i as f32 * 0.37).sin()).collect();
+    let v: Vec<f32> = (0..12).map(|i| (i as f32 * 0.91).cos()).collect();
+    let prev: Vec<f32> = (0..12).map(|i| (i as f32 * 0.53).sin() * 0.8).collect();
+    let t = |d: &[f32]| Tensor::from_vec(d.to_vec(), (2, 1, 2, 3), &dev).unwrap();
+    let sig = sigmas(10, 3.0);
+    let a = 0.7;
+    for k in [0, 4, 9] {
+        let out = sde_step(&t(&x), &t(&v), &sig, k, a, Some(&t(&prev)), None).unwrap();
+        let (s, s1) = (sig[k], sig[k + 1]);
+        let dt = s1 - s;
+        let denom = if k == 0 { 1.0 - sig[1] } else { 1.0 - s };
+        let sd = a * (s / denom).sqrt();
+        let std = sd * (-dt).sqrt();
+        assert!((step_std(&sig, k, a) - std).abs() < 1e-12);
+        let mean = out.mean.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let lp = out.log_prob.to_vec1::<f32>().unwrap();
+        for b in 0..2 {
+            let mut want_lp = 0.0;
+            for i in 0..6 {
+                let j = b * 6 + i;
+                let m = x[j] as f64 * (1.0 + sd * sd * dt / (2.0 * s)) + v[j] as f64 * (1.0 + sd * sd * (1.0 - s) / (2.0 * s)) * dt;
+                assert!((mean[j] as f64 - m).abs() < 1e-5, "step {k} mean {j}: {} vs {m}", mean[j]);
+                want_lp += -(prev[j] as f64 - m).powi(2) / (2.0 * std * std) - std.ln() - 0.5 * (2.0 * std::f64::consts::PI).ln();
+            }
+            want_lp /= 6.0;
+            assert!((lp[b] as f64 - want_lp).abs() < 1e-3 * want_lp.abs().max(1.0), "step {k} log-prob {} vs {want_lp}", lp[b]);
+        }
+    }
+}
+
+#[test]
+fn a_trajectory_recomputes_to_its_own_log_probs() {
+    let policy = tiny_flow(1);
+    let prompts = vec!["a red circle on a blue background".to_string(), "two green squares on a black background".to_string()];
+    let cfg = SamplerConfig { steps: 4, eta: 0.7, guidance: 2.0 };
+    policy.check_sampler(&cfg).unwrap();
+    let traj = sampler::sample(&policy, &prompts, &cfg, &mut NoiseRng::new(3)).unwrap();
+    assert_eq!(traj.timesteps, vec![1000, 900, 750, 500], "labels: round(1000 s) of the shifted schedule");
+    for (k, &t) in traj.timesteps.iter().enumerate() {
+        let step = policy.log_prob(&prompts, &traj.latents[k], &traj.latents[k + 1], &[t, t], &cfg).unwrap();
+        let (new, old) = (step.log_prob.to_vec1::<f32>().unwrap(), traj.log_probs.narrow(1, k, 1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        for (a, b) in new.iter().zip(&old) {
+            assert!((a - b).abs() < 1e-4, "step {k}: recomputed {a} vs sampled {b}");
+        }
+    }
+    let bad = policy.check_sampler(&SamplerConfig { eta: 0.0, ..cfg }).unwrap_err().to_string();
+    assert!(bad.contains("noise level"), "{bad}");
+}
+
+/// A few AdamW steps of the flow-matching loss on one batch of shapes-world images lower it.
+#[test]
+fn the_flow_matching_loss_learns() {
+    use ddpo::optim::{accumulate, AdamW, AdamWConfig, Grads};
+    let policy = tiny_flow(2);
+    let samples = ddpo::world::ShapesWorld::default().batch(0, 4);
+    let images: Vec<image::RgbImage> = samples.iter().map(|s| image::imageops::resize(&s.image, 16, 16, image::imageops::FilterType::Triangle)).collect();
+    let x0 = ddpo::render::images_to_tensor(&images, &Device::Cpu).unwrap();
+    let prompts: Vec<String> = samples.iter().map(|s| s.caption.clone()).collect();
+    let mut opt = AdamW::new(policy.trainable_vars(), AdamWConfig { lr: 3e-3, warmup_steps: 0, ..Default::default() }).unwrap();
+    let loss_at = |rng_seed: u64| policy.denoising_loss(&x0, &prompts, &mut NoiseRng::new(rng_seed)).unwrap().mean_all().unwrap();
+    let before = loss_at(99).to_scalar::<f32>().unwrap();
+    for step in 0..30 {
+        let loss = loss_at(step);
+        let mut grads: Grads = Vec::new();
+        accumulate(&mut grads, &opt.collect(&loss.backward().unwrap()), 1.0).unwrap();
+        opt.step(&mut grads).unwrap();
+    }
+    let after = loss_at(99).to_scalar::<f32>().unwrap();
+    assert!(after < 0.8 * before, "flow-matching loss {before} -> {after}");
+}
+
+/// The trainer, which knows nothing of flows, runs group-relative epochs on the flow family
+/// with a LoRA adapter and its KL term to the adapters-off reference.
+#[test]
+fn the_unchanged_trainer_trains_a_flow_policy() {
+    let base = tiny_flow(4);
+    let weights: std::collections::HashMap<String, Tensor> = base.0.trainable_vars().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
+    let vb = candle_nn::VarBuilder::from_tensors(weights, candle_core::DType::F32, &Device::Cpu);
+    let config = PolicyConfig { flow_shift: Some(3.0), ..PolicyConfig::tiny_test() };
+    let lora = FlowPolicy::new(Policy::with_lora(config, vb, ddpo::model::LoraConfig { rank: 2, alpha: 4.0 }, 5, &Device::Cpu).unwrap()).unwrap();
+    let train = TrainConfig {
+        samples_per_epoch: 8,
+        sample_batch_size: 4,
+        train_batch_size: 4,
+        group_size: 4,
+        same_noise: true,
+        normalisation: Normalisation::Group { global_std: false },
+        kl_weight: 0.1,
+        sampler: SamplerConfig { steps: 4, eta: 0.7, guidance: 1.0 },
+        min_train_sigma: 0.0,
+        optimizer: ddpo::optim::AdamWConfig { lr: 1e-2, warmup_steps: 0, ..Default::default() },
+        ..Default::default()
+    };
+    let reward: Arc<dyn ddpo::reward::Reward> = Arc::new(ddpo::reward::Brightness);
+    let mut trainer = Trainer::new(train, Box::new(lora), reward, prompt_source()).unwrap();
+    for _ in 0..2 {
+        let r = trainer.run_epoch().unwrap();
+        assert!(r.first_ratio_max_dev < 1e-3, "on-policy: ratio 1 before the update, got {}", r.first_ratio_max_dev);
+        assert!(r.loss.is_finite() && r.kl_base.is_finite() && r.out_of_range.is_finite());
+        assert_eq!(r.ratio_by_step.len(), 4);
+    }
+}
