@@ -117,6 +117,9 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
     let verdicts = judge_each(&images, &prompts);
     let eval = Eval { images: &images, verdicts: &verdicts, texts: &texts, models: &models, rewards: rewards.as_deref() };
     let mut report = eval.scores(0..images.len())?;
+    // Whether the model reads its prompts at all (the denoising loss with and without them).
+    let conditioning = crate::pretrain::eval::conditioning_gap(policy.as_ref(), &ShapesWorld::default(), 64)?;
+    report["conditioning"] = serde_json::json!({ "own": conditioning.own, "shuffled": conditioning.shuffled, "empty": conditioning.empty, "gap": conditioning.gap() });
     if !args.prompts.is_empty() {
         let per_prompt: anyhow::Result<Vec<serde_json::Value>> = args
             .prompts

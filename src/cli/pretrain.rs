@@ -107,7 +107,17 @@ pub fn exec(which: Which) -> anyhow::Result<()> {
     let mut on_event = |e: Event| match e {
         Event::Step { step, loss, lr, grad_norm } => progress.step(step, loss, &format!("lr {lr:.1e} |g| {grad_norm:.2}")),
         Event::Checkpoint { step, path } => progress.checkpoint(step, &path),
-        Event::Samples { step, path } => super::say(&progress.bar, format!("step {step}: samples {}", path.display())),
+        Event::Samples { step, path, conditioning: c } => super::say(
+            &progress.bar,
+            format!(
+                "step {step}: samples {}; EMA denoising loss with own captions {:.5}, others' {:.5}, none {:.5}: the caption removes {:.1}% of it",
+                path.display(),
+                c.own,
+                c.shuffled,
+                c.empty,
+                100.0 * c.gap()
+            ),
+        ),
     };
     run.run(&mut on_event, &|| stop.load(Ordering::SeqCst))?;
     progress.bar.finish();

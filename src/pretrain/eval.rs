@@ -106,6 +106,39 @@ pub fn reward_scores(images: &[image::RgbImage], prompts: &[String], models: &Re
     Ok(RewardScores { jpeg_kb: jpeg / n, alignment: alignment / n, aesthetic: aesthetic / n })
 }
 
+/// How much a model uses its prompts: its denoising loss on one fixed batch of world images (the
+/// same noise each time) with their own captions, with each image given another image's
+/// caption, and with no caption. A model that follows prompts has `own` clearly below the other
+/// two; `own` equal to `shuffled` means the text is ignored.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct ConditioningGap {
+    pub own: f64,
+    pub shuffled: f64,
+    pub empty: f64,
+}
+
+impl ConditioningGap {
+    /// 1 - own / shuffled: the share of the loss that the right caption removes.
+    pub fn gap(&self) -> f64 {
+        1.0 - self.own / self.shuffled
+    }
+}
+
+/// [`ConditioningGap`] of `family` on `n` images of `world` (a fixed draw).
+pub fn conditioning_gap(family: &dyn Family, world: &ShapesWorld, n: usize) -> anyhow::Result<ConditioningGap> {
+    let samples = world.batch(0xC0_4D17, n);
+    let images: Vec<image::RgbImage> = samples.iter().map(|s| s.image.clone()).collect();
+    let x0 = crate::render::images_to_tensor(&images, family.device())?;
+    let own: Vec<String> = samples.iter().map(|s| s.caption.clone()).collect();
+    let mut shuffled = own.clone();
+    shuffled.rotate_left(1);
+    let loss = |captions: &[String]| -> anyhow::Result<f64> {
+        let l = crate::kernels::no_grad::with_no_grad(|| family.denoising_loss(&x0, captions, &mut crate::family::NoiseRng::new(7)))?;
+        Ok(l.mean_all()?.to_scalar::<f32>()? as f64)
+    };
+    Ok(ConditioningGap { own: loss(&own)?, shuffled: loss(&shuffled)?, empty: loss(&vec![String::new(); n])? })
+}
+
 /// The fixed prompts shown in pretraining sample grids.
 pub fn grid_prompts(world: &ShapesWorld) -> Vec<String> {
     world.prompts(1234, 16).into_iter().map(|p: Prompt| p.caption).collect()

@@ -92,7 +92,8 @@ impl PretrainConfig {
 pub enum Event {
     Step { step: usize, loss: f64, lr: f64, grad_norm: f64 },
     Checkpoint { step: usize, path: PathBuf },
-    Samples { step: usize, path: PathBuf },
+    /// A sample grid, and how much the EMA model uses its prompts.
+    Samples { step: usize, path: PathBuf, conditioning: eval::ConditioningGap },
 }
 
 /// Where a pretraining run keeps its files.
@@ -201,8 +202,10 @@ impl Pretrainer {
             }
             if self.config.sample_every > 0 && self.step % self.config.sample_every == 0 {
                 let path = self.files.samples(self.step);
-                self.write_samples(&path)?;
-                on_event(Event::Samples { step: self.step, path });
+                let family = self.ema_family()?;
+                self.write_samples(family.as_ref(), &path)?;
+                let conditioning = eval::conditioning_gap(family.as_ref(), &self.world, 64)?;
+                on_event(Event::Samples { step: self.step, path, conditioning });
             }
         }
         if self.step % self.config.checkpoint_every != 0 {
@@ -284,17 +287,20 @@ impl Pretrainer {
         Policy::from_var_builder(self.config.policy.clone(), vb, None, &self.policy.device)
     }
 
-    /// A labelled grid of EMA samples for a fixed set of prompts.
-    pub fn write_samples(&self, path: &Path) -> anyhow::Result<()> {
+    /// The EMA policy as its family (a flow model where the config says so).
+    pub fn ema_family(&self) -> anyhow::Result<Box<dyn crate::family::Family>> {
+        let policy = self.ema_policy()?;
+        Ok(if policy.config.flow_shift.is_some() { Box::new(crate::family::flow::FlowPolicy::new(policy)?) } else { Box::new(PixelPolicy(policy)) })
+    }
+
+    /// A labelled grid of `family`'s samples for a fixed set of prompts.
+    pub fn write_samples(&self, family: &dyn crate::family::Family, path: &Path) -> anyhow::Result<()> {
         // Created here, not at `create`: the folder is not versioned, so a resumed run from a
         // fresh clone does not have it.
         if let Some(folder) = path.parent() {
             std::fs::create_dir_all(folder).with_context(|| format!("cannot create {}", folder.display()))?;
         }
-        let policy = self.ema_policy()?;
-        let family: Box<dyn crate::family::Family> =
-            if policy.config.flow_shift.is_some() { Box::new(crate::family::flow::FlowPolicy::new(policy)?) } else { Box::new(PixelPolicy(policy)) };
-        crate::sampler::write_sample_grid(family.as_ref(), &eval::grid_prompts(&self.world), &Default::default(), self.config.seed, path)
+        crate::sampler::write_sample_grid(family, &eval::grid_prompts(&self.world), &Default::default(), self.config.seed, path)
     }
 }
 
