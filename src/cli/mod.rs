@@ -12,6 +12,7 @@ mod sample;
 mod scripts;
 mod selftest;
 mod train;
+mod vlm;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -49,6 +50,9 @@ enum Command {
     Repl(repl::Args),
     /// Recompute the golden reference outputs on a device and dtype; one line per check.
     Selftest(selftest::Args),
+    /// Serve a test vision-language model on 127.0.0.1 (OpenAI-compatible; it answers from the
+    /// shapes world) for `--vlm`.
+    VlmServer(vlm::ServerArgs),
 }
 
 /// Parses the command line and runs the chosen subcommand.
@@ -65,6 +69,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Check(args) => check::exec(args),
         Command::Repl(args) => repl::exec(args),
         Command::Selftest(args) => selftest::exec(args),
+        Command::VlmServer(args) => vlm::exec(args),
     }
 }
 
@@ -213,6 +218,7 @@ fn flag_for(field: &str) -> String {
         "eval.prompts" => "--eval-prompts".into(),
         "eval.per_prompt" => "--eval-per-prompt".into(),
         "eval.patience" => "--hack-patience".into(),
+        "vlm_url" => "--vlm".into(),
         field => format!("--{}", field.trim_start_matches("sampler.").replace('_', "-")),
     }
 }
