@@ -134,7 +134,9 @@ impl Vlm {
         });
         let name = match listed {
             Ok(name) => name,
-            Err(Failure::Transient(e)) => anyhow::bail!("cannot list the models at {url}: {e}; pass --vlm-model NAME"),
+            Err(Failure::Transient(e)) => {
+                anyhow::bail!("cannot list the models at {url}: {e}; check that the server at {} is up (--vlm), or pass --vlm-model NAME", self.config.url)
+            }
             Err(Failure::Fatal(e)) => return Err(e.context(format!("cannot list the models at {url}; pass --vlm-model NAME"))),
         };
         *model = Some(name.clone());

@@ -69,7 +69,7 @@ impl Faults {
         if let Some(f) = self.first.get(n - 1) {
             return Some(f);
         }
-        self.every.as_ref().filter(|(k, _)| *k > 0 && n % k == 0).map(|(_, f)| f)
+        self.every.as_ref().filter(|(k, _)| n.is_multiple_of(*k)).map(|(_, f)| f)
     }
 }
 
