@@ -34,3 +34,14 @@ fn bench_rejects_bad_flags() {
         assert!(!out.status.success() && stderr.contains(needle) && !stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn bench_quick_vlm_times_the_client_and_both_rewards() {
+    let out = Command::new(env!("CARGO_BIN_EXE_ddpo")).args(["bench", "--quick", "--only", "vlm"]).output().unwrap();
+    assert!(out.status.success(), "ddpo bench failed: {}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is one JSON object");
+    for key in ["vlm_requests", "reward_clip_alignment", "reward_vlm_alignment"] {
+        let per_s = report["workloads"][key]["items_per_s"].as_f64().unwrap_or_else(|| panic!("{key} in {report}"));
+        assert!(per_s > 0.0 && per_s.is_finite(), "{key}: {per_s}");
+    }
+}

@@ -114,6 +114,7 @@ fn cli_trains_an_adapter_and_samples_with_it() {
         device: Device::Cpu,
         log: Arc::new(|_: &str| {}),
         interrupt: Arc::new(AtomicBool::new(false)),
+        vlm: None,
     })
     .unwrap();
     for line in ["set(\"steps\", 3)", "set(\"samples_per_epoch\", 4)", "set(\"sample_batch_size\", 2)", "set(\"train_batch_size\", 2)"] {

@@ -50,6 +50,7 @@ impl Session {
             device: candle_core::Device::Cpu,
             log,
             interrupt: interrupt.clone(),
+            vlm: None,
         })
         .unwrap();
         Self { repl, dir, printed, interrupt }

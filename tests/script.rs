@@ -15,7 +15,7 @@ use ddpo::ddpo::PromptSource;
 use ddpo::reward::jpeg::jpeg_kb;
 use ddpo::reward::stats::mean_brightness;
 use ddpo::reward::Reward;
-use ddpo::script::{api, check_file, check_files, Context, Limits, Log, ReloadOutcome, ScriptSet};
+use ddpo::script::{api, check_file, check_files, check_files_with, Context, Limits, Log, ReloadOutcome, ScriptSet};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -398,7 +398,7 @@ fn context_and_image_functions() {
     let p = write(dir.path(), "r2.rhai", "fn reward(img, prompt, meta) { aesthetic(img) }");
     let missing = dir.path().join("missing-clip.safetensors");
     let models = ddpo::reward::models::LazyModels::new(
-        ddpo::reward::models::ModelPaths { clip: Some(missing), aesthetic: None },
+        ddpo::reward::models::ModelPaths { clip: Some(missing), aesthetic: None, vlm: None },
         candle_core::Device::Cpu,
     );
     let e = match ScriptSet::new(Limits::default(), quiet()).with_models(models).load_reward(&p) {
@@ -421,9 +421,15 @@ fn shipped_scripts_pass_the_check() {
         }
     }
     assert!(files.len() >= 7, "{files:?}");
+    // Scripts that ask a vision-language model are checked against the loopback test server.
+    let server = ddpo::reward::vlm::server::Server::start(0, Default::default()).unwrap();
+    let vlm = ddpo::reward::vlm::VlmConfig { url: server.url(), ..Default::default() };
     for f in files {
-        check_file(&f, &Limits::default(), quiet()).unwrap_or_else(|e| panic!("{e:#}"));
+        let models = ddpo::reward::models::LazyModels::default().with_vlm(Some(vlm.clone()));
+        let result = check_files_with(std::slice::from_ref(&f), &Limits::default(), quiet(), models).pop().unwrap();
+        result.unwrap_or_else(|e| panic!("{e:#}"));
     }
+    assert!(server.stats().requests.load(std::sync::atomic::Ordering::SeqCst) > 0, "a VLM example was checked");
 }
 
 #[test]
@@ -437,7 +443,7 @@ fn api_md_matches_the_registration() {
     assert!(on_disk == generated, "scripts/API.md is out of date: rerun with DDPO_WRITE_API_MD=1");
     let names: Vec<&str> = api::entries().iter().map(|e| e.name).collect();
     for expected in ["width", "height", "pixel", "mean_rgb", "brightness", "saturation", "hue_histogram", "to_gray", "crop", "resize",
-        "jpeg_size", "png_size", "judge", "aesthetic", "clip_similarity", "rand", "rand_int", "choice", "weighted_choice", "context"] {
+        "jpeg_size", "png_size", "judge", "aesthetic", "clip_similarity", "text_similarity", "vlm_ask", "vlm_score", "rand", "rand_int", "choice", "weighted_choice", "context"] {
         assert!(names.contains(&expected), "{expected} is not registered");
     }
 }

@@ -1,9 +1,11 @@
 //! The benchmark harness behind `ddpo bench`: fixed workloads on the default configuration
 //! (single kernels, the attention block, the whole UNet, a training step, DDIM sampling, a
 //! DDPO epoch, DDPO epochs on the tiny Stable Diffusion fixture with LoRA or the full UNet, and
-//! CLIP image embeddings), timed over repeats, with achieved GFLOP/s where the FLOP count is known and the
+//! CLIP image embeddings, the VLM client and reward scripts against the loopback test server),
+//! timed over repeats, with achieved GFLOP/s where the FLOP count is known and the
 //! process's peak resident memory. Owns the timing and the JSON report, not the printing.
 
+mod vlm;
 mod workloads;
 
 use std::collections::BTreeMap;
@@ -15,7 +17,7 @@ pub use workloads::Sizes;
 
 /// The workload groups, in run order; `--only` takes one of these names.
 pub const WORKLOADS: &[&str] = &[
-    "conv", "group_norm", "attention", "unet_fwd", "train_step", "ddim", "ddpo_epoch", "sd_epoch_lora", "sd_epoch_full", "clip",
+    "conv", "group_norm", "attention", "unet_fwd", "train_step", "ddim", "ddpo_epoch", "sd_epoch_lora", "sd_epoch_full", "clip", "vlm",
 ];
 
 /// How a bench run is carried out.

@@ -42,6 +42,8 @@ pub struct Sizes {
     pub sd_epoch: (usize, usize, usize, usize),
     /// Images embedded per run by the small shapes CLIP and by a ViT-B/32-sized CLIP.
     pub clip: (usize, usize),
+    /// Images per run of the VLM workloads and the requests in flight at once.
+    pub vlm: (usize, usize),
 }
 
 impl Default for Sizes {
@@ -57,6 +59,7 @@ impl Default for Sizes {
             // The reference timing of tests/fixtures/tiny-sd/README.md.
             sd_epoch: (8, 4, 2, 20),
             clip: (256, 8),
+            vlm: (64, 8),
         }
     }
 }
@@ -74,6 +77,7 @@ impl Sizes {
             epoch: (4, 2),
             sd_epoch: (4, 2, 2, 2),
             clip: (4, 1),
+            vlm: (4, 2),
         }
     }
 }
@@ -94,6 +98,7 @@ pub fn run_group(name: &str, sizes: &Sizes, cfg: &BenchConfig) -> anyhow::Result
         "sd_epoch_lora" => vec![keyed("sd_epoch_lora", sd_epoch(sizes, cfg, true))?],
         "sd_epoch_full" => vec![keyed("sd_epoch_full", sd_epoch(sizes, cfg, false))?],
         "clip" => vec![keyed("clip_small_embed", clip_small(sizes, cfg))?, keyed("clip_vit_b32_embed", clip_vit_b32(sizes, cfg))?],
+        "vlm" => super::vlm::group(sizes, cfg)?.into_iter().map(|(key, t)| keyed(key, t)).collect::<anyhow::Result<_>>()?,
         other => anyhow::bail!("unknown workload {other:?}"),
     })
 }

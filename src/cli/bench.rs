@@ -12,7 +12,9 @@ pub struct Args {
     #[arg(long, default_value_t = 1)]
     warmup: usize,
     /// Run one workload: conv, group_norm, attention, unet_fwd, train_step, ddim, ddpo_epoch,
-    /// sd_epoch_lora or sd_epoch_full (the last two on tests/fixtures/tiny-sd).
+    /// sd_epoch_lora or sd_epoch_full (the last two on tests/fixtures/tiny-sd), clip, or vlm
+    /// (the VLM client's requests/s and a VLM reward's per-image cost against the CLIP reward,
+    /// on the loopback test server).
     #[arg(long)]
     only: Option<String>,
     /// Small sizes, one repeat and no warmup: a smoke test of the harness, not a measurement.

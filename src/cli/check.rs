@@ -7,18 +7,22 @@
 use std::path::PathBuf;
 
 use super::stderr_log;
-use crate::script::{check_files, Limits};
+use crate::reward::models::LazyModels;
+use crate::script::{check_files_with, Limits};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Rhai scripts to check (reward, prompt or hooks scripts, or modules).
     #[arg(required = true)]
     files: Vec<PathBuf>,
+    #[command(flatten)]
+    vlm: super::vlm::VlmArgs,
 }
 
 pub fn exec(args: Args) -> anyhow::Result<()> {
     let mut failed = 0;
-    let results = check_files(&args.files, &Limits::default(), stderr_log());
+    let models = LazyModels::default().with_vlm(args.vlm.config()?);
+    let results = check_files_with(&args.files, &Limits::default(), stderr_log(), models);
     for (file, result) in args.files.iter().zip(results) {
         match result {
             Ok(summary) => println!("{}: ok ({summary})", file.display()),

@@ -75,6 +75,9 @@ pub struct Args {
     clip: Option<PathBuf>,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// The endpoint of a --reward script's `vlm_ask` / `vlm_score`.
+    #[command(flatten, next_help_heading = "Vision-language model")]
+    vlm: super::vlm::VlmArgs,
 }
 
 pub fn exec(args: Args) -> anyhow::Result<()> {
@@ -111,7 +114,7 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
     };
     let texts: Vec<String> = prompts.iter().map(|p| p.caption.clone()).collect();
     let images = sample_images(policy.as_ref(), &texts, &cfg, args.seed, 50)?;
-    let lazy = LazyModels::new(ModelPaths::default(), device.clone());
+    let lazy = LazyModels::new(ModelPaths { vlm: args.vlm.config()?, ..Default::default() }, device.clone());
     let models = lazy.get()?;
     let rewards = args.reward.as_deref().map(|r| reward_totals(r, &images, &texts, lazy)).transpose()?;
     let verdicts = judge_each(&images, &prompts);

@@ -13,6 +13,7 @@ mod sample;
 mod scripts;
 mod selftest;
 mod train;
+mod vlm;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -52,6 +53,9 @@ enum Command {
     Selftest(selftest::Args),
     /// Run an experiment script's runs (resuming where it stopped) and write its table and curves.
     Experiment(experiment::Args),
+    /// Serve a test vision-language model on 127.0.0.1 (OpenAI-compatible; it answers from the
+    /// shapes world) for `--vlm`.
+    VlmServer(vlm::ServerArgs),
 }
 
 /// Parses the command line and runs the chosen subcommand.
@@ -69,6 +73,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Repl(args) => repl::exec(args),
         Command::Selftest(args) => selftest::exec(args),
         Command::Experiment(args) => experiment::exec(args),
+        Command::VlmServer(args) => vlm::exec(args),
     }
 }
 
@@ -217,6 +222,7 @@ fn flag_for(field: &str) -> String {
         "eval.prompts" => "--eval-prompts".into(),
         "eval.per_prompt" => "--eval-per-prompt".into(),
         "eval.patience" => "--hack-patience".into(),
+        "vlm_url" => "--vlm".into(),
         field => format!("--{}", field.trim_start_matches("sampler.").replace('_', "-")),
     }
 }

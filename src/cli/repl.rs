@@ -41,6 +41,8 @@ pub struct Args {
     seed: u64,
     #[arg(long, default_value = "cpu")]
     device: String,
+    #[command(flatten, next_help_heading = "Vision-language model")]
+    vlm: super::vlm::VlmArgs,
 }
 
 /// What a session loads.
@@ -57,6 +59,8 @@ pub struct Options {
     pub log: Log,
     /// Set (by Ctrl-C) to stop `train(n)` at the next epoch boundary; cleared when it does.
     pub interrupt: Arc<AtomicBool>,
+    /// The endpoint of the reward script's `vlm_ask` / `vlm_score`, if any.
+    pub vlm: Option<crate::reward::vlm::VlmConfig>,
 }
 
 /// A REPL session on a loaded model: a training session (the policy trainable, the scripts,
@@ -71,7 +75,7 @@ pub fn open(o: Options) -> anyhow::Result<Repl> {
         checkpoint_every: 1,
         lora: None,
         dtype: Default::default(),
-        reward_models: Default::default(),
+        reward_models: crate::reward::models::ModelPaths { vlm: o.vlm.clone(), ..Default::default() },
         // As `ddpo train`: DDPO trains the unclamped policy.
         clip_sample: Some(false),
         eval: None,
@@ -243,6 +247,7 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         device: super::device(&args.device)?,
         log: super::stderr_log(),
         interrupt: interrupt.clone(),
+        vlm: args.vlm.config()?,
     })?;
     eprintln!("ddpo repl: run folder {}; help() lists the functions, Ctrl-D exits", run_dir.display());
     let mut editor = rustyline::DefaultEditor::new().context("cannot start the line editor")?;

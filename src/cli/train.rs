@@ -196,6 +196,8 @@ pub struct Args {
     /// be saved, then retries the epoch; `exit` checkpoints and exits.
     #[arg(help_heading = "Scripts and rewards", long, value_enum, default_value = "wait")]
     on_error: OnError,
+    #[command(flatten, next_help_heading = "Vision-language model")]
+    vlm: super::vlm::VlmArgs,
 }
 
 /// What `train` does when a script fails mid-run.
@@ -357,6 +359,7 @@ impl Args {
             reward_models: ModelPaths {
                 clip: self.clip.as_deref().map(|p| existing(p, "--clip")).transpose()?,
                 aesthetic: self.aesthetic.as_deref().map(|p| existing(p, "--aesthetic")).transpose()?,
+                vlm: self.vlm.config()?,
             },
             clip_sample: Some(self.sampler.clip_sample.unwrap_or(false)),
             eval: self.gold()?,

@@ -2,7 +2,8 @@
 //! prompts and returns, per image, a total plus named components (logged as `reward/<name>`).
 //! Rewards never see gradients. Script rewards (Rhai) plug in behind the same trait; the
 //! primitives they call are declared in [`registry`], and [`Weighted`] recombines any reward's
-//! components by weights set between epochs.
+//! components by weights set between epochs. [`vlm`] asks a vision-language model served over
+//! the OpenAI-compatible API (the `vlm_ask` / `vlm_score` primitives).
 
 pub mod aesthetic;
 pub mod clip;
@@ -12,6 +13,7 @@ pub mod pixels;
 pub mod registry;
 pub mod shapes_clip;
 pub mod stats;
+pub mod vlm;
 pub mod weighted;
 
 use std::collections::BTreeMap;

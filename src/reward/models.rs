@@ -10,6 +10,8 @@
 //!   (`vocab.json`, `merges.txt`); ViT-B/32 and ViT-L/14 are told apart by the patch embedding.
 //!   `--aesthetic PATH` names the LAION predictor (`.pth` or `.safetensors`). A file whose
 //!   `.json` beside it is a shapes CLIP config is a small CLIP instead.
+//! - **VLM:** [`LazyModels::vlm`], the client of the run's vision-language model endpoint
+//!   ([`ModelPaths::vlm`], from `--vlm`), made on first use; see [`super::vlm`].
 //! - **Caches:** image embeddings by a hash of the pixels, text embeddings by the text.
 //!   [`RewardModels::prefetch`] embeds a whole batch in one pass (the script reward calls it
 //!   before scoring a batch); later lookups hit the cache.
@@ -27,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use super::aesthetic::AestheticMlp;
 use super::clip::{self, Clip};
 use super::shapes_clip::ShapesClip;
+use super::vlm::{Vlm, VlmConfig};
 use crate::family::sd::ClipTokenizer;
 
 /// The shipped small CLIP, relative to the working directory or the source checkout.
@@ -43,6 +46,9 @@ pub struct ModelPaths {
     pub clip: Option<PathBuf>,
     #[serde(default)]
     pub aesthetic: Option<PathBuf>,
+    /// The vision-language model behind `vlm_ask` / `vlm_score` (`None`: none; those fail).
+    #[serde(default)]
+    pub vlm: Option<super::vlm::VlmConfig>,
 }
 
 /// A CLIP: the small shapes-world one, or real weights with their BPE tokenizer.
@@ -224,6 +230,12 @@ impl RewardModels {
         Ok(txt.iter().map(|t| img.iter().zip(t.iter()).map(|(a, b)| (a * b) as f64).sum()).collect())
     }
 
+    /// Cosine similarity (-1..1) of the CLIP text embeddings of `a` and `b`.
+    pub fn text_similarity(&self, a: &str, b: &str) -> anyhow::Result<f64> {
+        let e = self.text_embeddings(&[a, b])?;
+        Ok(e[0].iter().zip(e[1].iter()).map(|(x, y)| (x * y) as f64).sum())
+    }
+
     /// The aesthetic head's score of `image`.
     pub fn aesthetic(&self, image: &RgbImage) -> anyhow::Result<f64> {
         let mlp = self.aesthetic.as_ref().map_err(|e| anyhow::anyhow!("no aesthetic model: {e}"))?;
@@ -240,18 +252,47 @@ pub struct LazyModels {
     paths: ModelPaths,
     device: Option<Device>,
     cell: Arc<OnceLock<Result<Arc<RewardModels>, String>>>,
+    /// The VLM client, made on first use from `paths.vlm`.
+    vlm: Arc<OnceLock<Result<Arc<Vlm>, String>>>,
 }
 
 impl LazyModels {
     pub fn new(paths: ModelPaths, device: Device) -> Self {
-        Self { paths, device: Some(device), cell: Arc::default() }
+        Self { paths, device: Some(device), cell: Arc::default(), vlm: Arc::default() }
     }
 
     /// Already loaded models (e.g. built in memory by a test).
     pub fn ready(models: Arc<RewardModels>) -> Self {
         let cell = OnceLock::new();
         let _ = cell.set(Ok(models));
-        Self { paths: ModelPaths::default(), device: None, cell: Arc::new(cell) }
+        Self { paths: ModelPaths::default(), device: None, cell: Arc::new(cell), vlm: Arc::default() }
+    }
+
+    /// The same models with `vlm` as the VLM endpoint (e.g. a test server).
+    pub fn with_vlm(mut self, vlm: Option<VlmConfig>) -> Self {
+        self.paths.vlm = vlm;
+        self.vlm = Arc::default();
+        self
+    }
+
+    /// The VLM client, made on the first call; an error when the run has no `--vlm`.
+    pub fn vlm(&self) -> anyhow::Result<Arc<Vlm>> {
+        self.vlm
+            .get_or_init(|| {
+                let config = self.paths.vlm.clone().ok_or_else(|| {
+                    "no vision-language model is configured: start with --vlm URL (an OpenAI-compatible server such as vLLM or Ollama; `ddpo vlm-server` serves a test one)".to_string()
+                })?;
+                Vlm::new(config).map(Arc::new).map_err(|e| format!("{e:#}"))
+            })
+            .clone()
+            .map_err(anyhow::Error::msg)
+    }
+
+    /// Starts a new epoch's VLM budget (nothing without a VLM in use).
+    pub fn begin_epoch(&self) {
+        if let Some(Ok(vlm)) = self.vlm.get() {
+            vlm.begin_epoch();
+        }
     }
 
     /// The models, loading them on the first call; a load error is kept and repeated.
@@ -281,7 +322,7 @@ pub fn resolve(path: &str) -> PathBuf {
 
 /// A hash of an image's size and pixels (std's SipHash with fixed keys: stable within a process,
 /// which is all an in-memory cache needs).
-fn image_key(image: &RgbImage) -> u64 {
+pub(crate) fn image_key(image: &RgbImage) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     h.write_u32(image.width());
     h.write_u32(image.height());

@@ -95,7 +95,12 @@ pub fn resize(img: &RgbImage, w: i64, h: i64) -> anyhow::Result<RgbImage> {
 
 /// Size in kB (1000 bytes) of the image encoded as PNG.
 pub fn png_kb(img: &RgbImage) -> anyhow::Result<f64> {
+    Ok(png_bytes(img).context("png_size")?.len() as f64 / 1000.0)
+}
+
+/// The image encoded as PNG.
+pub fn png_bytes(img: &RgbImage) -> anyhow::Result<Vec<u8>> {
     let mut bytes = Cursor::new(Vec::new());
-    img.write_to(&mut bytes, image::ImageFormat::Png).context("png_size")?;
-    Ok(bytes.into_inner().len() as f64 / 1000.0)
+    img.write_to(&mut bytes, image::ImageFormat::Png).context("encoding the image as PNG")?;
+    Ok(bytes.into_inner())
 }

@@ -211,9 +211,49 @@ pub static SECTIONS: &[Section] = &[
                 doc: "Cosine similarities of an image to each text of an array (one batched text pass).",
                 form: Form::Call, params: &[Param::Image, Param::Texts], needs: Needs::Clip,
                 run: |a| clip_similarity(a, &a.texts(1)?).map(Value::Floats) },
+            Primitive { name: "text_similarity", signature: "text_similarity(a, b) -> float",
+                doc: "Cosine similarity (-1..1) of the CLIP text embeddings of two texts, e.g. a VLM's description of an image and the prompt (the DDPO paper's alignment task compares them with BERTScore). The run's CLIP, as `clip_similarity`; the shipped small CLIP reads shapes-world words only.",
+                form: Form::Call, params: &[Param::Text, Param::Text], needs: Needs::Clip, run: text_similarity },
         ],
     },
+    Section {
+        heading: "Vision-language models (`reward::vlm`: the endpoint `ddpo train --vlm URL` configures)",
+        primitives: VLM_PRIMITIVES,
+    },
 ];
+
+/// The primitives that ask the run's vision-language model: they wait on the network (bounded by
+/// the client's own timeouts, so the script layer takes their time off a call's deadline) and
+/// a batch of a script that calls them is scored on parallel threads.
+pub static VLM_PRIMITIVES: &[Primitive] = &[
+    Primitive { name: "vlm_ask", signature: "vlm_ask(img, question) -> string",
+        doc: "The reply of the run's vision-language model (`ddpo train --vlm URL`, an OpenAI-compatible server) to `question` about the image, at temperature 0 with a fixed seed; cached per image, question and model for the run. Scripts reach only that endpoint. An error when no `--vlm` is configured, or when the server fails, times out or replies malformed after its retries.",
+        form: Form::Call, params: &[Param::Image, Param::Text], needs: Needs::Nothing,
+        run: |a| Ok(Value::Text(a.models.vlm()?.ask(a.image(0)?, a.text(1)?).context("vlm_ask()")?)) },
+    Primitive { name: "vlm_score", signature: "vlm_score(img, question, pattern) -> float",
+        doc: "A number read from the model's reply to `question` (as `vlm_ask`): `pattern` is a regular expression (Rust regex syntax); the score is the number its first capture group holds if it has one, else the first number after its first match (\"Final Score:\" reads 7.5 from \"Final Score: 7.5\"; \"\" the reply's first number). An error, quoting the reply, when there is none.",
+        form: Form::Call, params: &[Param::Image, Param::Text, Param::Text], needs: Needs::Nothing, run: vlm_score },
+];
+
+/// Whether a script calling the functions `called` asks the VLM.
+pub fn uses_vlm<'a>(called: impl IntoIterator<Item = &'a str>) -> bool {
+    called.into_iter().any(|name| VLM_PRIMITIVES.iter().any(|p| p.name == name))
+}
+
+/// Whether `p` asks the VLM.
+pub fn is_remote(p: &Primitive) -> bool {
+    VLM_PRIMITIVES.iter().any(|v| std::ptr::eq(v, p))
+}
+
+fn vlm_score(a: &Args) -> anyhow::Result<Value> {
+    let reply = a.models.vlm()?.ask(a.image(0)?, a.text(1)?).context("vlm_score()")?;
+    super::vlm::parse_score(&reply, a.text(2)?).context("vlm_score()").map(Value::Float)
+}
+
+fn text_similarity(a: &Args) -> anyhow::Result<Value> {
+    let s = a.models.get().and_then(|m| m.text_similarity(a.text(0)?, a.text(1)?)).context("text_similarity()")?;
+    Ok(Value::Float(s))
+}
 
 fn clip_similarity(a: &Args, texts: &[&str]) -> anyhow::Result<Vec<f64>> {
     a.models.get().and_then(|m| m.clip_similarity(a.image(0)?, texts)).context("clip_similarity()")

@@ -129,7 +129,8 @@ fn register_primitive(engine: &mut Engine, p: &'static Primitive, models: LazyMo
 /// Calls `p` with script arguments (of the types it was registered with) and converts its result.
 fn call_primitive(p: &Primitive, models: &LazyModels, args: &mut [&mut Dynamic]) -> Res<Dynamic> {
     let args = args.iter().zip(p.params).map(|(a, t)| to_arg(p.name, *t, a)).collect::<Res<Vec<Arg>>>()?;
-    let value = (p.run)(&registry::Args { args: &args, models }).map_err(|e| format!("{e:#}"))?;
+    let run = || (p.run)(&registry::Args { args: &args, models });
+    let value = if registry::is_remote(p) { super::engine::off_the_clock(run) } else { run() }.map_err(|e| format!("{e:#}"))?;
     to_dynamic(value)
 }
 

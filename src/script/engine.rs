@@ -127,6 +127,17 @@ pub(crate) fn within_limits<T>(limits: &Limits, f: impl FnOnce() -> T) -> T {
     out
 }
 
+/// Runs `f` (a host call bounded by timeouts of its own, e.g. a VLM request) off the clock: the
+/// time it takes is added to the running call's deadline, so a reward waiting on the network is
+/// not stopped as a runaway script.
+pub(crate) fn off_the_clock<T>(f: impl FnOnce() -> T) -> T {
+    let start = Instant::now();
+    let out = f();
+    let spent = start.elapsed();
+    DEADLINE.with(|d| d.set(d.get().map(|t| t + spent)));
+    out
+}
+
 /// Charges the creation of an image of `pixels` pixels to the running call's budget.
 pub(crate) fn charge_pixels(pixels: u64) -> Result<(), Box<EvalAltResult>> {
     PIXELS_LEFT.with(|p| match p.get().checked_sub(pixels) {

@@ -28,7 +28,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
-use rhai::{ASTNode, Dynamic, Engine, Expr, Scope, AST};
+use rhai::{ASTNode, Dynamic, Engine, Expr, Scope, Stmt, AST};
 
 use crate::reward::registry::{self, Needs};
 
@@ -37,7 +37,7 @@ pub use engine::{Limits, Log, ScriptError};
 pub use hooks::{HookOutcome, HookRunner, Overrides, ScriptHooks};
 pub use prompts::ScriptPrompts;
 pub use reward::ScriptReward;
-pub use set::{check_file, check_files, Kind, Reload, ReloadOutcome, ScriptSet};
+pub use set::{check_file, check_files, check_files_with, Kind, Reload, ReloadOutcome, ScriptSet};
 
 /// `scripts/API.md`: the host API, the schedule hooks and the REPL functions, generated from
 /// their registration.
@@ -94,6 +94,12 @@ impl Version {
     pub fn uses_models(&self) -> bool {
         self.needs() > Needs::Nothing
     }
+
+    /// Whether the script (or a module it imports) asks the VLM, so its batches are worth
+    /// scoring on parallel threads.
+    pub fn uses_vlm(&self) -> bool {
+        registry::uses_vlm(self.calls.iter().map(String::as_str))
+    }
 }
 
 /// Adds the names of the functions, methods and properties `ast` calls (also inside its
@@ -101,7 +107,8 @@ impl Version {
 fn called_names(ast: &AST, into: &mut BTreeSet<String>) {
     ast.walk(&mut |path: &[ASTNode]| {
         match path.last() {
-            Some(ASTNode::Expr(Expr::FnCall(f, _) | Expr::MethodCall(f, _))) => {
+            // A call whose value is a statement's (a function's last line) is a `Stmt::FnCall`.
+            Some(ASTNode::Expr(Expr::FnCall(f, _) | Expr::MethodCall(f, _)) | ASTNode::Stmt(Stmt::FnCall(f, _))) => {
                 into.insert(f.name.to_string());
             }
             Some(ASTNode::Expr(Expr::Property(p, _))) => {

@@ -1,10 +1,13 @@
 //! [`ScriptReward`]: a [`Reward`] whose score is `fn reward(img, prompt, meta)` of a script.
 //! The function returns a number (the total) or a map of named components with a `total`;
 //! anything else, NaN or infinity is an error naming the file, the prompt and the sample.
+//! A batch is scored image by image; for a script that asks the VLM (`vlm_ask`, `vlm_score`)
+//! on parallel threads, so that its requests overlap.
 
 use std::sync::{Arc, RwLock};
 
 use image::RgbImage;
+use rayon::prelude::*;
 use rhai::{Dynamic, Map};
 
 use super::api::number;
@@ -92,11 +95,19 @@ impl Reward for ScriptReward {
             // One batched CLIP pass for the whole batch, outside the scripts' deadline.
             self.shared.models.get()?.prefetch(&images.iter().collect::<Vec<_>>())?;
         }
-        images
-            .iter()
-            .zip(prompts)
-            .enumerate()
-            .map(|(i, (img, p))| Self::score_one(&self.host, &self.shared, &version, img, p, i))
-            .collect()
+        let score = |i: usize| Self::score_one(&self.host, &self.shared, &version, &images[i], &prompts[i], i);
+        if !version.uses_vlm() || images.len() < 2 {
+            return (0..images.len()).map(score).collect();
+        }
+        // Requests to the VLM wait on the network: score the images on parallel threads (as
+        // many as requests may be in flight) so they overlap. Each score depends on its own
+        // image and prompt only, so the results are the serial ones, in order.
+        let threads = self.shared.models.vlm()?.concurrency().min(images.len());
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("vlm-score-{i}"))
+            .build()
+            .map_err(|e| anyhow::anyhow!("cannot start {threads} scoring threads: {e}"))?;
+        pool.install(|| (0..images.len()).into_par_iter().map(score).collect())
     }
 }

@@ -116,6 +116,8 @@ impl ScriptSet {
 
     /// Sets what `context()` returns.
     pub fn set_context(&self, context: Context) {
+        // A new epoch: its own VLM budget.
+        self.shared.models.begin_epoch();
         *self.shared.context.write().unwrap() = context;
     }
 
@@ -258,7 +260,12 @@ pub fn check_file(path: &Path, limits: &Limits, log: Log) -> anyhow::Result<Stri
 /// [`check_file`] on each of `paths`, except that a file another of them imports is a module on
 /// purpose: near misses of entry points in it are not errors. One result per path, in order.
 pub fn check_files(paths: &[PathBuf], limits: &Limits, log: Log) -> Vec<anyhow::Result<String>> {
-    let shared = Shared::default();
+    check_files_with(paths, limits, log, crate::reward::models::LazyModels::default())
+}
+
+/// [`check_files`] with `models` (e.g. a `--vlm` endpoint) behind the reward primitives.
+pub fn check_files_with(paths: &[PathBuf], limits: &Limits, log: Log, models: crate::reward::models::LazyModels) -> Vec<anyhow::Result<String>> {
+    let shared = Shared { models, ..Shared::default() };
     let compiled: Vec<_> = paths
         .iter()
         .map(|p| {
