@@ -106,3 +106,56 @@ fn the_conditioning_gap_tells_a_model_that_reads_its_prompts() {
     let untrained = conditioning_gap(&fresh, &world, 32).unwrap();
     assert!(untrained.gap().abs() < 0.02, "{untrained:?}");
 }
+
+/// A tiny UNet reading the shipped shapes CLIP's text tower (64 wide, 16 tokens).
+fn with_clip_text(freeze: bool) -> PretrainConfig {
+    let mut policy = PolicyConfig::tiny_test();
+    policy.unet.cross_attention_dim = 64;
+    policy.max_tokens = 16;
+    PretrainConfig {
+        text_encoder_from: Some(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/shapes-clip.safetensors")),
+        freeze_text_encoder: freeze,
+        policy,
+        ..tiny(3)
+    }
+}
+
+/// max |a - b| over the tensors both hold under the given prefixes.
+fn max_change(a: &Policy, b: &std::collections::HashMap<String, candle_core::Tensor>, prefix: &str, b_prefix: &str) -> f32 {
+    a.trainable_vars()
+        .iter()
+        .filter_map(|(name, var)| name.strip_prefix(prefix).map(|rest| (rest, var)))
+        .map(|(rest, var)| {
+            let other = b.get(&format!("{b_prefix}{rest}")).unwrap_or_else(|| panic!("{b_prefix}{rest} missing"));
+            (var.as_tensor() - other).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+        })
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn a_clip_text_tower_initialises_the_text_encoder_frozen_or_tuned() {
+    let clip = candle_core::safetensors::load(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/shapes-clip.safetensors"), &Device::Cpu).unwrap();
+    for freeze in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut run = Pretrainer::create(with_clip_text(freeze), dir.path(), &Device::Cpu).unwrap();
+        assert_eq!(run.policy.config.text_encoder.num_hidden_layers, 2, "the CLIP's text architecture replaces the preset's");
+        assert_eq!(max_change(&run.policy, &clip, "text_encoder.", ""), 0.0, "initialised from the CLIP");
+        losses(&mut run);
+        let text_moved = max_change(&run.policy, &clip, "text_encoder.", "");
+        assert_eq!(text_moved == 0.0, freeze, "freeze {freeze}: the text encoder moved by {text_moved}");
+        // The setting survives a resume.
+        let resumed = Pretrainer::resume(dir.path(), Some(4), &Device::Cpu).unwrap();
+        assert_eq!(resumed.config.freeze_text_encoder, freeze);
+    }
+}
+
+#[test]
+fn a_text_encoder_from_a_file_without_a_text_tower_is_refused_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = PretrainConfig {
+        text_encoder_from: Some(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/shapes-unet.safetensors")),
+        ..with_clip_text(true)
+    };
+    let err = format!("{:#}", Pretrainer::create(config, dir.path(), &Device::Cpu).err().unwrap());
+    assert!(err.contains("shapes-unet.json") && err.contains("not a shapes CLIP config"), "{err}");
+}

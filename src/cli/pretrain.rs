@@ -46,6 +46,14 @@ pub struct DiffusionArgs {
     /// eps - x0, sampled with Flow-GRPO's SDE step), on sigmas shifted by this (SD3.5: 3).
     #[arg(long, value_name = "SHIFT")]
     flow_shift: Option<f64>,
+    /// Initialise the text encoder from this shapes CLIP's text tower (e.g.
+    /// models/shapes-clip.safetensors; its text architecture replaces --arch's) and keep it
+    /// frozen, as Stable Diffusion keeps its CLIP.
+    #[arg(long, value_name = "CLIP")]
+    text_encoder: Option<PathBuf>,
+    /// With --text-encoder: train the initialised text encoder along with the UNet.
+    #[arg(long, requires = "text_encoder")]
+    tune_text_encoder: bool,
     /// Steps between checkpoints.
     #[arg(long, default_value_t = 250)]
     checkpoint_every: usize,
@@ -91,6 +99,8 @@ pub fn exec(which: Which) -> anyhow::Result<()> {
             checkpoint_every: args.checkpoint_every,
             sample_every: args.sample_every,
             policy: crate::family::PolicyConfig { flow_shift: args.flow_shift, ..architecture(&args.arch)? },
+            freeze_text_encoder: args.text_encoder.is_some() && !args.tune_text_encoder,
+            text_encoder_from: args.text_encoder,
             ..defaults
         };
         Pretrainer::create(config, &args.out, &device).map_err(super::flag_error)?

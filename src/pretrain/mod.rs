@@ -42,6 +42,14 @@ pub struct PretrainConfig {
     pub checkpoint_every: usize,
     pub sample_every: usize,
     pub policy: PolicyConfig,
+    /// A shapes CLIP whose text tower initialised the text encoder (its architecture replaces
+    /// the policy's), as Stable Diffusion starts from a trained CLIP: the UNet then learns to
+    /// read captions that already tell colours, shapes and places apart.
+    #[serde(default)]
+    pub text_encoder_from: Option<PathBuf>,
+    /// Keep the text encoder as initialised (Stable Diffusion's frozen CLIP); only the UNet trains.
+    #[serde(default)]
+    pub freeze_text_encoder: bool,
 }
 
 impl Default for PretrainConfig {
@@ -59,6 +67,8 @@ impl Default for PretrainConfig {
             checkpoint_every: 250,
             sample_every: 1000,
             policy: PolicyConfig::shapes_default(),
+            text_encoder_from: None,
+            freeze_text_encoder: false,
         }
     }
 }
@@ -137,7 +147,11 @@ pub struct Pretrainer {
 
 impl Pretrainer {
     /// Starts a new run in `dir` (which must not hold a run already).
-    pub fn create(config: PretrainConfig, dir: &Path, device: &Device) -> anyhow::Result<Self> {
+    pub fn create(mut config: PretrainConfig, dir: &Path, device: &Device) -> anyhow::Result<Self> {
+        let clip_text = config.text_encoder_from.as_deref().map(clip_text_tower).transpose()?;
+        if let Some((text, _)) = &clip_text {
+            config.policy.text_encoder = text.clone();
+        }
         config.validate()?;
         let files = RunFiles { dir: dir.to_path_buf() };
         anyhow::ensure!(
@@ -147,6 +161,9 @@ impl Pretrainer {
         );
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let policy = Policy::new_random(config.policy.clone(), config.seed, device)?;
+        if let Some((_, weights)) = &clip_text {
+            set_text_encoder(&policy, weights)?;
+        }
         Self::assemble(config, policy, files, 0)
     }
 
@@ -243,6 +260,8 @@ impl Pretrainer {
         let shards = crate::kernels::shards::sharded_backward(cfg.batch_size, &device, |r| -> candle_core::Result<_> {
             let rows = |v: &Tensor| v.narrow(0, r.start, r.len());
             let ctx = policy.encode_prompts(&captions[r.clone()])?;
+            // Frozen: no gradient reaches the text encoder, so AdamW leaves it as it is.
+            let ctx = if cfg.freeze_text_encoder { ctx.detach() } else { ctx };
             let loss = (policy.unet.forward(&rows(&x_t)?, &rows(&tt)?, &ctx)? - rows(&target)?)?.sqr()?.mean_all()?;
             let value = loss.to_scalar::<f32>()? as f64;
             Ok((loss, value))
@@ -302,6 +321,30 @@ impl Pretrainer {
         }
         crate::sampler::write_sample_grid(family, &eval::grid_prompts(&self.world), &Default::default(), self.config.seed, path)
     }
+}
+
+/// The text tower of the shapes CLIP at `weights`: its config and its tensors, named as the
+/// policy's text encoder names them.
+fn clip_text_tower(weights: &Path) -> anyhow::Result<(crate::model::TextConfig, HashMap<String, Tensor>)> {
+    let config = crate::reward::shapes_clip::load_config(weights)?;
+    let tensors = candle_core::safetensors::load(weights, &Device::Cpu)
+        .with_context(|| format!("cannot read the shapes CLIP weights {}", weights.display()))?;
+    let text: HashMap<String, Tensor> =
+        tensors.into_iter().filter(|(name, _)| name.starts_with("text_model.")).map(|(name, t)| (format!("text_encoder.{name}"), t)).collect();
+    anyhow::ensure!(!text.is_empty(), "{} has no text tower (no text_model.* tensors): pass a shapes CLIP such as models/shapes-clip.safetensors", weights.display());
+    Ok((config.text, text))
+}
+
+/// Overwrites every text-encoder variable of `policy` with its tensor in `weights`.
+fn set_text_encoder(policy: &Policy, weights: &HashMap<String, Tensor>) -> anyhow::Result<()> {
+    let vars: Vec<_> = policy.trainable_vars().into_iter().filter(|(name, _)| name.starts_with("text_encoder.")).collect();
+    anyhow::ensure!(vars.len() == weights.len(), "the CLIP's text tower has {} tensors, the policy's text encoder {}", weights.len(), vars.len());
+    for (name, var) in vars {
+        let w = weights.get(&name).with_context(|| format!("the CLIP's text tower lacks {name}"))?;
+        anyhow::ensure!(w.shape() == var.shape(), "{name}: the CLIP has shape {:?}, the policy {:?}", w.dims(), var.dims());
+        var.set(&w.to_device(var.device())?)?;
+    }
+    Ok(())
 }
 
 fn prefixed(tensors: &HashMap<String, Tensor>, prefix: &str) -> HashMap<String, Tensor> {
