@@ -144,13 +144,16 @@ impl Family for FlowPolicy {
         let sigmas = sigmas(cfg.steps, self.shift());
         let cond = self.0.encode_prompts(prompts)?;
         let uncond = self.0.encode_prompts(&vec![""; prompts.len()])?;
-        // Samples of a minibatch may sit at different steps: one step output per label, stacked.
-        let mut parts = Vec::new();
-        for (i, &label) in labels.iter().enumerate() {
-            let k = self.index(label, cfg.steps)?;
+        // Samples of a minibatch may sit at different steps: one UNet pass at each row's own
+        // time, then one SDE step per row (its coefficients depend on the row's sigma).
+        let ks = labels.iter().map(|&label| self.index(label, cfg.steps)).collect::<Result<Vec<_>>>()?;
+        let times: Vec<f32> = ks.iter().map(|&k| (1000.0 * sigmas[k]) as f32).collect();
+        let x = x_t.detach();
+        let v = self.0.guided(&x, &times, &cond, &uncond, cfg.guidance)?;
+        let mut parts = Vec::with_capacity(ks.len());
+        for (i, &k) in ks.iter().enumerate() {
             let row = |t: &Tensor| t.narrow(0, i, 1);
-            let v = self.velocity(&row(&cond)?, &row(&uncond)?, &row(&x_t.detach())?, sigmas[k], cfg.guidance)?;
-            parts.push(sde_step(&row(&x_t.detach())?, &v, &sigmas, k, cfg.eta, Some(&row(x_prev)?), None)?);
+            parts.push(sde_step(&row(&x)?, &row(&v)?, &sigmas, k, cfg.eta, Some(&row(x_prev)?), None)?);
         }
         let cat = |f: fn(&StepOutput) -> &Tensor| Tensor::cat(&parts.iter().map(f).collect::<Vec<_>>(), 0);
         Ok(StepOutput {
