@@ -159,3 +159,54 @@ fn a_text_encoder_from_a_file_without_a_text_tower_is_refused_in_one_line() {
     let err = format!("{:#}", Pretrainer::create(config, dir.path(), &Device::Cpu).err().unwrap());
     assert!(err.contains("shapes-unet.json") && err.contains("not a shapes CLIP config"), "{err}");
 }
+
+/// v-prediction's target, converted back through what the DDIM step takes, is the noise
+/// (closed form: v = sqrt(ab) eps - sqrt(1 - ab) x0, eps = sqrt(ab) v + sqrt(1 - ab) x_t).
+#[test]
+fn a_v_prediction_target_converts_back_to_its_noise() {
+    use ddpo::family::ddpm::schedule::{NoiseSchedule, ScheduleConfig};
+    let schedule = NoiseSchedule::new(ScheduleConfig { prediction_type: "v_prediction".into(), ..ScheduleConfig::pixel_default() }).unwrap();
+    let mut rng = ddpo::sampler::NoiseRng::new(3);
+    let x0 = rng.randn((3, 3, 4, 4), &Device::Cpu).unwrap();
+    let noise = rng.randn((3, 3, 4, 4), &Device::Cpu).unwrap();
+    let t = [0, 500, 999];
+    let x_t = schedule.add_noise(&x0, &noise, &t).unwrap();
+    let v = schedule.training_target(&x0, &noise, &t).unwrap();
+    // At t = 999 (ab ~ 4e-5) v is almost -x0; at t = 0 almost the noise.
+    let ab = schedule.alpha_bar(999);
+    let expected = (noise.get(2).unwrap() * ab.sqrt()).unwrap() - (x0.get(2).unwrap() * (1.0 - ab).sqrt()).unwrap();
+    let err = (v.get(2).unwrap() - expected.unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(err < 1e-6, "v at t=999 off by {err}");
+    let eps = schedule.eps_from_output(v, &x_t, &t).unwrap();
+    let err = (eps - &noise).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(err < 1e-5, "eps recovered from v off by {err}");
+    let bad = ScheduleConfig { prediction_type: "sample".into(), ..ScheduleConfig::pixel_default() };
+    assert!(format!("{:#}", NoiseSchedule::new(bad).err().unwrap()).contains("v_prediction"));
+}
+
+#[test]
+fn a_run_starts_from_a_models_weights_and_learns_v_prediction() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = Pretrainer::create(tiny(20), dir.path(), &Device::Cpu).unwrap();
+    losses(&mut first);
+    let start = dir.path().join("start.safetensors");
+    first.export(&start).unwrap();
+    let exported = candle_core::safetensors::load(&start, &Device::Cpu).unwrap();
+
+    let mut config = tiny(80);
+    config.policy.scheduler.prediction_type = "v_prediction".into();
+    config.init_from = Some(start.clone());
+    let run_dir = dir.path().join("v");
+    let mut run = Pretrainer::create(config, &run_dir, &Device::Cpu).unwrap();
+    assert_eq!(max_change(&run.policy, &exported, "", ""), 0.0, "starts from the given weights");
+    let l = losses(&mut run);
+    let (first5, last5) = (l[..5].iter().sum::<f64>() / 5.0, l[l.len() - 5..].iter().sum::<f64>() / 5.0);
+    assert!(last5 < 0.8 * first5, "v-prediction loss went from {first5:.3} to {last5:.3}");
+
+    // Weights of another architecture are refused, naming the file.
+    let mut other = tiny(2);
+    other.policy.unet.block_out_channels = vec![8, 16];
+    other.init_from = Some(start);
+    let err = format!("{:#}", Pretrainer::create(other, &dir.path().join("w"), &Device::Cpu).err().unwrap());
+    assert!(err.contains("start.safetensors") && err.contains("architecture"), "{err}");
+}

@@ -10,7 +10,7 @@ use anyhow::Context;
 
 use crate::family::OpenOptions;
 use crate::pretrain::eval::{judge_each, reward_agreement, reward_scores, summarise};
-use crate::sampler::sample_images;
+use crate::sampler::sample_images_with_range;
 use crate::reward::models::{LazyModels, ModelPaths, RewardModels};
 use crate::run::merge_json;
 use super::stderr_log;
@@ -113,13 +113,14 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
         given_prompts(&args.prompts, per_prompt)?
     };
     let texts: Vec<String> = prompts.iter().map(|p| p.caption.clone()).collect();
-    let images = sample_images(policy.as_ref(), &texts, &cfg, args.seed, 50)?;
+    let (images, out_of_range) = sample_images_with_range(policy.as_ref(), &texts, &cfg, args.seed, 50)?;
     let lazy = LazyModels::new(ModelPaths { vlm: args.vlm.config()?, ..Default::default() }, device.clone());
     let models = lazy.get()?;
     let rewards = args.reward.as_deref().map(|r| reward_totals(r, &images, &texts, lazy)).transpose()?;
     let verdicts = judge_each(&images, &prompts);
     let eval = Eval { images: &images, verdicts: &verdicts, texts: &texts, models: &models, rewards: rewards.as_deref() };
     let mut report = eval.scores(0..images.len())?;
+    report["out_of_range"] = serde_json::json!(out_of_range);
     // Whether the model reads its prompts at all (the denoising loss with and without them).
     let conditioning = crate::pretrain::eval::conditioning_gap(policy.as_ref(), &ShapesWorld::default(), 64)?;
     report["conditioning"] = serde_json::json!({ "own": conditioning.own, "shuffled": conditioning.shuffled, "empty": conditioning.empty, "gap": conditioning.gap() });

@@ -46,6 +46,14 @@ pub struct DiffusionArgs {
     /// eps - x0, sampled with Flow-GRPO's SDE step), on sigmas shifted by this (SD3.5: 3).
     #[arg(long, value_name = "SHIFT")]
     flow_shift: Option<f64>,
+    /// What the UNet predicts: `epsilon` (the noise, as v1) or `v` (v-prediction, as Stable
+    /// Diffusion 2: the estimate of x0 stays bounded at high noise, so unclamped samples stay in range).
+    #[arg(long, value_name = "epsilon|v")]
+    prediction: Option<String>,
+    /// Start from this model's weights (same architecture) instead of random ones, e.g.
+    /// models/shapes-unet.safetensors to retrain the shipped model for v-prediction.
+    #[arg(long, value_name = "MODEL")]
+    init_from: Option<PathBuf>,
     /// Initialise the text encoder from this shapes CLIP's text tower (e.g.
     /// models/shapes-clip.safetensors; its text architecture replaces --arch's) and keep it
     /// frozen, as Stable Diffusion keeps its CLIP.
@@ -91,6 +99,14 @@ pub fn exec(which: Which) -> anyhow::Result<()> {
         Pretrainer::resume(&args.out, args.steps, &device)?
     } else {
         let defaults = PretrainConfig::default();
+        let mut policy = crate::family::PolicyConfig { flow_shift: args.flow_shift, ..architecture(&args.arch)? };
+        if let Some(p) = &args.prediction {
+            policy.scheduler.prediction_type = match p.as_str() {
+                "epsilon" => "epsilon".into(),
+                "v" | "v_prediction" => "v_prediction".into(),
+                other => anyhow::bail!("--prediction {other}: use epsilon or v"),
+            };
+        }
         let config = PretrainConfig {
             steps: args.steps.unwrap_or(defaults.steps),
             batch_size: args.batch_size,
@@ -98,7 +114,8 @@ pub fn exec(which: Which) -> anyhow::Result<()> {
             seed: args.seed,
             checkpoint_every: args.checkpoint_every,
             sample_every: args.sample_every,
-            policy: crate::family::PolicyConfig { flow_shift: args.flow_shift, ..architecture(&args.arch)? },
+            policy,
+            init_from: args.init_from,
             freeze_text_encoder: args.text_encoder.is_some() && !args.tune_text_encoder,
             text_encoder_from: args.text_encoder,
             ..defaults

@@ -7,7 +7,7 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::suite::{score_suite, select, SuiteOptions};
-use crate::family::{Family, NoiseRng, SamplerConfig};
+use crate::family::{Family, SamplerConfig};
 use crate::reward::Reward;
 use anyhow::Context;
 use crate::world::suite::{suite, Half, SuitePrompt, LATEST};
@@ -78,17 +78,7 @@ impl GoldConfig {
 /// detector and, where given, a gold `reward`.
 pub fn evaluate(family: &dyn Family, prompts: &[SuitePrompt], per_prompt: usize, sampler: &SamplerConfig, seed: u64, reward: Option<&dyn Reward>) -> anyhow::Result<GoldReport> {
     let texts: Vec<String> = prompts.iter().flat_map(|p| std::iter::repeat_n(p.text.clone(), per_prompt)).collect();
-    let mut rng = NoiseRng::new(seed);
-    let (mut images, mut outside, mut values) = (Vec::new(), 0.0, 0usize);
-    for chunk in texts.chunks(32) {
-        let traj = crate::sampler::sample(family, chunk, sampler, &mut rng)?;
-        let finals = traj.final_sample();
-        if let Some(range) = family.pixel_range() {
-            outside += finals.abs()?.gt(range)?.to_dtype(candle_core::DType::F32)?.sum_all()?.to_scalar::<f32>()? as f64;
-            values += finals.elem_count();
-        }
-        images.extend(family.images(finals)?);
-    }
+    let (images, out_of_range) = crate::sampler::sample_images_with_range(family, &texts, sampler, seed, 32)?;
     let diversity = diversity(&images, per_prompt)?;
     let reward = match reward {
         Some(r) => {
@@ -100,7 +90,6 @@ pub fn evaluate(family: &dyn Family, prompts: &[SuitePrompt], per_prompt: usize,
     };
     let opts = SuiteOptions { suite: LATEST.to_string(), half: Some(Half::Heldout), per_prompt, seed, sampler: *sampler };
     let report = score_suite(prompts.to_vec(), images, &opts).report;
-    let out_of_range = if values > 0 { outside / values as f64 } else { f64::NAN };
     Ok(GoldReport { suite_strict: report.strict, suite_partial: report.partial, diversity, out_of_range, reward })
 }
 

@@ -10,7 +10,7 @@ use image::RgbImage;
 use serde::Serialize;
 
 use crate::family::Family;
-use crate::sampler::sample_images;
+use crate::sampler::sample_images_with_range;
 use crate::sampler::SamplerConfig;
 use crate::world::detect::detect;
 use crate::world::geneval::{score, ClauseKind, Score};
@@ -70,6 +70,9 @@ pub struct SuiteReport {
     pub categories: Vec<CategoryScore>,
     /// Share of clauses right, per clause type, over all images.
     pub clauses: Vec<ClauseAccuracy>,
+    /// Share of the final samples' values outside the pixel range (what the images clamp
+    /// away): a model that leans on clamping shows it here. NaN (null) where not measured.
+    pub out_of_range: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -97,8 +100,10 @@ pub fn select(prompts: &[SuitePrompt], half: Option<Half>) -> Vec<SuitePrompt> {
 pub fn run_suite(policy: &dyn Family, prompts: Vec<SuitePrompt>, opts: &SuiteOptions) -> anyhow::Result<SuiteRun> {
     anyhow::ensure!(opts.per_prompt > 0, "--per-prompt must be at least 1");
     let texts: Vec<String> = prompts.iter().flat_map(|p| std::iter::repeat_n(p.text.clone(), opts.per_prompt)).collect();
-    let images = sample_images(policy, &texts, &opts.sampler, opts.seed, BATCH).context("sampling the suite's prompts")?;
-    Ok(score_suite(prompts, images, opts))
+    let (images, out_of_range) = sample_images_with_range(policy, &texts, &opts.sampler, opts.seed, BATCH).context("sampling the suite's prompts")?;
+    let mut run = score_suite(prompts, images, opts);
+    run.report.out_of_range = out_of_range;
+    Ok(run)
 }
 
 /// Scores `images` (`per_prompt` per prompt, in prompt order) against their prompts.
@@ -146,6 +151,7 @@ fn summarise(prompts: &[SuitePrompt], samples: &[SuiteSample], opts: &SuiteOptio
         partial: mean(|c| c.partial),
         clauses: clause_accuracy(samples),
         categories,
+        out_of_range: f64::NAN,
     }
 }
 
@@ -173,6 +179,9 @@ impl SuiteReport {
             out.push_str(&format!("| {} | {} | {} | {:.1}% | {:.1}% |\n", c.category.name(), c.prompts, c.images, 100.0 * c.strict, 100.0 * c.partial));
         }
         out.push_str(&format!("| **overall** (mean of categories) | {} | {} | **{:.1}%** | **{:.1}%** |\n", self.prompts, self.images, 100.0 * self.strict, 100.0 * self.partial));
+        if self.out_of_range.is_finite() {
+            out.push_str(&format!("\nFinal sample values outside [-1, 1]: {:.1}%\n", 100.0 * self.out_of_range));
+        }
         out
     }
 }

@@ -42,6 +42,10 @@ pub struct PretrainConfig {
     pub checkpoint_every: usize,
     pub sample_every: usize,
     pub policy: PolicyConfig,
+    /// A model of the same architecture whose weights started this run (instead of random
+    /// ones): to continue a shipped model under a new objective, e.g. v-prediction.
+    #[serde(default)]
+    pub init_from: Option<PathBuf>,
     /// A shapes CLIP whose text tower initialised the text encoder (its architecture replaces
     /// the policy's), as Stable Diffusion starts from a trained CLIP: the UNet then learns to
     /// read captions that already tell colours, shapes and places apart.
@@ -67,6 +71,7 @@ impl Default for PretrainConfig {
             checkpoint_every: 250,
             sample_every: 1000,
             policy: PolicyConfig::shapes_default(),
+            init_from: None,
             text_encoder_from: None,
             freeze_text_encoder: false,
         }
@@ -161,8 +166,12 @@ impl Pretrainer {
         );
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let policy = Policy::new_random(config.policy.clone(), config.seed, device)?;
+        if let Some(path) = &config.init_from {
+            let weights = candle_core::safetensors::load(path, &Device::Cpu).with_context(|| format!("cannot read the initial weights {}", path.display()))?;
+            set_vars(&policy, &weights, "").with_context(|| format!("{} does not fit this run's architecture", path.display()))?;
+        }
         if let Some((_, weights)) = &clip_text {
-            set_text_encoder(&policy, weights)?;
+            set_vars(&policy, weights, "text_encoder.")?;
         }
         Self::assemble(config, policy, files, 0)
     }
@@ -251,7 +260,8 @@ impl Pretrainer {
                 let mut noise_rng = crate::sampler::NoiseRng::new(rng.random());
                 let noise = noise_rng.randn(x0.shape(), &device)?;
                 let x_t = self.policy.schedule.add_noise(&x0, &noise, &t)?;
-                (x_t, t.iter().map(|&v| v as f32).collect::<Vec<_>>(), noise)
+                let target = self.policy.schedule.training_target(&x0, &noise, &t)?;
+                (x_t, t.iter().map(|&v| v as f32).collect::<Vec<_>>(), target)
             }
             Some(shift) => flow_inputs(&x0, shift, &mut rng)?,
         };
@@ -335,13 +345,14 @@ fn clip_text_tower(weights: &Path) -> anyhow::Result<(crate::model::TextConfig, 
     Ok((config.text, text))
 }
 
-/// Overwrites every text-encoder variable of `policy` with its tensor in `weights`.
-fn set_text_encoder(policy: &Policy, weights: &HashMap<String, Tensor>) -> anyhow::Result<()> {
-    let vars: Vec<_> = policy.trainable_vars().into_iter().filter(|(name, _)| name.starts_with("text_encoder.")).collect();
-    anyhow::ensure!(vars.len() == weights.len(), "the CLIP's text tower has {} tensors, the policy's text encoder {}", weights.len(), vars.len());
+/// Overwrites every variable of `policy` whose name starts with `prefix` with its tensor in
+/// `weights`, which must hold exactly those, in the same shapes.
+fn set_vars(policy: &Policy, weights: &HashMap<String, Tensor>, prefix: &str) -> anyhow::Result<()> {
+    let vars: Vec<_> = policy.trainable_vars().into_iter().filter(|(name, _)| name.starts_with(prefix)).collect();
+    anyhow::ensure!(vars.len() == weights.len(), "{} tensors given for the policy's {} ({prefix}*)", weights.len(), vars.len());
     for (name, var) in vars {
-        let w = weights.get(&name).with_context(|| format!("the CLIP's text tower lacks {name}"))?;
-        anyhow::ensure!(w.shape() == var.shape(), "{name}: the CLIP has shape {:?}, the policy {:?}", w.dims(), var.dims());
+        let w = weights.get(&name).with_context(|| format!("no tensor {name}"))?;
+        anyhow::ensure!(w.shape() == var.shape(), "{name}: shape {:?} given, the policy's is {:?}", w.dims(), var.dims());
         var.set(&w.to_device(var.device())?)?;
     }
     Ok(())

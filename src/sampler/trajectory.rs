@@ -70,13 +70,25 @@ pub fn transition(family: &dyn Family, prompts: &[String], x_t: &Tensor, x_prev:
 
 /// Images for `prompts`, sampled `batch` at a time from one seeded noise stream.
 pub fn sample_images(family: &dyn Family, prompts: &[String], cfg: &SamplerConfig, seed: u64, batch: usize) -> anyhow::Result<Vec<image::RgbImage>> {
+    Ok(sample_images_with_range(family, prompts, cfg, seed, batch)?.0)
+}
+
+/// [`sample_images`], and the share of the final samples' values outside the family's pixel
+/// range (what an image clamps away; NaN for a family without one, such as latents).
+pub fn sample_images_with_range(family: &dyn Family, prompts: &[String], cfg: &SamplerConfig, seed: u64, batch: usize) -> anyhow::Result<(Vec<image::RgbImage>, f64)> {
     let mut rng = NoiseRng::new(seed);
     let mut images = Vec::with_capacity(prompts.len());
+    let (mut outside, mut values) = (0.0, 0usize);
     for chunk in prompts.chunks(batch.max(1)) {
         let traj = sample(family, chunk, cfg, &mut rng)?;
-        images.extend(family.images(traj.final_sample())?);
+        let finals = traj.final_sample();
+        if let Some(range) = family.pixel_range() {
+            outside += finals.abs()?.gt(range)?.to_dtype(candle_core::DType::F32)?.sum_all()?.to_scalar::<f32>()? as f64;
+            values += finals.elem_count();
+        }
+        images.extend(family.images(finals)?);
     }
-    Ok(images)
+    Ok((images, if values > 0 { outside / values as f64 } else { f64::NAN }))
 }
 
 /// A labelled grid of one sample per prompt, written as a PNG.

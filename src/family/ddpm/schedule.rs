@@ -75,8 +75,8 @@ impl NoiseSchedule {
         let n = config.num_train_timesteps;
         anyhow::ensure!(n >= 2, "scheduler: num_train_timesteps must be at least 2, got {n}");
         anyhow::ensure!(
-            config.prediction_type == "epsilon",
-            "scheduler: prediction_type {:?} is not supported (only \"epsilon\")",
+            ["epsilon", "v_prediction"].contains(&config.prediction_type.as_str()),
+            "scheduler: prediction_type {:?} is not supported (use \"epsilon\" or \"v_prediction\")",
             config.prediction_type
         );
         anyhow::ensure!(
@@ -117,15 +117,45 @@ impl NoiseSchedule {
         &self.alphas_cumprod
     }
 
+    /// One value per batch row, shaped (rows, 1, 1, 1) to broadcast over images.
+    fn per_row(&self, t: &[usize], f: impl Fn(f64) -> f64, device: &candle_core::Device) -> candle_core::Result<Tensor> {
+        let v: Vec<f32> = t.iter().map(|&t| f(self.alpha_bar(t)) as f32).collect();
+        Tensor::from_vec(v, (t.len(), 1, 1, 1), device)
+    }
+
     /// Forward process q(x_t | x_0): sqrt(ab_t) x0 + sqrt(1 - ab_t) noise, one `t` per batch row.
     pub fn add_noise(&self, x0: &Tensor, noise: &Tensor, t: &[usize]) -> candle_core::Result<Tensor> {
-        let column = |f: &dyn Fn(f64) -> f64| {
-            let v: Vec<f32> = t.iter().map(|&t| f(self.alpha_bar(t)) as f32).collect();
-            Tensor::from_vec(v, (t.len(), 1, 1, 1), x0.device())
-        };
-        let signal = column(&|ab| ab.sqrt())?;
-        let noise_scale = column(&|ab| (1.0 - ab).sqrt())?;
+        let signal = self.per_row(t, f64::sqrt, x0.device())?;
+        let noise_scale = self.per_row(t, |ab| (1.0 - ab).sqrt(), x0.device())?;
         x0.broadcast_mul(&signal)? + noise.broadcast_mul(&noise_scale)?
+    }
+
+    /// Whether the model predicts v = sqrt(ab) eps - sqrt(1 - ab) x0 (Stable Diffusion 2's
+    /// v-prediction) rather than the noise.
+    pub fn predicts_v(&self) -> bool {
+        self.config.prediction_type == "v_prediction"
+    }
+
+    /// What the model learns to output at `t`: the noise, or v. v keeps x0's estimate bounded
+    /// at high noise, where eps-prediction divides its error by sqrt(ab) ~ 0.01.
+    pub fn training_target(&self, x0: &Tensor, noise: &Tensor, t: &[usize]) -> candle_core::Result<Tensor> {
+        if !self.predicts_v() {
+            return Ok(noise.clone());
+        }
+        let signal = self.per_row(t, f64::sqrt, x0.device())?;
+        let noise_scale = self.per_row(t, |ab| (1.0 - ab).sqrt(), x0.device())?;
+        noise.broadcast_mul(&signal)? - x0.broadcast_mul(&noise_scale)?
+    }
+
+    /// The noise that the model's `output` at `x_t` implies: the output itself, or from v,
+    /// eps = sqrt(ab) v + sqrt(1 - ab) x_t. The DDIM step and its log-prob take eps.
+    pub fn eps_from_output(&self, output: Tensor, x_t: &Tensor, t: &[usize]) -> candle_core::Result<Tensor> {
+        if !self.predicts_v() {
+            return Ok(output);
+        }
+        let signal = self.per_row(t, f64::sqrt, x_t.device())?;
+        let noise_scale = self.per_row(t, |ab| (1.0 - ab).sqrt(), x_t.device())?;
+        output.broadcast_mul(&signal)? + x_t.broadcast_mul(&noise_scale)?
     }
 
     /// DDIM timesteps for `steps` inference steps, from the noisiest down ("leading" spacing).

@@ -90,8 +90,9 @@ impl<T: UNetFamily> Family for T {
         let noise = rng.randn(x0.shape(), &core.device)?;
         let x_t = core.schedule.add_noise(x0, &noise, &t)?;
         let ctx = core.encode_prompts(prompts)?;
-        let pred = core.predict_eps(&x_t, &t, &ctx)?;
-        (pred - noise)?.sqr()?.flatten_from(1)?.mean(1)
+        // The model's own objective: its raw output against its target (the noise, or v).
+        let pred = core.predict(&x_t, &t.iter().map(|&t| t as f32).collect::<Vec<_>>(), &ctx)?;
+        (pred - core.schedule.training_target(x0, &noise, &t)?)?.sqr()?.flatten_from(1)?.mean(1)
     }
 
     fn decode(&self, samples: &Tensor) -> anyhow::Result<Tensor> {

@@ -243,9 +243,10 @@ impl Policy {
     }
 
     /// Unguided noise prediction for `x` at `timesteps` given text states `context`, in f32
-    /// whatever the weights' dtype.
+    /// whatever the weights' dtype (converted from v for a v-prediction model).
     pub fn predict_eps(&self, x: &Tensor, timesteps: &[usize], context: &Tensor) -> Result<Tensor> {
-        self.predict(x, &timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(), context)
+        let out = self.predict(x, &timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(), context)?;
+        self.schedule.eps_from_output(out, x, timesteps)
     }
 
     /// The UNet's prediction (noise, or a flow's velocity) at continuous `times` (a flow's
@@ -266,7 +267,8 @@ impl Policy {
         self.unet.forward(&x.to_dtype(dt)?, &t, &context.to_dtype(dt)?)?.to_dtype(DType::F32)
     }
 
-    /// Classifier-free-guided noise prediction: eps_u + g (eps_c - eps_u), both in one UNet call.
+    /// Classifier-free-guided noise prediction: eps_u + g (eps_c - eps_u), both in one UNet call
+    /// (guiding v and converting is the same: eps is affine in v at a given x_t).
     pub fn guided_eps(
         &self,
         x: &Tensor,
@@ -275,7 +277,8 @@ impl Policy {
         uncond: &Tensor,
         guidance: f64,
     ) -> Result<Tensor> {
-        self.guided(x, &timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(), cond, uncond, guidance)
+        let out = self.guided(x, &timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(), cond, uncond, guidance)?;
+        self.schedule.eps_from_output(out, x, timesteps)
     }
 
     /// Classifier-free guidance of [`Policy::predict`] at continuous `times`.
