@@ -106,6 +106,9 @@ pub fn exec(which: Which) -> anyhow::Result<()> {
                 "v" | "v_prediction" => "v_prediction".into(),
                 other => anyhow::bail!("--prediction {other}: use epsilon or v"),
             };
+            // v keeps x0's estimate bounded, which is what the clamp stands in for; the model
+            // samples unclamped, as DDPO trains it.
+            policy.scheduler.clip_sample = policy.scheduler.prediction_type == "epsilon" && policy.scheduler.clip_sample;
         }
         let config = PretrainConfig {
             steps: args.steps.unwrap_or(defaults.steps),
