@@ -164,8 +164,9 @@ pub struct SamplerArgs {
     pub guidance: f64,
     /// Clamp the predicted x0 to [-1, 1] inside each step (diffusers' `clip_sample`). Default:
     /// the model's scheduler setting for `sample` and `eval` (off for the shipped v-prediction
-    /// model, on for eps models such as models/pretrain/ema.safetensors), off for `train`: the clamp makes the policy non-smooth at exactly the saturated palette colours
-    /// (most pixels of a shapes-world image), and DDPO then trains in the wrong direction.
+    /// model, on for eps models such as models/pretrain/ema.safetensors), off for `train`: the
+    /// clamp makes the policy non-smooth at exactly the saturated palette colours (most pixels
+    /// of a shapes-world image), and DDPO then trains in the wrong direction.
     #[arg(long, value_name = "BOOL")]
     pub clip_sample: Option<bool>,
 }

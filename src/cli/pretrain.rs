@@ -48,8 +48,8 @@ pub struct DiffusionArgs {
     flow_shift: Option<f64>,
     /// What the UNet predicts: `epsilon` (the noise, as v1) or `v` (v-prediction, as Stable
     /// Diffusion 2: the estimate of x0 stays bounded at high noise, so unclamped samples stay in range).
-    #[arg(long, value_name = "epsilon|v")]
-    prediction: Option<String>,
+    #[arg(long, value_enum)]
+    prediction: Option<Prediction>,
     /// Start from this model's weights (same architecture) instead of random ones, e.g.
     /// models/shapes-unet.safetensors to retrain the shipped model for v-prediction.
     #[arg(long, value_name = "MODEL")]
@@ -73,6 +73,15 @@ pub struct DiffusionArgs {
     export: Option<PathBuf>,
     #[arg(long, default_value = "cpu")]
     device: String,
+}
+
+/// `--prediction`: what the UNet learns to output.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Prediction {
+    /// The noise (diffusers' `epsilon`).
+    Epsilon,
+    /// v = sqrt(ab) eps - sqrt(1 - ab) x0 (diffusers' `v_prediction`).
+    V,
 }
 
 /// The policy config named by `--arch`.
@@ -100,15 +109,15 @@ pub fn exec(which: Which) -> anyhow::Result<()> {
     } else {
         let defaults = PretrainConfig::default();
         let mut policy = crate::family::PolicyConfig { flow_shift: args.flow_shift, ..architecture(&args.arch)? };
-        if let Some(p) = &args.prediction {
-            policy.scheduler.prediction_type = match p.as_str() {
-                "epsilon" => "epsilon".into(),
-                "v" | "v_prediction" => "v_prediction".into(),
-                other => anyhow::bail!("--prediction {other}: use epsilon or v"),
-            };
-            // v keeps x0's estimate bounded, which is what the clamp stands in for; the model
-            // samples unclamped, as DDPO trains it.
-            policy.scheduler.clip_sample = policy.scheduler.prediction_type == "epsilon" && policy.scheduler.clip_sample;
+        match args.prediction {
+            Some(Prediction::Epsilon) => policy.scheduler.prediction_type = "epsilon".into(),
+            Some(Prediction::V) => {
+                policy.scheduler.prediction_type = "v_prediction".into();
+                // v keeps x0's estimate bounded, which is what the clamp stands in for; the
+                // model samples unclamped, as DDPO trains it.
+                policy.scheduler.clip_sample = false;
+            }
+            None => {}
         }
         let config = PretrainConfig {
             steps: args.steps.unwrap_or(defaults.steps),

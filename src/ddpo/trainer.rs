@@ -625,8 +625,7 @@ pub fn range_excess(x: &Tensor, range: f64, weights: &Tensor) -> candle_core::Re
 /// outside [-range, range].
 fn out_of_range_fraction(latents: &Tensor, last: usize, range: f64) -> candle_core::Result<f64> {
     let finals = latents.narrow(1, last, 1)?;
-    let outside = finals.abs()?.gt(range)?.to_dtype(candle_core::DType::F32)?;
-    Ok(outside.mean_all()?.to_scalar::<f32>()? as f64)
+    Ok(sampler::count_out_of_range(&finals, range)? / finals.elem_count().max(1) as f64)
 }
 
 impl UpdateStats {

@@ -7,4 +7,4 @@
 pub mod trajectory;
 
 pub use crate::family::{NoiseRng, NoiseRngState, SamplerConfig, StepOutput};
-pub use trajectory::{sample, sample_grouped, sample_images, sample_images_with_range, transition, write_sample_grid, Trajectory};
+pub use trajectory::{count_out_of_range, sample, sample_grouped, sample_images, sample_images_with_range, transition, write_sample_grid, Trajectory};

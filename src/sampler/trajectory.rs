@@ -83,12 +83,17 @@ pub fn sample_images_with_range(family: &dyn Family, prompts: &[String], cfg: &S
         let traj = sample(family, chunk, cfg, &mut rng)?;
         let finals = traj.final_sample();
         if let Some(range) = family.pixel_range() {
-            outside += finals.abs()?.gt(range)?.to_dtype(candle_core::DType::F32)?.sum_all()?.to_scalar::<f32>()? as f64;
+            outside += count_out_of_range(finals, range)?;
             values += finals.elem_count();
         }
         images.extend(family.images(finals)?);
     }
     Ok((images, if values > 0 { outside / values as f64 } else { f64::NAN }))
+}
+
+/// How many of `values` lie outside [-range, range].
+pub fn count_out_of_range(values: &Tensor, range: f64) -> candle_core::Result<f64> {
+    Ok(values.abs()?.gt(range)?.to_dtype(candle_core::DType::F32)?.sum_all()?.to_scalar::<f32>()? as f64)
 }
 
 /// A labelled grid of one sample per prompt, written as a PNG.

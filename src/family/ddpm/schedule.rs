@@ -117,16 +117,19 @@ impl NoiseSchedule {
         &self.alphas_cumprod
     }
 
-    /// One value per batch row, shaped (rows, 1, 1, 1) to broadcast over images.
-    fn per_row(&self, t: &[usize], f: impl Fn(f64) -> f64, device: &candle_core::Device) -> candle_core::Result<Tensor> {
-        let v: Vec<f32> = t.iter().map(|&t| f(self.alpha_bar(t)) as f32).collect();
-        Tensor::from_vec(v, (t.len(), 1, 1, 1), device)
+    /// sqrt(ab_t) and sqrt(1 - ab_t) per batch row, shaped (rows, 1, 1, 1) to broadcast over
+    /// images: the signal and noise scales of x_t = signal x0 + noise_scale eps.
+    fn scales(&self, t: &[usize], device: &candle_core::Device) -> candle_core::Result<(Tensor, Tensor)> {
+        let column = |f: &dyn Fn(f64) -> f64| {
+            let v: Vec<f32> = t.iter().map(|&t| f(self.alpha_bar(t)) as f32).collect();
+            Tensor::from_vec(v, (t.len(), 1, 1, 1), device)
+        };
+        Ok((column(&f64::sqrt)?, column(&|ab| (1.0 - ab).sqrt())?))
     }
 
     /// Forward process q(x_t | x_0): sqrt(ab_t) x0 + sqrt(1 - ab_t) noise, one `t` per batch row.
     pub fn add_noise(&self, x0: &Tensor, noise: &Tensor, t: &[usize]) -> candle_core::Result<Tensor> {
-        let signal = self.per_row(t, f64::sqrt, x0.device())?;
-        let noise_scale = self.per_row(t, |ab| (1.0 - ab).sqrt(), x0.device())?;
+        let (signal, noise_scale) = self.scales(t, x0.device())?;
         x0.broadcast_mul(&signal)? + noise.broadcast_mul(&noise_scale)?
     }
 
@@ -142,8 +145,7 @@ impl NoiseSchedule {
         if !self.predicts_v() {
             return Ok(noise.clone());
         }
-        let signal = self.per_row(t, f64::sqrt, x0.device())?;
-        let noise_scale = self.per_row(t, |ab| (1.0 - ab).sqrt(), x0.device())?;
+        let (signal, noise_scale) = self.scales(t, x0.device())?;
         noise.broadcast_mul(&signal)? - x0.broadcast_mul(&noise_scale)?
     }
 
@@ -153,8 +155,7 @@ impl NoiseSchedule {
         if !self.predicts_v() {
             return Ok(output);
         }
-        let signal = self.per_row(t, f64::sqrt, x_t.device())?;
-        let noise_scale = self.per_row(t, |ab| (1.0 - ab).sqrt(), x_t.device())?;
+        let (signal, noise_scale) = self.scales(t, x_t.device())?;
         output.broadcast_mul(&signal)? + x_t.broadcast_mul(&noise_scale)?
     }
 
