@@ -210,3 +210,41 @@ fn a_run_starts_from_a_models_weights_and_learns_v_prediction() {
     let err = format!("{:#}", Pretrainer::create(other, &dir.path().join("w"), &Device::Cpu).err().unwrap());
     assert!(err.contains("start.safetensors") && err.contains("architecture"), "{err}");
 }
+
+#[test]
+fn a_run_grows_a_model_by_attention_blocks_that_start_as_the_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = Pretrainer::create(tiny(10), dir.path(), &Device::Cpu).unwrap();
+    losses(&mut first);
+    let start = dir.path().join("start.safetensors");
+    first.export(&start).unwrap();
+    let small = Policy::load(&start, &Device::Cpu).unwrap();
+
+    // The same model with cross-attention at its first (16x16) level as well.
+    let mut config = tiny(10);
+    config.policy.unet.down_block_types = vec!["CrossAttnDownBlock2D".into(), "CrossAttnDownBlock2D".into()];
+    config.policy.unet.up_block_types = vec!["CrossAttnUpBlock2D".into(), "CrossAttnUpBlock2D".into()];
+    config.init_from = Some(start.clone());
+    let mut grown = Pretrainer::create(config, &dir.path().join("grown"), &Device::Cpu).unwrap();
+    assert!(grown.policy.parameter_count() > small.parameter_count());
+
+    let x = ddpo::sampler::NoiseRng::new(3).randn((2, 3, 16, 16), &Device::Cpu).unwrap();
+    let context = small.encode_prompts(&["a red circle on a blue background", "two green stars on a white background"]).unwrap();
+    let predict = |p: &Policy| p.predict_eps(&x, &[700, 100], &context).unwrap();
+    let diff = (predict(&small) - predict(&grown.policy)).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff < 1e-5, "the grown model's first prediction differs from the old one's by {diff}");
+
+    // Training then moves the new blocks' output projections off zero.
+    losses(&mut grown);
+    let proj = grown.policy.trainable_vars().into_iter().find(|(n, _)| n.starts_with("unet.down_blocks.0.attentions.0.proj_out.weight")).unwrap().1;
+    let norm = proj.as_tensor().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(norm > 0.0, "the new block never trained");
+
+    // A file with tensors the policy lacks is refused, naming the stray tensor.
+    let mut shrunk = tiny(2);
+    shrunk.policy.unet.down_block_types = vec!["DownBlock2D".into(), "DownBlock2D".into()];
+    shrunk.policy.unet.up_block_types = vec!["UpBlock2D".into(), "UpBlock2D".into()];
+    shrunk.init_from = Some(start);
+    let err = format!("{:#}", Pretrainer::create(shrunk, &dir.path().join("shrunk"), &Device::Cpu).err().unwrap());
+    assert!(err.contains("attentions") && err.contains("lacks"), "{err}");
+}

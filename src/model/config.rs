@@ -106,7 +106,7 @@ impl UNetConfig {
         }
     }
 
-    /// The second embedded default: 1.5x the channels at 32x32 and 16x16, and cross-attention
+    /// A candidate second default (never shipped): 1.5x the channels at 32x32 and 16x16, and cross-attention
     /// at 16x16 as well as 8x8, where a shape's outline is a few cells wide.
     pub fn shapes_v2() -> Self {
         Self {
@@ -122,6 +122,25 @@ impl UNetConfig {
                 "UpBlock2D".into(),
             ],
             layers_per_block: 1,
+            ..Self::shapes_default()
+        }
+    }
+
+    /// The v1 UNet with cross-attention at 16x16 as well as 8x8 (v2's attention at v1's width):
+    /// the only change to v1 is two new attention blocks, so a v1 model grows into it with
+    /// `--init-from` (the new blocks start as the identity) and keeps what it learned.
+    pub fn shapes_v3() -> Self {
+        Self {
+            down_block_types: vec![
+                "DownBlock2D".into(),
+                "CrossAttnDownBlock2D".into(),
+                "CrossAttnDownBlock2D".into(),
+            ],
+            up_block_types: vec![
+                "CrossAttnUpBlock2D".into(),
+                "CrossAttnUpBlock2D".into(),
+                "UpBlock2D".into(),
+            ],
             ..Self::shapes_default()
         }
     }

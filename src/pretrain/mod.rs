@@ -168,7 +168,10 @@ impl Pretrainer {
         let policy = Policy::new_random(config.policy.clone(), config.seed, device)?;
         if let Some(path) = &config.init_from {
             let weights = candle_core::safetensors::load(path, &Device::Cpu).with_context(|| format!("cannot read the initial weights {}", path.display()))?;
-            set_vars(&policy, &weights, "").with_context(|| format!("{} does not fit this run's architecture", path.display()))?;
+            let grown = grow_from(&policy, &weights).with_context(|| format!("{} does not fit this run's architecture", path.display()))?;
+            if grown > 0 {
+                println!("init from {}: {grown} new tensors (new attention blocks start as the identity)", path.display());
+            }
         }
         if let Some((_, weights)) = &clip_text {
             set_vars(&policy, weights, "text_encoder.")?;
@@ -356,6 +359,35 @@ fn set_vars(policy: &Policy, weights: &HashMap<String, Tensor>, prefix: &str) ->
         var.set(&w.to_device(var.device())?)?;
     }
     Ok(())
+}
+
+/// Starts `policy` from `weights` of the same or a smaller architecture (one that lacks some of
+/// its attention blocks): every given tensor must fit a parameter of the policy. Parameters the
+/// file lacks keep their random start, except each new transformer block's output projection,
+/// which is zeroed so the block adds nothing yet and the grown model computes what the old one
+/// did (ControlNet's zero convolutions). Returns how many parameters the file lacked.
+fn grow_from(policy: &Policy, weights: &HashMap<String, Tensor>) -> anyhow::Result<usize> {
+    let vars: HashMap<String, candle_core::Var> = policy.trainable_vars().into_iter().collect();
+    if let Some(stray) = weights.keys().find(|name| !vars.contains_key(*name)) {
+        anyhow::bail!("it has a tensor {stray} that the policy lacks (another architecture, or a LoRA adapter?)");
+    }
+    let mut lacked = 0;
+    for (name, var) in &vars {
+        match weights.get(name) {
+            Some(w) => {
+                anyhow::ensure!(w.shape() == var.shape(), "{name}: shape {:?} given, the policy's is {:?}", w.dims(), var.dims());
+                var.set(&w.to_device(var.device())?)?;
+            }
+            None => {
+                lacked += 1;
+                if name.contains(".attentions.") && name.contains(".proj_out.") {
+                    var.set(&var.zeros_like()?)?;
+                }
+            }
+        }
+    }
+    anyhow::ensure!(lacked < vars.len(), "it shares no tensor with the policy");
+    Ok(lacked)
 }
 
 fn prefixed(tensors: &HashMap<String, Tensor>, prefix: &str) -> HashMap<String, Tensor> {

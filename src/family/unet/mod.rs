@@ -60,7 +60,16 @@ impl PolicyConfig {
         }
     }
 
-    /// The second embedded default's architecture (see [`UNetConfig::shapes_v2`]), with a
+    /// v1 with attention at 16x16 (see [`UNetConfig::shapes_v3`]), v-prediction, unclamped.
+    pub fn shapes_v3() -> Self {
+        let mut config = Self::shapes_default();
+        config.unet = UNetConfig::shapes_v3();
+        config.scheduler.prediction_type = "v_prediction".into();
+        config.scheduler.clip_sample = false;
+        config
+    }
+
+    /// The v2 candidate's architecture (see [`UNetConfig::shapes_v2`]), with a
     /// three-layer text encoder so that colour words can bind to the shape words after them.
     pub fn shapes_v2() -> Self {
         let mut config = Self::shapes_default();
