@@ -107,7 +107,7 @@ fn tiny_trainer_edited(algorithm: Algorithm, lr: f64, reward: Arc<dyn ddpo::rewa
         rwr_beta: 0.2,
         normalisation: Normalisation::Batch,
         optimizer: AdamWConfig { lr, ..Default::default() },
-        sampler: SamplerConfig { steps: 4, eta: 1.0, guidance: 1.0 },
+        sampler: SamplerConfig::new(4, 1.0, 1.0),
         seed: 3,
         // The tiny model is pretrained for 60 steps only: its brightness follows the prompt
         // embedding more than the UNet, so these tests train both (unlike `ddpo train`'s default),

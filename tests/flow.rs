@@ -9,8 +9,8 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 use common::fixtures::prompt_source;
 use ddpo::ddpo::{Normalisation, TrainConfig, Trainer};
-use ddpo::family::flow::{sde_step, sigmas, step_std, FlowPolicy};
-use ddpo::family::{Family, NoiseRng, Policy, PolicyConfig, SamplerConfig};
+use ddpo::family::flow::{cps_std, cps_step, sde_step, sigmas, step_std, FlowPolicy};
+use ddpo::family::{Family, FlowStep, NoiseRng, Policy, PolicyConfig, SamplerConfig};
 use ddpo::sampler;
 
 fn tiny_flow(seed: u64) -> FlowPolicy {
@@ -61,11 +61,95 @@ fn the_sde_step_matches_flow_grpo_formula() {
     }
 }
 
+/// Flow-GRPO's CPS step element by element: std = s' sin(a pi / 2), mean (1 - s') x0 +
+/// sqrt(s'^2 - std^2) x1; noise level 0 is the Euler step x + (s' - s) v; the last step is
+/// deterministic. With x0 and x1 the true image and noise, x' keeps the path's coefficients.
+#[test]
+fn the_cps_step_matches_flow_grpo_formula() {
+    let dev = Device::Cpu;
+    let x: Vec<f32> = (0..12).map(|i| (i as f32 * 0.37).sin()).collect();
+    let v: Vec<f32> = (0..12).map(|i| (i as f32 * 0.91).cos()).collect();
+    let prev: Vec<f32> = (0..12).map(|i| (i as f32 * 0.53).sin() * 0.8).collect();
+    let t = |d: &[f32]| Tensor::from_vec(d.to_vec(), (2, 1, 2, 3), &dev).unwrap();
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let sig = sigmas(10, 3.0);
+    let a = 0.8;
+    for k in [0, 4, 8] {
+        let out = cps_step(&t(&x), &t(&v), &sig, k, a, Some(&t(&prev)), None).unwrap();
+        let (s, s1) = (sig[k], sig[k + 1]);
+        let std = s1 * (a * std::f64::consts::PI / 2.0).sin();
+        assert!((cps_std(&sig, k, a) - std).abs() < 1e-12);
+        let (mean, lp) = (flat(&out.mean), out.log_prob.to_vec1::<f32>().unwrap());
+        for b in 0..2 {
+            let mut want_lp = 0.0;
+            for i in 0..6 {
+                let j = b * 6 + i;
+                let (x0, x1) = (x[j] as f64 - s * v[j] as f64, x[j] as f64 + (1.0 - s) * v[j] as f64);
+                let m = (1.0 - s1) * x0 + (s1 * s1 - std * std).sqrt() * x1;
+                assert!((mean[j] as f64 - m).abs() < 1e-5, "step {k} mean {j}: {} vs {m}", mean[j]);
+                want_lp += -(prev[j] as f64 - m).powi(2) / (2.0 * std * std) - std.ln() - 0.5 * (2.0 * std::f64::consts::PI).ln();
+            }
+            want_lp /= 6.0;
+            assert!((lp[b] as f64 - want_lp).abs() < 1e-3 * want_lp.abs().max(1.0), "step {k} log-prob {} vs {want_lp}", lp[b]);
+        }
+        // Noise level 0: the Euler ODE step.
+        let ode = flat(&cps_step(&t(&x), &t(&v), &sig, k, 0.0, None, Some(&t(&prev))).unwrap().prev_sample);
+        for j in 0..12 {
+            let euler = x[j] as f64 + (s1 - s) * v[j] as f64;
+            assert!((ode[j] as f64 - euler).abs() < 1e-5, "step {k} ODE {j}: {} vs {euler}", ode[j]);
+        }
+    }
+    // From a point of the path, x = (1 - s) x0 + s x1, with its exact velocity x1 - x0, the step
+    // lands on the path at s': x' - (1 - s') x0 has the variance s'^2 of fresh noise.
+    let k = 3;
+    let (s, s1) = (sig[k], sig[k + 1]);
+    let n = 40_000;
+    let mut rng = NoiseRng::new(11);
+    let x0 = Tensor::full(0.3f32, (1, n), &dev).unwrap();
+    let x1 = rng.randn((1, n), &dev).unwrap();
+    let on_path = ((&x0 * (1.0 - s)).unwrap() + (&x1 * s).unwrap()).unwrap();
+    let z = rng.randn((1, n), &dev).unwrap();
+    let next = cps_step(&on_path, &(&x1 - &x0).unwrap(), &sig, k, a, None, Some(&z)).unwrap().prev_sample;
+    let rest = flat(&(next - (&x0 * (1.0 - s1)).unwrap()).unwrap());
+    let var = rest.iter().map(|r| (*r as f64).powi(2)).sum::<f64>() / n as f64;
+    assert!((var / (s1 * s1) - 1.0).abs() < 0.03, "variance {var} vs s'^2 {}", s1 * s1);
+    // The final step (s' = 0) is deterministic: the clean estimate, log-prob 0, std 0.
+    let last = cps_step(&t(&x), &t(&v), &sig, 9, a, Some(&t(&prev)), None).unwrap();
+    assert_eq!(flat(&last.sigma), vec![0.0, 0.0]);
+    assert_eq!(last.log_prob.to_vec1::<f32>().unwrap(), vec![0.0, 0.0]);
+    let x0: Vec<f32> = (0..12).map(|j| x[j] - sig[9] as f32 * v[j]).collect();
+    assert!(flat(&last.mean).iter().zip(&x0).all(|(m, w)| (m - w).abs() < 1e-6));
+}
+
+#[test]
+fn a_cps_trajectory_recomputes_to_its_own_log_probs_and_trains_without_its_last_step() {
+    let policy = tiny_flow(1);
+    let prompts = vec!["a red circle on a blue background".to_string(), "two green squares on a black background".to_string()];
+    let cfg = SamplerConfig { flow_step: FlowStep::Cps, ..SamplerConfig::new(4, 0.8, 2.0) };
+    policy.check_sampler(&cfg).unwrap();
+    let traj = sampler::sample(&policy, &prompts, &cfg, &mut NoiseRng::new(3)).unwrap();
+    for (k, &t) in traj.timesteps.iter().enumerate() {
+        let step = policy.log_prob(&prompts, &traj.latents[k], &traj.latents[k + 1], &[t, t], &cfg).unwrap();
+        let (new, old) = (step.log_prob.to_vec1::<f32>().unwrap(), traj.log_probs.narrow(1, k, 1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        for (a, b) in new.iter().zip(&old) {
+            assert!(a.is_finite() && (a - b).abs() < 1e-4, "step {k}: recomputed {a} vs sampled {b}");
+        }
+    }
+    let train = TrainConfig { sampler: cfg, min_train_sigma: 0.0, ..Default::default() };
+    assert_eq!(train.trained_steps(&policy).unwrap(), vec![0, 1, 2], "the deterministic last step is not trained");
+    let bad = policy.check_sampler(&SamplerConfig { eta: 1.5, ..cfg }).unwrap_err().to_string();
+    assert!(bad.contains("at most 1"), "{bad}");
+    // The DDPM families have one kind of step and say so.
+    let ddpm = ddpo::family::PixelPolicy(Policy::new_random(PolicyConfig::tiny_test(), 1, &Device::Cpu).unwrap());
+    let err = ddpm.check_sampler(&cfg).unwrap_err().to_string();
+    assert!(err.contains("sde-type"), "{err}");
+}
+
 #[test]
 fn a_trajectory_recomputes_to_its_own_log_probs() {
     let policy = tiny_flow(1);
     let prompts = vec!["a red circle on a blue background".to_string(), "two green squares on a black background".to_string()];
-    let cfg = SamplerConfig { steps: 4, eta: 0.7, guidance: 2.0 };
+    let cfg = SamplerConfig::new(4, 0.7, 2.0);
     policy.check_sampler(&cfg).unwrap();
     let traj = sampler::sample(&policy, &prompts, &cfg, &mut NoiseRng::new(3)).unwrap();
     assert_eq!(traj.timesteps, vec![1000, 900, 750, 500], "labels: round(1000 s) of the shifted schedule");
@@ -119,7 +203,7 @@ fn the_unchanged_trainer_trains_a_flow_policy() {
         same_noise: true,
         normalisation: Normalisation::Group { global_std: false },
         kl_weight: 0.1,
-        sampler: SamplerConfig { steps: 4, eta: 0.7, guidance: 1.0 },
+        sampler: SamplerConfig::new(4, 0.7, 1.0),
         min_train_sigma: 0.0,
         optimizer: ddpo::optim::AdamWConfig { lr: 1e-2, warmup_steps: 0, ..Default::default() },
         ..Default::default()

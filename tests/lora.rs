@@ -178,7 +178,7 @@ fn a_lora_run_takes_its_kl_reference_from_itself() {
         kl_weight: 1.0,
         normalisation: Normalisation::Batch,
         optimizer: AdamWConfig { lr: 1e-2, warmup_steps: 0, ..Default::default() },
-        sampler: SamplerConfig { steps: 3, eta: 1.0, guidance: 2.0 },
+        sampler: SamplerConfig::new(3, 1.0, 2.0),
         min_train_sigma: 0.0,
         ..Default::default()
     };

@@ -24,7 +24,7 @@ fn train_config() -> TrainConfig {
         train_batch_size: 8,
         normalisation: Normalisation::Batch,
         optimizer: AdamWConfig { lr: 0.05, warmup_steps: 4, ..Default::default() },
-        sampler: SamplerConfig { steps: 4, eta: 1.0, guidance: 1.0 },
+        sampler: SamplerConfig::new(4, 1.0, 1.0),
         min_train_sigma: 0.0,
         seed: 9,
         ..small_config()

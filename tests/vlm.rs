@@ -239,7 +239,7 @@ fn gaussian_run(reward: &Path, vlm: VlmConfig) -> RunConfig {
         sample_batch_size: 4,
         train_batch_size: 4,
         normalisation: Normalisation::Batch,
-        sampler: SamplerConfig { steps: 2, eta: 1.0, guidance: 1.0 },
+        sampler: SamplerConfig::new(2, 1.0, 1.0),
         min_train_sigma: 0.0,
         ..small_config()
     };

@@ -169,13 +169,33 @@ pub struct SamplerArgs {
     /// of a shapes-world image), and DDPO then trains in the wrong direction.
     #[arg(long, value_name = "BOOL")]
     pub clip_sample: Option<bool>,
+    /// A flow model's step (Flow-GRPO's `sde_type`), at noise level --eta: `sde`, or `cps`
+    /// (coefficients-preserving; --eta 0.8 as Flow-GRPO's CPS runs).
+    #[arg(long, value_enum, default_value = "sde")]
+    pub sde_type: SdeType,
+}
+
+/// `--sde-type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SdeType {
+    Sde,
+    Cps,
 }
 
 impl SamplerArgs {
+    /// The sampler settings, `default_steps` where --steps is left out (not yet validated).
+    pub fn settings(&self, default_steps: usize) -> crate::family::SamplerConfig {
+        let flow_step = match self.sde_type {
+            SdeType::Sde => crate::family::FlowStep::Sde,
+            SdeType::Cps => crate::family::FlowStep::Cps,
+        };
+        let steps = self.steps.unwrap_or(default_steps);
+        crate::family::SamplerConfig { flow_step, ..crate::family::SamplerConfig::new(steps, self.eta, self.guidance) }
+    }
+
     /// The sampler settings, validated for `family`.
     pub fn config(&self, family: &dyn crate::family::Family) -> anyhow::Result<crate::family::SamplerConfig> {
-        let steps = self.steps.unwrap_or(crate::family::SamplerConfig::default().steps);
-        let cfg = crate::family::SamplerConfig { steps, eta: self.eta, guidance: self.guidance };
+        let cfg = self.settings(crate::family::SamplerConfig::default().steps);
         family.check_sampler(&cfg).map_err(flag_error)?;
         Ok(cfg)
     }

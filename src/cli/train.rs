@@ -9,7 +9,6 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::ddpo::{Algorithm, FixedPrompts, Normalisation, Stage, TrainConfig};
-use crate::family::SamplerConfig;
 use crate::model::LoraConfig;
 use crate::optim::AdamWConfig;
 use crate::reward::models::ModelPaths;
@@ -319,11 +318,7 @@ impl Args {
             train_timesteps: self.train_timesteps,
             train_guidance: self.train_guidance,
             optimizer: AdamWConfig { lr: self.lr, warmup_steps: self.warmup_steps, ..Default::default() },
-            sampler: SamplerConfig {
-                steps: self.sampler.steps.unwrap_or(defaults().sampler.steps),
-                eta: self.sampler.eta,
-                guidance: self.sampler.guidance,
-            },
+            sampler: self.sampler.settings(defaults().sampler.steps),
             seed: self.seed,
             reward_workers: self.reward_workers,
             train_text_encoder: self.train_text_encoder,

@@ -206,12 +206,13 @@ impl TrainConfig {
     }
 
     /// Indices of the sampling steps (0 = the first, noisiest) whose policy sigma reaches
-    /// `min_train_sigma`: the steps the policy-gradient loss uses.
+    /// `min_train_sigma` (and is not 0: a deterministic step has no log-prob): the steps the
+    /// policy-gradient loss uses.
     pub fn trained_steps(&self, family: &dyn Family) -> Result<Vec<usize>, ConfigError> {
         let timesteps = family.timesteps(self.sampler.steps);
         let sigma = |t: usize| family.step_sigma(t, &self.sampler);
         let window = self.train_timesteps.unwrap_or((0, timesteps.len()));
-        let steps: Vec<usize> = (window.0..window.1.min(timesteps.len())).filter(|&k| sigma(timesteps[k]) >= self.min_train_sigma).collect();
+        let steps: Vec<usize> = (window.0..window.1.min(timesteps.len())).filter(|&k| sigma(timesteps[k]) > 0.0 && sigma(timesteps[k]) >= self.min_train_sigma).collect();
         ensure(!steps.is_empty() || self.algorithm == Algorithm::Rwr, "min_train_sigma", || {
             format!(
                 "{} leaves none of the {} sampling steps to train on (their largest sigma is {:.3}): lower it or sample with more steps",

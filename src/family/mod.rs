@@ -31,12 +31,34 @@ pub struct SamplerConfig {
     pub steps: usize,
     pub eta: f64,
     pub guidance: f64,
+    /// The flow family's kind of stochastic step; the DDPM families accept only the default.
+    #[serde(default)]
+    pub flow_step: FlowStep,
+}
+
+impl SamplerConfig {
+    /// `steps` steps at noise level `eta` and guidance `guidance`, with the default step kind.
+    pub const fn new(steps: usize, eta: f64, guidance: f64) -> Self {
+        Self { steps, eta, guidance, flow_step: FlowStep::Sde }
+    }
 }
 
 impl Default for SamplerConfig {
     fn default() -> Self {
-        Self { steps: 20, eta: 1.0, guidance: 5.0 }
+        Self::new(20, 1.0, 5.0)
     }
+}
+
+/// How a flow model steps (Flow-GRPO's `sde_type`), at noise level `eta`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FlowStep {
+    /// The SDE whose marginals match the flow's ODE (Flow-GRPO's default).
+    #[default]
+    Sde,
+    /// Coefficients-preserving sampling: the step keeps x0's and the noise's coefficients on the
+    /// flow's path (x = (1 - s) x0 + s eps) exactly, so samples carry no excess noise at few steps.
+    Cps,
 }
 
 /// The output of one reverse step x_t -> x_{t-1} of a Gaussian policy.

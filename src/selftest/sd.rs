@@ -14,7 +14,7 @@ use crate::family::{Family, SamplerConfig};
 /// The prompts the reference encoded, in its order.
 pub const PROMPTS: [&str; 2] = ["a photo of a cat", "an astronaut riding a horse on the moon"];
 /// The reference trajectory's sampler: 20 DDIM steps, eta 1, guidance 5.
-pub const TRAJECTORY: SamplerConfig = SamplerConfig { steps: 20, eta: 1.0, guidance: 5.0 };
+pub const TRAJECTORY: SamplerConfig = SamplerConfig::new(20, 1.0, 5.0);
 
 const NAMES: [&str; 6] = [
     "tiny-sd.text_encoder",

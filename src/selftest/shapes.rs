@@ -12,7 +12,7 @@ use super::{check, failed, max_abs_diff, CheckResult, Golden, SelftestOptions, T
 use crate::family::{Family, NoiseRng, PixelPolicy, SamplerConfig, WeightDtype};
 
 const PROMPTS: [&str; 2] = ["a red circle", "two blue squares"];
-const SAMPLER: SamplerConfig = SamplerConfig { steps: 4, eta: 1.0, guidance: 5.0 };
+const SAMPLER: SamplerConfig = SamplerConfig::new(4, 1.0, 5.0);
 const SEED: u64 = 19;
 /// The noise prediction's timesteps, one per prompt.
 const EPS_TIMESTEPS: [usize; 2] = [500, 250];

@@ -41,7 +41,7 @@ pub fn small_config() -> TrainConfig {
         clip_range: 0.2,
         normalisation: Normalisation::PerPrompt { buffer_size: 8, min_count: 4 },
         optimizer: AdamWConfig { lr: 1e-3, ..Default::default() },
-        sampler: SamplerConfig { steps: 3, eta: 1.0, guidance: 2.0 },
+        sampler: SamplerConfig::new(3, 1.0, 2.0),
         timestep_fraction: 0.67,
         seed: 5,
         ..Default::default()

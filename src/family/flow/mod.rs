@@ -11,7 +11,7 @@ use rand::Rng;
 
 use super::ddpm::ddim::gaussian_log_prob;
 use super::unet::Policy;
-use super::{Conditioning, Family, NoiseRng, SamplerConfig, StepOutput};
+use super::{Conditioning, Family, FlowStep, NoiseRng, SamplerConfig, StepOutput};
 use crate::error::ensure;
 use crate::kernels::no_grad::with_no_grad;
 
@@ -64,6 +64,41 @@ pub fn sde_step(x: &Tensor, v: &Tensor, sigmas: &[f64], k: usize, noise_level: f
     Ok(StepOutput { prev_sample, mean, pred_original, log_prob, sigma })
 }
 
+/// Standard deviation of step `k` of the coefficients-preserving step: s' sin(a pi / 2).
+pub fn cps_std(sigmas: &[f64], k: usize, noise_level: f64) -> f64 {
+    sigmas[k + 1] * (noise_level * std::f64::consts::FRAC_PI_2).sin()
+}
+
+/// One coefficients-preserving step (Flow-GRPO's `sde_type='cps'`): with x0 = x - s v and the
+/// noise estimate x1 = x + (1 - s) v, the mean (1 - s') x0 + sqrt(s'^2 - std^2) x1 and the noise
+/// std = s' sin(a pi / 2) put exactly s'^2 of noise variance on x', as the flow's path has. Noise
+/// level 0 is the Euler ODE step. The log-prob is the Gaussian's (Flow-GRPO's CPS drops the
+/// 1 / 2 std^2 and the constants, which rescales its ratios); the final step (s' = 0) is
+/// deterministic, with log-prob 0 and std 0, so training skips it.
+pub fn cps_step(x: &Tensor, v: &Tensor, sigmas: &[f64], k: usize, noise_level: f64, prev: Option<&Tensor>, noise: Option<&Tensor>) -> Result<StepOutput> {
+    let (s, s_next) = (sigmas[k], sigmas[k + 1]);
+    let std = cps_std(sigmas, k, noise_level);
+    let pred_original = (x - (v * s)?)?;
+    let noise_estimate = (x + (v * (1.0 - s))?)?;
+    let mean = ((&pred_original * (1.0 - s_next))? + (noise_estimate * (s_next * s_next - std * std).max(0.0).sqrt())?)?;
+    let n = x.dim(0)?;
+    let mut shape = vec![n];
+    shape.extend(std::iter::repeat_n(1, x.rank() - 1));
+    let sigma = Tensor::full(std as f32, shape.as_slice(), x.device())?;
+    let prev_sample = match (prev, noise) {
+        (Some(p), _) => p.detach(),
+        (None, Some(z)) => (&mean + (z * std)?)?.detach(),
+        (None, None) => candle_core::bail!("cps_step: give either prev or noise"),
+    };
+    let log_prob = if std > 0.0 {
+        let log_sigma = Tensor::full(std.ln() as f32, shape.as_slice(), x.device())?;
+        gaussian_log_prob(&prev_sample, &mean, &sigma, &log_sigma)?
+    } else {
+        Tensor::zeros(n, x.dtype(), x.device())?
+    };
+    Ok(StepOutput { prev_sample, mean, pred_original, log_prob, sigma })
+}
+
 /// A pixel-space rectified-flow policy on the UNet core (its config's `flow_shift` is set).
 pub struct FlowPolicy(pub Policy);
 
@@ -91,6 +126,16 @@ impl FlowPolicy {
     }
 }
 
+/// The step function `cfg` chooses.
+fn flow_step(cfg: &SamplerConfig) -> StepFn {
+    match cfg.flow_step {
+        FlowStep::Sde => sde_step,
+        FlowStep::Cps => cps_step,
+    }
+}
+
+type StepFn = fn(&Tensor, &Tensor, &[f64], usize, f64, Option<&Tensor>, Option<&Tensor>) -> Result<StepOutput>;
+
 /// The labels of a schedule's steps (all but the final sigma 0): round(1000 s).
 fn labels(sigmas: &[f64]) -> Vec<usize> {
     sigmas[..sigmas.len() - 1].iter().map(|s| (1000.0 * s).round() as usize).collect()
@@ -104,6 +149,7 @@ impl Family for FlowPolicy {
     fn check_sampler(&self, cfg: &SamplerConfig) -> anyhow::Result<()> {
         ensure((1..=1000).contains(&cfg.steps), "sampler.steps", || format!("must be between 1 and 1000, got {}", cfg.steps))?;
         ensure(cfg.eta > 0.0 && cfg.eta.is_finite(), "sampler.eta", || format!("is the flow SDE's noise level: must be > 0 for a stochastic policy with log-probs, got {}", cfg.eta))?;
+        ensure(cfg.flow_step != FlowStep::Cps || cfg.eta <= 1.0, "sampler.eta", || format!("is the CPS step's noise level a, std = s' sin(a pi / 2): must be at most 1, got {}", cfg.eta))?;
         ensure(cfg.guidance.is_finite() && cfg.guidance >= 0.0, "sampler.guidance", || format!("must be a finite number >= 0, got {}", cfg.guidance))?;
         let l = labels(&sigmas(cfg.steps, self.shift()));
         ensure(l.windows(2).all(|w| w[0] > w[1]), "sampler.steps", || format!("{} steps put two steps on one timestep of 1000 at shift {}: use fewer", cfg.steps, self.shift()))?;
@@ -115,7 +161,11 @@ impl Family for FlowPolicy {
     }
 
     fn step_sigma(&self, label: usize, cfg: &SamplerConfig) -> f64 {
-        self.index(label, cfg.steps).map_or(0.0, |k| step_std(&sigmas(cfg.steps, self.shift()), k, cfg.eta))
+        let std = match cfg.flow_step {
+            FlowStep::Sde => step_std,
+            FlowStep::Cps => cps_std,
+        };
+        self.index(label, cfg.steps).map_or(0.0, |k| std(&sigmas(cfg.steps, self.shift()), k, cfg.eta))
     }
 
     fn sample_shape(&self, n: usize) -> Vec<usize> {
@@ -137,7 +187,7 @@ impl Family for FlowPolicy {
             candle_core::bail!("a sampling batch moves through the schedule together; got steps {labels:?}");
         }
         let v = with_no_grad(|| self.velocity(c, u, x_t, sigmas[k], cfg.guidance))?.detach();
-        sde_step(x_t, &v, &sigmas, k, cfg.eta, None, Some(noise))
+        flow_step(cfg)(x_t, &v, &sigmas, k, cfg.eta, None, Some(noise))
     }
 
     fn log_prob(&self, prompts: &[String], x_t: &Tensor, x_prev: &Tensor, labels: &[usize], cfg: &SamplerConfig) -> Result<StepOutput> {
@@ -153,7 +203,7 @@ impl Family for FlowPolicy {
         let mut parts = Vec::with_capacity(ks.len());
         for (i, &k) in ks.iter().enumerate() {
             let row = |t: &Tensor| t.narrow(0, i, 1);
-            parts.push(sde_step(&row(&x)?, &row(&v)?, &sigmas, k, cfg.eta, Some(&row(x_prev)?), None)?);
+            parts.push(flow_step(cfg)(&row(&x)?, &row(&v)?, &sigmas, k, cfg.eta, Some(&row(x_prev)?), None)?);
         }
         let cat = |f: fn(&StepOutput) -> &Tensor| Tensor::cat(&parts.iter().map(f).collect::<Vec<_>>(), 0);
         Ok(StepOutput {

@@ -10,7 +10,7 @@ use rand::Rng;
 use super::Policy;
 use crate::error::ensure;
 use crate::family::ddpm::{ddim_sigma, ddim_step};
-use crate::family::{Conditioning, Family, NoiseRng, SamplerConfig, StepOutput};
+use crate::family::{Conditioning, Family, FlowStep, NoiseRng, SamplerConfig, StepOutput};
 use crate::kernels::no_grad::with_no_grad;
 
 /// A family whose policy is the shared UNet core.
@@ -37,6 +37,7 @@ impl<T: UNetFamily> Family for T {
         ensure((1..=max).contains(&cfg.steps), "sampler.steps", || format!("must be between 1 and {max}, got {}", cfg.steps))?;
         ensure(cfg.eta > 0.0 && cfg.eta.is_finite(), "sampler.eta", || format!("must be > 0 for a stochastic policy with log-probs, got {}", cfg.eta))?;
         ensure(cfg.guidance.is_finite() && cfg.guidance >= 0.0, "sampler.guidance", || format!("must be a finite number >= 0, got {}", cfg.guidance))?;
+        ensure(cfg.flow_step == FlowStep::Sde, "sampler.flow_step", || "(--sde-type) chooses a flow model's step; this model steps with DDIM".into())?;
         Ok(())
     }
 
