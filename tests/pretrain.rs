@@ -105,6 +105,17 @@ fn the_conditioning_gap_tells_a_model_that_reads_its_prompts() {
     let fresh = ddpo::family::PixelPolicy(ddpo::family::Policy::new_random(ddpo::family::PolicyConfig::shapes_default(), 0, &candle_core::Device::Cpu).unwrap());
     let untrained = conditioning_gap(&fresh, &world, 32).unwrap();
     assert!(untrained.gap().abs() < 0.02, "{untrained:?}");
+
+    // Per attribute: the shipped model reads the background best and every attribute somewhat;
+    // an untrained one reads none.
+    use ddpo::pretrain::eval::attribute_gaps;
+    use ddpo::world::variants::Attribute;
+    let gaps: std::collections::HashMap<Attribute, f64> = attribute_gaps(&shipped, &world, 48).unwrap().into_iter().collect();
+    assert_eq!(gaps.len(), 4);
+    assert!(gaps[&Attribute::Background] > 0.5, "{gaps:?}");
+    assert!(gaps.values().all(|g| *g > 0.03 && *g <= gaps[&Attribute::Background]), "{gaps:?}");
+    let none = attribute_gaps(&fresh, &world, 48).unwrap();
+    assert!(none.iter().all(|(_, g)| g.abs() < 0.02), "{none:?}");
 }
 
 /// A tiny UNet reading the shipped shapes CLIP's text tower (64 wide, 16 tokens).

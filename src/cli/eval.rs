@@ -124,6 +124,10 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
     // Whether the model reads its prompts at all (the denoising loss with and without them).
     let conditioning = crate::pretrain::eval::conditioning_gap(policy.as_ref(), &ShapesWorld::default(), 64)?;
     report["conditioning"] = serde_json::json!({ "own": conditioning.own, "shuffled": conditioning.shuffled, "empty": conditioning.empty, "gap": conditioning.gap() });
+    // Which words it reads: the loss's rise when one attribute of each caption is changed.
+    for (attribute, gap) in crate::pretrain::eval::attribute_gaps(policy.as_ref(), &ShapesWorld::default(), 256)? {
+        report["conditioning"][format!("{}_gap", attribute.name())] = serde_json::json!(gap);
+    }
     if !args.prompts.is_empty() {
         let per_prompt: anyhow::Result<Vec<serde_json::Value>> = args
             .prompts

@@ -6,6 +6,9 @@
 use crate::family::Family;
 use crate::reward::models::RewardModels;
 use crate::sampler::{sample_images, SamplerConfig};
+use rand::{Rng, SeedableRng};
+
+use crate::world::variants::{variants, Attribute};
 use crate::world::{judge, Judgement, Prompt, ShapesWorld};
 
 /// Fraction of samples judged correct, per attribute.
@@ -137,6 +140,40 @@ pub fn conditioning_gap(family: &dyn Family, world: &ShapesWorld, n: usize) -> a
         Ok(l.mean_all()?.to_scalar::<f32>()? as f64)
     };
     Ok(ConditioningGap { own: loss(&own)?, shuffled: loss(&shuffled)?, empty: loss(&vec![String::new(); n])? })
+}
+
+/// Which words of its caption a model uses: for each [`Attribute`], 1 - own / variant, where
+/// `variant` is the denoising loss of the same images and noise with that one attribute of each
+/// caption changed (a caption that differs in nothing else, as the small CLIP's zero-shot test
+/// uses). Near 0: the model ignores that word (e.g. draws every shape as a blob).
+pub fn attribute_gaps(family: &dyn Family, world: &ShapesWorld, n: usize) -> anyhow::Result<Vec<(Attribute, f64)>> {
+    let samples = world.batch(0xC0_4D17, n);
+    let images: Vec<image::RgbImage> = samples.iter().map(|s| s.image.clone()).collect();
+    let x0 = crate::render::images_to_tensor(&images, family.device())?;
+    let per_sample = |captions: &[String]| -> anyhow::Result<Vec<f32>> {
+        let l = crate::kernels::no_grad::with_no_grad(|| family.denoising_loss(&x0, captions, &mut crate::family::NoiseRng::new(7)))?;
+        Ok(l.to_vec1::<f32>()?)
+    };
+    let own_captions: Vec<String> = samples.iter().map(|s| s.caption.clone()).collect();
+    let own = per_sample(&own_captions)?;
+    let mut pick = rand_chacha::ChaCha8Rng::seed_from_u64(0x6A95);
+    Attribute::ALL
+        .into_iter()
+        .map(|attribute| {
+            let changed: Vec<Option<String>> = samples
+                .iter()
+                .map(|s| {
+                    let options = variants(&s.spec, attribute);
+                    (!options.is_empty()).then(|| options[pick.random_range(0..options.len())].caption())
+                })
+                .collect();
+            let captions: Vec<String> = changed.iter().zip(&own_captions).map(|(c, o)| c.clone().unwrap_or_else(|| o.clone())).collect();
+            let variant = per_sample(&captions)?;
+            let used = changed.iter().enumerate().filter(|(_, c)| c.is_some()).map(|(i, _)| i);
+            let (own_sum, variant_sum) = used.fold((0.0, 0.0), |(a, b), i| (a + own[i] as f64, b + variant[i] as f64));
+            Ok((attribute, if variant_sum > 0.0 { 1.0 - own_sum / variant_sum } else { f64::NAN }))
+        })
+        .collect()
 }
 
 /// The fixed prompts shown in pretraining sample grids.
