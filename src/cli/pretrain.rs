@@ -149,15 +149,16 @@ pub fn exec(which: Which) -> anyhow::Result<()> {
     let mut on_event = |e: Event| match e {
         Event::Step { step, loss, lr, grad_norm } => progress.step(step, loss, &format!("lr {lr:.1e} |g| {grad_norm:.2}")),
         Event::Checkpoint { step, path } => progress.checkpoint(step, &path),
-        Event::Samples { step, path, conditioning: c } => super::say(
+        Event::Samples { step, path, conditioning: c, attributes } => super::say(
             &progress.bar,
             format!(
-                "step {step}: samples {}; EMA denoising loss with own captions {:.5}, others' {:.5}, none {:.5}: the caption removes {:.1}% of it",
+                "step {step}: samples {}; EMA denoising loss with own captions {:.5}, others' {:.5}, none {:.5}: the caption removes {:.1}% of it; one word changed: {}",
                 path.display(),
                 c.own,
                 c.shuffled,
                 c.empty,
-                100.0 * c.gap()
+                100.0 * c.gap(),
+                attributes.iter().map(|(a, g)| format!("{} {:.1}%", a.name(), 100.0 * g)).collect::<Vec<_>>().join(", ")
             ),
         ),
     };

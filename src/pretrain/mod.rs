@@ -108,7 +108,7 @@ pub enum Event {
     Step { step: usize, loss: f64, lr: f64, grad_norm: f64 },
     Checkpoint { step: usize, path: PathBuf },
     /// A sample grid, and how much the EMA model uses its prompts.
-    Samples { step: usize, path: PathBuf, conditioning: eval::ConditioningGap },
+    Samples { step: usize, path: PathBuf, conditioning: eval::ConditioningGap, attributes: Vec<(crate::world::variants::Attribute, f64)> },
 }
 
 /// Where a pretraining run keeps its files.
@@ -234,7 +234,8 @@ impl Pretrainer {
                 let family = self.ema_family()?;
                 self.write_samples(family.as_ref(), &path)?;
                 let conditioning = eval::conditioning_gap(family.as_ref(), &self.world, 64)?;
-                on_event(Event::Samples { step: self.step, path, conditioning });
+                let attributes = eval::attribute_gaps(family.as_ref(), &self.world, 128)?;
+                on_event(Event::Samples { step: self.step, path, conditioning, attributes });
             }
         }
         if self.step % self.config.checkpoint_every != 0 {
