@@ -13,6 +13,7 @@ pub mod ddpm;
 pub mod flow;
 pub mod noise;
 pub mod sd;
+pub mod sd3;
 pub mod shapes;
 pub mod unet;
 

@@ -1,0 +1,18 @@
+//! Stable Diffusion 3 / 3.5: the MMDiT transformer (diffusers' `SD3Transformer2DModel`), a
+//! rectified-flow model whose output is the velocity. Differentiable end to end, for training.
+//!
+//! - [`config`]: `transformer/config.json`.
+//! - [`embed`]: patch and position embedding, timestep and pooled-text conditioning.
+//! - [`block`]: the joint blocks (adaptive norms, joint attention, QK RMSNorm, MMDiT-X).
+//! - [`transformer`]: the whole model; [`load`]: from a diffusers folder.
+//!
+//! `tests/sd3.rs` checks it against diffusers on the tiny-sd3 fixture.
+
+pub mod block;
+pub mod config;
+pub mod embed;
+pub mod load;
+pub mod transformer;
+
+pub use config::Sd3Config;
+pub use transformer::Sd3Transformer;
