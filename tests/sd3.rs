@@ -169,12 +169,39 @@ fn position_embedding_matches_the_saved_table() {
     assert!(err < 1e-6, "position embedding differs from diffusers' table by {err:e}");
 }
 
-/// The real SD3.5-Medium config's published values parse and validate.
+/// A weight source that only records what the model asks for: every weight is one broadcast
+/// zero, so a model of billions of parameters builds in no memory.
+#[derive(Clone, Default)]
+struct ShapeRecorder(std::sync::Arc<std::sync::Mutex<Vec<(String, usize)>>>);
+
+impl candle_nn::var_builder::SimpleBackend for ShapeRecorder {
+    fn get(&self, s: candle_core::Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+        self.0.lock().unwrap().push((name.to_string(), s.elem_count()));
+        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> Result<Tensor> {
+        candle_core::bail!("{name}: the recorder needs shapes")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+/// The real SD3.5-Medium architecture (its published config) builds with exactly the parameters
+/// diffusers' model has: 2,243,171,520 in 908 tensors (counted in diffusers 0.42.1 on the meta
+/// device; its 384² x 1536 position table, a buffer we compute, comes on top: 2.47B in all).
 #[test]
-fn sd35_medium_config_validates() {
+fn sd35_medium_has_diffusers_parameter_count() {
     let cfg = Sd3Config::sd35_medium();
-    cfg.validate().unwrap();
-    assert_eq!(cfg.inner_dim(), 1536);
+    let recorder = ShapeRecorder::default();
+    let vb = VarBuilder::from_backend(Box::new(recorder.clone()), DType::F32, Device::Cpu);
+    Sd3Transformer::new(&cfg, vb, None).unwrap();
+    let weights = recorder.0.lock().unwrap();
+    let params: usize = weights.iter().map(|(_, n)| n).sum();
+    println!("SD3.5-Medium transformer: {params} parameters in {} tensors", weights.len());
+    assert_eq!((params, weights.len()), (2_243_171_520, 908));
 }
 
 /// A copy of the SD3.5-style fixture folder in a temporary directory, to break.

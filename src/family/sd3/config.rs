@@ -85,7 +85,7 @@ impl Sd3Config {
             self.inner_dim()
         );
         // The 2-D sin-cos position embedding splits the width in four (sin, cos per axis).
-        anyhow::ensure!(self.inner_dim() % 4 == 0, "num_attention_heads x attention_head_dim = {} must be a multiple of 4", self.inner_dim());
+        anyhow::ensure!(self.inner_dim().is_multiple_of(4), "num_attention_heads x attention_head_dim = {} must be a multiple of 4", self.inner_dim());
         if let Some(norm) = &self.qk_norm {
             anyhow::ensure!(norm == "rms_norm", "field qk_norm = {norm:?} is not supported (SD3.5 uses \"rms_norm\"; SD3 null)");
         }

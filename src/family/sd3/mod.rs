@@ -1,10 +1,10 @@
 //! Stable Diffusion 3 / 3.5: the MMDiT transformer (diffusers' `SD3Transformer2DModel`), a
 //! rectified-flow model whose output is the velocity. Differentiable end to end, for training.
 //!
-//! - [`config`]: `transformer/config.json`.
-//! - [`embed`]: patch and position embedding, timestep and pooled-text conditioning.
-//! - [`block`]: the joint blocks (adaptive norms, joint attention, QK RMSNorm, MMDiT-X).
-//! - [`transformer`]: the whole model; [`load`]: from a diffusers folder.
+//! - [`config`] reads `transformer/config.json`.
+//! - [`embed`] holds the patch and position embedding, and the timestep and pooled-text conditioning.
+//! - [`block`] is one joint block (adaptive norms, joint attention, QK RMSNorm, MMDiT-X).
+//! - [`transformer`] is the whole model, and [`load`] loads it from a diffusers folder.
 //!
 //! `tests/sd3.rs` checks it against diffusers on the tiny-sd3 fixture.
 
