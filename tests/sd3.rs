@@ -204,6 +204,20 @@ fn sd35_medium_has_diffusers_parameter_count() {
     assert_eq!((params, weights.len()), (2_243_171_520, 908));
 }
 
+/// A random model at SD3.5-Medium's real widths (head dim 64, 24 heads, 4096-wide text states,
+/// the 384-square position table) made by `make_golden.py --real-width DIR`, which is too large
+/// to commit: `SD3_REAL_WIDTH_DIR=DIR cargo test --test sd3 -- --ignored`.
+#[test]
+#[ignore = "needs a model made by make_golden.py --real-width (1.6 GB at 2 blocks)"]
+fn real_width_sd35_medium_matches_diffusers() {
+    let dir = PathBuf::from(std::env::var("SD3_REAL_WIDTH_DIR").expect("set SD3_REAL_WIDTH_DIR"));
+    let g = candle_core::safetensors::load(dir.join("golden.safetensors"), &Device::Cpu).unwrap();
+    let model = Sd3Transformer::load(&dir.join("transformer"), DType::F32, &Device::Cpu, None).unwrap();
+    let err = max_abs_diff(&velocity(&model, &g).unwrap(), &g["output"]);
+    println!("real-width SD3.5-Medium, {} blocks: velocity max abs error {err:.3e} (max |v| {:.3})", model.config.num_layers, max_abs(&g["output"]));
+    assert!(err < 1e-4, "velocity differs from diffusers by {err:e}");
+}
+
 /// A copy of the SD3.5-style fixture folder in a temporary directory, to break.
 fn copy_fixture() -> tempfile::TempDir {
     let tmp = tempfile::tempdir().unwrap();
@@ -261,6 +275,26 @@ fn missing_tensor_is_named() {
     assert!(msg.contains(gone), "{msg}");
     let trainable = Sd3Transformer::load_trainable(tmp.path(), &Device::Cpu).map(|_| ()).expect_err("loading should fail");
     assert!(format!("{trainable:#}").contains(gone), "{trainable:#}");
+}
+
+/// An SD3.5 file read with SD3's config fields: the tensor that does not fit is named (the QK
+/// norms left over are not silently dropped; MMDiT-X's 9-vector norm1 has the wrong shape).
+#[test]
+fn weights_that_do_not_fit_the_config_are_named() {
+    for (field, value, named) in [
+        ("qk_norm", serde_json::Value::Null, "transformer_blocks.0.attn.norm_added_k.weight"),
+        ("dual_attention_layers", serde_json::json!([]), "transformer_blocks.0.norm1.linear.weight"),
+    ] {
+        let tmp = copy_fixture();
+        let path = tmp.path().join("config.json");
+        let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        cfg[field] = value;
+        std::fs::write(&path, cfg.to_string()).unwrap();
+        let msg = load_error(tmp.path());
+        assert!(msg.contains(named), "{field}: {msg}");
+        let trainable = Sd3Transformer::load_trainable(tmp.path(), &Device::Cpu).map(|_| ()).expect_err("loading should fail");
+        assert!(format!("{trainable:#}").contains(named), "{trainable:#}");
+    }
 }
 
 #[test]

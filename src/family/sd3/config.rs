@@ -41,6 +41,7 @@ pub struct Sd3Config {
 impl Sd3Config {
     /// Reads and checks a diffusers `transformer/config.json`; errors name the file.
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        anyhow::ensure!(path.is_file(), "{} not found: an SD3 transformer folder holds config.json beside its weights", path.display());
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
         let cfg: Self = serde_json::from_str(&text)
             .with_context(|| format!("{}: not a supported SD3Transformer2DModel config", path.display()))?;
