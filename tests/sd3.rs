@@ -53,6 +53,35 @@ fn sd3_style_velocity_matches_diffusers() {
     check_output("transformer-sd3");
 }
 
+/// The position embedding cached for one latent shape is not reused for another with as many
+/// patches (12x16 then 16x12 latents).
+#[test]
+fn position_embedding_follows_the_latent_shape() {
+    let g = golden();
+    let dir = fixture().join("transformer");
+    let load = || Sd3Transformer::load(&dir, DType::F32, &Device::Cpu, None).unwrap();
+    let tall = g["latent"].transpose(2, 3).unwrap().contiguous().unwrap();
+    let run = |m: &Sd3Transformer, x: &Tensor| m.forward(x, &g["timestep"], &g["encoder_hidden_states"], &g["pooled_projections"]).unwrap();
+    let model = load();
+    run(&model, &g["latent"]);
+    let err = max_abs_diff(&run(&model, &tall), &run(&load(), &tall));
+    assert!(err == 0.0, "a 16x12 latent after a 12x16 one differs by {err:e}");
+}
+
+/// Half-precision weights (the GPU's dtypes) take candle's generic ops instead of the CPU f32
+/// kernels; f16 runs on the CPU too, so that path is checked here, against the f32 golden.
+#[test]
+fn f16_weights_stay_close_to_diffusers() {
+    let g = golden();
+    let model = Sd3Transformer::load(&fixture().join("transformer"), DType::F16, &Device::Cpu, None).unwrap();
+    let half = |k: &str| g[k].to_dtype(DType::F16).unwrap();
+    let out = model.forward(&half("latent"), &g["timestep"], &half("encoder_hidden_states"), &half("pooled_projections")).unwrap();
+    assert_eq!(out.dtype(), DType::F16);
+    let err = max_abs_diff(&out.to_dtype(DType::F32).unwrap(), &g["transformer.output"]);
+    println!("f16: velocity max abs error {err:.3e}");
+    assert!(err < 1e-2, "f16 velocity differs from diffusers' f32 by {err:e}");
+}
+
 /// The probe loss diffusers' gradients were taken of: sum(velocity * probe).
 fn probe_loss(model: &Sd3Transformer, g: &HashMap<String, Tensor>) -> Result<Tensor> {
     (velocity(model, g)? * &g["probe"])?.sum_all()

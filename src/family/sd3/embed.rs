@@ -2,12 +2,17 @@
 //! (diffusers' `PatchEmbed` with `pos_embed_max_size`), and the conditioning vector from the
 //! timestep and the pooled text (`CombinedTimestepTextProjEmbeddings`).
 
+use std::sync::{Arc, Mutex};
+
 use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::Sd3Config;
 use crate::model::embeddings::{TimestepEmbedding, Timesteps};
 use crate::model::layers::Conv2d;
+
+/// The last (patch grid, embedding) computed, shared by the clones of a model.
+type CropCache = Arc<Mutex<Option<((usize, usize), Tensor)>>>;
 
 /// Conv patchify (`proj`, kernel and stride = patch size) plus the sin-cos position embedding
 /// cropped from the centre of a `pos_embed_max_size`-square grid.
@@ -19,6 +24,9 @@ pub struct PatchEmbed {
     max_size: usize,
     /// diffusers' `base_size`: the grid side at the training resolution, which sets the scale.
     base_size: usize,
+    /// The last crop, as added to the tokens: a run samples one latent size, and at 1024² pixels
+    /// the window is 4096 x 1536 sines and cosines, as long to compute as a GPU forward pass.
+    last_crop: CropCache,
 }
 
 impl PatchEmbed {
@@ -30,6 +38,7 @@ impl PatchEmbed {
             dim,
             max_size: cfg.pos_embed_max_size,
             base_size: cfg.sample_size / patch,
+            last_crop: Arc::default(),
         })
     }
 
@@ -44,8 +53,21 @@ impl PatchEmbed {
             candle_core::bail!("SD3 latent {h}x{w} is {gh}x{gw} patches, beyond pos_embed_max_size {}", self.max_size);
         }
         let tokens = self.proj.forward(latent)?.flatten_from(2)?.transpose(1, 2)?;
-        let pos = self.cropped_pos_embed(gh, gw, latent.device())?.to_dtype(tokens.dtype())?;
-        tokens.broadcast_add(&pos.unsqueeze(0)?)
+        tokens.broadcast_add(&self.cached_crop(gh, gw, &tokens)?)
+    }
+
+    /// [`Self::cropped_pos_embed`] as (1, gh * gw, dim) on `tokens`' device and dtype, from the
+    /// cache when the last call wanted the same.
+    fn cached_crop(&self, gh: usize, gw: usize, tokens: &Tensor) -> Result<Tensor> {
+        let mut last = self.last_crop.lock().expect("position embedding cache lock");
+        if let Some((grid, t)) = last.as_ref() {
+            if *grid == (gh, gw) && t.dtype() == tokens.dtype() && t.device().same_device(tokens.device()) {
+                return Ok(t.clone());
+            }
+        }
+        let crop = self.cropped_pos_embed(gh, gw, tokens.device())?.to_dtype(tokens.dtype())?.unsqueeze(0)?;
+        *last = Some(((gh, gw), crop.clone()));
+        Ok(crop)
     }
 
     /// The (gh * gw, dim) window of the full grid's embedding that diffusers crops for a
