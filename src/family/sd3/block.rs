@@ -102,7 +102,8 @@ struct Qkv {
 
 impl Qkv {
     /// Projections named `names` (q, k, v) and norms named `norm_names` under `vb`.
-    fn new(dim: usize, heads: usize, qk_norm: bool, names: [&str; 3], norm_names: [&str; 2], vb: &VarBuilder, lora: Option<&Lora>) -> Result<Self> {
+    fn new(shape: AttentionShape, names: [&str; 3], norm_names: [&str; 2], vb: &VarBuilder, lora: Option<&Lora>) -> Result<Self> {
+        let AttentionShape { dim, heads, qk_norm } = shape;
         let proj = |name: &str| lora_linear(dim, dim, vb.pp(name), lora);
         let norm = |name: &str| RmsNorm::new(dim / heads, vb.pp(name));
         Ok(Self {
@@ -114,13 +115,23 @@ impl Qkv {
         })
     }
 
-    /// (q, k, v) of tokens (N, L, C), each (N, L, C); the queries only where `with_q`.
-    fn forward(&self, x: &Tensor, with_q: bool) -> Result<(Option<Tensor>, Tensor, Tensor)> {
-        let q = if with_q { Some(self.q.forward(x)?) } else { None };
-        let (k, v) = (self.k.forward(x)?, self.v.forward(x)?);
-        let Some((norm_q, norm_k)) = &self.qk_norm else { return Ok((q, k, v)) };
-        let q = q.map(|q| self.per_head(norm_q, &q)).transpose()?;
-        Ok((q, self.per_head(norm_k, &k)?, v))
+    /// The queries of tokens (N, L, C), (N, L, C).
+    fn queries(&self, x: &Tensor) -> Result<Tensor> {
+        let q = self.q.forward(x)?;
+        match &self.qk_norm {
+            Some((norm_q, _)) => self.per_head(norm_q, &q),
+            None => Ok(q),
+        }
+    }
+
+    /// The keys and values of tokens (N, L, C), each (N, L, C).
+    fn keys_values(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let k = self.k.forward(x)?;
+        let k = match &self.qk_norm {
+            Some((_, norm_k)) => self.per_head(norm_k, &k)?,
+            None => k,
+        };
+        Ok((k, self.v.forward(x)?))
     }
 
     /// `norm` applied to each head's slice of (N, L, heads * head_dim).
@@ -168,32 +179,31 @@ impl JointAttention {
     /// `joint`: `None` for image self-attention, else whether the text stream ends here
     /// (`context_pre_only`).
     pub fn new(shape: AttentionShape, joint: Option<bool>, vb: VarBuilder, lora: Option<&Lora>) -> Result<Self> {
-        let AttentionShape { dim, heads, qk_norm } = shape;
-        let image = Qkv::new(dim, heads, qk_norm, ["to_q", "to_k", "to_v"], ["norm_q", "norm_k"], &vb, lora)?;
+        let image = Qkv::new(shape, ["to_q", "to_k", "to_v"], ["norm_q", "norm_k"], &vb, lora)?;
         let context = match joint {
             None => None,
             Some(pre_only) => Some(ContextAttention {
-                qkv: Qkv::new(dim, heads, qk_norm, ["add_q_proj", "add_k_proj", "add_v_proj"], ["norm_added_q", "norm_added_k"], &vb, lora)?,
-                to_add_out: if pre_only { None } else { Some(lora_linear(dim, dim, vb.pp("to_add_out"), lora)?) },
+                qkv: Qkv::new(shape, ["add_q_proj", "add_k_proj", "add_v_proj"], ["norm_added_q", "norm_added_k"], &vb, lora)?,
+                to_add_out: if pre_only { None } else { Some(lora_linear(shape.dim, shape.dim, vb.pp("to_add_out"), lora)?) },
             }),
         };
-        Ok(Self { image, to_out: lora_linear(dim, dim, vb.pp("to_out.0"), lora)?, context, heads })
+        Ok(Self { image, to_out: lora_linear(shape.dim, shape.dim, vb.pp("to_out.0"), lora)?, context, heads: shape.heads })
     }
 
     /// Image tokens `x` (N, L, C) and, for a joint attention, text tokens `ctx` (N, S, C) ->
     /// the image output and (unless `context_pre_only`) the text output.
     pub fn forward(&self, x: &Tensor, ctx: Option<&Tensor>) -> Result<(Tensor, Option<Tensor>)> {
-        let (q, k, v) = self.image.forward(x, true)?;
-        let q = q.expect("image queries are always computed");
+        let q = self.image.queries(x)?;
+        let (k, v) = self.image.keys_values(x)?;
         let (context, ctx) = match (&self.context, ctx) {
             (Some(c), Some(t)) => (c, t),
             (None, None) => return Ok((self.to_out.forward(&attention(&q, &k, &v, self.heads, None)?)?, None)),
             _ => candle_core::bail!("joint attention needs text tokens exactly when it has text projections"),
         };
+        let (ck, cv) = context.qkv.keys_values(ctx)?;
         // The text stream's queries matter only where its output is read.
-        let (cq, ck, cv) = context.qkv.forward(ctx, context.to_add_out.is_some())?;
-        let q = match &cq {
-            Some(cq) => Tensor::cat(&[&q, cq], 1)?,
+        let q = match &context.to_add_out {
+            Some(_) => Tensor::cat(&[&q, &context.qkv.queries(ctx)?], 1)?,
             None => q,
         };
         let (k, v) = (Tensor::cat(&[&k, &ck], 1)?, Tensor::cat(&[&v, &cv], 1)?);
