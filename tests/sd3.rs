@@ -327,6 +327,31 @@ fn weights_that_do_not_fit_the_config_are_named() {
     }
 }
 
+/// Weights sharded as diffusers saves large checkpoints (an index naming two files) load the same.
+#[test]
+fn sharded_weights_load() {
+    let tmp = copy_fixture();
+    let single = tmp.path().join("diffusion_pytorch_model.safetensors");
+    let tensors = candle_core::safetensors::load(&single, &Device::Cpu).unwrap();
+    std::fs::remove_file(&single).unwrap();
+    let (mut first, mut second, mut map) = (HashMap::new(), HashMap::new(), serde_json::Map::new());
+    for (name, t) in tensors {
+        let (shard, file) = if name.starts_with("transformer_blocks") { (&mut second, "b.safetensors") } else { (&mut first, "a.safetensors") };
+        map.insert(name.clone(), file.into());
+        shard.insert(name, t);
+    }
+    candle_core::safetensors::save(&first, tmp.path().join("a.safetensors")).unwrap();
+    candle_core::safetensors::save(&second, tmp.path().join("b.safetensors")).unwrap();
+    let index = serde_json::json!({ "metadata": {}, "weight_map": map });
+    std::fs::write(tmp.path().join("diffusion_pytorch_model.safetensors.index.json"), index.to_string()).unwrap();
+    let g = golden();
+    let model = Sd3Transformer::load(tmp.path(), DType::F32, &Device::Cpu, None).unwrap();
+    let err = max_abs_diff(&velocity(&model, &g).unwrap(), &g["transformer.output"]);
+    assert!(err < 1e-4, "sharded weights: velocity differs from diffusers by {err:e}");
+    let (trainable, _) = Sd3Transformer::load_trainable(tmp.path(), &Device::Cpu).unwrap();
+    assert_eq!(max_abs_diff(&velocity(&trainable, &g).unwrap(), &velocity(&model, &g).unwrap()), 0.0);
+}
+
 #[test]
 fn missing_weights_are_named() {
     let tmp = copy_fixture();
