@@ -109,21 +109,7 @@ impl UNetConfig {
     /// A candidate second default (never shipped): 1.5x the channels at 32x32 and 16x16, and cross-attention
     /// at 16x16 as well as 8x8, where a shape's outline is a few cells wide.
     pub fn shapes_v2() -> Self {
-        Self {
-            block_out_channels: vec![24, 48, 64],
-            down_block_types: vec![
-                "DownBlock2D".into(),
-                "CrossAttnDownBlock2D".into(),
-                "CrossAttnDownBlock2D".into(),
-            ],
-            up_block_types: vec![
-                "CrossAttnUpBlock2D".into(),
-                "CrossAttnUpBlock2D".into(),
-                "UpBlock2D".into(),
-            ],
-            layers_per_block: 1,
-            ..Self::shapes_default()
-        }
+        Self { block_out_channels: vec![24, 48, 64], ..Self::shapes_v3() }
     }
 
     /// The v1 UNet with cross-attention at 16x16 as well as 8x8 (v2's attention at v1's width):
