@@ -99,6 +99,113 @@ pub fn cps_step(x: &Tensor, v: &Tensor, sigmas: &[f64], k: usize, noise_level: f
     Ok(StepOutput { prev_sample, mean, pred_original, log_prob, sigma })
 }
 
+/// A flow model's sampling schedule: the shifted sigmas, their step labels, the step kinds and
+/// the checks of sampler settings that every flow family shares. A family holds one and adds
+/// only its velocity.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FlowSchedule {
+    pub shift: f64,
+}
+
+impl FlowSchedule {
+    pub fn sigmas(&self, steps: usize) -> Vec<f64> {
+        sigmas(steps, self.shift)
+    }
+
+    /// See [`Family::check_sampler`].
+    pub fn check_sampler(&self, cfg: &SamplerConfig) -> anyhow::Result<()> {
+        ensure((1..=1000).contains(&cfg.steps), "sampler.steps", || format!("must be between 1 and 1000, got {}", cfg.steps))?;
+        ensure(cfg.eta > 0.0 && cfg.eta.is_finite(), "sampler.eta", || format!("is the flow SDE's noise level: must be > 0 for a stochastic policy with log-probs, got {}", cfg.eta))?;
+        ensure(cfg.flow_step != FlowStep::Cps || cfg.eta <= 1.0, "sampler.eta", || format!("is the CPS step's noise level a, std = s' sin(a pi / 2): must be at most 1, got {}", cfg.eta))?;
+        ensure(cfg.guidance.is_finite() && cfg.guidance >= 0.0, "sampler.guidance", || format!("must be a finite number >= 0, got {}", cfg.guidance))?;
+        let l = self.timesteps(cfg.steps);
+        ensure(l.windows(2).all(|w| w[0] > w[1]), "sampler.steps", || format!("{} steps put two steps on one timestep of 1000 at shift {}: use fewer", cfg.steps, self.shift))?;
+        Ok(())
+    }
+
+    /// See [`Family::timesteps`].
+    pub fn timesteps(&self, steps: usize) -> Vec<usize> {
+        labels(&self.sigmas(steps))
+    }
+
+    /// See [`Family::step_sigma`].
+    pub fn step_sigma(&self, label: usize, cfg: &SamplerConfig) -> f64 {
+        let std = match cfg.flow_step {
+            FlowStep::Sde => step_std,
+            FlowStep::Cps => cps_std,
+        };
+        self.index(label, cfg.steps).map_or(0.0, |k| std(&self.sigmas(cfg.steps), k, cfg.eta))
+    }
+
+    /// The index in the `steps`-step schedule of the step labelled `label`.
+    pub fn index(&self, label: usize, steps: usize) -> Result<usize> {
+        self.timesteps(steps)
+            .iter()
+            .position(|&l| l == label)
+            .ok_or_else(|| candle_core::Error::Msg(format!("{label} is not a timestep of the {steps}-step flow schedule")))
+    }
+
+    /// The one step index of a sampling batch, which moves through the schedule together.
+    pub fn batch_index(&self, labels: &[usize], steps: usize) -> Result<usize> {
+        let first = *labels.first().ok_or_else(|| candle_core::Error::Msg("an empty batch".into()))?;
+        if labels.iter().any(|&l| l != first) {
+            candle_core::bail!("a sampling batch moves through the schedule together; got steps {labels:?}");
+        }
+        self.index(first, steps)
+    }
+
+    /// The sigma of each row's step, and each step's index.
+    pub fn row_sigmas(&self, labels: &[usize], steps: usize) -> Result<(Vec<usize>, Vec<f64>)> {
+        let sigmas = self.sigmas(steps);
+        let ks = labels.iter().map(|&label| self.index(label, steps)).collect::<Result<Vec<_>>>()?;
+        let s = ks.iter().map(|&k| sigmas[k]).collect();
+        Ok((ks, s))
+    }
+
+    /// The sampling step from `x` (velocity `v`) at step `k` with standard-normal `noise`.
+    pub fn step(&self, x: &Tensor, v: &Tensor, k: usize, cfg: &SamplerConfig, noise: &Tensor) -> Result<StepOutput> {
+        flow_step(cfg)(x, v, &self.sigmas(cfg.steps), k, cfg.eta, None, Some(noise))
+    }
+
+    /// The stored transitions `x -> x_prev` recomputed with velocities `v`, one step per row at
+    /// the row's own step `ks[i]` (the coefficients depend on the row's sigma).
+    pub fn recompute(&self, x: &Tensor, v: &Tensor, x_prev: &Tensor, ks: &[usize], cfg: &SamplerConfig) -> Result<StepOutput> {
+        let sigmas = self.sigmas(cfg.steps);
+        let mut parts = Vec::with_capacity(ks.len());
+        for (i, &k) in ks.iter().enumerate() {
+            let row = |t: &Tensor| t.narrow(0, i, 1);
+            parts.push(flow_step(cfg)(&row(x)?, &row(v)?, &sigmas, k, cfg.eta, Some(&row(x_prev)?), None)?);
+        }
+        let cat = |f: fn(&StepOutput) -> &Tensor| Tensor::cat(&parts.iter().map(f).collect::<Vec<_>>(), 0);
+        Ok(StepOutput {
+            prev_sample: cat(|p| &p.prev_sample)?,
+            mean: cat(|p| &p.mean)?,
+            pred_original: cat(|p| &p.pred_original)?,
+            log_prob: cat(|p| &p.log_prob)?,
+            sigma: cat(|p| &p.sigma)?,
+        })
+    }
+
+    /// The clean sample's share of x_s at timestep `label` = 1000 s: 1 - s.
+    pub fn x0_weight(label: usize) -> f64 {
+        1.0 - label as f64 / 1000.0
+    }
+
+    /// Flow matching: x_s = (1 - s) x0 + s eps at a shifted uniform s, the squared error of the
+    /// velocity `predict(x_s, 1000 s)` against eps - x0, per sample.
+    pub fn denoising_loss(&self, x0: &Tensor, rng: &mut NoiseRng, predict: impl FnOnce(&Tensor, &[f32]) -> Result<Tensor>) -> Result<Tensor> {
+        let shift = self.shift;
+        let s: Vec<f64> = (0..x0.dim(0)?).map(|_| rng.rng().random::<f64>()).map(|u| shift * u / (1.0 + (shift - 1.0) * u)).collect();
+        let noise = rng.randn(x0.shape(), x0.device())?;
+        let mut col = vec![s.len()];
+        col.extend(std::iter::repeat_n(1, x0.rank() - 1));
+        let s_col = Tensor::from_vec(s.iter().map(|&v| v as f32).collect::<Vec<_>>(), col, x0.device())?;
+        let x_s = (x0.broadcast_mul(&s_col.affine(-1.0, 1.0)?)? + noise.broadcast_mul(&s_col)?)?;
+        let times: Vec<f32> = s.iter().map(|&v| (1000.0 * v) as f32).collect();
+        (predict(&x_s, &times)? - (noise - x0)?)?.sqr()?.flatten_from(1)?.mean(1)
+    }
+}
+
 /// A pixel-space rectified-flow policy on the UNet core (its config's `flow_shift` is set).
 pub struct FlowPolicy(pub Policy);
 
@@ -108,21 +215,8 @@ impl FlowPolicy {
         Ok(Self(policy))
     }
 
-    fn shift(&self) -> f64 {
-        self.0.config.flow_shift.unwrap_or(1.0)
-    }
-
-    /// The guided velocity at sigma `s` for every row of `x`.
-    fn velocity(&self, cond: &Tensor, uncond: &Tensor, x: &Tensor, s: f64, guidance: f64) -> Result<Tensor> {
-        self.0.guided(x, &vec![(1000.0 * s) as f32; x.dim(0)?], cond, uncond, guidance)
-    }
-
-    /// The index in the `steps`-step schedule of the step labelled `label`.
-    fn index(&self, label: usize, steps: usize) -> Result<usize> {
-        labels(&sigmas(steps, self.shift()))
-            .iter()
-            .position(|&l| l == label)
-            .ok_or_else(|| candle_core::Error::Msg(format!("{label} is not a timestep of the {steps}-step flow schedule")))
+    fn schedule(&self) -> FlowSchedule {
+        FlowSchedule { shift: self.0.config.flow_shift.unwrap_or(1.0) }
     }
 }
 
@@ -147,25 +241,15 @@ impl Family for FlowPolicy {
     }
 
     fn check_sampler(&self, cfg: &SamplerConfig) -> anyhow::Result<()> {
-        ensure((1..=1000).contains(&cfg.steps), "sampler.steps", || format!("must be between 1 and 1000, got {}", cfg.steps))?;
-        ensure(cfg.eta > 0.0 && cfg.eta.is_finite(), "sampler.eta", || format!("is the flow SDE's noise level: must be > 0 for a stochastic policy with log-probs, got {}", cfg.eta))?;
-        ensure(cfg.flow_step != FlowStep::Cps || cfg.eta <= 1.0, "sampler.eta", || format!("is the CPS step's noise level a, std = s' sin(a pi / 2): must be at most 1, got {}", cfg.eta))?;
-        ensure(cfg.guidance.is_finite() && cfg.guidance >= 0.0, "sampler.guidance", || format!("must be a finite number >= 0, got {}", cfg.guidance))?;
-        let l = labels(&sigmas(cfg.steps, self.shift()));
-        ensure(l.windows(2).all(|w| w[0] > w[1]), "sampler.steps", || format!("{} steps put two steps on one timestep of 1000 at shift {}: use fewer", cfg.steps, self.shift()))?;
-        Ok(())
+        self.schedule().check_sampler(cfg)
     }
 
     fn timesteps(&self, steps: usize) -> Vec<usize> {
-        labels(&sigmas(steps, self.shift()))
+        self.schedule().timesteps(steps)
     }
 
     fn step_sigma(&self, label: usize, cfg: &SamplerConfig) -> f64 {
-        let std = match cfg.flow_step {
-            FlowStep::Sde => step_std,
-            FlowStep::Cps => cps_std,
-        };
-        self.index(label, cfg.steps).map_or(0.0, |k| std(&sigmas(cfg.steps, self.shift()), k, cfg.eta))
+        self.schedule().step_sigma(label, cfg)
     }
 
     fn sample_shape(&self, n: usize) -> Vec<usize> {
@@ -181,38 +265,23 @@ impl Family for FlowPolicy {
 
     fn step(&self, cond: &Conditioning, x_t: &Tensor, labels: &[usize], cfg: &SamplerConfig, noise: &Tensor) -> Result<StepOutput> {
         let [c, u] = &cond.0[..] else { candle_core::bail!("the flow family's conditioning is (cond, uncond)") };
-        let sigmas = sigmas(cfg.steps, self.shift());
-        let k = self.index(*labels.first().ok_or_else(|| candle_core::Error::Msg("an empty batch".into()))?, cfg.steps)?;
-        if labels.iter().any(|&l| l != labels[0]) {
-            candle_core::bail!("a sampling batch moves through the schedule together; got steps {labels:?}");
-        }
-        let v = with_no_grad(|| self.velocity(c, u, x_t, sigmas[k], cfg.guidance))?.detach();
-        flow_step(cfg)(x_t, &v, &sigmas, k, cfg.eta, None, Some(noise))
+        let schedule = self.schedule();
+        let k = schedule.batch_index(labels, cfg.steps)?;
+        let s = schedule.sigmas(cfg.steps)[k];
+        let v = with_no_grad(|| self.0.guided(x_t, &vec![(1000.0 * s) as f32; x_t.dim(0)?], c, u, cfg.guidance))?.detach();
+        schedule.step(x_t, &v, k, cfg, noise)
     }
 
     fn log_prob(&self, prompts: &[String], x_t: &Tensor, x_prev: &Tensor, labels: &[usize], cfg: &SamplerConfig) -> Result<StepOutput> {
-        let sigmas = sigmas(cfg.steps, self.shift());
+        let schedule = self.schedule();
         let cond = self.0.encode_prompts(prompts)?;
         let uncond = self.0.encode_prompts(&vec![""; prompts.len()])?;
-        // Samples of a minibatch may sit at different steps: one UNet pass at each row's own
-        // time, then one SDE step per row (its coefficients depend on the row's sigma).
-        let ks = labels.iter().map(|&label| self.index(label, cfg.steps)).collect::<Result<Vec<_>>>()?;
-        let times: Vec<f32> = ks.iter().map(|&k| (1000.0 * sigmas[k]) as f32).collect();
+        // Samples of a minibatch may sit at different steps: one UNet pass at each row's own time.
+        let (ks, s) = schedule.row_sigmas(labels, cfg.steps)?;
+        let times: Vec<f32> = s.iter().map(|&s| (1000.0 * s) as f32).collect();
         let x = x_t.detach();
         let v = self.0.guided(&x, &times, &cond, &uncond, cfg.guidance)?;
-        let mut parts = Vec::with_capacity(ks.len());
-        for (i, &k) in ks.iter().enumerate() {
-            let row = |t: &Tensor| t.narrow(0, i, 1);
-            parts.push(flow_step(cfg)(&row(&x)?, &row(&v)?, &sigmas, k, cfg.eta, Some(&row(x_prev)?), None)?);
-        }
-        let cat = |f: fn(&StepOutput) -> &Tensor| Tensor::cat(&parts.iter().map(f).collect::<Vec<_>>(), 0);
-        Ok(StepOutput {
-            prev_sample: cat(|p| &p.prev_sample)?,
-            mean: cat(|p| &p.mean)?,
-            pred_original: cat(|p| &p.pred_original)?,
-            log_prob: cat(|p| &p.log_prob)?,
-            sigma: cat(|p| &p.sigma)?,
-        })
+        schedule.recompute(&x, &v, x_prev, &ks, cfg)
     }
 
     fn has_own_reference(&self) -> bool {
@@ -223,17 +292,9 @@ impl Family for FlowPolicy {
         super::adapters_off_step(self.has_own_reference(), || self.log_prob(prompts, x_t, x_prev, labels, cfg))
     }
 
-    /// Flow matching: x_s = (1 - s) x0 + s eps at a shifted uniform s, the squared error of the
-    /// predicted velocity against eps - x0, per sample.
     fn denoising_loss(&self, x0: &Tensor, prompts: &[String], rng: &mut NoiseRng) -> Result<Tensor> {
-        let shift = self.shift();
-        let s: Vec<f64> = prompts.iter().map(|_| rng.rng().random::<f64>()).map(|u| shift * u / (1.0 + (shift - 1.0) * u)).collect();
-        let noise = rng.randn(x0.shape(), x0.device())?;
-        let s_col = Tensor::from_vec(s.iter().map(|&v| v as f32).collect::<Vec<_>>(), (s.len(), 1, 1, 1), x0.device())?;
-        let x_s = (x0.broadcast_mul(&s_col.affine(-1.0, 1.0)?)? + noise.broadcast_mul(&s_col)?)?;
-        let times: Vec<f32> = s.iter().map(|&v| (1000.0 * v) as f32).collect();
-        let pred = self.0.predict(&x_s, &times, &self.0.encode_prompts(prompts)?)?;
-        (pred - (noise - x0)?)?.sqr()?.flatten_from(1)?.mean(1)
+        let context = self.0.encode_prompts(prompts)?;
+        self.schedule().denoising_loss(x0, rng, |x_s, times| self.0.predict(x_s, times, &context))
     }
 
     fn decode(&self, samples: &Tensor) -> anyhow::Result<Tensor> {
@@ -244,9 +305,8 @@ impl Family for FlowPolicy {
         Some(1.0)
     }
 
-    /// The clean image's share of x_s at timestep `label` = 1000 s: 1 - s.
     fn x0_weight(&self, label: usize) -> f64 {
-        1.0 - label as f64 / 1000.0
+        FlowSchedule::x0_weight(label)
     }
 
     fn trainable_vars(&self) -> Vec<(String, Var)> {
