@@ -110,6 +110,12 @@ impl TextEncoder {
 
     /// `ids`: (B, L) u32 token ids, L <= max_position_embeddings.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_with_penultimate(ids)?.0)
+    }
+
+    /// The final (layer-normed) states, and the states before the last layer (transformers'
+    /// `hidden_states[-2]`: what SD3 feeds its transformer), for `ids` as in [`Self::forward`].
+    pub fn forward_with_penultimate(&self, ids: &Tensor) -> Result<(Tensor, Tensor)> {
         let (_, len) = ids.dims2()?;
         let max = self.config.max_position_embeddings;
         if len > max {
@@ -121,11 +127,12 @@ impl TextEncoder {
             .forward(ids)?
             .broadcast_add(&self.position_embedding.forward(&positions)?)?;
         let mask = causal_mask(len, ids.device())?;
-        let mut x = x;
+        let (mut x, mut penultimate) = (x.clone(), x);
         for layer in &self.layers {
+            penultimate = x.clone();
             x = layer.forward(&x, &mask)?;
         }
-        self.final_layer_norm.forward(&x)
+        Ok((self.final_layer_norm.forward(&x)?, penultimate))
     }
 }
 

@@ -49,7 +49,8 @@ impl DiffusersFolder {
         Ok(path)
     }
 
-    fn json(&self, rel: &str) -> Result<(PathBuf, Value)> {
+    /// The JSON file `rel` inside the folder, with its path for error messages.
+    pub fn json(&self, rel: &str) -> Result<(PathBuf, Value)> {
         let path = self.file(rel)?;
         let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
         let value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
@@ -109,7 +110,13 @@ impl DiffusersFolder {
 
     /// `text_encoder/config.json` as a [`TextConfig`].
     pub fn text_config(&self) -> Result<TextConfig> {
-        let (path, v) = self.json(TEXT_CONFIG)?;
+        self.clip_config(TEXT_CONFIG)
+    }
+
+    /// The CLIP text encoder config `rel` (a `CLIPTextModel` or `CLIPTextModelWithProjection`)
+    /// as a [`TextConfig`].
+    pub fn clip_config(&self, rel: &str) -> Result<TextConfig> {
+        let (path, v) = self.json(rel)?;
         let act = v["hidden_act"].as_str().unwrap_or("quick_gelu");
         anyhow::ensure!(
             matches!(act, "quick_gelu" | "gelu"),
@@ -164,7 +171,7 @@ impl DiffusersFolder {
 
 /// Fails unless `field` is absent, or equal to `want` (`null` also accepts `false`, and numbers
 /// compare by value so `1` matches `1.0`).
-fn check_field(path: &Path, v: &Value, field: &str, want: &Value) -> Result<()> {
+pub fn check_field(path: &Path, v: &Value, field: &str, want: &Value) -> Result<()> {
     let got = &v[field];
     let same = match (got, want) {
         (Value::Null, _) => true,
@@ -182,7 +189,7 @@ fn check_field(path: &Path, v: &Value, field: &str, want: &Value) -> Result<()> 
 }
 
 /// Checks that the given fields, where present, are non-negative integers.
-fn check_uints(path: &Path, v: &Value, fields: &[&str]) -> Result<()> {
+pub fn check_uints(path: &Path, v: &Value, fields: &[&str]) -> Result<()> {
     for f in fields {
         let got = &v[*f];
         anyhow::ensure!(

@@ -41,7 +41,8 @@ fn mmap(path: &Path) -> anyhow::Result<MmapedSafetensors> {
         .with_context(|| format!("{} is not a readable safetensors file (corrupt or truncated?)", path.display()))
 }
 
-fn mmap_var_builder(path: &Path, dtype: DType, device: &Device) -> anyhow::Result<VarBuilder<'static>> {
+/// A frozen weight file's variables, memory-mapped in `dtype`; errors name the file.
+pub fn mmap_var_builder(path: &Path, dtype: DType, device: &Device) -> anyhow::Result<VarBuilder<'static>> {
     mmap(path)?;
     // SAFETY: as in `mmap`.
     unsafe { VarBuilder::from_mmaped_safetensors(&[path], dtype, device) }
@@ -52,10 +53,7 @@ impl LatentPolicy {
     /// Loads the pipeline in `dir` with frozen weights in `dtype` and `finetune` deciding what
     /// trains. Every file, config field and tensor shape is checked, and errors name them.
     pub fn load(dir: &Path, finetune: Finetune, dtype: DType, device: &Device) -> anyhow::Result<Self> {
-        anyhow::ensure!(
-            !(device.is_cpu() && dtype == DType::BF16),
-            "bf16 weights need a CUDA device (candle's CPU matmul has no bf16); use f16 or f32 on the CPU"
-        );
+        check_dtype(dtype, device)?;
         let folder = DiffusersFolder::open(dir)?;
         let unet_cfg = folder.unet_config()?;
         let text_cfg = folder.text_config()?;
@@ -121,39 +119,57 @@ impl LatentPolicy {
     /// (ours, peft-named, or diffusers' older `lora.down` / `lora.up` names), or a full UNet
     /// saved by a `ddpo train --model-dir` run without LoRA.
     pub fn load_with_weights(dir: &Path, weights: &Path, dtype: DType, device: &Device) -> anyhow::Result<Self> {
-        anyhow::ensure!(weights.is_file(), "weights file {} not found", weights.display());
-        let tensors = candle_core::safetensors::load(weights, device)
-            .with_context(|| format!("{} is not a readable safetensors file", weights.display()))?;
-        let tensors: HashMap<String, Tensor> = tensors.into_iter().map(|(k, v)| (normalise_name(&k), v)).collect();
+        let tensors = read_trained(weights, "unet", device)?;
         let finetune = match adapter_config(weights, &tensors)? {
             Some(config) => Finetune::Lora { config, seed: 0 },
             None => Finetune::FullUnet,
         };
         let policy = Self::load(dir, finetune, dtype, device)?;
-        let vars = policy.policy.trainable_vars();
-        for (name, var) in &vars {
-            let t = tensors.get(name).with_context(|| {
-                format!("{} lacks tensor {name} (expected shape {:?}); was it trained on {}?", weights.display(), var.dims(), dir.display())
-            })?;
-            anyhow::ensure!(
-                t.dims() == var.dims(),
-                "{}: tensor {name} has shape {:?}, expected {:?}",
-                weights.display(),
-                t.dims(),
-                var.dims()
-            );
-            var.set(&t.to_dtype(DType::F32)?)?;
-        }
-        if tensors.len() != vars.len() {
-            let known: std::collections::HashSet<&String> = vars.iter().map(|(n, _)| n).collect();
-            let extra: Vec<&String> = tensors.keys().filter(|k| !known.contains(k)).take(3).collect();
-            anyhow::bail!(
-                "{}: tensors the model has no place for, e.g. {extra:?} (only UNet LoRA on {LORA_TARGETS}, or a full UNet, can be applied)",
-                weights.display()
-            );
-        }
+        set_trained(weights, dir, &policy.policy.trainable_vars(), &tensors, &format!("UNet LoRA on {LORA_TARGETS}, or a full UNet"))?;
         Ok(policy)
     }
+}
+
+/// Fails for bf16 weights on the CPU, whose matmul candle lacks.
+pub fn check_dtype(dtype: DType, device: &Device) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !(device.is_cpu() && dtype == DType::BF16),
+        "bf16 weights need a CUDA device (candle's CPU matmul has no bf16); use f16 or f32 on the CPU"
+    );
+    Ok(())
+}
+
+/// The tensors of a trained-weights file, named as we name them under the model `prefix`
+/// (see [`normalise_name`]).
+pub fn read_trained(weights: &Path, prefix: &str, device: &Device) -> anyhow::Result<HashMap<String, Tensor>> {
+    anyhow::ensure!(weights.is_file(), "weights file {} not found", weights.display());
+    let tensors = candle_core::safetensors::load(weights, device)
+        .with_context(|| format!("{} is not a readable safetensors file", weights.display()))?;
+    Ok(tensors.into_iter().map(|(k, v)| (normalise_name(&k, prefix), v)).collect())
+}
+
+/// Sets every trainable variable of a model loaded from `dir` to its tensor in `tensors` (read
+/// from `weights`), checking names and shapes both ways; `applicable` says what could be applied.
+pub fn set_trained(weights: &Path, dir: &Path, vars: &[(String, Var)], tensors: &HashMap<String, Tensor>, applicable: &str) -> anyhow::Result<()> {
+    for (name, var) in vars {
+        let t = tensors.get(name).with_context(|| {
+            format!("{} lacks tensor {name} (expected shape {:?}); was it trained on {}?", weights.display(), var.dims(), dir.display())
+        })?;
+        anyhow::ensure!(
+            t.dims() == var.dims(),
+            "{}: tensor {name} has shape {:?}, expected {:?}",
+            weights.display(),
+            t.dims(),
+            var.dims()
+        );
+        var.set(&t.to_dtype(DType::F32)?)?;
+    }
+    if tensors.len() != vars.len() {
+        let known: std::collections::HashSet<&String> = vars.iter().map(|(n, _)| n).collect();
+        let extra: Vec<&String> = tensors.keys().filter(|k| !known.contains(k)).take(3).collect();
+        anyhow::bail!("{}: tensors the model has no place for, e.g. {extra:?} (only {applicable} can be applied)", weights.display());
+    }
+    Ok(())
 }
 
 /// The UNet, its trainable variables (if any) and the dtype it computes in.
@@ -199,21 +215,21 @@ fn shape_hint(file: &Path) -> String {
     format!("{}: a tensor is missing or has the wrong shape for the folder's config.json", file.display())
 }
 
-/// Our names for a LoRA tensor from other tools: diffusers' older `lora.down` / `lora.up`
-/// become peft's `lora_A` / `lora_B`, and peft's `base_model.model.` prefix becomes `unet.`.
-fn normalise_name(name: &str) -> String {
+/// Our names for a trained tensor from other tools: diffusers' older `lora.down` / `lora.up`
+/// become peft's `lora_A` / `lora_B`, and every name gets the model's `prefix` (`unet`,
+/// `transformer`: that of diffusers' `load_lora_weights`) in place of peft's `base_model.model.`.
+fn normalise_name(name: &str, prefix: &str) -> String {
     let name = name.replace(".lora.down.weight", ".lora_A.weight").replace(".lora.up.weight", ".lora_B.weight");
-    let name = name.strip_prefix("base_model.model.").map(|s| format!("unet.{s}")).unwrap_or(name);
-    if name.starts_with("unet.") {
-        name
-    } else {
-        format!("unet.{name}")
+    let name = name.strip_prefix("base_model.model.").unwrap_or(&name);
+    match name.strip_prefix(prefix).and_then(|rest| rest.strip_prefix('.')) {
+        Some(_) => name.to_string(),
+        None => format!("{prefix}.{name}"),
     }
 }
 
 /// The adapter's rank and alpha when `tensors` are LoRA weights: the rank from the tensors, alpha
 /// from the file's metadata, else the JSON beside it, else the rank (what diffusers assumes).
-fn adapter_config(weights: &Path, tensors: &HashMap<String, Tensor>) -> anyhow::Result<Option<LoraConfig>> {
+pub fn adapter_config(weights: &Path, tensors: &HashMap<String, Tensor>) -> anyhow::Result<Option<LoraConfig>> {
     let Some((name, a)) = tensors.iter().find(|(k, _)| k.ends_with(".lora_A.weight")) else { return Ok(None) };
     let rank = a.dim(0).with_context(|| format!("{}: tensor {name} is not a matrix", weights.display()))?;
     let meta = read_metadata(weights)?;

@@ -67,6 +67,12 @@ impl ClipTokenizer {
         })
     }
 
+    /// The end-of-text token's id: the first one in a prompt's ids is the token whose state CLIP
+    /// pools.
+    pub fn eos_id(&self) -> u32 {
+        self.eos
+    }
+
     /// Token ids of `text`: bos, at most 75 BPE tokens, eos, then padding, 77 in all.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let mut ids = vec![self.bos];

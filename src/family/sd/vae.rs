@@ -1,4 +1,5 @@
-//! The Stable Diffusion VAE decoder (diffusers `AutoencoderKL`), latents -> images.
+//! The Stable Diffusion VAE decoder (diffusers `AutoencoderKL`), latents -> images: SD 1.x / 2.x's
+//! (4 latent channels, `post_quant_conv`) and SD3's (16 channels, a `shift_factor`, no quant convs).
 //!
 //! DDPO never trains the VAE and only needs it to turn final latents into images for the reward,
 //! so this is an inference-only decoder: loading from a diffusers `vae/` folder (config fields,
@@ -27,8 +28,11 @@ pub struct VaeConfig {
     pub layers_per_block: usize,
     pub latent_channels: usize,
     pub norm_num_groups: usize,
-    /// Latents the UNet sees are `scaling_factor` times the VAE's own latents.
+    /// Latents the denoiser sees are `(z - shift_factor) * scaling_factor` for the VAE's own
+    /// latents z.
     pub scaling_factor: f64,
+    /// 0 for SD 1.x / 2.x (absent or `null` in their configs); SD3's VAE centres its latents.
+    pub shift_factor: f64,
     pub use_post_quant_conv: bool,
 }
 
@@ -69,6 +73,10 @@ impl VaeConfig {
             scaling_factor: json["scaling_factor"]
                 .as_f64()
                 .with_context(|| format!("{}: field scaling_factor missing or not a number", path.display()))?,
+            shift_factor: match &json["shift_factor"] {
+                serde_json::Value::Null => 0.0,
+                v => v.as_f64().with_context(|| format!("{}: field shift_factor is not a number", path.display()))?,
+            },
             use_post_quant_conv: flag("use_post_quant_conv"),
         })
     }
@@ -113,10 +121,10 @@ impl Vae {
     }
 
     /// Images in -1..1, (N, out_channels, H * 2^(blocks-1), W * 2^(blocks-1)), from UNet-space
-    /// latents (N, C, H, W): the decoder applied to `latents / scaling_factor`, as diffusers'
-    /// pipelines do.
+    /// latents (N, C, H, W): the decoder applied to `latents / scaling_factor + shift_factor`,
+    /// as diffusers' pipelines do.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        let scaled = (latents.to_dtype(self.dtype)? / self.config.scaling_factor)?;
+        let scaled = latents.to_dtype(self.dtype)?.affine(1.0 / self.config.scaling_factor, self.config.shift_factor)?;
         let image = self.decoder.forward(&scaled).context("VAE decode")?;
         Ok(image.to_dtype(DType::F32)?)
     }
