@@ -3,10 +3,13 @@
 //!
 //! - [`shapes`]: the embedded default, a pixel-space UNet over the shapes world.
 //! - [`sd`]: Stable Diffusion 1.x / 2.x diffusers folders (latent space, CLIP BPE, VAE).
+//! - [`flow`]: the rectified-flow variant of the shapes model, and the flow schedule and steps
+//!   (Flow-GRPO's SDE and CPS) that every flow family shares.
+//! - [`sd3`]: Stable Diffusion 3 / 3.5 diffusers folders (a latent flow model, MMDiT).
 //!
 //! Both are epsilon-predicting UNets sampled with DDIM, so they share [`unet`] (the networks,
 //! guided noise prediction, checkpoints) and [`ddpm`] (the noise schedule and the DDIM step);
-//! a family of another kind (flow matching) implements [`Family`] directly.
+//! the flow families implement [`Family`] directly over [`flow::FlowSchedule`].
 //! [`open_trainable`] / [`open_frozen`] pick the family from what is on disk.
 
 pub mod ddpm;
@@ -158,33 +161,64 @@ fn adapters_off_step(has_adapters: bool, step: impl FnOnce() -> Result<StepOutpu
     Ok(StepOutput { prev_sample: s.prev_sample.detach(), mean: s.mean.detach(), pred_original: s.pred_original.detach(), log_prob: s.log_prob.detach(), sigma: s.sigma.detach() })
 }
 
-/// Opens `model` for training: a diffusers folder (a directory) as [`LatentPolicy`], a policy
-/// checkpoint file as [`PixelPolicy`]; with `options.lora`, fresh adapters (seeded) are the only
-/// trainable weights.
+/// What a model path holds, as far as choosing its family goes.
+enum Source {
+    /// A `StableDiffusionPipeline` folder (or a folder without `model_index.json`).
+    SdPipeline,
+    /// A `StableDiffusion3Pipeline` folder.
+    Sd3Pipeline,
+    /// A policy checkpoint file.
+    Checkpoint,
+}
+
+/// Reads what `model` is from `model_index.json`'s pipeline class; a pipeline no family loads
+/// is an error that names it.
+fn source(model: &Path) -> anyhow::Result<Source> {
+    if !model.is_dir() {
+        return Ok(Source::Checkpoint);
+    }
+    Ok(match sd3::pipeline::pipeline_class(model)?.as_deref() {
+        Some(sd3::pipeline::PIPELINE_CLASS) => Source::Sd3Pipeline,
+        None | Some("StableDiffusionPipeline") => Source::SdPipeline,
+        Some(other) => anyhow::bail!(
+            "{}: model_index.json names {other}, which ddpo cannot load; --model-dir takes a StableDiffusionPipeline (SD 1.x / 2.x) or StableDiffusion3Pipeline (SD3 / SD3.5) folder",
+            model.display()
+        ),
+    })
+}
+
+/// Opens `model` for training: a diffusers folder as [`LatentPolicy`] (SD 1.x / 2.x) or
+/// [`sd3::Sd3Policy`], a policy checkpoint file as [`PixelPolicy`] or [`flow::FlowPolicy`]; with
+/// `options.lora`, fresh adapters (seeded) are the only trainable weights.
 pub fn open_trainable(model: &Path, options: &OpenOptions, device: &Device) -> anyhow::Result<Box<dyn Family>> {
     let (lora, seed, dtype) = (options.lora, options.seed, options.dtype);
-    Ok(if model.is_dir() {
-        boxed(LatentPolicy::open_trainable(model, lora, seed, dtype, device)?, options)
-    } else {
-        pixel_or_flow(PixelPolicy::open_trainable(model, lora, seed, dtype, device)?, options)?
+    Ok(match source(model)? {
+        Source::SdPipeline => boxed(LatentPolicy::open_trainable(model, lora, seed, dtype, device)?, options),
+        Source::Sd3Pipeline => flow_options(Box::new(sd3::Sd3Policy::open_trainable(model, lora, seed, dtype.dtype(), device)?), options)?,
+        Source::Checkpoint => pixel_or_flow(PixelPolicy::open_trainable(model, lora, seed, dtype, device)?, options)?,
     })
 }
 
 /// Opens `model` for sampling with trained `weights` applied (a LoRA adapter, or for a diffusers
-/// folder also a finetuned UNet).
+/// folder also a finetuned UNet or transformer).
 pub fn open_frozen(model: &Path, weights: Option<&Path>, options: &OpenOptions, device: &Device) -> anyhow::Result<Box<dyn Family>> {
-    Ok(if model.is_dir() {
-        boxed(LatentPolicy::open_frozen(model, weights, options.dtype, device)?, options)
-    } else {
-        pixel_or_flow(PixelPolicy::open_frozen(model, weights, options.dtype, device)?, options)?
+    Ok(match source(model)? {
+        Source::SdPipeline => boxed(LatentPolicy::open_frozen(model, weights, options.dtype, device)?, options),
+        Source::Sd3Pipeline => flow_options(Box::new(sd3::Sd3Policy::open_frozen(model, weights, options.dtype.dtype(), device)?), options)?,
+        Source::Checkpoint => pixel_or_flow(PixelPolicy::open_frozen(model, weights, options.dtype, device)?, options)?,
     })
+}
+
+/// A flow model under `options`, which must not ask for DDIM's x0 clamp.
+fn flow_options(policy: Box<dyn Family>, options: &OpenOptions) -> anyhow::Result<Box<dyn Family>> {
+    anyhow::ensure!(options.clip_sample != Some(true), "--clip-sample is a DDIM setting; a flow model has no x0 clamp");
+    Ok(policy)
 }
 
 /// A shapes-world checkpoint as its family: a flow model where its config has a `flow_shift`.
 fn pixel_or_flow(policy: PixelPolicy, options: &OpenOptions) -> anyhow::Result<Box<dyn Family>> {
     if policy.0.config.flow_shift.is_some() {
-        anyhow::ensure!(options.clip_sample != Some(true), "--clip-sample is a DDIM setting; a flow model has no x0 clamp");
-        return Ok(Box::new(flow::FlowPolicy::new(policy.0)?));
+        return flow_options(Box::new(flow::FlowPolicy::new(policy.0)?), options);
     }
     Ok(boxed(policy, options))
 }
@@ -193,6 +227,9 @@ fn pixel_or_flow(policy: PixelPolicy, options: &OpenOptions) -> anyhow::Result<B
 /// missing otherwise; returns it absolute, so a run can find it again from anywhere.
 pub fn check_model_dir(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
     let folder = sd::DiffusersFolder::open(dir)?;
+    if let Source::Sd3Pipeline = source(dir)? {
+        sd3::pipeline::check_folder(dir)?;
+    }
     Ok(std::fs::canonicalize(&folder.dir)?)
 }
 

@@ -42,10 +42,10 @@ pub fn resolve_model(path: &Path, weights: Option<&Path>) -> anyhow::Result<Mode
 /// A checkpoint file: a full model stands alone; an adapter or a Stable Diffusion UNet goes onto
 /// its base, the diffusers folder its config names or the model of the run in `run_dir`.
 fn from_checkpoint(file: &Path, run_dir: Option<&Path>) -> anyhow::Result<ModelSource> {
-    let Ok(config) = load_config(file) else { return Ok(ModelSource { model: file.to_path_buf(), weights: None }) };
-    if let Some(dir) = config.diffusers_dir {
+    if let Some(dir) = diffusers_dir(file) {
         return Ok(ModelSource { model: dir, weights: Some(file.to_path_buf()) });
     }
+    let Ok(config) = load_config(file) else { return Ok(ModelSource { model: file.to_path_buf(), weights: None }) };
     if config.lora.is_none() {
         return Ok(ModelSource { model: file.to_path_buf(), weights: None });
     }
@@ -55,4 +55,12 @@ fn from_checkpoint(file: &Path, run_dir: Option<&Path>) -> anyhow::Result<ModelS
     let text = std::fs::read_to_string(&run).with_context(|| format!("cannot read {}", run.display()))?;
     let config: RunConfig = serde_json::from_str(&text).with_context(|| format!("{} is not a run config", run.display()))?;
     Ok(ModelSource { model: config.model, weights: Some(file.to_path_buf()) })
+}
+
+/// The diffusers folder that the JSON beside a checkpoint names (`diffusers_dir`, written by
+/// every family that finetunes a pipeline folder), if any.
+fn diffusers_dir(weights: &Path) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(weights.with_extension("json")).ok()?;
+    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+    json["diffusers_dir"].as_str().map(PathBuf::from)
 }
