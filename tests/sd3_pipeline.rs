@@ -4,6 +4,8 @@
 //! policy, LoRA adapters saved under diffusers' names and reloaded, folder errors, and
 //! `ddpo train --model-dir` end to end with and without LoRA.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -13,6 +15,8 @@ use ddpo::family::sd3::{Finetune, Sd3Policy};
 use ddpo::family::{Family, NoiseRng, SamplerConfig};
 use ddpo::model::LoraConfig;
 use ddpo::sampler;
+
+use common::fixtures::{ddpo_cli, edit_json};
 
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-sd3-pipeline");
 /// The prompt, guidance and schedule `make_pipeline.py` used for the goldens.
@@ -176,13 +180,6 @@ fn walk(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> Result<()> {
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
-    edit(&mut v);
-    std::fs::write(path, serde_json::to_string_pretty(&v)?)?;
-    Ok(())
-}
-
 fn open_error(dir: &Path) -> String {
     let options = ddpo::family::OpenOptions::default();
     match ddpo::family::open_frozen(dir, None, &options, &Device::Cpu) {
@@ -221,11 +218,6 @@ fn broken_pipelines_fail_with_one_clear_line() -> Result<()> {
     Ok(())
 }
 
-fn ddpo_cli(args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ddpo")).args(args).output().expect("run ddpo");
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
-
 /// `ddpo train --model-dir` on the tiny SD3 pipeline, with LoRA and in full, then sampling with
 /// the trained weights from the run's checkpoint.
 #[test]
@@ -250,5 +242,36 @@ fn cli_trains_the_sd3_pipeline_end_to_end() -> Result<()> {
         let (ok, stderr) = ddpo_cli(&["sample", "--model", run.to_str().unwrap(), "--prompt", "a red circle", "-n", "2", "--steps", "3", "--eta", "0.7", "--out", out.to_str().unwrap()]);
         assert!(ok && out.exists(), "{stderr}");
     }
+    Ok(())
+}
+
+/// An adapter saved here, loaded by diffusers' `StableDiffusion3Pipeline.load_lora_weights`
+/// (`check_lora.py`), gives diffusers the same guided step as it gives us, alpha included.
+/// Needs a Python with diffusers: `SD3_PYTHON=/tmp/sd3venv/bin/python cargo test --test
+/// sd3_pipeline -- --ignored`.
+#[test]
+#[ignore]
+fn lora_file_loads_in_diffusers() -> Result<()> {
+    let python = std::env::var("SD3_PYTHON").context("set SD3_PYTHON to a python with diffusers")?;
+    let policy = lora_policy(5);
+    // B moved off zero, so the adapters change the output; alpha 4 with rank 2 scales them by 2.
+    for (_, v) in policy.trainable_vars().iter().filter(|(n, _)| n.ends_with("lora_B.weight")) {
+        v.set(&(v.as_tensor().ones_like()? * 0.3)?)?;
+    }
+    let g = golden();
+    let cfg = sde(STEPS);
+    let label = policy.timesteps(STEPS)[STEP_INDEX];
+    let ours = policy.step(&policy.condition(&[PROMPT.to_string()])?, &g["step.x"], &[label], &cfg, &g["step.noise"])?;
+    let tmp = tempfile::tempdir()?;
+    let (adapter, out) = (tmp.path().join("adapter.safetensors"), tmp.path().join("theirs.safetensors"));
+    policy.save(&adapter)?;
+    let status = std::process::Command::new(python).arg(fixture().join("check_lora.py")).arg(&adapter).arg(&out).status()?;
+    assert!(status.success(), "check_lora.py failed");
+    let theirs = candle_core::safetensors::load(&out, &Device::Cpu)?;
+    let (mean_err, lp_err) = (max_abs_diff(&ours.mean, &theirs["mean"]), max_abs_diff(&ours.log_prob, &theirs["log_prob"]));
+    let moved = max_abs_diff(&ours.mean, &g["step.mean"]);
+    println!("with the adapter in diffusers: mean {mean_err:.3e}, log-prob {lp_err:.3e} (the adapter moves the mean by {moved:.3e})");
+    assert!(moved > 1e-2, "the adapter changed nothing ({moved:e})");
+    assert!(mean_err < 1e-4 && lp_err < 1e-3, "diffusers computes another step with our adapter: mean {mean_err:e}, log-prob {lp_err:e}");
     Ok(())
 }

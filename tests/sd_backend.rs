@@ -3,6 +3,8 @@
 //! trajectory recomputed through `Policy` and the sampler, LoRA adapters (gradients, diffusers /
 //! peft names, reload), reduced-precision frozen weights, and DDPO end to end with the CLI.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,6 +17,8 @@ use ddpo::optim::{AdamW, AdamWConfig};
 use ddpo::family::sd::{Finetune, LatentPolicy};
 use ddpo::family::{Family, NoiseRng, SamplerConfig};
 use ddpo::sampler;
+
+use common::fixtures::{ddpo_cli, edit_json};
 
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-sd");
 const PROMPTS: [&str; 2] = ["a photo of a cat", "an astronaut riding a horse on the moon"];
@@ -42,13 +46,6 @@ fn copy_fixture(to: &Path) -> Result<()> {
             std::fs::write(&dst, std::fs::read(entry.path())?)?;
         }
     }
-    Ok(())
-}
-
-fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> Result<()> {
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
-    edit(&mut v);
-    std::fs::write(path, serde_json::to_string_pretty(&v)?)?;
     Ok(())
 }
 
@@ -287,13 +284,6 @@ fn full_unet_finetuning_saves_the_unet_and_reloads() -> Result<()> {
     let base = LatentPolicy::load(fixture(), Finetune::Frozen, DType::F16, &Device::Cpu)?;
     assert!(max_abs_diff(&samples(&reloaded, 2)?, &samples(&base, 2)?)? > 0.0, "training changed nothing");
     Ok(())
-}
-
-fn ddpo_cli(args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ddpo")).args(args).output().expect("run ddpo");
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!stderr.contains("panicked"), "ddpo {args:?} panicked: {stderr}");
-    (out.status.success(), stderr)
 }
 
 #[test]

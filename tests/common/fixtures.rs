@@ -75,3 +75,17 @@ pub fn write(dir: &std::path::Path, name: &str, text: &str) -> std::path::PathBu
     std::fs::write(&p, text).unwrap();
     p
 }
+
+/// Rewrites the JSON file at `path` through `edit` (for breaking a fixture's config).
+pub fn edit_json(path: &std::path::Path, edit: impl FnOnce(&mut serde_json::Value)) -> anyhow::Result<()> {
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+    edit(&mut v);
+    std::fs::write(path, serde_json::to_string_pretty(&v)?)?;
+    Ok(())
+}
+
+/// Runs the `ddpo` binary with `args`: whether it succeeded, and its stderr.
+pub fn ddpo_cli(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ddpo")).args(args).output().expect("run ddpo");
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}

@@ -6,7 +6,8 @@
 //!
 //! Trained weights are saved with the names diffusers' `StableDiffusion3Pipeline.load_lora_weights`
 //! reads: `transformer.<module>.lora_A.weight` / `lora_B.weight` (peft names, rank and alpha in
-//! the file's metadata), or `transformer.<diffusers name>` for a full transformer. A JSON file
+//! the file's metadata, ours and diffusers' `lora_adapter_metadata`), or
+//! `transformer.<diffusers name>` for a full transformer. A JSON file
 //! beside them names the pipeline folder, so a checkpoint alone says what it finetunes.
 
 use std::collections::HashMap;
@@ -166,6 +167,7 @@ impl Sd3Policy {
             meta.insert(META_RANK.into(), lora.rank.to_string());
             meta.insert(META_ALPHA.into(), lora.alpha.to_string());
             meta.insert(META_TARGETS.into(), LORA_TARGETS.into());
+            meta.insert(DIFFUSERS_LORA_METADATA.into(), diffusers_lora_metadata(lora).to_string());
         }
         save_tensors_atomic_with_metadata(&tensors, Some(meta), path)?;
         let lora = match &self.trainable {
@@ -175,6 +177,16 @@ impl Sd3Policy {
         let sidecar = json!({ "diffusers_dir": self.dir, "pipeline": PIPELINE_CLASS, "lora": lora });
         write_atomic(&path.with_extension("json"), serde_json::to_string_pretty(&sidecar)?.as_bytes())
     }
+}
+
+/// The safetensors metadata key where diffusers (0.34 and later) reads an adapter's peft config,
+/// so that `load_lora_weights` applies our alpha instead of assuming alpha = rank.
+const DIFFUSERS_LORA_METADATA: &str = "lora_adapter_metadata";
+
+/// The adapter's peft `LoraConfig` fields under diffusers' `transformer.` prefix.
+fn diffusers_lora_metadata(lora: &LoraConfig) -> Value {
+    let targets: Vec<&str> = LORA_TARGETS.split(',').collect();
+    json!({ "transformer.r": lora.rank, "transformer.lora_alpha": lora.alpha, "transformer.target_modules": targets })
 }
 
 /// The transformer in `dir` and what of it trains.
