@@ -99,17 +99,45 @@ pub fn cps_step(x: &Tensor, v: &Tensor, sigmas: &[f64], k: usize, noise_level: f
     Ok(StepOutput { prev_sample, mean, pred_original, log_prob, sigma })
 }
 
+/// The `steps + 1` sigmas of diffusers' `FlowMatchEulerDiscreteScheduler.set_timesteps(steps)`
+/// (what SD3's pipeline and Flow-GRPO sample with): `steps` values of u spaced evenly from 1 down
+/// to the training schedule's smallest sigma, shift(1 / num_train_timesteps), each shifted (so
+/// that one is shifted twice, as diffusers does), then 0.
+pub fn diffusers_sigmas(steps: usize, shift: f64, num_train_timesteps: usize) -> Vec<f64> {
+    let shifted = |u: f64| shift * u / (1.0 + (shift - 1.0) * u);
+    let floor = shifted(1.0 / num_train_timesteps as f64);
+    let mut s: Vec<f64> = (0..steps)
+        .map(|i| if steps == 1 { 1.0 } else { 1.0 - (1.0 - floor) * i as f64 / (steps - 1) as f64 })
+        .map(shifted)
+        .collect();
+    s.push(0.0);
+    s
+}
+
+/// How a flow schedule spaces its steps.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Spacing {
+    /// [`sigmas`]: u evenly from 1 to 0 (the shapes flow model).
+    Uniform,
+    /// [`diffusers_sigmas`]: as diffusers' scheduler (SD3 pipelines).
+    Diffusers { num_train_timesteps: usize },
+}
+
 /// A flow model's sampling schedule: the shifted sigmas, their step labels, the step kinds and
 /// the checks of sampler settings that every flow family shares. A family holds one and adds
 /// only its velocity.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FlowSchedule {
     pub shift: f64,
+    pub spacing: Spacing,
 }
 
 impl FlowSchedule {
     pub fn sigmas(&self, steps: usize) -> Vec<f64> {
-        sigmas(steps, self.shift)
+        match self.spacing {
+            Spacing::Uniform => sigmas(steps, self.shift),
+            Spacing::Diffusers { num_train_timesteps } => diffusers_sigmas(steps, self.shift, num_train_timesteps),
+        }
     }
 
     /// See [`Family::check_sampler`].
@@ -216,7 +244,7 @@ impl FlowPolicy {
     }
 
     fn schedule(&self) -> FlowSchedule {
-        FlowSchedule { shift: self.0.config.flow_shift.unwrap_or(1.0) }
+        FlowSchedule { shift: self.0.config.flow_shift.unwrap_or(1.0), spacing: Spacing::Uniform }
     }
 }
 

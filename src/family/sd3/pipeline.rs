@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use super::policy::{Sd3Policy, Trainable};
 use super::text::Sd3TextEncoders;
 use super::Sd3Transformer;
-use crate::family::flow::FlowSchedule;
+use crate::family::flow::{FlowSchedule, Spacing};
 use crate::family::sd::folder::{check_field, DiffusersFolder, SCHEDULER_CONFIG, VAE_DIR};
 use crate::family::sd::load::{adapter_config, check_dtype, read_trained, set_trained};
 use crate::family::sd::Vae;
@@ -67,8 +67,8 @@ fn check_model_index(folder: &DiffusersFolder) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `scheduler/scheduler_config.json` of a `FlowMatchEulerDiscreteScheduler`: its shift, after
-/// rejecting the sigma variants the flow schedule does not implement.
+/// `scheduler/scheduler_config.json` of a `FlowMatchEulerDiscreteScheduler`: its shift and
+/// diffusers' spacing of the steps, after rejecting the sigma variants not implemented.
 fn flow_schedule(folder: &DiffusersFolder) -> anyhow::Result<FlowSchedule> {
     let (path, v) = folder.json(SCHEDULER_CONFIG)?;
     anyhow::ensure!(
@@ -81,12 +81,13 @@ fn flow_schedule(folder: &DiffusersFolder) -> anyhow::Result<FlowSchedule> {
         check_field(&path, &v, field, &json!(false))?;
     }
     check_field(&path, &v, "shift_terminal", &Value::Null)?;
+    // Step labels are round(1000 sigma) and the transformer's timestep is 1000 sigma.
     check_field(&path, &v, "num_train_timesteps", &json!(1000))?;
     let shift = match &v["shift"] {
         Value::Null => 1.0,
         s => s.as_f64().filter(|s| *s > 0.0 && s.is_finite()).with_context(|| format!("{}: field shift must be a positive number, got {s}", path.display()))?,
     };
-    Ok(FlowSchedule { shift })
+    Ok(FlowSchedule { shift, spacing: Spacing::Diffusers { num_train_timesteps: 1000 } })
 }
 
 /// Checks that `dir` holds an SD3 pipeline this loader opens (its configs, not its weights).

@@ -1,6 +1,6 @@
 //! [`Sd3Policy`]: SD3 / SD3.5 as a [`Family`]. A latent flow model: the MMDiT predicts the
 //! velocity over VAE latents, sampled with the flow family's steps (Flow-GRPO's SDE step or the
-//! CPS step, each with its log-prob) on the scheduler's shifted sigmas, guided against the empty
+//! CPS step, each with its log-prob) on the sigmas of diffusers' scheduler, guided against the empty
 //! prompt; the VAE turns final latents into images for the reward. The text encoders and the VAE
 //! are frozen; the transformer trains through LoRA adapters (whose switched-off base is the KL
 //! reference) or in full.
