@@ -27,6 +27,7 @@ use crate::family::sd::load::{adapter_config, check_dtype, read_trained, set_tra
 use crate::family::sd::Vae;
 use crate::family::unet::checkpoint::{META_ALPHA, META_RANK, META_TARGETS};
 use crate::family::unet::init;
+use crate::family::Family;
 use crate::io::{save_tensors_atomic_with_metadata, write_atomic};
 use crate::model::{Lora, LoraConfig};
 
@@ -132,7 +133,7 @@ impl Sd3Policy {
             None => Finetune::Full,
         };
         let policy = Self::load(dir, finetune, dtype, device)?;
-        set_trained(weights, dir, &policy.trainable_vars_sorted(), &tensors, &format!("transformer LoRA on {LORA_TARGETS}, or a full transformer"))?;
+        set_trained(weights, dir, &policy.trainable_vars(), &tensors, &format!("transformer LoRA on {LORA_TARGETS}, or a full transformer"))?;
         Ok(policy)
     }
 
@@ -162,7 +163,7 @@ impl Sd3Policy {
     /// Saves the trained weights atomically (see the module docs), with a JSON file beside them
     /// naming the pipeline folder and the adapter's config.
     pub fn save_weights(&self, path: &Path) -> anyhow::Result<()> {
-        let tensors: HashMap<String, Tensor> = self.trainable_vars_sorted().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
+        let tensors: HashMap<String, Tensor> = self.trainable_vars().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
         let mut meta = HashMap::from([("format".to_string(), "pt".to_string())]);
         if let Trainable::Lora(lora, _) = &self.trainable {
             meta.insert(META_RANK.into(), lora.rank.to_string());

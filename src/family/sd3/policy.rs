@@ -13,7 +13,7 @@ use candle_nn::VarMap;
 use super::text::Sd3TextEncoders;
 use super::Sd3Transformer;
 use crate::family::flow::FlowSchedule;
-use crate::family::sd::Vae;
+use crate::family::sd::{guide, Vae};
 use crate::family::{Conditioning, Family, NoiseRng, SamplerConfig, StepOutput};
 use crate::kernels::no_grad::with_no_grad;
 use crate::model::LoraConfig;
@@ -71,21 +71,7 @@ impl Sd3Policy {
         let n = x.dim(0)?;
         let two = |u: &Tensor, c: &Tensor| Tensor::cat(&[u, c], 0);
         let v = self.predict(&two(x, x)?, &[times, times].concat(), &two(uncond, cond)?, &two(pooled_uncond, pooled)?)?;
-        let (v_u, v_c) = (v.narrow(0, 0, n)?, v.narrow(0, n, n)?);
-        v_u.clone() + ((v_c - v_u)? * guidance)?
-    }
-
-    /// The trainable variables under the names they are saved with, sorted.
-    pub fn trainable_vars_sorted(&self) -> Vec<(String, Var)> {
-        let (varmap, prefix) = match &self.trainable {
-            Trainable::Frozen => return Vec::new(),
-            Trainable::Lora(_, varmap) => (varmap, ""),
-            Trainable::Full(varmap) => (varmap, "transformer."),
-        };
-        let data = varmap.data().lock().expect("varmap lock");
-        let mut vars: Vec<_> = data.iter().map(|(n, v)| (format!("{prefix}{n}"), v.clone())).collect();
-        vars.sort_by(|a, b| a.0.cmp(&b.0));
-        vars
+        guide(&v.narrow(0, 0, n)?, &v.narrow(0, n, n)?, guidance)
     }
 }
 
@@ -167,8 +153,18 @@ impl Family for Sd3Policy {
         FlowSchedule::x0_weight(label)
     }
 
+    /// Named as they are saved: adapters `transformer.<module>.lora_A.weight`, full weights
+    /// `transformer.<diffusers name>`.
     fn trainable_vars(&self) -> Vec<(String, Var)> {
-        self.trainable_vars_sorted()
+        let (varmap, prefix) = match &self.trainable {
+            Trainable::Frozen => return Vec::new(),
+            Trainable::Lora(_, varmap) => (varmap, ""),
+            Trainable::Full(varmap) => (varmap, "transformer."),
+        };
+        let data = varmap.data().lock().expect("varmap lock");
+        let mut vars: Vec<_> = data.iter().map(|(n, v)| (format!("{prefix}{n}"), v.clone())).collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        vars
     }
 
     fn save(&self, path: &Path) -> anyhow::Result<()> {

@@ -26,6 +26,7 @@ pub struct ClipWithProjection {
     encoder: TextEncoder,
     /// `text_projection`, without bias: the pooled state to the shared embedding space.
     projection: Linear,
+    projection_dim: usize,
     tokenizer: ClipTokenizer,
 }
 
@@ -37,7 +38,8 @@ impl ClipWithProjection {
         let (config_path, json) = folder.json(&format!("{encoder}/config.json"))?;
         let projection_dim = json["projection_dim"]
             .as_u64()
-            .with_context(|| format!("{}: field projection_dim missing (SD3's text encoders are CLIPTextModelWithProjection)", config_path.display()))?;
+            .with_context(|| format!("{}: field projection_dim missing (SD3's text encoders are CLIPTextModelWithProjection)", config_path.display()))?
+            as usize;
         anyhow::ensure!(
             cfg.max_position_embeddings >= MAX_LEN,
             "{}: max_position_embeddings {} is below the CLIP tokenizer's {MAX_LEN} tokens",
@@ -48,16 +50,15 @@ impl ClipWithProjection {
         let vb = mmap_var_builder(&weights, dtype, device)?;
         let hint = || format!("{}: a tensor is missing or has the wrong shape for {}", weights.display(), config_path.display());
         let encoder_model = TextEncoder::new(&cfg, vb.clone()).with_context(hint)?;
-        let projection = Linear::new(vb.get((projection_dim as usize, cfg.hidden_size), "text_projection.weight").with_context(hint)?, None);
+        let projection = Linear::new(vb.get((projection_dim, cfg.hidden_size), "text_projection.weight").with_context(hint)?, None);
         let tok_dir = folder.file(tokenizer)?;
         let tokenizer = ClipTokenizer::from_dir(&tok_dir).with_context(|| format!("loading the tokenizer from {}", tok_dir.display()))?;
-        Ok(Self { encoder: encoder_model, projection, tokenizer })
+        Ok(Self { encoder: encoder_model, projection, projection_dim, tokenizer })
     }
 
     /// Width of the sequence states and of the pooled embedding.
     fn widths(&self) -> (usize, usize) {
-        let (out, _) = self.projection.weight().dims2().unwrap_or((0, 0));
-        (self.encoder.config().hidden_size, out)
+        (self.encoder.config().hidden_size, self.projection_dim)
     }
 
     /// The states before the last layer (N, 77, hidden) and the projected pooled embedding
