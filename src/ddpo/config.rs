@@ -99,7 +99,7 @@ impl Default for TrainConfig {
             adv_clip: 5.0,
             normalisation: Normalisation::PerPrompt { buffer_size: Normalisation::PER_PROMPT.0, min_count: Normalisation::PER_PROMPT.1 },
             rwr_beta: 1.0,
-            optimizer: AdamWConfig { lr: 2e-4, warmup_steps: 16, ..Default::default() },
+            optimizer: AdamWConfig { lr: 5e-5, warmup_steps: 16, ..Default::default() },
             grad_clip: 1.0,
             sampler: SamplerConfig { steps: 10, ..SamplerConfig::default() },
             reward_workers: 1,
