@@ -129,17 +129,34 @@ impl ConditioningGap {
 
 /// [`ConditioningGap`] of `family` on `n` images of `world` (a fixed draw).
 pub fn conditioning_gap(family: &dyn Family, world: &ShapesWorld, n: usize) -> anyhow::Result<ConditioningGap> {
-    let samples = world.batch(0xC0_4D17, n);
-    let images: Vec<image::RgbImage> = samples.iter().map(|s| s.image.clone()).collect();
-    let x0 = crate::render::images_to_tensor(&images, family.device())?;
-    let own: Vec<String> = samples.iter().map(|s| s.caption.clone()).collect();
-    let mut shuffled = own.clone();
+    let batch = FixedBatch::new(family, world, n)?;
+    let mut shuffled = batch.captions.clone();
     shuffled.rotate_left(1);
-    let loss = |captions: &[String]| -> anyhow::Result<f64> {
-        let l = crate::kernels::no_grad::with_no_grad(|| family.denoising_loss(&x0, captions, &mut crate::family::NoiseRng::new(7)))?;
-        Ok(l.mean_all()?.to_scalar::<f32>()? as f64)
-    };
-    Ok(ConditioningGap { own: loss(&own)?, shuffled: loss(&shuffled)?, empty: loss(&vec![String::new(); n])? })
+    let loss = |captions: &[String]| -> anyhow::Result<f64> { Ok(batch.losses(family, captions)?.mean_all()?.to_scalar::<f32>()? as f64) };
+    Ok(ConditioningGap { own: loss(&batch.captions)?, shuffled: loss(&shuffled)?, empty: loss(&vec![String::new(); n])? })
+}
+
+/// One fixed draw of world images (the same for every model), scored under any captions with the
+/// same noise and timesteps, so that two captionings' losses differ only by the captions.
+struct FixedBatch {
+    samples: Vec<crate::world::WorldSample>,
+    captions: Vec<String>,
+    x0: candle_core::Tensor,
+}
+
+impl FixedBatch {
+    fn new(family: &dyn Family, world: &ShapesWorld, n: usize) -> anyhow::Result<Self> {
+        let samples = world.batch(0xC0_4D17, n);
+        let images: Vec<image::RgbImage> = samples.iter().map(|s| s.image.clone()).collect();
+        let x0 = crate::render::images_to_tensor(&images, family.device())?;
+        let captions = samples.iter().map(|s| s.caption.clone()).collect();
+        Ok(Self { samples, captions, x0 })
+    }
+
+    /// The per-image denoising losses (N,) under `captions`.
+    fn losses(&self, family: &dyn Family, captions: &[String]) -> anyhow::Result<candle_core::Tensor> {
+        Ok(crate::kernels::no_grad::with_no_grad(|| family.denoising_loss(&self.x0, captions, &mut crate::family::NoiseRng::new(7)))?)
+    }
 }
 
 /// Which words of its caption a model uses: for each [`Attribute`], 1 - own / variant, where
@@ -147,28 +164,22 @@ pub fn conditioning_gap(family: &dyn Family, world: &ShapesWorld, n: usize) -> a
 /// caption changed (a caption that differs in nothing else, as the small CLIP's zero-shot test
 /// uses). Near 0: the model ignores that word (e.g. draws every shape as a blob).
 pub fn attribute_gaps(family: &dyn Family, world: &ShapesWorld, n: usize) -> anyhow::Result<Vec<(Attribute, f64)>> {
-    let samples = world.batch(0xC0_4D17, n);
-    let images: Vec<image::RgbImage> = samples.iter().map(|s| s.image.clone()).collect();
-    let x0 = crate::render::images_to_tensor(&images, family.device())?;
-    let per_sample = |captions: &[String]| -> anyhow::Result<Vec<f32>> {
-        let l = crate::kernels::no_grad::with_no_grad(|| family.denoising_loss(&x0, captions, &mut crate::family::NoiseRng::new(7)))?;
-        Ok(l.to_vec1::<f32>()?)
-    };
-    let own_captions: Vec<String> = samples.iter().map(|s| s.caption.clone()).collect();
-    let own = per_sample(&own_captions)?;
+    let batch = FixedBatch::new(family, world, n)?;
+    let own = batch.losses(family, &batch.captions)?.to_vec1::<f32>()?;
     let mut pick = rand_chacha::ChaCha8Rng::seed_from_u64(0x6A95);
     Attribute::ALL
         .into_iter()
         .map(|attribute| {
-            let changed: Vec<Option<String>> = samples
+            let changed: Vec<Option<String>> = batch
+                .samples
                 .iter()
                 .map(|s| {
                     let options = variants(&s.spec, attribute);
                     (!options.is_empty()).then(|| options[pick.random_range(0..options.len())].caption())
                 })
                 .collect();
-            let captions: Vec<String> = changed.iter().zip(&own_captions).map(|(c, o)| c.clone().unwrap_or_else(|| o.clone())).collect();
-            let variant = per_sample(&captions)?;
+            let captions: Vec<String> = changed.iter().zip(&batch.captions).map(|(c, o)| c.clone().unwrap_or_else(|| o.clone())).collect();
+            let variant = batch.losses(family, &captions)?.to_vec1::<f32>()?;
             let used = changed.iter().enumerate().filter(|(_, c)| c.is_some()).map(|(i, _)| i);
             let (own_sum, variant_sum) = used.fold((0.0, 0.0), |(a, b), i| (a + own[i] as f64, b + variant[i] as f64));
             Ok((attribute, if variant_sum > 0.0 { 1.0 - own_sum / variant_sum } else { f64::NAN }))

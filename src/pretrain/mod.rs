@@ -402,7 +402,7 @@ fn prefixed(tensors: &HashMap<String, Tensor>, prefix: &str) -> HashMap<String, 
 /// time input 1000 s, and the velocity target eps - x0.
 fn flow_inputs(x0: &Tensor, shift: f64, rng: &mut ChaCha8Rng) -> candle_core::Result<(Tensor, Vec<f32>, Tensor)> {
     let n = x0.dim(0)?;
-    let s: Vec<f32> = (0..n).map(|_| rng.random::<f64>()).map(|u| (shift * u / (1.0 + (shift - 1.0) * u)) as f32).collect();
+    let s: Vec<f32> = (0..n).map(|_| crate::family::flow::shifted(rng.random::<f64>(), shift) as f32).collect();
     let noise = crate::sampler::NoiseRng::new(rng.random()).randn(x0.shape(), x0.device())?;
     let s_col = Tensor::from_vec(s.clone(), (n, 1, 1, 1), x0.device())?;
     let x_s = (x0.broadcast_mul(&s_col.affine(-1.0, 1.0)?)? + noise.broadcast_mul(&s_col)?)?;

@@ -18,12 +18,12 @@ use crate::kernels::no_grad::with_no_grad;
 /// The `steps + 1` sigmas of a trajectory, from 1 (noise) to 0 (image): linear in u, then
 /// shifted, s = shift u / (1 + (shift - 1) u), as SD3's `FlowMatchEulerDiscreteScheduler`.
 pub fn sigmas(steps: usize, shift: f64) -> Vec<f64> {
-    (0..=steps)
-        .map(|i| {
-            let u = 1.0 - i as f64 / steps as f64;
-            shift * u / (1.0 + (shift - 1.0) * u)
-        })
-        .collect()
+    (0..=steps).map(|i| shifted(1.0 - i as f64 / steps as f64, shift)).collect()
+}
+
+/// A uniform `u` in [0, 1] shifted toward the noisy end: shift u / (1 + (shift - 1) u).
+pub fn shifted(u: f64, shift: f64) -> f64 {
+    shift * u / (1.0 + (shift - 1.0) * u)
 }
 
 /// Flow-GRPO's SDE step's standard deviation before the sqrt(-dt) factor: a sqrt(s / (1 - s)),
@@ -48,19 +48,28 @@ pub fn sde_step(x: &Tensor, v: &Tensor, sigmas: &[f64], k: usize, noise_level: f
     let dt = s_next - s;
     let sd = std_dev_t(sigmas, k, noise_level);
     let mean = ((x * (1.0 + sd * sd * dt / (2.0 * s)))? + (v * ((1.0 + sd * sd * (1.0 - s) / (2.0 * s)) * dt))?)?;
-    let std = sd * (-dt).sqrt();
-    let n = x.dim(0)?;
+    gaussian_step(mean, (x - (v * s)?)?, sd * (-dt).sqrt(), prev, noise)
+}
+
+/// A Gaussian policy step with the given mean and standard deviation `std`: the drawn sample
+/// (`noise`) or the given one (`prev`) and its log-prob, meaned over the non-batch dimensions.
+/// `std` 0 is a deterministic step: the sample is the mean and its log-prob 0.
+fn gaussian_step(mean: Tensor, pred_original: Tensor, std: f64, prev: Option<&Tensor>, noise: Option<&Tensor>) -> Result<StepOutput> {
+    let n = mean.dim(0)?;
     let mut shape = vec![n];
-    shape.extend(std::iter::repeat_n(1, x.rank() - 1));
-    let sigma = Tensor::full(std as f32, shape.as_slice(), x.device())?;
-    let log_sigma = Tensor::full(std.ln() as f32, shape.as_slice(), x.device())?;
+    shape.extend(std::iter::repeat_n(1, mean.rank() - 1));
+    let sigma = Tensor::full(std as f32, shape.as_slice(), mean.device())?;
     let prev_sample = match (prev, noise) {
         (Some(p), _) => p.detach(),
         (None, Some(z)) => (&mean + (z * std)?)?.detach(),
-        (None, None) => candle_core::bail!("sde_step: give either prev or noise"),
+        (None, None) => candle_core::bail!("a flow step needs either the stored sample or noise"),
     };
-    let log_prob = gaussian_log_prob(&prev_sample, &mean, &sigma, &log_sigma)?;
-    let pred_original = (x - (v * s)?)?;
+    let log_prob = if std > 0.0 {
+        let log_sigma = Tensor::full(std.ln() as f32, shape.as_slice(), mean.device())?;
+        gaussian_log_prob(&prev_sample, &mean, &sigma, &log_sigma)?
+    } else {
+        Tensor::zeros(n, mean.dtype(), mean.device())?
+    };
     Ok(StepOutput { prev_sample, mean, pred_original, log_prob, sigma })
 }
 
@@ -81,22 +90,7 @@ pub fn cps_step(x: &Tensor, v: &Tensor, sigmas: &[f64], k: usize, noise_level: f
     let pred_original = (x - (v * s)?)?;
     let noise_estimate = (x + (v * (1.0 - s))?)?;
     let mean = ((&pred_original * (1.0 - s_next))? + (noise_estimate * (s_next * s_next - std * std).max(0.0).sqrt())?)?;
-    let n = x.dim(0)?;
-    let mut shape = vec![n];
-    shape.extend(std::iter::repeat_n(1, x.rank() - 1));
-    let sigma = Tensor::full(std as f32, shape.as_slice(), x.device())?;
-    let prev_sample = match (prev, noise) {
-        (Some(p), _) => p.detach(),
-        (None, Some(z)) => (&mean + (z * std)?)?.detach(),
-        (None, None) => candle_core::bail!("cps_step: give either prev or noise"),
-    };
-    let log_prob = if std > 0.0 {
-        let log_sigma = Tensor::full(std.ln() as f32, shape.as_slice(), x.device())?;
-        gaussian_log_prob(&prev_sample, &mean, &sigma, &log_sigma)?
-    } else {
-        Tensor::zeros(n, x.dtype(), x.device())?
-    };
-    Ok(StepOutput { prev_sample, mean, pred_original, log_prob, sigma })
+    gaussian_step(mean, pred_original, std, prev, noise)
 }
 
 /// The `steps + 1` sigmas of diffusers' `FlowMatchEulerDiscreteScheduler.set_timesteps(steps)`
@@ -104,11 +98,10 @@ pub fn cps_step(x: &Tensor, v: &Tensor, sigmas: &[f64], k: usize, noise_level: f
 /// to the training schedule's smallest sigma, shift(1 / num_train_timesteps), each shifted (so
 /// that one is shifted twice, as diffusers does), then 0.
 pub fn diffusers_sigmas(steps: usize, shift: f64, num_train_timesteps: usize) -> Vec<f64> {
-    let shifted = |u: f64| shift * u / (1.0 + (shift - 1.0) * u);
-    let floor = shifted(1.0 / num_train_timesteps as f64);
+    let floor = shifted(1.0 / num_train_timesteps as f64, shift);
     let mut s: Vec<f64> = (0..steps)
         .map(|i| if steps == 1 { 1.0 } else { 1.0 - (1.0 - floor) * i as f64 / (steps - 1) as f64 })
-        .map(shifted)
+        .map(|u| shifted(u, shift))
         .collect();
     s.push(0.0);
     s
@@ -158,10 +151,7 @@ impl FlowSchedule {
 
     /// See [`Family::step_sigma`].
     pub fn step_sigma(&self, label: usize, cfg: &SamplerConfig) -> f64 {
-        let std = match cfg.flow_step {
-            FlowStep::Sde => step_std,
-            FlowStep::Cps => cps_std,
-        };
+        let (_, std) = step_kind(cfg);
         self.index(label, cfg.steps).map_or(0.0, |k| std(&self.sigmas(cfg.steps), k, cfg.eta))
     }
 
@@ -222,8 +212,7 @@ impl FlowSchedule {
     /// Flow matching: x_s = (1 - s) x0 + s eps at a shifted uniform s, the squared error of the
     /// velocity `predict(x_s, 1000 s)` against eps - x0, per sample.
     pub fn denoising_loss(&self, x0: &Tensor, rng: &mut NoiseRng, predict: impl FnOnce(&Tensor, &[f32]) -> Result<Tensor>) -> Result<Tensor> {
-        let shift = self.shift;
-        let s: Vec<f64> = (0..x0.dim(0)?).map(|_| rng.rng().random::<f64>()).map(|u| shift * u / (1.0 + (shift - 1.0) * u)).collect();
+        let s: Vec<f64> = (0..x0.dim(0)?).map(|_| shifted(rng.rng().random::<f64>(), self.shift)).collect();
         let noise = rng.randn(x0.shape(), x0.device())?;
         let mut col = vec![s.len()];
         col.extend(std::iter::repeat_n(1, x0.rank() - 1));
@@ -248,15 +237,20 @@ impl FlowPolicy {
     }
 }
 
-/// The step function `cfg` chooses.
-fn flow_step(cfg: &SamplerConfig) -> StepFn {
+/// The step function `cfg` chooses, and its standard deviation.
+fn step_kind(cfg: &SamplerConfig) -> (StepFn, StdFn) {
     match cfg.flow_step {
-        FlowStep::Sde => sde_step,
-        FlowStep::Cps => cps_step,
+        FlowStep::Sde => (sde_step, step_std),
+        FlowStep::Cps => (cps_step, cps_std),
     }
 }
 
+fn flow_step(cfg: &SamplerConfig) -> StepFn {
+    step_kind(cfg).0
+}
+
 type StepFn = fn(&Tensor, &Tensor, &[f64], usize, f64, Option<&Tensor>, Option<&Tensor>) -> Result<StepOutput>;
+type StdFn = fn(&[f64], usize, f64) -> f64;
 
 /// The labels of a schedule's steps (all but the final sigma 0): round(1000 s).
 fn labels(sigmas: &[f64]) -> Vec<usize> {
