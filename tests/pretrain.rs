@@ -231,10 +231,13 @@ fn a_run_grows_a_model_by_attention_blocks_that_start_as_the_identity() {
     first.export(&start).unwrap();
     let small = Policy::load(&start, &Device::Cpu).unwrap();
 
-    // The same model with cross-attention at its first (16x16) level as well.
+    // The same model with cross-attention at its first (16x16) level as well, and the pooled
+    // caption in its timestep embedding (`--arch v4`'s addition).
     let mut config = tiny(10);
     config.policy.unet.down_block_types = vec!["CrossAttnDownBlock2D".into(), "CrossAttnDownBlock2D".into()];
     config.policy.unet.up_block_types = vec!["CrossAttnUpBlock2D".into(), "CrossAttnUpBlock2D".into()];
+    config.policy.unet.addition_embed_type = Some("text".into());
+    config.policy.unet.addition_embed_type_num_heads = 4;
     config.init_from = Some(start.clone());
     let mut grown = Pretrainer::create(config, &dir.path().join("grown"), &Device::Cpu).unwrap();
     assert!(grown.policy.parameter_count() > small.parameter_count());
@@ -245,11 +248,13 @@ fn a_run_grows_a_model_by_attention_blocks_that_start_as_the_identity() {
     let diff = (predict(&small) - predict(&grown.policy)).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
     assert!(diff < 1e-5, "the grown model's first prediction differs from the old one's by {diff}");
 
-    // Training then moves the new blocks' output projections off zero.
+    // Training then moves the new blocks' zeroed outputs off zero.
     losses(&mut grown);
-    let proj = grown.policy.trainable_vars().into_iter().find(|(n, _)| n.starts_with("unet.down_blocks.0.attentions.0.proj_out.weight")).unwrap().1;
-    let norm = proj.as_tensor().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
-    assert!(norm > 0.0, "the new block never trained");
+    for zeroed in ["unet.down_blocks.0.attentions.0.proj_out.weight", "unet.add_embedding.norm2.weight"] {
+        let var = grown.policy.trainable_vars().into_iter().find(|(n, _)| n == zeroed).unwrap().1;
+        let norm = var.as_tensor().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(norm > 0.0, "{zeroed} never trained");
+    }
 
     // A file with tensors the policy lacks is refused, naming the stray tensor.
     let mut shrunk = tiny(2);

@@ -39,7 +39,8 @@ pub struct DiffusionArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Architecture of a new run: a preset (v1: the first shipped default's UNet; v2: wider,
-    /// attention at 16x16, never shipped; v3: v1 with attention at 16x16, v-prediction) or a
+    /// attention at 16x16, never shipped; v3: v1 with attention at 16x16, v-prediction; v4: v3
+    /// with the pooled caption added to the timestep embedding) or a
     /// policy config JSON file (as written beside every model's weights).
     #[arg(long, default_value = "v1")]
     arch: String,
@@ -53,7 +54,8 @@ pub struct DiffusionArgs {
     prediction: Option<Prediction>,
     /// Start from this model's weights instead of random ones, e.g. models/shapes-unet.safetensors
     /// to retrain the shipped model for v-prediction. The model may lack some of --arch's
-    /// attention blocks (attention added at another resolution): those start as the identity.
+    /// attention blocks (attention added at another resolution) or its pooled-caption embedding
+    /// (v4): those start as the identity.
     #[arg(long, value_name = "MODEL")]
     init_from: Option<PathBuf>,
     /// Initialise the text encoder from this shapes CLIP's text tower (e.g.
@@ -92,9 +94,10 @@ fn architecture(arch: &str) -> anyhow::Result<crate::family::PolicyConfig> {
         "v1" => Ok(crate::family::PolicyConfig::shapes_default()),
         "v2" => Ok(crate::family::PolicyConfig::shapes_v2()),
         "v3" => Ok(crate::family::PolicyConfig::shapes_v3()),
+        "v4" => Ok(crate::family::PolicyConfig::shapes_v4()),
         path => {
             let text = std::fs::read_to_string(path)
-                .with_context(|| format!("--arch {path}: not a preset (v1, v2, v3) nor a readable policy config JSON"))?;
+                .with_context(|| format!("--arch {path}: not a preset (v1, v2, v3, v4) nor a readable policy config JSON"))?;
             serde_json::from_str(&text).with_context(|| format!("--arch {path}: not a policy config"))
         }
     }

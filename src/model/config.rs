@@ -34,6 +34,12 @@ pub struct UNetConfig {
     pub use_linear_projection: bool,
     #[serde(default)]
     pub center_input_sample: bool,
+    /// `"text"`: the caption, pooled by attention, is added to the timestep embedding
+    /// (diffusers' `TextTimeEmbedding`), so every resnet sees it, not only the attention blocks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addition_embed_type: Option<String>,
+    #[serde(default = "default_addition_heads")]
+    pub addition_embed_type_num_heads: usize,
 }
 
 /// `attention_head_dim` is either one number for every block or one per block.
@@ -54,6 +60,9 @@ impl HeadDims {
     }
 }
 
+fn default_addition_heads() -> usize {
+    64
+}
 fn default_groups() -> usize {
     32
 }
@@ -103,6 +112,8 @@ impl UNetConfig {
             mid_block_scale_factor: 1.0,
             use_linear_projection: false,
             center_input_sample: false,
+            addition_embed_type: None,
+            addition_embed_type_num_heads: default_addition_heads(),
         }
     }
 
@@ -128,6 +139,17 @@ impl UNetConfig {
                 "UpBlock2D".into(),
             ],
             ..Self::shapes_default()
+        }
+    }
+
+    /// v3 plus the pooled caption in the timestep embedding (`addition_embed_type: "text"`, 4
+    /// heads): the 32x32 resnets, where a small shape's outline is drawn, see which shape was asked
+    /// for. The new module's last layer norm starts at zero, so a v3 model grows into it unchanged.
+    pub fn shapes_v4() -> Self {
+        Self {
+            addition_embed_type: Some("text".into()),
+            addition_embed_type_num_heads: 4,
+            ..Self::shapes_v3()
         }
     }
 
@@ -160,6 +182,18 @@ impl UNetConfig {
                     "CrossAttnDownBlock2D" | "DownBlock2D" | "CrossAttnUpBlock2D" | "UpBlock2D"
                 ),
                 "unet config: block type {t:?} is not supported (use CrossAttn{{Down,Up}}Block2D or {{Down,Up}}Block2D)"
+            );
+        }
+        if let Some(kind) = &self.addition_embed_type {
+            anyhow::ensure!(
+                kind == "text",
+                "unet config: addition_embed_type {kind:?} is not supported (only \"text\"; SDXL's \"text_time\" is not)"
+            );
+            let heads = self.addition_embed_type_num_heads;
+            anyhow::ensure!(
+                heads > 0 && self.cross_attention_dim % heads == 0,
+                "unet config: addition_embed_type_num_heads {heads} does not divide cross_attention_dim {}",
+                self.cross_attention_dim
             );
         }
         for &c in &self.block_out_channels {

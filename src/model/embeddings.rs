@@ -1,9 +1,10 @@
-//! Sinusoidal timestep features and the timestep MLP (diffusers' `Timesteps`, `TimestepEmbedding`).
+//! Sinusoidal timestep features and the timestep MLP (diffusers' `Timesteps`, `TimestepEmbedding`),
+//! and the pooled caption some UNets add to them (`TextTimeEmbedding`).
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::VarBuilder;
+use candle_nn::{Init, VarBuilder};
 
-use super::layers::{linear, Linear};
+use super::layers::{attention, linear, LayerNorm, Linear};
 
 /// Sinusoidal embedding of one timestep per sample, as diffusers' `get_timestep_embedding`.
 #[derive(Debug, Clone)]
@@ -54,5 +55,67 @@ impl TimestepEmbedding {
 impl Module for TimestepEmbedding {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.linear_2.forward(&self.linear_1.forward(x)?.silu()?)
+    }
+}
+
+/// diffusers' `TextTimeEmbedding` (`addition_embed_type: "text"`): layer norm, attention pooling
+/// of the text states into one vector, a projection to the timestep embedding's width, layer norm.
+#[derive(Debug, Clone)]
+pub struct TextTimeEmbedding {
+    norm1: LayerNorm,
+    pool: AttentionPooling,
+    proj: Linear,
+    norm2: LayerNorm,
+}
+
+impl TextTimeEmbedding {
+    pub fn new(encoder_dim: usize, time_embed_dim: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            norm1: LayerNorm::new(encoder_dim, 1e-5, vb.pp("norm1"))?,
+            pool: AttentionPooling::new(encoder_dim, heads, vb.pp("pool"))?,
+            proj: linear(encoder_dim, time_embed_dim, vb.pp("proj"))?,
+            norm2: LayerNorm::new(time_embed_dim, 1e-5, vb.pp("norm2"))?,
+        })
+    }
+}
+
+impl Module for TextTimeEmbedding {
+    /// (N, S, D) text states -> (N, time_embed_dim).
+    fn forward(&self, context: &Tensor) -> Result<Tensor> {
+        let pooled = self.pool.forward(&self.norm1.forward(context)?)?;
+        self.norm2.forward(&self.proj.forward(&pooled)?)
+    }
+}
+
+/// DeepFloyd IF's attention pooling, as diffusers copies it: a query made from the mean token
+/// (plus a learned offset) attends over itself and every token.
+#[derive(Debug, Clone)]
+struct AttentionPooling {
+    positional_embedding: Tensor,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    heads: usize,
+}
+
+impl AttentionPooling {
+    fn new(dim: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
+        let stdev = 1.0 / (dim as f64).sqrt();
+        Ok(Self {
+            positional_embedding: vb.get_with_hints((1, dim), "positional_embedding", Init::Randn { mean: 0.0, stdev })?,
+            q_proj: linear(dim, dim, vb.pp("q_proj"))?,
+            k_proj: linear(dim, dim, vb.pp("k_proj"))?,
+            v_proj: linear(dim, dim, vb.pp("v_proj"))?,
+            heads,
+        })
+    }
+
+    /// (N, S, D) -> (N, D).
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let class_token = x.mean_keepdim(1)?.broadcast_add(&self.positional_embedding)?;
+        let tokens = Tensor::cat(&[&class_token, x], 1)?;
+        let q = self.q_proj.forward(&class_token)?;
+        let (k, v) = (self.k_proj.forward(&tokens)?, self.v_proj.forward(&tokens)?);
+        attention(&q, &k, &v, self.heads, None)?.squeeze(1)
     }
 }

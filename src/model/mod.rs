@@ -14,6 +14,7 @@ pub mod transformer;
 pub mod unet;
 
 pub use config::{HeadDims, TextConfig, UNetConfig};
+pub use embeddings::TextTimeEmbedding;
 pub use lora::{Lora, LoraConfig};
 pub use text::TextEncoder;
 pub use unet::UNet2DConditionModel;

@@ -5,7 +5,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::UNetConfig;
-use super::embeddings::{TimestepEmbedding, Timesteps};
+use super::embeddings::{TextTimeEmbedding, TimestepEmbedding, Timesteps};
 use super::lora::Lora;
 use super::layers::{Conv2d, GroupNorm};
 use super::resnet::{ResnetBlock2D, ResnetConfig};
@@ -87,6 +87,7 @@ pub struct UNet2DConditionModel {
     conv_in: Conv2d,
     time_proj: Timesteps,
     time_embedding: TimestepEmbedding,
+    add_embedding: Option<TextTimeEmbedding>,
     down_blocks: Vec<DownBlock>,
     mid_block: MidBlock,
     up_blocks: Vec<UpBlock>,
@@ -190,6 +191,15 @@ impl UNet2DConditionModel {
             conv_in: Conv2d::new(config.in_channels, ch[0], 3, 1, 1, vb.pp("conv_in"))?,
             time_proj: Timesteps::new(ch[0], config.flip_sin_to_cos, config.freq_shift),
             time_embedding: TimestepEmbedding::new(ch[0], temb_dim, vb.pp("time_embedding"))?,
+            add_embedding: match config.addition_embed_type {
+                Some(_) => Some(TextTimeEmbedding::new(
+                    config.cross_attention_dim,
+                    temb_dim,
+                    config.addition_embed_type_num_heads,
+                    vb.pp("add_embedding"),
+                )?),
+                None => None,
+            },
             down_blocks,
             mid_block,
             up_blocks,
@@ -219,7 +229,10 @@ impl UNet2DConditionModel {
         }
         let x = if self.config.center_input_sample { ((x * 2.0)? - 1.0)? } else { x.clone() };
         // The sinusoids are computed in f32; the MLP runs in the weights' dtype (that of `x`).
-        let temb = self.time_embedding.forward(&self.time_proj.forward(t)?.to_dtype(x.dtype())?)?;
+        let mut temb = self.time_embedding.forward(&self.time_proj.forward(t)?.to_dtype(x.dtype())?)?;
+        if let Some(add) = &self.add_embedding {
+            temb = (temb + add.forward(context)?)?;
+        }
         let mut x = self.conv_in.forward(&x)?;
         let mut skips = vec![x.clone()];
         for block in &self.down_blocks {

@@ -170,7 +170,7 @@ impl Pretrainer {
             let weights = candle_core::safetensors::load(path, &Device::Cpu).with_context(|| format!("cannot read the initial weights {}", path.display()))?;
             let grown = grow_from(&policy, &weights).with_context(|| format!("{} does not fit this run's architecture", path.display()))?;
             if grown > 0 {
-                println!("init from {}: {grown} new tensors (new attention blocks start as the identity)", path.display());
+                println!("init from {}: {grown} new tensors (new blocks start as the identity)", path.display());
             }
         }
         if let Some((_, weights)) = &clip_text {
@@ -364,9 +364,10 @@ fn set_vars(policy: &Policy, weights: &HashMap<String, Tensor>, prefix: &str) ->
 
 /// Starts `policy` from `weights` of the same or a smaller architecture (one that lacks some of
 /// its attention blocks): every given tensor must fit a parameter of the policy. Parameters the
-/// file lacks keep their random start, except each new transformer block's output projection,
-/// which is zeroed so the block adds nothing yet and the grown model computes what the old one
-/// did (ControlNet's zero convolutions). Returns how many parameters the file lacked.
+/// file lacks keep their random start, except each new transformer block's output projection
+/// and a new pooled-caption embedding's last layer norm, which are zeroed so the new module adds
+/// nothing yet and the grown model computes what the old one did (ControlNet's zero
+/// convolutions). Returns how many parameters the file lacked.
 fn grow_from(policy: &Policy, weights: &HashMap<String, Tensor>) -> anyhow::Result<usize> {
     let vars: HashMap<String, candle_core::Var> = policy.trainable_vars().into_iter().collect();
     if let Some(stray) = weights.keys().find(|name| !vars.contains_key(*name)) {
@@ -381,7 +382,8 @@ fn grow_from(policy: &Policy, weights: &HashMap<String, Tensor>) -> anyhow::Resu
             }
             None => {
                 lacked += 1;
-                if name.contains(".attentions.") && name.contains(".proj_out.") {
+                let new_attention = name.contains(".attentions.") && name.contains(".proj_out.");
+                if new_attention || name.starts_with("unet.add_embedding.norm2.") {
                     var.set(&var.zeros_like()?)?;
                 }
             }

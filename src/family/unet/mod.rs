@@ -69,6 +69,11 @@ impl PolicyConfig {
         config
     }
 
+    /// v3 plus the pooled caption in the timestep embedding (see [`UNetConfig::shapes_v4`]).
+    pub fn shapes_v4() -> Self {
+        Self { unet: UNetConfig::shapes_v4(), ..Self::shapes_v3() }
+    }
+
     /// The v2 candidate's architecture (see [`UNetConfig::shapes_v2`]), with a
     /// three-layer text encoder so that colour words can bind to the shape words after them.
     pub fn shapes_v2() -> Self {
