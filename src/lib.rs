@@ -14,6 +14,7 @@
 //! - [`optim`]: AdamW, gradient clipping and EMA with state we own (for exact resume).
 //! - [`sampler`]: trajectories with per-step log-probabilities from any family, sample grids.
 //! - [`pretrain`]: DDPM pretraining of the embedded default model.
+//! - [`dist`]: data-parallel process groups (one process, or MPI ranks) and their collectives.
 //! - [`ddpo`]: advantages, DDPO-IS / SF / RWR losses and the training epoch.
 //! - [`reward`]: the `Reward` trait and built-in rewards (JPEG size, brightness).
 //! - [`script`]: the sandboxed Rhai host: script rewards and prompts, host API, hot reload.
@@ -29,6 +30,7 @@
 pub mod bench;
 pub mod cli;
 pub mod ddpo;
+pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod experiment;

@@ -24,6 +24,7 @@ fn run_config() -> RunConfig {
         prompts: vec![],
         epochs: 3,
         checkpoint_every: 1,
+        ranks: 1,
         lora: None,
         dtype: Default::default(),
         reward_models: Default::default(),

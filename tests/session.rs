@@ -39,6 +39,7 @@ fn run_config(epochs: usize) -> RunConfig {
         prompts: vec!["a red circle on a blue background".into()],
         epochs,
         checkpoint_every: 2,
+        ranks: 1,
         lora: None,
         dtype: Default::default(),
         reward_models: Default::default(),

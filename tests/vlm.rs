@@ -250,6 +250,7 @@ fn gaussian_run(reward: &Path, vlm: VlmConfig) -> RunConfig {
         prompts: vec!["a red circle on a blue background".into()],
         epochs: 2,
         checkpoint_every: 1,
+        ranks: 1,
         lora: None,
         dtype: Default::default(),
         reward_models: ModelPaths { vlm: Some(vlm), ..Default::default() },

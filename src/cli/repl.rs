@@ -73,6 +73,7 @@ pub fn open(o: Options) -> anyhow::Result<Repl> {
         prompts: Vec::new(),
         epochs: 0,
         checkpoint_every: 1,
+        ranks: 1,
         lora: None,
         dtype: Default::default(),
         reward_models: crate::reward::models::ModelPaths { vlm: o.vlm.clone(), ..Default::default() },

@@ -350,6 +350,7 @@ impl Args {
             prompts,
             epochs,
             checkpoint_every: self.checkpoint_every,
+            ranks: 1,
             lora: self.lora()?,
             reward_models: ModelPaths {
                 clip: self.clip.as_deref().map(|p| existing(p, "--clip")).transpose()?,
@@ -362,12 +363,50 @@ impl Args {
     }
 }
 
-pub fn exec(mut args: Args) -> anyhow::Result<()> {
+/// Trains in this process, or as one rank of a data-parallel run when started by `mpirun`. A
+/// rank that fails alone takes the others down with it (MPI's abort), naming itself.
+pub fn exec(args: Args) -> anyhow::Result<()> {
+    let dist = crate::dist::from_environment()?;
+    let result = exec_as(args, dist.clone());
+    if let Err(e) = &result {
+        if dist.size() > 1 && !crate::dist::failed_together(e) {
+            eprintln!("error on rank {} of {}: {e:#}", dist.rank(), dist.size());
+            dist.abort(1);
+        }
+    }
+    result
+}
+
+fn exec_as(args: Args, dist: std::sync::Arc<dyn crate::dist::Collectives>) -> anyhow::Result<()> {
     let device = super::device(&args.device)?;
+    let on_error = match args.on_error {
+        OnError::Wait => OnScriptError::Wait,
+        OnError::Exit => OnScriptError::Exit,
+    };
+    if dist.size() == 1 {
+        return run(open_session(args, 1, &device)?.on_script_error(on_error), false);
+    }
+    let root = if dist.is_root() { Some(open_session(args, dist.size(), &device)?) } else { None };
+    let session = Session::join(root, dist.clone(), super::stderr_log(), &device).map_err(super::flag_error)?;
+    if dist.is_root() {
+        eprintln!("data-parallel over {} ranks: each samples {} of the epoch's {} samples", dist.size(), session.trainer().config().samples_per_epoch / dist.size(), session.trainer().config().samples_per_epoch);
+    }
+    run(session.on_script_error(on_error), !dist.is_root())
+}
+
+/// Creates the run the flags describe, or resumes `--resume`'s, as a run of `ranks` processes.
+fn open_session(mut args: Args, ranks: usize, device: &candle_core::Device) -> anyhow::Result<Session> {
     let log = super::stderr_log();
     let session = match &args.resume {
         Some(dir) => {
-            let session = Session::resume(dir, args.epochs, log, &device).map_err(super::flag_error)?;
+            let trained_on = crate::run::RunDir::read_config(dir)?.ranks;
+            anyhow::ensure!(
+                trained_on == ranks,
+                "{} was trained by {trained_on} process(es) and resumes only with as many (each owns a fixed share of every epoch): {}",
+                dir.display(),
+                if trained_on == 1 { "run it without mpirun".to_string() } else { format!("mpirun -np {trained_on} ddpo train --resume {}", dir.display()) }
+            );
+            let session = Session::resume(dir, args.epochs, log, device).map_err(super::flag_error)?;
             if let Some(note) = session.resume_note() {
                 eprintln!("note: {note}");
             }
@@ -380,30 +419,33 @@ pub fn exec(mut args: Args) -> anyhow::Result<()> {
             args.reward = args.reward.take().or(defaults.reward.map(|p| p.display().to_string()));
             args.prompt_script = args.prompt_script.take().or(defaults.prompts);
             args.hooks = args.hooks.take().or(defaults.hooks);
-            let config = args.run_config()?;
+            let config = RunConfig { ranks, ..args.run_config()? };
             let paths = args.script_paths()?;
             let dir = args.run_dir.clone().unwrap_or_else(default_run_dir);
-            let session = Session::create(&dir, config, paths, log, &device).map_err(super::flag_error)?;
+            let session = Session::create(&dir, config, paths, log, device).map_err(super::flag_error)?;
             let c = session.config();
             eprintln!("training {} with {} ({:?}) into {}", c.model.display(), c.reward, c.train.algorithm, dir.display());
             session
         }
     };
-    let on_error = match args.on_error {
-        OnError::Wait => OnScriptError::Wait,
-        OnError::Exit => OnScriptError::Exit,
-    };
-    run(session.on_script_error(on_error))
+    Ok(session)
 }
 
-/// Trains the session to its planned epochs, with a progress bar and one line per epoch.
-fn run(mut session: Session) -> anyhow::Result<()> {
-    let bar = stage_bar();
+/// Trains the session to its planned epochs, with a progress bar and one line per epoch
+/// (nothing shown by a `quiet` rank: rank 0 speaks for a data-parallel run).
+fn run(mut session: Session, quiet: bool) -> anyhow::Result<()> {
+    let bar = if quiet { ProgressBar::hidden() } else { stage_bar() };
     session.set_progress(progress_fn(bar.clone()));
     let stop = super::interrupt_flag();
     let plan = session.config().epochs;
-    let mut lines = EpochLines { bar: &bar };
-    let ended = session.train(plan, &mut lines, &stop).map_err(|e| resume_hint(e, &session))?;
+    let ended = if quiet {
+        session.train(plan, &mut Silent, &stop)?
+    } else {
+        session.train(plan, &mut EpochLines { bar: &bar }, &stop).map_err(|e| resume_hint(e, &session))?
+    };
+    if quiet {
+        return Ok(());
+    }
     let dir = session.run_dir().display();
     match ended {
         Ended::Done => eprintln!("done: {dir} (finetuned weights in {})", session.policy_path().display()),
@@ -448,6 +490,14 @@ fn progress_fn(bar: ProgressBar) -> crate::ddpo::ProgressFn {
             bar.set_message(format!("{:.1} {unit}", done as f64 / seconds));
         }
     })
+}
+
+/// Shows nothing (the ranks of a data-parallel run other than 0).
+struct Silent;
+
+impl Observer for Silent {
+    fn line(&mut self, _text: &str) {}
+    fn epoch(&mut self, _epoch: &EpochLog) {}
 }
 
 /// Prints a session's lines above the progress bar, one line per epoch.

@@ -15,6 +15,7 @@ use super::advantage::{group_advantages, Normalisation, StatTracker};
 use super::config::{Algorithm, ConfigError, TrainConfig};
 use super::loss::{ppo_clip_loss, rwr_weights, score_function_loss};
 use super::prompts::PromptSource;
+use crate::dist::Collectives;
 use crate::family::{Family, NoiseRng, NoiseRngState, StepOutput};
 use crate::kernels::no_grad::with_no_grad;
 use crate::kernels::shards;
@@ -53,6 +54,8 @@ pub struct EpochReport {
     pub zero_std_ratio: f64,
     pub lr: f64,
     pub optimizer_steps: usize,
+    /// Mean gradient norm before clipping over the epoch's optimiser steps (0 without any).
+    pub grad_norm: f64,
     pub seconds_sampling: f64,
     pub seconds_reward: f64,
     pub seconds_training: f64,
@@ -78,6 +81,8 @@ pub struct Trainer {
     progress: Option<ProgressFn>,
     /// The frozen base model of `kl_weight`.
     base: Option<Box<dyn Family>>,
+    /// The process group training this policy together (one process by default).
+    dist: Arc<dyn Collectives>,
 }
 
 /// The trainer's state besides weights and optimiser moments (saved in a checkpoint).
@@ -101,8 +106,11 @@ pub enum Stage {
 /// Called with (stage, done, total) as an epoch advances.
 pub type ProgressFn = Box<dyn FnMut(Stage, usize, usize) + Send>;
 
-/// One epoch's samples, flattened over batches.
+/// This process's share of one epoch's samples, flattened over batches: rows `offset..` of
+/// the epoch's `global` samples (all of them in one process).
 struct Samples {
+    offset: usize,
+    global: usize,
     prompts: Vec<String>,
     /// (N, steps + 1, C, H, W)
     latents: Tensor,
@@ -123,7 +131,8 @@ impl Trainer {
         let vars = select_vars(vars, &config.train_only)?;
         let opt = AdamW::new(vars, config.optimizer)?;
         let rng = NoiseRng::new(config.seed);
-        Ok(Self { config, policy, opt, stats: StatTracker::default(), rng, epoch: 0, reward, prompts, progress: None, base: None })
+        let dist = crate::dist::single();
+        Ok(Self { config, policy, opt, stats: StatTracker::default(), rng, epoch: 0, reward, prompts, progress: None, base: None, dist })
     }
 
     pub fn config(&self) -> &TrainConfig {
@@ -186,6 +195,17 @@ impl Trainer {
         self.base = Some(base);
     }
 
+    /// Trains data-parallel in the process group `dist`: each rank samples and scores its share
+    /// of every epoch, advantages come from everyone's rewards, and gradients are summed over
+    /// ranks before each optimiser step, so N ranks compute the run one process would.
+    pub fn set_collectives(&mut self, dist: Arc<dyn Collectives>) {
+        self.dist = dist;
+    }
+
+    pub fn collectives(&self) -> &dyn Collectives {
+        self.dist.as_ref()
+    }
+
     /// Reports sampling and training progress to `f` (e.g. to draw progress bars).
     pub fn set_progress(&mut self, f: ProgressFn) {
         self.progress = Some(f);
@@ -218,7 +238,7 @@ impl Trainer {
     pub fn run_epoch(&mut self) -> anyhow::Result<EpochReport> {
         let epoch = self.epoch;
         let t0 = Instant::now();
-        let (samples, scores, images, seconds_reward) =
+        let (samples, all_prompts, scores, images, seconds_reward) =
             self.sample_and_score().with_context(|| format!("epoch {epoch}"))?;
         let seconds_sampling = t0.elapsed().as_secs_f64() - seconds_reward;
         let rewards: Vec<f64> = scores.iter().map(|s| s.total).collect();
@@ -227,9 +247,10 @@ impl Trainer {
                 let g = group_advantages(&rewards, self.config.group_size, global_std);
                 (g.advantages.clone(), g.zero_std_ratio())
             }
-            how => (self.stats.advantages(&samples.prompts, &rewards, how), 0.0),
+            how => (self.stats.advantages(&all_prompts, &rewards, how), 0.0),
         };
-        let adv: Vec<f64> = adv.iter().map(|a| a.clamp(-self.config.adv_clip, self.config.adv_clip)).collect();
+        let mine = samples.offset..samples.offset + samples.prompts.len();
+        let adv: Vec<f64> = adv[mine].iter().map(|a| a.clamp(-self.config.adv_clip, self.config.adv_clip)).collect();
         let t1 = Instant::now();
         let mut samples = samples;
         if self.config.train_guidance_differs() {
@@ -242,12 +263,12 @@ impl Trainer {
         .with_context(|| format!("epoch {epoch}: policy update"))?;
         self.epoch += 1;
         let out_of_range = match self.policy.pixel_range() {
-            Some(range) => out_of_range_fraction(&samples.latents, samples.timesteps.len(), range)?,
+            Some(range) => self.out_of_range_fraction(&samples.latents, samples.timesteps.len(), range)?,
             None => f64::NAN, // latents have no fixed range
         };
         Ok(EpochReport {
             epoch,
-            prompts: samples.prompts,
+            prompts: all_prompts,
             scores,
             images,
             loss: update.diag.loss,
@@ -263,22 +284,38 @@ impl Trainer {
             zero_std_ratio,
             lr: update.lr.unwrap_or_else(|| self.opt.current_lr()),
             optimizer_steps: update.steps,
+            grad_norm: update.grad_norm_sum / update.steps.max(1) as f64,
             seconds_sampling,
             seconds_reward,
             seconds_training: t1.elapsed().as_secs_f64(),
         })
     }
 
-    /// Samples the epoch's trajectories batch by batch; each finished batch goes to the reward
-    /// workers while the next one samples. Returns the samples, scores, images and the seconds
-    /// spent waiting for rewards after sampling finished.
-    fn sample_and_score(&mut self) -> anyhow::Result<(Samples, Vec<Score>, Vec<image::RgbImage>, f64)> {
+    /// Samples this rank's share of the epoch batch by batch; each finished batch goes to the
+    /// reward workers while the next one samples. Every rank draws the epoch's prompts, and
+    /// sampling batch b draws its noise from stream b of the epoch's key, so which rank samples
+    /// a batch changes nothing. Returns this rank's samples, every rank's prompts and scores,
+    /// every image (on rank 0; none elsewhere) and the seconds spent waiting for rewards after
+    /// sampling finished.
+    #[allow(clippy::type_complexity)]
+    fn sample_and_score(&mut self) -> anyhow::Result<(Samples, Vec<String>, Vec<Score>, Vec<image::RgbImage>, f64)> {
         let cfg = self.config.clone();
         let groups = (0..cfg.samples_per_epoch / cfg.group_size)
             .map(|_| self.prompts.next_prompt(self.rng.rng()))
             .collect::<anyhow::Result<Vec<_>>>()
             .context("drawing prompts")?;
-        let prompts: Vec<String> = groups.iter().flat_map(|p| std::iter::repeat_n(p.clone(), cfg.group_size)).collect();
+        let all_prompts: Vec<String> = groups.iter().flat_map(|p| std::iter::repeat_n(p.clone(), cfg.group_size)).collect();
+        let (rank, ranks) = (self.dist.rank(), self.dist.size());
+        anyhow::ensure!(
+            ranks == 1 || all_prompts.len() % (ranks * cfg.sample_batch_size) == 0,
+            "samples_per_epoch {} must be a multiple of {ranks} ranks x sample_batch_size {} for the ranks to share an epoch",
+            all_prompts.len(),
+            cfg.sample_batch_size
+        );
+        let (per_rank, key) = (all_prompts.len() / ranks, rand::Rng::random::<u64>(self.rng.rng()));
+        let offset = rank * per_rank;
+        let prompts = all_prompts[offset..offset + per_rank].to_vec();
+        let first_batch = offset / cfg.sample_batch_size;
         let shared_start = if cfg.same_noise { cfg.group_size } else { 1 };
         let batches: Vec<&[String]> = prompts.chunks(cfg.sample_batch_size).collect();
         let (job_tx, job_rx) = crossbeam::channel::unbounded::<(usize, Vec<image::RgbImage>, Vec<String>)>();
@@ -286,7 +323,6 @@ impl Trainer {
         let policy = self.policy.as_ref();
         let progress = &mut self.progress;
         let total = prompts.len();
-        let rng = &mut self.rng;
         let reward = self.reward.clone();
         let (trajectories, mut results, wait) = crossbeam::scope(|s| -> anyhow::Result<_> {
             for _ in 0..cfg.reward_workers {
@@ -301,7 +337,8 @@ impl Trainer {
             drop(res_tx);
             let mut trajectories: Vec<Trajectory> = Vec::new();
             for (i, batch) in batches.iter().enumerate() {
-                let traj = sampler::sample_grouped(policy, batch, &cfg.sampler, rng, shared_start)?;
+                let mut rng = NoiseRng::with_stream(key, (first_batch + i) as u64);
+                let traj = sampler::sample_grouped(policy, batch, &cfg.sampler, &mut rng, shared_start)?;
                 let images = policy.images(traj.final_sample())?;
                 job_tx.send((i, images, batch.to_vec())).expect("reward workers alive");
                 trajectories.push(traj);
@@ -317,22 +354,36 @@ impl Trainer {
         .map_err(|_| anyhow::anyhow!("a reward worker panicked"))??;
         results.sort_by_key(|r| r.0);
         let (mut scores, mut images) = (Vec::new(), Vec::new());
-        for (i, batch_scores, batch_images) in results {
+        let scored = results.into_iter().try_for_each(|(i, batch_scores, batch_images)| -> anyhow::Result<()> {
             let batch_scores = batch_scores.with_context(|| format!("reward {}", reward.name()))?;
             anyhow::ensure!(batch_scores.len() == batch_images.len(), "reward {} returned {} scores for {} images", reward.name(), batch_scores.len(), batch_images.len());
-            check_finite(&batch_scores, batches[i], i * cfg.sample_batch_size)?;
+            check_finite(&batch_scores, batches[i], offset + i * cfg.sample_batch_size)?;
             scores.extend(batch_scores);
             images.extend(batch_images);
-        }
+            Ok(())
+        });
+        crate::dist::agree(self.dist.as_ref(), scored)?;
         let latents: Vec<Tensor> = trajectories.iter().map(|t| Tensor::stack(&t.latents, 1)).collect::<candle_core::Result<_>>()?;
         let log_probs: Vec<&Tensor> = trajectories.iter().map(|t| &t.log_probs).collect();
         let samples = Samples {
+            offset,
+            global: all_prompts.len(),
             prompts,
             latents: Tensor::cat(&latents, 0)?,
             log_probs: Tensor::cat(&log_probs, 0)?,
             timesteps: trajectories[0].timesteps.clone(),
         };
-        Ok((samples, scores, images, wait))
+        let scores = crate::dist::all_gather_json(self.dist.as_ref(), &scores).context("gathering the ranks' rewards")?.concat();
+        let images = gather_images(self.dist.as_ref(), images)?;
+        Ok((samples, all_prompts, scores, images, wait))
+    }
+
+    /// The share of the final samples' values outside [-range, range], over every rank's samples.
+    fn out_of_range_fraction(&self, latents: &Tensor, last: usize, range: f64) -> anyhow::Result<f64> {
+        let finals = latents.narrow(1, last, 1)?;
+        let mut counts = [sampler::count_out_of_range(&finals, range)?, finals.elem_count() as f64];
+        self.dist.all_reduce_sum(&mut counts)?;
+        Ok(counts[0] / counts[1].max(1.0))
     }
 
     /// Recomputes the stored log-probs of the trained steps under the training guidance
@@ -364,7 +415,7 @@ impl Trainer {
     /// DDPO-IS / DDPO-SF over inner epochs, minibatches and (a random subset of) timesteps.
     fn policy_gradient_update(&mut self, s: &Samples, adv: &[f64]) -> anyhow::Result<UpdateStats> {
         let cfg = self.config.clone();
-        let n = s.prompts.len();
+        let n = s.global;
         let eligible = cfg.trained_steps(self.policy.as_ref())?;
         let k = cfg.train_steps(eligible.len());
         let sf = cfg.algorithm == Algorithm::Sf;
@@ -384,23 +435,30 @@ impl Trainer {
                     p
                 })
                 .collect();
-            for mb in order.chunks(cfg.train_batch_size) {
+            for global_mb in order.chunks(cfg.train_batch_size) {
+                // Every rank walks the same global minibatches and trains on the rows it holds,
+                // weighted by their share, so the ranks' gradients sum to the minibatch's.
+                let mb: Vec<usize> = global_mb.iter().filter_map(|&i| i.checked_sub(s.offset)).filter(|&i| i < s.prompts.len()).collect();
+                let share = mb.len() as f64 / global_mb.len() as f64;
                 for j in 0..k {
-                    let ks: Vec<usize> = mb.iter().map(|&i| step_order[i][j]).collect();
-                    let terms = self.minibatch_grads(s, mb, &ks, adv)?;
-                    if stats.terms == 0 {
-                        stats.first_ratio_max_dev = terms.ratio_dev;
+                    let ks: Vec<usize> = mb.iter().map(|&i| step_order[i + s.offset][j]).collect();
+                    if !mb.is_empty() {
+                        let terms = self.minibatch_grads(s, &mb, &ks, adv)?;
+                        if stats.terms == 0 {
+                            stats.first_ratio_max_dev = terms.ratio_dev;
+                        }
+                        // Each shard into the running sum (not shards summed first): the same
+                        // additions, in the same order, as the runs in RESULTS.md.
+                        for g in &terms.grads {
+                            accumulate(&mut grads, &self.opt.collect(g), share / (k * accum) as f64)?;
+                        }
+                        for (&k, &ratio) in ks.iter().zip(&terms.ratios) {
+                            let slot = &mut stats.ratio_by_step[k];
+                            (slot.0, slot.1) = (slot.0 + ratio, slot.1 + 1);
+                        }
+                        stats.diag.add_scaled(&terms.diag, share);
                     }
-                    // Each shard into the running sum (not shards summed first): the same
-                    // additions, in the same order, as the runs in RESULTS.md.
-                    for g in &terms.grads {
-                        accumulate(&mut grads, &self.opt.collect(g), 1.0 / (k * accum) as f64)?;
-                    }
-                    for (&k, &ratio) in ks.iter().zip(&terms.ratios) {
-                        let slot = &mut stats.ratio_by_step[k];
-                        (slot.0, slot.1) = (slot.0 + ratio, slot.1 + 1);
-                    }
-                    stats.add(&terms.diag);
+                    stats.terms += 1;
                     self.report(Stage::Training, stats.terms, inner * minibatches * k);
                 }
                 pending += 1;
@@ -413,6 +471,7 @@ impl Trainer {
         if pending > 0 {
             self.optimizer_step(&mut grads, &mut stats)?;
         }
+        stats.all_reduce(self.dist.as_ref())?;
         Ok(stats.finish())
     }
 
@@ -438,6 +497,7 @@ impl Trainer {
 
     /// RWR: the DDPM denoising loss on the epoch's own samples, weighted by softmax(A / beta).
     fn rwr_update(&mut self, s: &Samples, adv: &[f64]) -> anyhow::Result<UpdateStats> {
+        anyhow::ensure!(self.dist.size() == 1, "RWR trains in one process only (its denoising noise is not split across ranks); use DDPO-IS or SF with several ranks");
         let cfg = self.config.clone();
         let n = s.prompts.len();
         let weights = rwr_weights(adv, cfg.rwr_beta);
@@ -477,8 +537,10 @@ impl Trainer {
     }
 
     fn optimizer_step(&mut self, grads: &mut Grads, stats: &mut UpdateStats) -> anyhow::Result<()> {
+        crate::dist::all_reduce_grads(self.dist.as_ref(), grads, self.opt.vars())?;
         let norm = clip_grad_norm(grads, self.config.grad_clip)?;
         anyhow::ensure!(norm.is_finite(), "gradient norm is {norm}; the update was skipped and the weights are unchanged");
+        stats.grad_norm_sum += norm;
         stats.lr = Some(self.opt.current_lr());
         self.opt.step(grads)?;
         grads.clear();
@@ -522,6 +584,8 @@ struct UpdateStats {
     ratio_by_step: Vec<(f64, usize)>,
     /// The learning rate of the last optimiser step (warm-up included).
     lr: Option<f64>,
+    /// Sum of the optimiser steps' gradient norms before clipping.
+    grad_norm_sum: f64,
 }
 
 /// Loss of a minibatch at one trajectory step per sample (`ks[i]` for sample `mb[i]`), with
@@ -621,21 +685,33 @@ pub fn range_excess(x: &Tensor, range: f64, weights: &Tensor) -> candle_core::Re
     (per_row * weights)?.mean_all()
 }
 
-/// Fraction of the final samples' values (step `last` of each (N, steps + 1, ..) trajectory)
-/// outside [-range, range].
-fn out_of_range_fraction(latents: &Tensor, last: usize, range: f64) -> candle_core::Result<f64> {
-    let finals = latents.narrow(1, last, 1)?;
-    Ok(sampler::count_out_of_range(&finals, range)? / finals.elem_count().max(1) as f64)
-}
-
 impl UpdateStats {
     fn new(sampling_steps: usize) -> Self {
-        Self { diag: Diagnostics::default(), terms: 0, steps: 0, first_ratio_max_dev: 0.0, ratio_by_step: vec![(0.0, 0); sampling_steps], lr: None }
+        Self { diag: Diagnostics::default(), terms: 0, steps: 0, first_ratio_max_dev: 0.0, ratio_by_step: vec![(0.0, 0); sampling_steps], lr: None, grad_norm_sum: 0.0 }
     }
 
     fn add(&mut self, diag: &Diagnostics) {
         self.diag.add_scaled(diag, 1.0);
         self.terms += 1;
+    }
+
+    /// Sums the ranks' diagnostics and ratios (each rank added its rows' share) and takes the
+    /// largest first-minibatch ratio deviation.
+    fn all_reduce(&mut self, dist: &dyn Collectives) -> anyhow::Result<()> {
+        if dist.size() == 1 {
+            return Ok(());
+        }
+        let d = &mut self.diag;
+        let mut values = vec![d.loss, d.approx_kl, d.clipfrac_high, d.clipfrac_low, d.x0_excess, d.kl_base];
+        values.extend(self.ratio_by_step.iter().flat_map(|&(sum, n)| [sum, n as f64]));
+        dist.all_reduce_sum(&mut values).context("all-reduce of the update's diagnostics")?;
+        [d.loss, d.approx_kl, d.clipfrac_high, d.clipfrac_low, d.x0_excess, d.kl_base] = values[..6].try_into().expect("six diagnostics");
+        for (slot, pair) in self.ratio_by_step.iter_mut().zip(values[6..].chunks(2)) {
+            *slot = (pair[0], pair[1] as usize);
+        }
+        let devs = crate::dist::all_gather_json(dist, &self.first_ratio_max_dev)?;
+        self.first_ratio_max_dev = devs.into_iter().fold(0.0, f64::max);
+        Ok(())
     }
 
     fn finish(mut self) -> Self {
@@ -679,4 +755,31 @@ fn select_vars(vars: Vec<(String, Var)>, patterns: &[String]) -> anyhow::Result<
         }
     }
     Ok(vars.into_iter().filter(|(name, _)| patterns.iter().any(|p| name.contains(p.as_str()))).collect())
+}
+
+/// Every rank's images on rank 0, in rank order (each as width, height and RGB bytes); the other
+/// ranks keep none (only rank 0 writes the run folder).
+fn gather_images(dist: &dyn Collectives, images: Vec<image::RgbImage>) -> anyhow::Result<Vec<image::RgbImage>> {
+    if dist.size() == 1 {
+        return Ok(images);
+    }
+    let mut bytes = Vec::new();
+    for img in &images {
+        bytes.extend(img.width().to_le_bytes());
+        bytes.extend(img.height().to_le_bytes());
+        bytes.extend_from_slice(img.as_raw());
+    }
+    let Some(parts) = dist.gather(&bytes).context("gathering the ranks' images")? else { return Ok(Vec::new()) };
+    let mut all = Vec::new();
+    for part in parts {
+        let mut rest = part.as_slice();
+        while rest.len() >= 8 {
+            let (w, h) = (u32::from_le_bytes(rest[..4].try_into()?), u32::from_le_bytes(rest[4..8].try_into()?));
+            let len = (w * h * 3) as usize;
+            let raw = rest.get(8..8 + len).context("a gathered image is cut short")?;
+            all.push(image::RgbImage::from_raw(w, h, raw.to_vec()).context("a gathered image of the wrong size")?);
+            rest = &rest[8 + len..];
+        }
+    }
+    Ok(all)
 }

@@ -27,6 +27,14 @@ impl NoiseRng {
         Self { rng: ChaCha8Rng::seed_from_u64(seed) }
     }
 
+    /// Stream `stream` of the generator seeded with `seed`: independent of the other streams,
+    /// so a piece of work (one sampling batch) draws the same noise whichever process runs it.
+    pub fn with_stream(seed: u64, stream: u64) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        rng.set_stream(stream);
+        Self { rng }
+    }
+
     /// A standard-normal f32 tensor of `shape`.
     pub fn randn<S: Into<Shape>>(&mut self, shape: S, device: &Device) -> Result<Tensor> {
         let shape = shape.into();

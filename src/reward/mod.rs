@@ -25,7 +25,7 @@ pub use stats::Brightness;
 pub use weighted::{Weighted, Weights};
 
 /// The score of one image.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Score {
     pub total: f64,
     /// Named parts of the total (may be empty), e.g. `jpeg_kb`.

@@ -32,6 +32,9 @@ pub struct RunConfig {
     pub prompts: Vec<String>,
     pub epochs: usize,
     pub checkpoint_every: usize,
+    /// Processes training it data-parallel (`mpirun -np`); a resume needs as many.
+    #[serde(default = "one_rank")]
+    pub ranks: usize,
     /// Train LoRA adapters instead of all weights.
     #[serde(default)]
     pub lora: Option<crate::model::LoraConfig>,
@@ -51,6 +54,10 @@ pub struct RunConfig {
 
 /// What a run optimises: a built-in reward by name, or a reward script (a path ending in
 /// `.rhai`). Saved in `config.json` as that one string.
+fn one_rank() -> usize {
+    1
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(from = "String", into = "String")]
 pub enum RewardSpec {
@@ -199,6 +206,7 @@ impl RunDir {
             "zero_std_ratio": r.zero_std_ratio,
             "lr": r.lr,
             "optimizer_steps": r.optimizer_steps,
+            "grad_norm": r.grad_norm,
             "seconds_sampling": r.seconds_sampling,
             "seconds_reward": r.seconds_reward,
             "seconds_training": r.seconds_training,
@@ -225,6 +233,9 @@ impl RunDir {
     }
 
     fn write_grid(&self, r: &EpochReport) -> anyhow::Result<()> {
+        if r.images.is_empty() {
+            return Ok(()); // a data-parallel rank other than 0 keeps no images
+        }
         let shown = r.images.len().min(16);
         let labels: Vec<String> = (0..shown).map(|i| format!("{:.3} {}", r.scores[i].total, r.prompts[i])).collect();
         let grid = crate::render::labelled_grid(&r.images[..shown], &labels, 4, 3);

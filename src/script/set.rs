@@ -158,6 +158,12 @@ impl ScriptSet {
         self.entries.iter().map(|e| (e.host.file_name(), e.current.read().unwrap().hash.clone())).collect()
     }
 
+    /// Each script in use: its kind, its path and the version compiled from it (source and
+    /// imported modules), e.g. for a data-parallel run's rank 0 to send to the others.
+    pub fn versions(&self) -> Vec<(Kind, PathBuf, Arc<Version>)> {
+        self.entries.iter().map(|e| (e.kind, e.host.path.clone(), e.current.read().unwrap().clone())).collect()
+    }
+
     /// Writes each version in use (and the modules it imports) as `dir/<stem>.<hash>.rhai`,
     /// once per version.
     pub fn save_versions(&self, dir: &Path) -> anyhow::Result<()> {

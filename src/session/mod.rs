@@ -4,6 +4,7 @@
 //! and what to do when a script fails mid-epoch. `ddpo train` and the REPL's `train(n)` are thin
 //! callers; what they show of it goes through an [`Observer`].
 
+mod dist;
 mod gold;
 mod setup;
 
@@ -56,7 +57,7 @@ pub trait Observer {
 }
 
 /// Why [`Session::train`] returned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Ended {
     /// The planned epochs are done.
     Done,
@@ -80,6 +81,18 @@ pub struct Session {
     on_script_error: OnScriptError,
     resume_note: Option<String>,
     gold: Option<gold::GoldWatch>,
+    /// The process group of a data-parallel run (one process by default); see [`Session::join`].
+    dist: std::sync::Arc<dyn crate::dist::Collectives>,
+    /// A rank other than 0: its private copy of rank 0's run, removed when the session ends.
+    scratch: Option<PathBuf>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.scratch {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
 }
 
 impl Session {
@@ -135,7 +148,8 @@ impl Session {
     fn assemble(run: RunDir, config: RunConfig, parts: setup::Parts) -> anyhow::Result<Self> {
         let setup::Parts { trainer, script_reward, scripts, hooks, gold_reward } = parts;
         let gold = config.eval.clone().map(|g| gold::GoldWatch::new(g, gold_reward, &run.metrics_records())).transpose()?;
-        Ok(Self { run, config, trainer, script_reward, scripts, hooks, on_script_error: OnScriptError::Wait, resume_note: None, gold })
+        let dist = crate::dist::single();
+        Ok(Self { run, config, trainer, script_reward, scripts, hooks, on_script_error: OnScriptError::Wait, resume_note: None, gold, dist, scratch: None })
     }
 
     /// Chooses what a script failing mid-epoch does (default: wait for a fix).
@@ -198,8 +212,11 @@ impl Session {
         crate::eval::paired::paired(base.as_ref(), self.trainer.policy(), self.trainer.reward(), &prompts, per_prompt, &sampler, seed)
     }
 
-    /// Writes a checkpoint of the run as it is.
+    /// Writes a checkpoint of the run as it is (rank 0 only: the ranks hold the same state).
     pub fn checkpoint(&self) -> anyhow::Result<()> {
+        if !self.dist.is_root() {
+            return Ok(());
+        }
         self.run.save_checkpoint(&self.trainer)
     }
 
@@ -226,8 +243,10 @@ impl Session {
                 _ => None,
             };
             let metrics = self.record(&report, &start, gold.as_ref(), observer)?;
-            if let Some(ended) = gold.and_then(|g| self.judge_gold(report.epoch, &metrics, &g, observer).transpose()) {
-                return ended;
+            let ended = gold.map(|g| self.judge_gold(report.epoch, &metrics, &g, observer)).transpose()?.flatten();
+            // Rank 0 alone evaluates the gold score; its verdict holds for every rank.
+            if let Some(ended) = crate::dist::broadcast_json(self.dist.as_ref(), ended)? {
+                return Ok(ended);
             }
             let end = self.hooks.epoch_end(self.trainer.config(), &self.script_context(report.epoch), &metrics);
             report_hook_error(&end, observer);
@@ -235,7 +254,7 @@ impl Session {
                 self.checkpoint()?;
                 return Ok(Ended::StoppedByHooks { epoch: report.epoch, before: false });
             }
-            let interrupted = stop.load(Ordering::SeqCst);
+            let interrupted = crate::dist::broadcast_json(self.dist.as_ref(), stop.load(Ordering::SeqCst))?;
             let epoch = self.trainer.epoch();
             if epoch % self.config.checkpoint_every == 0 || epoch == until || interrupted {
                 self.checkpoint()?;
@@ -253,8 +272,13 @@ impl Session {
         if self.scripts.is_empty() {
             return Ok(());
         }
-        for reload in self.scripts.reload() {
-            observer.line(&reload.to_string());
+        if self.dist.is_root() {
+            for reload in self.scripts.reload() {
+                observer.line(&reload.to_string());
+            }
+        }
+        if self.dist.size() > 1 {
+            self.sync_scripts()?;
         }
         self.scripts.save_versions(&self.run.dir.join("scripts"))
     }
@@ -270,6 +294,12 @@ impl Session {
     fn epoch_or_retry(&mut self, observer: &mut dyn Observer, stop: &AtomicBool) -> anyhow::Result<Option<EpochReport>> {
         let e = match self.trainer.run_epoch() {
             Ok(report) => return Ok(Some(report)),
+            // Several ranks stop together on any failure, rank 0 checkpointing: waiting for a
+            // fixed script would need every rank to see the same fix at the same moment.
+            Err(e) if self.dist.size() > 1 && crate::dist::failed_together(&e) => {
+                self.checkpoint()?;
+                return Err(e.context(format!("the run is checkpointed in {}", self.run.dir.display())));
+            }
             Err(e) if is_script_error(&e) => e,
             Err(e) => {
                 return Err(e.context(format!("the last checkpoint in {} is intact", self.run.dir.display())));
@@ -316,6 +346,8 @@ impl Session {
             crate::run::merge_json(&mut extra, gold::record_fields(g));
         }
         let metrics = self.run.record(report, extra)?;
+        // Every rank's hooks see rank 0's record (the others differ in timings only).
+        let metrics = crate::dist::broadcast_json(self.dist.as_ref(), metrics)?;
         let kl_weight = self.trainer.config().kl_weight;
         observer.epoch(&EpochLog { report, metrics: &metrics, start, scripts, kl_weight });
         Ok(metrics)

@@ -1,0 +1,222 @@
+//! Data-parallel training over several processes: the collectives the trainer and the session
+//! use (all-reduce of gradients, all-gather of rewards, gather of images, broadcast of weights,
+//! scripts and decisions, barriers), behind one trait.
+//!
+//! [`Single`], one process, is the default and costs nothing. [`mpi::Mpi`] (cargo feature `mpi`)
+//! runs under `mpirun -np N`, one rank per process, on MPI's own collectives: no protocol of ours.
+//! Every rank runs the same command line; rank 0 alone writes the run folder.
+//!
+//! Owns process groups and message formats; not what is sent (the trainer and session decide).
+
+#[cfg(feature = "mpi")]
+pub mod mpi;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use candle_core::{Tensor, Var};
+
+use crate::optim::Grads;
+
+/// The collective operations of a group of `size` processes. Every rank must call the same
+/// operations in the same order; rank 0 is the root of broadcasts and gathers.
+pub trait Collectives: Send + Sync {
+    fn rank(&self) -> usize;
+    fn size(&self) -> usize;
+    /// Element-wise sum over ranks, in place.
+    fn all_reduce_sum(&self, values: &mut [f64]) -> anyhow::Result<()>;
+    /// Every rank's bytes, in rank order, on every rank.
+    fn all_gather(&self, mine: &[u8]) -> anyhow::Result<Vec<Vec<u8>>>;
+    /// Every rank's bytes on rank 0 (in rank order); `None` elsewhere.
+    fn gather(&self, mine: &[u8]) -> anyhow::Result<Option<Vec<Vec<u8>>>>;
+    /// Rank 0's `data` on every rank (the others' `data` is replaced).
+    fn broadcast(&self, data: &mut Vec<u8>) -> anyhow::Result<()>;
+    fn barrier(&self) -> anyhow::Result<()>;
+    /// Ends every rank of the group now (a failed rank takes the run down with it, so no rank
+    /// waits forever in a collective). Only returns for a single process.
+    fn abort(&self, code: i32);
+
+    fn is_root(&self) -> bool {
+        self.rank() == 0
+    }
+}
+
+/// One process: every collective is the identity.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Single;
+
+impl Collectives for Single {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn size(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&self, _values: &mut [f64]) -> anyhow::Result<()> {
+        Ok(())
+    }
+    fn all_gather(&self, mine: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
+        Ok(vec![mine.to_vec()])
+    }
+    fn gather(&self, mine: &[u8]) -> anyhow::Result<Option<Vec<Vec<u8>>>> {
+        Ok(Some(vec![mine.to_vec()]))
+    }
+    fn broadcast(&self, _data: &mut Vec<u8>) -> anyhow::Result<()> {
+        Ok(())
+    }
+    fn barrier(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
+    fn abort(&self, _code: i32) {}
+}
+
+/// The single-process group.
+pub fn single() -> Arc<dyn Collectives> {
+    Arc::new(Single)
+}
+
+/// The process group this process was started in: MPI's world when launched by `mpirun` (or
+/// any launcher that sets the MPI environment), else a single process. A multi-process launch
+/// of a build without the `mpi` feature is an error, not N independent runs.
+pub fn from_environment() -> anyhow::Result<Arc<dyn Collectives>> {
+    let launched = launched_size();
+    #[cfg(feature = "mpi")]
+    if launched.is_some() {
+        return Ok(Arc::new(mpi::Mpi::init()?));
+    }
+    if let Some(n) = launched.filter(|&n| n > 1) {
+        anyhow::bail!("started as one of {n} MPI ranks, but this build has no MPI support: rebuild with `cargo build --release --features mpi`");
+    }
+    Ok(single())
+}
+
+/// The group size an MPI launcher announced in the environment (Open MPI, MPICH / Hydra, Slurm's PMI).
+fn launched_size() -> Option<usize> {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse().ok())
+}
+
+/// A failure every rank of the group returns at the same point (so none is left waiting in a
+/// collective): the failed ranks' own errors, and [`GroupError`] on the others.
+#[derive(Debug)]
+pub struct GroupError {
+    pub rank: usize,
+    pub cause: String,
+}
+
+impl std::fmt::Display for GroupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "rank {} failed: {}", self.rank, self.cause)
+    }
+}
+
+impl std::error::Error for GroupError {}
+
+/// Whether `e` failed on every rank together (see [`agree`]), so the ranks can stop in order.
+pub fn failed_together(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<GroupError>().is_some() || e.downcast_ref::<Together>().is_some()
+}
+
+/// Marks a rank's own error that the whole group learned of through [`agree`].
+#[derive(Debug)]
+struct Together;
+
+impl std::fmt::Display for Together {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("all ranks stop")
+    }
+}
+
+impl std::error::Error for Together {}
+
+/// Exchanges each rank's outcome of a local step: when any rank failed, every rank returns an
+/// error (its own, or [`GroupError`] naming the first failed rank and its cause).
+pub fn agree(c: &dyn Collectives, outcome: anyhow::Result<()>) -> anyhow::Result<()> {
+    if c.size() == 1 {
+        return outcome;
+    }
+    let mine = outcome.as_ref().err().map(|e| format!("{e:#}"));
+    let all = all_gather_json(c, &mine).context("exchanging the ranks' outcomes")?;
+    match outcome {
+        Err(e) => Err(e.context(Together)),
+        Ok(()) => match all.into_iter().enumerate().find_map(|(rank, e)| e.map(|cause| (rank, cause))) {
+            Some((rank, cause)) => Err(GroupError { rank, cause }.into()),
+            None => Ok(()),
+        },
+    }
+}
+
+/// Sums `grads` (one per variable of `vars`, `None` for a variable without a gradient) over
+/// ranks, in one all-reduce. A variable that has a gradient on any rank gets one on every rank
+/// (zero where a rank had none); one without a gradient anywhere stays `None`.
+pub fn all_reduce_grads(c: &dyn Collectives, grads: &mut Grads, vars: &[(String, Var)]) -> anyhow::Result<()> {
+    if c.size() == 1 {
+        return Ok(());
+    }
+    grads.resize(vars.len(), None);
+    let mut flat: Vec<f64> = Vec::new();
+    for (g, (_, var)) in grads.iter().zip(vars) {
+        flat.push(if g.is_some() { 1.0 } else { 0.0 });
+        match g {
+            Some(g) => flat.extend(g.flatten_all()?.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?),
+            None => flat.extend(std::iter::repeat_n(0.0, var.elem_count())),
+        }
+    }
+    c.all_reduce_sum(&mut flat).context("all-reduce of the gradients")?;
+    let mut at = 0;
+    for (g, (_, var)) in grads.iter_mut().zip(vars) {
+        let (present, n) = (flat[at] > 0.0, var.elem_count());
+        let values = &flat[at + 1..at + 1 + n];
+        at += 1 + n;
+        *g = if present {
+            let t = Tensor::from_iter(values.iter().copied(), var.device())?.reshape(var.shape())?;
+            Some(t.to_dtype(var.dtype())?)
+        } else {
+            None
+        };
+    }
+    Ok(())
+}
+
+/// Rank 0's value of `value` on every rank, through JSON.
+pub fn broadcast_json<T: serde::Serialize + serde::de::DeserializeOwned>(c: &dyn Collectives, value: T) -> anyhow::Result<T> {
+    if c.size() == 1 {
+        return Ok(value);
+    }
+    let mut bytes = if c.is_root() { serde_json::to_vec(&value)? } else { Vec::new() };
+    c.broadcast(&mut bytes)?;
+    Ok(serde_json::from_slice(&bytes).context("a broadcast message that does not parse")?)
+}
+
+/// Every rank's `value`, in rank order, through JSON.
+pub fn all_gather_json<T: serde::Serialize + serde::de::DeserializeOwned>(c: &dyn Collectives, value: &T) -> anyhow::Result<Vec<T>> {
+    c.all_gather(&serde_json::to_vec(value)?)?
+        .iter()
+        .map(|b| serde_json::from_slice(b).context("a gathered message that does not parse"))
+        .collect()
+}
+
+/// Rank 0's weights in `vars` on every rank (after each rank opened the model itself).
+pub fn broadcast_vars(c: &dyn Collectives, vars: &[(String, Var)]) -> anyhow::Result<()> {
+    if c.size() == 1 {
+        return Ok(());
+    }
+    let mut bytes = Vec::new();
+    if c.is_root() {
+        for (_, var) in vars {
+            let values = var.as_tensor().flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+            bytes.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+        }
+    }
+    c.broadcast(&mut bytes).context("broadcast of the weights")?;
+    let mut at = 0;
+    for (name, var) in vars {
+        let n = var.elem_count();
+        let chunk = bytes.get(at..at + 4 * n).with_context(|| format!("the broadcast weights end before {name}"))?;
+        let values: Vec<f32> = chunk.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        var.set(&Tensor::from_vec(values, var.shape(), var.device())?.to_dtype(var.dtype())?)?;
+        at += 4 * n;
+    }
+    Ok(())
+}
