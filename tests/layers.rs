@@ -7,7 +7,7 @@ use std::path::Path;
 
 /// Layers from the bottom up; each module's layer is its index.
 const LAYERS: &[&[&str]] = &[
-    &["error", "io", "kernels", "world", "render", "optim"],
+    &["error", "io", "kernels", "world", "render", "optim", "dist"],
     &["model"],
     &["family"],
     &["sampler"],

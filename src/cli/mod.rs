@@ -100,14 +100,21 @@ fn open_model(source: &crate::run::ModelSource, options: &crate::family::OpenOpt
     Ok(policy)
 }
 
-/// The compute device named on the command line.
+/// The compute device named on the command line: `cpu`, `cuda` (GPU 0; in a data-parallel run,
+/// the GPU of the rank's place on its machine) or `cuda:N`.
 fn device(name: &str) -> anyhow::Result<candle_core::Device> {
+    let cuda = |ordinal: usize| {
+        candle_core::Device::new_cuda(ordinal).map_err(|e| {
+            anyhow::anyhow!("cannot open CUDA device {ordinal} ({e}); build with `--features cuda` on a machine with a GPU, or use --device cpu")
+        })
+    };
     match name {
         "cpu" => Ok(candle_core::Device::Cpu),
-        "cuda" => candle_core::Device::new_cuda(0).map_err(|e| {
-            anyhow::anyhow!("cannot open CUDA device 0 ({e}); build with `--features cuda` on a machine with a GPU, or use --device cpu")
-        }),
-        other => anyhow::bail!("unknown --device {other:?} (use cpu or cuda)"),
+        "cuda" => cuda(crate::dist::local_rank()),
+        other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(ordinal) => cuda(ordinal),
+            None => anyhow::bail!("unknown --device {other:?} (use cpu, cuda or cuda:N)"),
+        },
     }
 }
 

@@ -23,8 +23,10 @@ use crate::optim::Grads;
 pub trait Collectives: Send + Sync {
     fn rank(&self) -> usize;
     fn size(&self) -> usize;
-    /// Element-wise sum over ranks, in place.
+    /// Element-wise sum over ranks, in place (diagnostics, counts).
     fn all_reduce_sum(&self, values: &mut [f64]) -> anyhow::Result<()>;
+    /// The same in f32: gradients, half the bytes of f64.
+    fn all_reduce_sum_f32(&self, values: &mut [f32]) -> anyhow::Result<()>;
     /// Every rank's bytes, in rank order, on every rank.
     fn all_gather(&self, mine: &[u8]) -> anyhow::Result<Vec<Vec<u8>>>;
     /// Every rank's bytes on rank 0 (in rank order); `None` elsewhere.
@@ -53,6 +55,9 @@ impl Collectives for Single {
         1
     }
     fn all_reduce_sum(&self, _values: &mut [f64]) -> anyhow::Result<()> {
+        Ok(())
+    }
+    fn all_reduce_sum_f32(&self, _values: &mut [f32]) -> anyhow::Result<()> {
         Ok(())
     }
     fn all_gather(&self, mine: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
@@ -88,6 +93,15 @@ pub fn from_environment() -> anyhow::Result<Arc<dyn Collectives>> {
         anyhow::bail!("started as one of {n} MPI ranks, but this build has no MPI support: rebuild with `cargo build --release --features mpi`");
     }
     Ok(single())
+}
+
+/// This process's place among the ranks on its machine, as the launcher announced it (0 when
+/// started alone): a data-parallel rank's GPU.
+pub fn local_rank() -> usize {
+    ["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// The group size an MPI launcher announced in the environment (Open MPI, MPICH / Hydra, Slurm's PMI).
@@ -148,22 +162,22 @@ pub fn agree(c: &dyn Collectives, outcome: anyhow::Result<()>) -> anyhow::Result
 }
 
 /// Sums `grads` (one per variable of `vars`, `None` for a variable without a gradient) over
-/// ranks, in one all-reduce. A variable that has a gradient on any rank gets one on every rank
+/// ranks, in one f32 all-reduce of every gradient plus one flag per variable. A variable that has a gradient on any rank gets one on every rank
 /// (zero where a rank had none); one without a gradient anywhere stays `None`.
 pub fn all_reduce_grads(c: &dyn Collectives, grads: &mut Grads, vars: &[(String, Var)]) -> anyhow::Result<()> {
     if c.size() == 1 {
         return Ok(());
     }
     grads.resize(vars.len(), None);
-    let mut flat: Vec<f64> = Vec::new();
+    let mut flat: Vec<f32> = Vec::new();
     for (g, (_, var)) in grads.iter().zip(vars) {
         flat.push(if g.is_some() { 1.0 } else { 0.0 });
         match g {
-            Some(g) => flat.extend(g.flatten_all()?.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?),
+            Some(g) => flat.extend(g.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?),
             None => flat.extend(std::iter::repeat_n(0.0, var.elem_count())),
         }
     }
-    c.all_reduce_sum(&mut flat).context("all-reduce of the gradients")?;
+    c.all_reduce_sum_f32(&mut flat).context("all-reduce of the gradients")?;
     let mut at = 0;
     for (g, (_, var)) in grads.iter_mut().zip(vars) {
         let (present, n) = (flat[at] > 0.0, var.elem_count());

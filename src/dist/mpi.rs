@@ -76,6 +76,12 @@ impl Collectives for Mpi {
         Ok(())
     }
 
+    fn all_reduce_sum_f32(&self, values: &mut [f32]) -> anyhow::Result<()> {
+        let send = values.to_vec();
+        self.world.all_reduce_into(&send[..], values, mpi::collective::SystemOperation::sum());
+        Ok(())
+    }
+
     fn all_gather(&self, mine: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
         let counts = self.counts(mine.len())?;
         let mut buf = vec![0u8; counts.iter().map(|&c| c as usize).sum()];
