@@ -68,6 +68,43 @@ fn prompt_embeddings_without_t5_match_diffusers() {
     assert!(errs.iter().all(|&e| e < 1e-4), "embeddings differ from diffusers: {errs:?}");
 }
 
+/// The fixture with its T5 encoder and tokenizer named in `model_index.json` (`make_t5.py`).
+fn with_t5(dir: &Path) -> Result<Sd3Policy> {
+    copy_fixture(dir)?;
+    edit_json(&dir.join("model_index.json"), |v| {
+        v["text_encoder_3"] = serde_json::json!(["transformers", "T5EncoderModel"]);
+        v["tokenizer_3"] = serde_json::json!(["transformers", "T5TokenizerFast"]);
+    })?;
+    Sd3Policy::load(dir, Finetune::Frozen, DType::F32, &Device::Cpu)
+}
+
+#[test]
+fn prompt_embeddings_with_t5_match_diffusers() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let policy = with_t5(&tmp.path().join("sd3"))?;
+    let g = candle_core::safetensors::load(fixture().join("golden-t5.safetensors"), &Device::Cpu)?;
+    let t5 = policy.text.t5().context("the pipeline names its T5 encoder")?;
+    let ids: Vec<i64> = t5.token_ids(PROMPT)?.into_iter().map(i64::from).collect();
+    assert_eq!(ids, g["t5.input_ids"].flatten_all()?.to_vec1::<i64>()?, "T5 token ids differ from transformers'");
+    let hidden_err = max_abs_diff(&t5.encode(&[PROMPT], &Device::Cpu)?, &g["t5.hidden"]);
+    let prompts = [PROMPT.to_string(), String::new()];
+    let (seq, pooled) = policy.text.encode(&prompts, &Device::Cpu)?;
+    let row = |t: &Tensor, i| t.narrow(0, i, 1).unwrap();
+    let errs = [
+        hidden_err,
+        max_abs_diff(&row(&seq, 0), &g["prompt_embeds"]),
+        max_abs_diff(&row(&pooled, 0), &g["pooled_prompt_embeds"]),
+        max_abs_diff(&row(&seq, 1), &g["negative_prompt_embeds"]),
+        max_abs_diff(&row(&pooled, 1), &g["negative_pooled_prompt_embeds"]),
+    ];
+    println!("T5 states, sequence, pooled, negative sequence, negative pooled: max abs errors {errs:?}");
+    assert!(errs.iter().all(|&e| e < 1e-4), "embeddings with T5 differ from diffusers: {errs:?}");
+    // The T5 part is not zeros: the prompt's states differ from the pipeline without T5.
+    let (no_t5, _) = frozen().text.encode(&prompts[..1], &Device::Cpu)?;
+    assert!(max_abs_diff(&row(&seq, 0), &no_t5) > 1e-2, "T5 changed nothing");
+    Ok(())
+}
+
 #[test]
 fn vae_decode_with_shift_factor_matches_diffusers() {
     let (policy, g) = (frozen(), golden());
@@ -198,7 +235,7 @@ fn broken_pipelines_fail_with_one_clear_line() -> Result<()> {
     let index = dir.join("model_index.json");
     edit_json(&index, |v| v["text_encoder_3"] = serde_json::json!(["transformers", "T5EncoderModel"]))?;
     let err = open_error(&dir);
-    assert!(err.contains("text_encoder_3") && err.contains("[null, null]"), "{err}");
+    assert!(err.contains("text_encoder_3") && err.contains("tokenizer_3") && err.contains("both"), "{err}");
     edit_json(&index, |v| v["text_encoder_3"] = serde_json::json!([null, null]))?;
     let sched = dir.join("scheduler/scheduler_config.json");
     edit_json(&sched, |v| v["use_dynamic_shifting"] = true.into())?;

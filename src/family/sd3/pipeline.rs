@@ -50,8 +50,8 @@ pub fn pipeline_class(dir: &Path) -> anyhow::Result<Option<String>> {
     Ok(index["_class_name"].as_str().map(str::to_string))
 }
 
-/// Checks the folder's `model_index.json`: an SD3 pipeline without a T5 encoder.
-fn check_model_index(folder: &DiffusersFolder) -> anyhow::Result<()> {
+/// Checks the folder's `model_index.json` (an SD3 pipeline) and says whether it has a T5 encoder.
+fn check_model_index(folder: &DiffusersFolder) -> anyhow::Result<bool> {
     let (path, index) = folder.json(MODEL_INDEX)?;
     anyhow::ensure!(
         index["_class_name"] == PIPELINE_CLASS,
@@ -59,13 +59,14 @@ fn check_model_index(folder: &DiffusersFolder) -> anyhow::Result<()> {
         path.display(),
         index["_class_name"]
     );
-    let t5 = index["text_encoder_3"].get(0).is_some_and(|v| !v.is_null());
+    let named = |part: &str| index[part].get(0).is_some_and(|v| !v.is_null());
+    let t5 = named("text_encoder_3");
     anyhow::ensure!(
-        !t5,
-        "{}: the pipeline has a T5 encoder (text_encoder_3), which ddpo does not run yet; set text_encoder_3 and tokenizer_3 to [null, null] to use the pipeline without it, as diffusers does with text_encoder_3=None",
+        t5 == named("tokenizer_3"),
+        "{}: text_encoder_3 and tokenizer_3 must both be named or both be null",
         path.display()
     );
-    Ok(())
+    Ok(t5)
 }
 
 /// `scheduler/scheduler_config.json` of a `FlowMatchEulerDiscreteScheduler`: its shift and
@@ -94,10 +95,15 @@ fn flow_schedule(folder: &DiffusersFolder) -> anyhow::Result<FlowSchedule> {
 /// Checks that `dir` holds an SD3 pipeline this loader opens (its configs, not its weights).
 pub fn check_folder(dir: &Path) -> anyhow::Result<()> {
     let folder = DiffusersFolder::open(dir)?;
-    check_model_index(&folder)?;
+    let t5 = check_model_index(&folder)?;
     flow_schedule(&folder)?;
     for rel in ["transformer/config.json", "text_encoder/config.json", "text_encoder_2/config.json", "tokenizer", "tokenizer_2", "vae/config.json"] {
         folder.file(rel)?;
+    }
+    if t5 {
+        for rel in ["text_encoder_3/config.json", "tokenizer_3/tokenizer.json"] {
+            folder.file(rel)?;
+        }
     }
     Ok(())
 }
@@ -146,7 +152,8 @@ impl Sd3Policy {
         let schedule = flow_schedule(&folder)?;
         let (transformer, trainable) = load_transformer(&dir.join(TRANSFORMER_DIR), finetune, dtype, device)?;
         let cfg = &transformer.config;
-        let text = Sd3TextEncoders::load(&folder, cfg.joint_attention_dim, cfg.pooled_projection_dim, dtype, device)?;
+        let with_t5 = check_model_index(&folder)?;
+        let text = Sd3TextEncoders::load(&folder, with_t5, cfg.joint_attention_dim, cfg.pooled_projection_dim, dtype, device)?;
         let vae = Vae::from_dir_with_dtype(folder.file(VAE_DIR)?, dtype, device)?;
         anyhow::ensure!(
             vae.config().latent_channels == cfg.in_channels,

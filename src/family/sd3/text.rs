@@ -5,8 +5,11 @@
 //! transformer's `joint_attention_dim`, followed by T5's tokens; the pooled embedding is the two
 //! projected end-of-text states concatenated.
 //!
-//! Without a T5 encoder (`text_encoder_3` absent, as diffusers allows), its part of the sequence
-//! is [`T5_TOKENS`] zero tokens, which is what the pipeline feeds the transformer then.
+//! T5 (`text_encoder_3`, a `T5EncoderModel`, with `tokenizer_3`'s sentencepiece `tokenizer.json`)
+//! encodes each prompt padded to [`T5_TOKENS`] tokens, with no attention mask, as the pipeline
+//! does. Without it (`text_encoder_3` null in `model_index.json`, as diffusers allows), its part
+//! of the sequence is [`T5_TOKENS`] zero tokens, which is what the pipeline feeds the transformer
+//! then.
 
 use anyhow::Context;
 use candle_core::{DType, Device, Module, Result, Tensor};
@@ -80,18 +83,75 @@ impl ClipWithProjection {
     }
 }
 
-/// SD3's text conditioning from its CLIP-L and CLIP-G encoders (no T5).
+/// T5's encoder (candle-transformers', frozen) and its sentencepiece tokenizer.
+pub struct T5Text {
+    /// candle-transformers' T5 encoder runs through `&mut self` (its position-bias cache).
+    encoder: std::sync::Mutex<candle_transformers::models::t5::T5EncoderModel>,
+    tokenizer: tokenizers::Tokenizer,
+    pad_id: u32,
+}
+
+impl T5Text {
+    /// Loads `folder/text_encoder_3` (config.json, model.safetensors) and
+    /// `folder/tokenizer_3/tokenizer.json`, frozen in `dtype`.
+    pub fn load(folder: &DiffusersFolder, dtype: DType, device: &Device) -> anyhow::Result<Self> {
+        let (config_path, json) = folder.json("text_encoder_3/config.json")?;
+        let cfg: candle_transformers::models::t5::Config =
+            serde_json::from_value(json).with_context(|| format!("{}: not a T5 encoder config", config_path.display()))?;
+        let weights = folder.file("text_encoder_3/model.safetensors")?;
+        let vb = mmap_var_builder(&weights, dtype, device)?;
+        let encoder = candle_transformers::models::t5::T5EncoderModel::load(vb, &cfg)
+            .with_context(|| format!("{}: a tensor is missing or has the wrong shape for {}", weights.display(), config_path.display()))?;
+        let tok_path = folder.file("tokenizer_3/tokenizer.json")?;
+        let tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
+            .map_err(|e| anyhow::anyhow!("{}: not a tokenizer.json the tokenizers library reads: {e}", tok_path.display()))?;
+        let pad_id = tokenizer.token_to_id("<pad>").unwrap_or(cfg.pad_token_id as u32);
+        Ok(Self { encoder: std::sync::Mutex::new(encoder), tokenizer, pad_id })
+    }
+
+    /// Width of the states (`d_model`).
+    fn width(&self, device: &Device) -> Result<usize> {
+        Ok(self.encode(&[""], device)?.dim(2)?)
+    }
+
+    /// Token ids of `prompt` with T5's end token, cut or padded to [`T5_TOKENS`].
+    pub fn token_ids(&self, prompt: &str) -> Result<Vec<u32>> {
+        let encoding = self.tokenizer.encode(prompt, true).map_err(|e| candle_core::Error::Msg(format!("T5 tokenizer: {e}")))?;
+        let mut ids = encoding.get_ids().to_vec();
+        if ids.len() > T5_TOKENS {
+            // `truncation=True` keeps the end token in the last place.
+            let eos = *ids.last().expect("not empty");
+            ids.truncate(T5_TOKENS);
+            ids[T5_TOKENS - 1] = eos;
+        }
+        ids.resize(T5_TOKENS, self.pad_id);
+        Ok(ids)
+    }
+
+    /// The last hidden states (N, [`T5_TOKENS`], d_model).
+    pub fn encode<S: AsRef<str>>(&self, prompts: &[S], device: &Device) -> Result<Tensor> {
+        let mut ids = Vec::with_capacity(prompts.len() * T5_TOKENS);
+        for p in prompts {
+            ids.extend(self.token_ids(p.as_ref())?);
+        }
+        let ids = Tensor::from_vec(ids, (prompts.len(), T5_TOKENS), device)?;
+        self.encoder.lock().expect("T5 lock").forward(&ids)
+    }
+}
+
+/// SD3's text conditioning from its CLIP-L and CLIP-G encoders, and T5 when the pipeline has it.
 pub struct Sd3TextEncoders {
     clip_l: ClipWithProjection,
     clip_g: ClipWithProjection,
+    t5: Option<T5Text>,
     /// The transformer's `joint_attention_dim`: the width the sequence states are padded to.
     joint_dim: usize,
 }
 
 impl Sd3TextEncoders {
-    /// Loads both CLIP encoders of the pipeline in `folder`, checking their widths against the
-    /// transformer's `joint_attention_dim` and `pooled_projection_dim`.
-    pub fn load(folder: &DiffusersFolder, joint_dim: usize, pooled_dim: usize, dtype: DType, device: &Device) -> anyhow::Result<Self> {
+    /// Loads both CLIP encoders of the pipeline in `folder` (and T5 when `with_t5`), checking
+    /// their widths against the transformer's `joint_attention_dim` and `pooled_projection_dim`.
+    pub fn load(folder: &DiffusersFolder, with_t5: bool, joint_dim: usize, pooled_dim: usize, dtype: DType, device: &Device) -> anyhow::Result<Self> {
         let clip_l = ClipWithProjection::load(folder, "text_encoder", "tokenizer", dtype, device)?;
         let clip_g = ClipWithProjection::load(folder, "text_encoder_2", "tokenizer_2", dtype, device)?;
         let ((hl, pl), (hg, pg)) = (clip_l.widths(), clip_g.widths());
@@ -106,7 +166,21 @@ impl Sd3TextEncoders {
             "{}: pooled_projection_dim {pooled_dim} differs from the CLIP encoders' projections ({pl} + {pg}); the transformer and text encoders come from different models",
             config.display()
         );
-        Ok(Self { clip_l, clip_g, joint_dim })
+        let t5 = with_t5.then(|| T5Text::load(folder, dtype, device)).transpose()?;
+        if let Some(t5) = &t5 {
+            let width = t5.width(device)?;
+            anyhow::ensure!(
+                width == joint_dim,
+                "{}: joint_attention_dim {joint_dim} differs from the T5 encoder's d_model {width}; the transformer and text encoders come from different models",
+                config.display()
+            );
+        }
+        Ok(Self { clip_l, clip_g, t5, joint_dim })
+    }
+
+    /// The T5 encoder, when the pipeline has one.
+    pub fn t5(&self) -> Option<&T5Text> {
+        self.t5.as_ref()
     }
 
     /// The transformer's text inputs for `prompts`, in f32: the sequence (N, 77 + [`T5_TOKENS`],
@@ -117,7 +191,10 @@ impl Sd3TextEncoders {
         let clip = Tensor::cat(&[&seq_l, &seq_g], 2)?.to_dtype(DType::F32)?;
         let (n, _, width) = clip.dims3()?;
         let clip = clip.pad_with_zeros(2, 0, self.joint_dim - width)?;
-        let t5 = Tensor::zeros((n, T5_TOKENS, self.joint_dim), DType::F32, device)?;
+        let t5 = match &self.t5 {
+            Some(t5) => t5.encode(prompts, device)?.to_dtype(DType::F32)?,
+            None => Tensor::zeros((n, T5_TOKENS, self.joint_dim), DType::F32, device)?,
+        };
         let sequence = Tensor::cat(&[&clip, &t5], 1)?;
         let pooled = Tensor::cat(&[&pooled_l, &pooled_g], 1)?.to_dtype(DType::F32)?;
         Ok((sequence, pooled))
