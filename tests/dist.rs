@@ -1,6 +1,7 @@
 //! Data-parallel training under `mpirun` (cargo feature `mpi`; needs Open MPI: `.ci/run`
-//! installs it): two ranks reproduce one process, a killed rank fails the run and its last
-//! checkpoint resumes, and a resume with another rank count is refused.
+//! installs it): two ranks reproduce one process, a reward failing on one rank stops them all in
+//! order, a killed rank fails the run and its last checkpoint resumes, and a resume with another
+//! rank count is refused.
 #![cfg(feature = "mpi")]
 
 mod common;
@@ -129,4 +130,27 @@ fn a_killed_rank_fails_the_run_and_its_checkpoint_resumes() {
     let records = metrics(&run);
     assert_eq!(records.len(), kept + 1, "records after resuming a run killed at {kept}");
     assert_eq!(records.last().unwrap()["epoch"].as_u64().unwrap() as usize, kept);
+}
+
+#[test]
+fn a_reward_failing_on_one_rank_stops_every_rank_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = save_tiny_policy(dir.path());
+    // Throws on one of the two prompts only; with groups of 8 each rank holds one prompt's group,
+    // and at seed 5 the second epoch puts the failing prompt on rank 1 alone.
+    std::fs::write(dir.path().join("reward.rhai"), "fn reward(img, prompt, meta) {\n    if prompt.contains(\"green stars\") { throw \"no stars here\"; }\n    img.mean_rgb()[0]\n}\n").unwrap();
+    let args = [
+        "train", "--model", model.to_str().unwrap(), "--reward", "reward.rhai", "--prompt", "a red circle on a blue background",
+        "--prompt", "two green stars on a white background", "--samples-per-epoch", "16", "--sample-batch-size", "4",
+        "--train-batch-size", "8", "--steps", "3", "--group-size", "8", "--epochs", "2", "--seed", "5", "--run-dir", "run",
+    ];
+    let out = ddpo_command(Some(2)).args(args).current_dir(dir.path()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("rank 1 failed") && stderr.contains("no stars here") && stderr.contains("--resume run"), "{stderr}");
+    assert!(!stderr.contains("MPI_ABORT"), "ranks that stop together need no abort: {stderr}");
+    // Epoch 0 finished and rank 0 checkpointed before stopping.
+    assert_eq!(metrics(&dir.path().join("run")).len(), 1);
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("run/checkpoint/state.json")).unwrap()).unwrap();
+    assert_eq!(state["epoch"], 1, "{state}");
 }

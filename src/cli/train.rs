@@ -368,11 +368,14 @@ impl Args {
 pub fn exec(args: Args) -> anyhow::Result<()> {
     let dist = crate::dist::from_environment()?;
     let result = exec_as(args, dist.clone());
-    if let Err(e) = &result {
-        if dist.size() > 1 && !crate::dist::failed_together(e) {
+    match &result {
+        Err(e) if dist.size() > 1 && !crate::dist::failed_together(e) => {
             eprintln!("error on rank {} of {}: {e:#}", dist.rank(), dist.size());
             dist.abort(1);
         }
+        // Rank 0 says why every rank stopped.
+        Err(_) if !dist.is_root() => anyhow::bail!("rank {} of {} stopped with the others", dist.rank(), dist.size()),
+        _ => {}
     }
     result
 }
@@ -463,7 +466,14 @@ fn run(mut session: Session, quiet: bool) -> anyhow::Result<()> {
 
 /// A failed run's error, with the flag that continues it.
 fn resume_hint(e: anyhow::Error, session: &Session) -> anyhow::Error {
-    anyhow::anyhow!("{e:#}; fix the problem and continue with --resume {}", session.run_dir().display())
+    // The rank-agreement marker survives (see `exec`): ranks that failed together need no abort.
+    let together = crate::dist::failed_together(&e);
+    let hinted = anyhow::anyhow!("{e:#}; fix the problem and continue with --resume {}", session.run_dir().display());
+    if together {
+        hinted.context(crate::dist::StopTogether)
+    } else {
+        hinted
+    }
 }
 
 /// Shows each stage's progress on `bar`.

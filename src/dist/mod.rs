@@ -129,8 +129,20 @@ impl std::error::Error for GroupError {}
 
 /// Whether `e` failed on every rank together (see [`agree`]), so the ranks can stop in order.
 pub fn failed_together(e: &anyhow::Error) -> bool {
-    e.downcast_ref::<GroupError>().is_some() || e.downcast_ref::<Together>().is_some()
+    e.downcast_ref::<GroupError>().is_some() || e.downcast_ref::<Together>().is_some() || e.downcast_ref::<StopTogether>().is_some()
 }
+
+/// Keeps [`failed_together`] true for an error rewritten on its way out (a hint added).
+#[derive(Debug)]
+pub struct StopTogether;
+
+impl std::fmt::Display for StopTogether {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("every rank stopped")
+    }
+}
+
+impl std::error::Error for StopTogether {}
 
 /// Marks a rank's own error that the whole group learned of through [`agree`].
 #[derive(Debug)]
