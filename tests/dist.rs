@@ -154,3 +154,35 @@ fn a_reward_failing_on_one_rank_stops_every_rank_in_order() {
     let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("run/checkpoint/state.json")).unwrap()).unwrap();
     assert_eq!(state["epoch"], 1, "{state}");
 }
+
+#[test]
+fn an_edited_reward_reaches_every_rank_at_the_same_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = save_tiny_policy(dir.path());
+    let script = dir.path().join("reward.rhai");
+    std::fs::write(&script, "fn reward(img, prompt, meta) { 1.0 }\n").unwrap();
+    let args = [
+        "train", "--model", model.to_str().unwrap(), "--reward", "reward.rhai", "--samples-per-epoch", "16", "--sample-batch-size", "4",
+        "--train-batch-size", "8", "--steps", "3", "--epochs", "40", "--run-dir", "run",
+    ];
+    let mut mpirun = ddpo_command(Some(2)).args(args).current_dir(dir.path()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let run = dir.path().join("run");
+    let start = Instant::now();
+    while std::fs::read_to_string(run.join("metrics.jsonl")).map_or(0, |t| t.lines().count()) < 2 {
+        assert!(start.elapsed() < Duration::from_secs(120), "the run never reached epoch 2");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Rank 1 reads nothing from this file: it runs what rank 0 sends at the next boundary.
+    std::fs::write(&script, "fn reward(img, prompt, meta) { 2.0 }\n").unwrap();
+    let status = mpirun.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(mpirun.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(status.success(), "{stderr}");
+    let rewards: Vec<(f64, f64)> = metrics(&run).iter().map(|m| (m["reward_mean"].as_f64().unwrap(), m["reward_std"].as_f64().unwrap())).collect();
+    println!("reward mean per epoch: {:?}", rewards.iter().map(|r| r.0).collect::<Vec<_>>());
+    // Every epoch has one version on both ranks (std 0), and the switch happens once, for good.
+    assert!(rewards.iter().all(|&(mean, std)| std == 0.0 && (mean == 1.0 || mean == 2.0)), "{rewards:?}");
+    let switch = rewards.iter().position(|r| r.0 == 2.0).expect("the edit was never picked up");
+    assert!(switch >= 2 && rewards[switch..].iter().all(|r| r.0 == 2.0), "{rewards:?}");
+    assert!(stderr.contains("reloaded reward.rhai"), "{stderr}");
+}
