@@ -202,10 +202,6 @@ impl Trainer {
         self.dist = dist;
     }
 
-    pub fn collectives(&self) -> &dyn Collectives {
-        self.dist.as_ref()
-    }
-
     /// Reports sampling and training progress to `f` (e.g. to draw progress bars).
     pub fn set_progress(&mut self, f: ProgressFn) {
         self.progress = Some(f);

@@ -129,32 +129,21 @@ impl std::error::Error for GroupError {}
 
 /// Whether `e` failed on every rank together (see [`agree`]), so the ranks can stop in order.
 pub fn failed_together(e: &anyhow::Error) -> bool {
-    e.downcast_ref::<GroupError>().is_some() || e.downcast_ref::<Together>().is_some() || e.downcast_ref::<StopTogether>().is_some()
+    e.downcast_ref::<GroupError>().is_some() || e.downcast_ref::<StopTogether>().is_some()
 }
 
-/// Keeps [`failed_together`] true for an error rewritten on its way out (a hint added).
+/// Marks an error every rank has (a rank's own error the group learned of through [`agree`],
+/// or such an error rewritten on its way out), so that [`failed_together`] stays true.
 #[derive(Debug)]
 pub struct StopTogether;
 
 impl std::fmt::Display for StopTogether {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("every rank stopped")
-    }
-}
-
-impl std::error::Error for StopTogether {}
-
-/// Marks a rank's own error that the whole group learned of through [`agree`].
-#[derive(Debug)]
-struct Together;
-
-impl std::fmt::Display for Together {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("all ranks stop")
     }
 }
 
-impl std::error::Error for Together {}
+impl std::error::Error for StopTogether {}
 
 /// Exchanges each rank's outcome of a local step: when any rank failed, every rank returns an
 /// error (its own, or [`GroupError`] naming the first failed rank and its cause).
@@ -165,7 +154,7 @@ pub fn agree(c: &dyn Collectives, outcome: anyhow::Result<()>) -> anyhow::Result
     let mine = outcome.as_ref().err().map(|e| format!("{e:#}"));
     let all = all_gather_json(c, &mine).context("exchanging the ranks' outcomes")?;
     match outcome {
-        Err(e) => Err(e.context(Together)),
+        Err(e) => Err(e.context(StopTogether)),
         Ok(()) => match all.into_iter().enumerate().find_map(|(rank, e)| e.map(|cause| (rank, cause))) {
             Some((rank, cause)) => Err(GroupError { rank, cause }.into()),
             None => Ok(()),
@@ -216,33 +205,12 @@ pub fn broadcast_json<T: serde::Serialize + serde::de::DeserializeOwned>(c: &dyn
 }
 
 /// Every rank's `value`, in rank order, through JSON.
-pub fn all_gather_json<T: serde::Serialize + serde::de::DeserializeOwned>(c: &dyn Collectives, value: &T) -> anyhow::Result<Vec<T>> {
+pub fn all_gather_json<T: serde::Serialize + serde::de::DeserializeOwned + Clone>(c: &dyn Collectives, value: &T) -> anyhow::Result<Vec<T>> {
+    if c.size() == 1 {
+        return Ok(vec![value.clone()]);
+    }
     c.all_gather(&serde_json::to_vec(value)?)?
         .iter()
         .map(|b| serde_json::from_slice(b).context("a gathered message that does not parse"))
         .collect()
-}
-
-/// Rank 0's weights in `vars` on every rank (after each rank opened the model itself).
-pub fn broadcast_vars(c: &dyn Collectives, vars: &[(String, Var)]) -> anyhow::Result<()> {
-    if c.size() == 1 {
-        return Ok(());
-    }
-    let mut bytes = Vec::new();
-    if c.is_root() {
-        for (_, var) in vars {
-            let values = var.as_tensor().flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
-            bytes.extend(values.iter().flat_map(|v| v.to_le_bytes()));
-        }
-    }
-    c.broadcast(&mut bytes).context("broadcast of the weights")?;
-    let mut at = 0;
-    for (name, var) in vars {
-        let n = var.elem_count();
-        let chunk = bytes.get(at..at + 4 * n).with_context(|| format!("the broadcast weights end before {name}"))?;
-        let values: Vec<f32> = chunk.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-        var.set(&Tensor::from_vec(values, var.shape(), var.device())?.to_dtype(var.dtype())?)?;
-        at += 4 * n;
-    }
-    Ok(())
 }

@@ -37,6 +37,12 @@ impl Mpi {
         Ok(Self { world, _universe: universe })
     }
 
+    /// Element-wise sum over ranks into `values` (MPI needs a separate send buffer).
+    fn sum_in_place<T: mpi::datatype::Equivalence + Clone>(&self, values: &mut [T]) {
+        let send = values.to_vec();
+        self.world.all_reduce_into(&send[..], values, mpi::collective::SystemOperation::sum());
+    }
+
     fn counts(&self, len: usize) -> anyhow::Result<Vec<Count>> {
         let mine = Count::try_from(len).map_err(|_| anyhow::anyhow!("a message of {len} bytes is over MPI's 2 GiB count"))?;
         let mut counts = vec![0 as Count; self.size()];
@@ -71,14 +77,12 @@ impl Collectives for Mpi {
     }
 
     fn all_reduce_sum(&self, values: &mut [f64]) -> anyhow::Result<()> {
-        let send = values.to_vec();
-        self.world.all_reduce_into(&send[..], values, mpi::collective::SystemOperation::sum());
+        self.sum_in_place(values);
         Ok(())
     }
 
     fn all_reduce_sum_f32(&self, values: &mut [f32]) -> anyhow::Result<()> {
-        let send = values.to_vec();
-        self.world.all_reduce_into(&send[..], values, mpi::collective::SystemOperation::sum());
+        self.sum_in_place(values);
         Ok(())
     }
 

@@ -32,7 +32,7 @@ impl Session {
     /// checkpoints it; the others pass `None` and get rank 0's run as a private copy under the
     /// system's temporary folder (removed when the session ends).
     pub fn join(root: Option<Session>, dist: Arc<dyn Collectives>, log: Log, device: &candle_core::Device) -> anyhow::Result<Session> {
-        let session = match root {
+        let mut session = match root {
             Some(session) => {
                 anyhow::ensure!(dist.is_root(), "only rank 0 opens the run folder");
                 session.checkpoint()?;
@@ -57,7 +57,6 @@ impl Session {
                 session
             }
         };
-        let mut session = session;
         session.trainer.set_collectives(dist.clone());
         session.dist = dist;
         Ok(session)

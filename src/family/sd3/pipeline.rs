@@ -92,8 +92,9 @@ fn flow_schedule(folder: &DiffusersFolder) -> anyhow::Result<FlowSchedule> {
     Ok(FlowSchedule { shift, spacing: Spacing::Diffusers { num_train_timesteps: 1000 } })
 }
 
-/// Checks that `dir` holds an SD3 pipeline this loader opens (its configs, not its weights).
-pub fn check_folder(dir: &Path) -> anyhow::Result<()> {
+/// Checks that `dir` holds an SD3 pipeline this loader opens (its configs, not its weights);
+/// says whether it has a T5 encoder.
+pub fn check_folder(dir: &Path) -> anyhow::Result<bool> {
     let folder = DiffusersFolder::open(dir)?;
     let t5 = check_model_index(&folder)?;
     flow_schedule(&folder)?;
@@ -105,7 +106,7 @@ pub fn check_folder(dir: &Path) -> anyhow::Result<()> {
             folder.file(rel)?;
         }
     }
-    Ok(())
+    Ok(t5)
 }
 
 /// What trains when a pipeline is opened.
@@ -147,12 +148,11 @@ impl Sd3Policy {
     /// trains; every file and config field is checked, and errors name them.
     pub fn load(dir: &Path, finetune: Finetune, dtype: DType, device: &Device) -> anyhow::Result<Self> {
         check_dtype(dtype, device)?;
-        check_folder(dir)?;
+        let with_t5 = check_folder(dir)?;
         let folder = DiffusersFolder::open(dir)?;
         let schedule = flow_schedule(&folder)?;
         let (transformer, trainable) = load_transformer(&dir.join(TRANSFORMER_DIR), finetune, dtype, device)?;
         let cfg = &transformer.config;
-        let with_t5 = check_model_index(&folder)?;
         let text = Sd3TextEncoders::load(&folder, with_t5, cfg.joint_attention_dim, cfg.pooled_projection_dim, dtype, device)?;
         let vae = Vae::from_dir_with_dtype(folder.file(VAE_DIR)?, dtype, device)?;
         anyhow::ensure!(

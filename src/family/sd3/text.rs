@@ -89,6 +89,8 @@ pub struct T5Text {
     encoder: std::sync::Mutex<candle_transformers::models::t5::T5EncoderModel>,
     tokenizer: tokenizers::Tokenizer,
     pad_id: u32,
+    /// `d_model`: the width of the states.
+    width: usize,
 }
 
 impl T5Text {
@@ -106,12 +108,7 @@ impl T5Text {
         let tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
             .map_err(|e| anyhow::anyhow!("{}: not a tokenizer.json the tokenizers library reads: {e}", tok_path.display()))?;
         let pad_id = tokenizer.token_to_id("<pad>").unwrap_or(cfg.pad_token_id as u32);
-        Ok(Self { encoder: std::sync::Mutex::new(encoder), tokenizer, pad_id })
-    }
-
-    /// Width of the states (`d_model`).
-    fn width(&self, device: &Device) -> Result<usize> {
-        Ok(self.encode(&[""], device)?.dim(2)?)
+        Ok(Self { encoder: std::sync::Mutex::new(encoder), tokenizer, pad_id, width: cfg.d_model })
     }
 
     /// Token ids of `prompt` with T5's end token, cut or padded to [`T5_TOKENS`].
@@ -168,7 +165,7 @@ impl Sd3TextEncoders {
         );
         let t5 = with_t5.then(|| T5Text::load(folder, dtype, device)).transpose()?;
         if let Some(t5) = &t5 {
-            let width = t5.width(device)?;
+            let width = t5.width;
             anyhow::ensure!(
                 width == joint_dim,
                 "{}: joint_attention_dim {joint_dim} differs from the T5 encoder's d_model {width}; the transformer and text encoders come from different models",
