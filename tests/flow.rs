@@ -160,8 +160,42 @@ fn a_trajectory_recomputes_to_its_own_log_probs() {
             assert!((a - b).abs() < 1e-4, "step {k}: recomputed {a} vs sampled {b}");
         }
     }
-    let bad = policy.check_sampler(&SamplerConfig { eta: 0.0, ..cfg }).unwrap_err().to_string();
+    let bad = policy.check_sampler(&SamplerConfig { eta: -0.1, ..cfg }).unwrap_err().to_string();
     assert!(bad.contains("noise level"), "{bad}");
+}
+
+/// Noise level 0 is the Euler ODE x' = x + (s' - s) v: deterministic whatever the noise, with
+/// log-prob 0. Evaluations default to it on a flow model; training refuses it.
+#[test]
+fn noise_level_zero_integrates_the_ode() {
+    let dev = Device::Cpu;
+    let x = Tensor::from_vec((0..12).map(|i| (i as f32 * 0.37).sin()).collect::<Vec<_>>(), (2, 1, 2, 3), &dev).unwrap();
+    let v = Tensor::from_vec((0..12).map(|i| (i as f32 * 0.91).cos()).collect::<Vec<_>>(), (2, 1, 2, 3), &dev).unwrap();
+    let sig = sigmas(5, 3.0);
+    for k in [0, 2, 4] {
+        let euler = (&x + (&v * (sig[k + 1] - sig[k])).unwrap()).unwrap();
+        for seed in [1, 2] {
+            let noise = NoiseRng::new(seed).randn(x.shape(), &dev).unwrap();
+            let out = sde_step(&x, &v, &sig, k, 0.0, None, Some(&noise)).unwrap();
+            let off = (&out.prev_sample - &euler).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(off < 1e-6, "step {k}: off the Euler step by {off}");
+            assert_eq!(out.log_prob.to_vec1::<f32>().unwrap(), vec![0.0, 0.0]);
+        }
+    }
+
+    let policy = tiny_flow(6);
+    let ode = policy.eval_sampler();
+    assert_eq!(ode.eta, 0.0, "flow models evaluate with the ODE");
+    policy.check_sampler(&ode).unwrap();
+    let prompts = vec!["a red circle on a blue background".to_string()];
+    let traj = sampler::sample(&policy, &prompts, &SamplerConfig { steps: 3, ..ode }, &mut NoiseRng::new(1)).unwrap();
+    for (k, &t) in traj.timesteps.iter().enumerate() {
+        let step = policy.log_prob(&prompts, &traj.latents[k], &traj.latents[k + 1], &[t], &SamplerConfig { steps: 3, ..ode }).unwrap();
+        let off = (&step.mean - &traj.latents[k + 1]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(off < 1e-5, "step {k}: the sample is the step's mean, off by {off}");
+    }
+    let refused = TrainConfig { sampler: ode, ..Default::default() }.validate().unwrap_err().to_string();
+    assert!(refused.contains("must be > 0 to train"), "{refused}");
 }
 
 /// A few AdamW steps of the flow-matching loss on one batch of shapes-world images lower it.

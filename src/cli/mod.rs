@@ -163,9 +163,11 @@ pub struct SamplerArgs {
     /// steps give a less noisy policy gradient and twice the epochs per hour on a CPU).
     #[arg(long)]
     pub steps: Option<usize>,
-    /// DDIM stochasticity (1.0 = DDPM-like, as DDPO uses).
-    #[arg(long, default_value_t = crate::family::SamplerConfig::default().eta)]
-    pub eta: f64,
+    /// DDIM stochasticity (1.0 = DDPM-like, as DDPO uses), or a flow model's SDE noise level
+    /// (0.7 as Flow-GRPO trains; 0 = the ODE). Default 1, except that `sample` and `eval` on a
+    /// flow model integrate its ODE (0), as SD3 and Flow-GRPO evaluate.
+    #[arg(long)]
+    pub eta: Option<f64>,
     /// Classifier-free guidance scale.
     #[arg(long, default_value_t = crate::family::SamplerConfig::default().guidance)]
     pub guidance: f64,
@@ -197,12 +199,15 @@ impl SamplerArgs {
             SdeType::Cps => crate::family::FlowStep::Cps,
         };
         let steps = self.steps.unwrap_or(default_steps);
-        crate::family::SamplerConfig { flow_step, ..crate::family::SamplerConfig::new(steps, self.eta, self.guidance) }
+        let eta = self.eta.unwrap_or(crate::family::SamplerConfig::default().eta);
+        crate::family::SamplerConfig { flow_step, ..crate::family::SamplerConfig::new(steps, eta, self.guidance) }
     }
 
-    /// The sampler settings, validated for `family`.
+    /// The sampler settings for evaluating `family` (its [`Family::eval_sampler`] where a flag
+    /// is left out), validated.
     pub fn config(&self, family: &dyn crate::family::Family) -> anyhow::Result<crate::family::SamplerConfig> {
-        let cfg = self.settings(crate::family::SamplerConfig::default().steps);
+        let defaults = family.eval_sampler();
+        let cfg = crate::family::SamplerConfig { eta: self.eta.unwrap_or(defaults.eta), ..self.settings(defaults.steps) };
         family.check_sampler(&cfg).map_err(flag_error)?;
         Ok(cfg)
     }

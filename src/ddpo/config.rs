@@ -126,6 +126,8 @@ impl TrainConfig {
         at_least_one(c.sample_batch_size, "sample_batch_size")?;
         at_least_one(c.train_batch_size, "train_batch_size")?;
         at_least_one(c.inner_epochs, "inner_epochs")?;
+        // Families accept eta 0 for evaluation (a deterministic step); a policy gradient needs noise.
+        ensure(c.sampler.eta > 0.0, "sampler.eta", || format!("must be > 0 to train: a deterministic sampler has no log-probs, got {}", c.sampler.eta))?;
         at_least_one(c.grad_accum, "grad_accum")?;
         at_least_one(c.reward_workers, "reward_workers")?;
         ensure(c.train_batch_size <= c.samples_per_epoch, "train_batch_size", || {

@@ -92,6 +92,13 @@ pub trait Family: Send + Sync {
     /// Checks sampler settings against the family (number of steps, eta, guidance).
     fn check_sampler(&self, cfg: &SamplerConfig) -> anyhow::Result<()>;
 
+    /// The sampler evaluations use unless told otherwise (`ddpo eval` and `sample`, the gold
+    /// monitor): DDIM families sample as DDPO trains them (eta 1); flow families override it with
+    /// the deterministic ODE, as SD3's pipeline and Flow-GRPO's evaluation sample.
+    fn eval_sampler(&self) -> SamplerConfig {
+        SamplerConfig::default()
+    }
+
     /// The step labels of a `steps`-step trajectory, noisiest first (training timesteps).
     fn timesteps(&self, steps: usize) -> Vec<usize>;
 

@@ -136,12 +136,18 @@ impl FlowSchedule {
     /// See [`Family::check_sampler`].
     pub fn check_sampler(&self, cfg: &SamplerConfig) -> anyhow::Result<()> {
         ensure((1..=1000).contains(&cfg.steps), "sampler.steps", || format!("must be between 1 and 1000, got {}", cfg.steps))?;
-        ensure(cfg.eta > 0.0 && cfg.eta.is_finite(), "sampler.eta", || format!("is the flow SDE's noise level: must be > 0 for a stochastic policy with log-probs, got {}", cfg.eta))?;
+        // 0 is the Euler ODE step: deterministic, for evaluation (training refuses it).
+        ensure(cfg.eta >= 0.0 && cfg.eta.is_finite(), "sampler.eta", || format!("is the flow SDE's noise level: must be >= 0 (0: the deterministic ODE), got {}", cfg.eta))?;
         ensure(cfg.flow_step != FlowStep::Cps || cfg.eta <= 1.0, "sampler.eta", || format!("is the CPS step's noise level a, std = s' sin(a pi / 2): must be at most 1, got {}", cfg.eta))?;
         ensure(cfg.guidance.is_finite() && cfg.guidance >= 0.0, "sampler.guidance", || format!("must be a finite number >= 0, got {}", cfg.guidance))?;
         let l = self.timesteps(cfg.steps);
         ensure(l.windows(2).all(|w| w[0] > w[1]), "sampler.steps", || format!("{} steps put two steps on one timestep of 1000 at shift {}: use fewer", cfg.steps, self.shift))?;
         Ok(())
+    }
+
+    /// See [`Family::eval_sampler`]: the default's steps and guidance, noise level 0 (the ODE).
+    pub fn eval_sampler() -> SamplerConfig {
+        SamplerConfig { eta: 0.0, ..SamplerConfig::default() }
     }
 
     /// See [`Family::timesteps`].
@@ -264,6 +270,10 @@ impl Family for FlowPolicy {
 
     fn check_sampler(&self, cfg: &SamplerConfig) -> anyhow::Result<()> {
         self.schedule().check_sampler(cfg)
+    }
+
+    fn eval_sampler(&self) -> SamplerConfig {
+        FlowSchedule::eval_sampler()
     }
 
     fn timesteps(&self, steps: usize) -> Vec<usize> {

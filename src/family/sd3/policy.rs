@@ -92,6 +92,10 @@ impl Family for Sd3Policy {
         self.schedule.check_sampler(cfg)
     }
 
+    fn eval_sampler(&self) -> SamplerConfig {
+        FlowSchedule::eval_sampler()
+    }
+
     fn timesteps(&self, steps: usize) -> Vec<usize> {
         self.schedule.timesteps(steps)
     }
