@@ -207,6 +207,12 @@ fn train_evaluates_a_gold_score_and_keeps_the_best() {
         assert!(r["eval/diversity"].as_f64().unwrap() > 0.0, "{r}");
     }
     assert!(stderr.contains("is the best so far") && run.join("best/policy.safetensors").exists(), "{stderr}");
+    // The baseline: the same evaluation of the model before its first update, once.
+    let base: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("gold-base.json")).unwrap()).unwrap();
+    assert!((0.0..=1.0).contains(&base["eval/gold"].as_f64().unwrap()) && base["eval/diversity"].as_f64().unwrap() > 0.0, "{base}");
+    assert_eq!(stderr.matches("gold before training").count(), 1, "{stderr}");
+    let (ok, stderr) = ddpo(&["train", "--resume", run.to_str().unwrap(), "--epochs", "3"]);
+    assert!(ok && !stderr.contains("gold before training"), "evaluated once per run: {stderr}");
     fails_with(&["train", "--run-dir", dir.path().join("r2").to_str().unwrap(), "--eval-every", "1", "--eval-per-prompt", "1"], "--eval-per-prompt must be at least 2");
 }
 
@@ -231,6 +237,9 @@ fn a_gold_reward_script_replaces_the_suite_score() {
     assert!(records[0].get("eval/gold").is_none(), "no evaluation after epoch 0 with --eval-every 2");
     let (gold_value, reward) = (records[1]["eval/gold"].as_f64().unwrap(), records[1]["eval/reward"].as_f64().unwrap());
     assert!(gold_value == reward && (10.0..=11.0).contains(&reward), "{}", records[1]);
+    // The epoch line says what the evaluation found, only where there was one.
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("epoch")).collect();
+    assert!(!lines[0].contains("| gold") && lines[1].contains(&format!("| gold {gold_value:.3} diversity")), "{stderr}");
     assert!(records[1]["eval/suite_strict"].is_number());
     let plot = image::open(run.join("reward.png")).unwrap();
     assert_eq!(plot.height(), 3 * 260, "reward, gold reward and evaluation panels");

@@ -528,8 +528,15 @@ impl Observer for EpochLines<'_> {
             range += &format!("  kl_base {:.1e}", r.kl_base);
         }
         let hashes: String = e.scripts.iter().map(|(name, h)| format!("  {name}@{}", &h[..8])).collect();
+        // An epoch that ends with a gold evaluation says what it found.
+        let gold = e.metric("eval/gold");
+        let gold = if gold.is_finite() {
+            format!("  | gold {gold:.3} diversity {:.3} out {:.0}%", e.metric("eval/diversity"), 100.0 * e.metric("eval/out_of_range"))
+        } else {
+            String::new()
+        };
         super::say(self.bar, format!(
-            "epoch {:>3}  reward {:+.4} ± {:.4}  loss {:+.2e}  kl {:.1e}  clip {:.2}{range}  sample {:.1}s reward {:.2}s train {:.1}s{hashes}",
+            "epoch {:>3}  reward {:+.4} ± {:.4}  loss {:+.2e}  kl {:.1e}  clip {:.2}{range}  sample {:.1}s reward {:.2}s train {:.1}s{hashes}{gold}",
             r.epoch,
             e.metric("reward_mean"),
             e.metric("reward_std"),

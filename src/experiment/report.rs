@@ -18,6 +18,8 @@ struct Finished {
     spec: RunSpec,
     records: Vec<serde_json::Value>,
     result: RunResult,
+    /// The gold score before the first update (runs made before it was kept have none).
+    base_gold: Option<f64>,
 }
 
 impl Finished {
@@ -84,7 +86,11 @@ pub fn report(exp: &Experiment) -> anyhow::Result<Report> {
         let dir = exp.run_dir(spec);
         let text = std::fs::read_to_string(dir.join(RESULT_FILE))?;
         let result: RunResult = serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}/{RESULT_FILE} is corrupt: {e}", dir.display()))?;
-        finished.push(Finished { spec: spec.clone(), records: crate::run::read_records(&dir), result });
+        let base_gold = std::fs::read_to_string(dir.join(crate::session::GOLD_BASE_FILE))
+            .ok()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .and_then(|v| v["eval/gold"].as_f64());
+        finished.push(Finished { spec: spec.clone(), records: crate::run::read_records(&dir), result, base_gold });
     }
     let mut groups: Vec<(String, Group)> = Vec::new();
     for spec in &specs {
@@ -104,8 +110,8 @@ fn markdown(exp: &Experiment, groups: &[(String, Group)], done: usize, total: us
     let shared: Vec<String> = spec.shared.iter().map(|(o, v)| format!("`--{o} {v}`")).collect();
     let seeds: Vec<String> = spec.seeds.iter().map(u64::to_string).collect();
     let _ = writeln!(out, "From `{}`. Shared options: {}. Seeds: {}. Finished runs: {done} of {total}.\n", spec.file.display(), if shared.is_empty() { "none".into() } else { shared.join(" ") }, seeds.join(", "));
-    let _ = writeln!(out, "Mean ± sample standard deviation over the finished seeds of each row. *final reward*: the last epoch's mean training reward; *change*: from epoch 0 to the last; *paired change*: the finetuned model minus the base model on the same prompts and noise, by the training reward; *gold*: the last gold evaluation (`--eval-every`); *out of range*: the last epoch's final samples outside [-1, 1].\n");
-    let header: Vec<String> = axes.iter().map(|a| a.to_string()).chain(["seeds", "final reward", "change", "paired change", "gold", "out of range"].map(String::from)).collect();
+    let _ = writeln!(out, "Mean ± sample standard deviation over the finished seeds of each row. *final reward*: the last epoch's mean training reward; *change*: from epoch 0 to the last; *paired change*: the finetuned model minus the base model on the same prompts and noise, by the training reward; *gold*: the last gold evaluation (`--eval-every`), and the same evaluation of the model before training; *out of range*: the last epoch's final samples outside [-1, 1].\n");
+    let header: Vec<String> = axes.iter().map(|a| a.to_string()).chain(["seeds", "final reward", "change", "paired change", "gold", "gold before", "out of range"].map(String::from)).collect();
     let _ = writeln!(out, "| {} |", header.join(" | "));
     let _ = writeln!(out, "|{}", header.iter().enumerate().map(|(i, _)| if i < axes.len() { "---|" } else { "---:|" }).collect::<String>());
     let signed = |v: f64| format!("{v:+.4}");
@@ -119,6 +125,7 @@ fn markdown(exp: &Experiment, groups: &[(String, Group)], done: usize, total: us
             mean_std(&collect(&|r| Some(r.metric(last_epoch(r)?, "reward_mean")? - r.metric(0, "reward_mean")?)), signed),
             mean_std(&collect(&|r| r.result.paired.map(|p| p.change())), signed),
             mean_std(&collect(&|r| r.last("eval/gold")), |v| format!("{v:.3}")),
+            mean_std(&collect(&|r| r.base_gold), |v| format!("{v:.3}")),
             mean_std(&collect(&|r| last_epoch(r).and_then(|e| r.metric(e, "out_of_range")).filter(|v| v.is_finite())), |v| format!("{:.1}%", 100.0 * v)),
         ];
         let row: Vec<String> = axes.iter().map(|a| format!("`{}`", first.spec.label(a))).chain(cells).collect();

@@ -3,9 +3,13 @@
 
 use crate::ddpo::monitor::{Evaluation, HackMonitor, Verdict};
 use crate::eval::gold::{evaluate, GoldConfig, GoldReport};
-use crate::family::{Family, SamplerConfig};
+use crate::family::Family;
 use crate::script::ScriptReward;
 use crate::world::suite::SuitePrompt;
+
+/// The run folder's file with the gold evaluation of the model before its first update: the
+/// baseline the later evaluations are read against.
+pub const BASE_FILE: &str = "gold-base.json";
 
 /// The noise seed of every gold evaluation: the same starting noise each time, so the score
 /// moves only with the model.
@@ -42,7 +46,7 @@ impl GoldWatch {
 
     pub fn evaluate(&self, family: &dyn Family) -> anyhow::Result<GoldReport> {
         let reward = self.reward.as_ref().map(|r| r as &dyn crate::reward::Reward);
-        evaluate(family, &self.prompts, self.config.per_prompt, &SamplerConfig::default(), SEED, reward)
+        evaluate(family, &self.prompts, self.config.per_prompt, &family.eval_sampler(), SEED, reward)
     }
 
     /// The monitor's verdict on an evaluation after the epoch whose mean reward is `reward`.

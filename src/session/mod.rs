@@ -6,6 +6,7 @@
 
 mod dist;
 mod gold;
+pub use gold::BASE_FILE as GOLD_BASE_FILE;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -152,6 +153,22 @@ impl Session {
         Ok(Self { run, config, trainer, script_reward, scripts, hooks, on_script_error: OnScriptError::Wait, resume_note: None, gold, dist, scratch: None })
     }
 
+    /// A new run's gold score before its first update ([`gold::BASE_FILE`]), once: every later
+    /// evaluation is read against it. Rank 0 alone, as every gold evaluation.
+    fn evaluate_base(&self, observer: &mut dyn Observer) -> anyhow::Result<()> {
+        let file = self.run.dir.join(gold::BASE_FILE);
+        let Some(watch) = self.gold.as_ref().filter(|_| self.trainer.epoch() == 0 && !file.exists()) else { return Ok(()) };
+        let report = watch.evaluate(self.trainer.policy())?;
+        crate::io::write_atomic(&file, serde_json::to_string_pretty(&gold::record_fields(&report))?.as_bytes())?;
+        observer.line(&format!(
+            "gold before training {:.3} diversity {:.3} out {:.0}%",
+            report.gold(),
+            report.diversity,
+            100.0 * report.out_of_range
+        ));
+        Ok(())
+    }
+
     /// Chooses what a script failing mid-epoch does (default: wait for a fix).
     pub fn on_script_error(mut self, policy: OnScriptError) -> Self {
         self.on_script_error = policy;
@@ -225,6 +242,7 @@ impl Session {
     /// polled between epochs.
     pub fn train(&mut self, until: usize, observer: &mut dyn Observer, stop: &AtomicBool) -> anyhow::Result<Ended> {
         self.hooks.epochs = until;
+        self.evaluate_base(observer)?;
         while self.trainer.epoch() < until {
             self.boundary(observer)?;
             let context = self.script_context(self.trainer.epoch());
