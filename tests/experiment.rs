@@ -35,7 +35,8 @@ e.seeds([4]);
 e.paired_eval(2, 2);
 e
 "#,
-        model.display()
+        // relative to the script's folder, as a shared experiment names its model
+        model.file_name().unwrap().to_string_lossy()
     );
     let path = dir.join("tiny.rhai");
     std::fs::write(&path, script).unwrap();
@@ -101,6 +102,7 @@ fn bad_experiments_fail_at_load_with_file_line_col() {
     fails("e.vary(\"algo\", []);", "bad.rhai:2:");
     fails("e.vary(\"algo\", []);", "the axis algo has no values");
     fails("e.vary(\"reward\", [\"compressibility\", \"missing.rhai\"]);", "no such script");
+    fails("e.set(\"model\", \"missing.safetensors\");", "no such model");
     fails("e.vary(\"algo\", [\"is\", \"ppo\"]);", "invalid value 'ppo'");
     fails("e.set(\"run-dir\", \"x\");", "run-dir is set by the experiment");
     fails("e.set(\"same-noise\", 3);", "is a switch");

@@ -264,3 +264,14 @@ fn a_run_grows_a_model_by_attention_blocks_that_start_as_the_identity() {
     let err = format!("{:#}", Pretrainer::create(shrunk, &dir.path().join("shrunk"), &Device::Cpu).err().unwrap());
     assert!(err.contains("attentions") && err.contains("lacks"), "{err}");
 }
+
+/// A flow model always predicts its velocity: the flags refuse a prediction type beside it.
+#[test]
+fn a_flow_model_refuses_a_prediction_type() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ddpo"))
+        .args(["pretrain", "diffusion", "--flow-shift", "3", "--prediction", "v", "--out", "/nonexistent/never-made"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("--prediction") && stderr.contains("--flow-shift"), "{stderr}");
+}

@@ -49,8 +49,9 @@ pub struct DiffusionArgs {
     #[arg(long, value_name = "SHIFT")]
     flow_shift: Option<f64>,
     /// What the UNet predicts: `epsilon` (the noise, as v1) or `v` (v-prediction, as Stable
-    /// Diffusion 2: the estimate of x0 stays bounded at high noise, so unclamped samples stay in range).
-    #[arg(long, value_enum)]
+    /// Diffusion 2: the estimate of x0 stays bounded at high noise, so unclamped samples stay in
+    /// range). Not with --flow-shift: a flow model predicts its velocity.
+    #[arg(long, value_enum, conflicts_with = "flow_shift")]
     prediction: Option<Prediction>,
     /// Start from this model's weights instead of random ones, e.g. models/shapes-unet.safetensors
     /// to retrain the shipped model for v-prediction. The model may lack some of --arch's

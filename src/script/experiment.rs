@@ -145,7 +145,8 @@ fn fail<T>(message: String) -> Fallible<T> {
 }
 
 impl Builder {
-    /// A script value as the option's text; `.rhai` paths resolved against the script's folder.
+    /// A script value as the option's text; paths of scripts and models (`.rhai`,
+    /// `.safetensors`) resolved against the script's folder, so an experiment runs from anywhere.
     fn value_text(&self, option: &str, value: &Dynamic) -> Fallible<String> {
         let text = if let Some(b) = value.clone().try_cast::<bool>() {
             b.to_string()
@@ -154,13 +155,15 @@ impl Builder {
         } else {
             return fail(format!("{option}: {value} ({}) is not a number, string or bool", value.type_name()));
         };
-        if !text.ends_with(".rhai") {
-            return Ok(text);
-        }
+        let kind = match () {
+            _ if text.ends_with(".rhai") => "script",
+            _ if text.ends_with(".safetensors") => "model",
+            _ => return Ok(text),
+        };
         let path = self.root.join(&text);
         match std::fs::canonicalize(&path) {
             Ok(p) => Ok(p.display().to_string()),
-            Err(_) => fail(format!("{option}: no such script {} (paths are relative to the experiment's folder)", path.display())),
+            Err(_) => fail(format!("{option}: no such {kind} {} (paths are relative to the experiment's folder)", path.display())),
         }
     }
 
