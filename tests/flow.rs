@@ -198,6 +198,38 @@ fn noise_level_zero_integrates_the_ode() {
     assert!(refused.contains("must be > 0 to train"), "{refused}");
 }
 
+/// Flow-GRPO-Fast's SDE window: steps 1..3 of 5 are stochastic, the others ODE steps with
+/// log-prob 0; the trainer trains exactly the window, and the trajectory recomputes on policy.
+/// DDIM families refuse the window (their eta-0 step has no log-prob).
+#[test]
+fn an_sde_window_samples_the_ode_elsewhere_and_trains_only_the_window() {
+    let policy = tiny_flow(7);
+    let cfg = SamplerConfig { sde_window: Some((1, 3)), ..SamplerConfig::new(5, 0.7, 2.0) };
+    policy.check_sampler(&cfg).unwrap();
+    let prompts = vec!["a red circle on a blue background".to_string(), "two green squares on a black background".to_string()];
+    let traj = sampler::sample(&policy, &prompts, &cfg, &mut NoiseRng::new(5)).unwrap();
+    let lp = traj.log_probs.to_vec2::<f32>().unwrap();
+    for row in &lp {
+        for (k, &l) in row.iter().enumerate() {
+            assert_eq!(l == 0.0, !(1..3).contains(&k), "step {k}: log-prob {l}");
+        }
+    }
+    for (k, &t) in traj.timesteps.iter().enumerate() {
+        let step = policy.log_prob(&prompts, &traj.latents[k], &traj.latents[k + 1], &[t, t], &cfg).unwrap();
+        let new = step.log_prob.to_vec1::<f32>().unwrap();
+        for (b, row) in lp.iter().enumerate() {
+            assert!((new[b] - row[k]).abs() < 1e-4, "step {k}: recomputed {} vs sampled {}", new[b], row[k]);
+        }
+    }
+    let train = TrainConfig { sampler: cfg, min_train_sigma: 0.0, ..Default::default() };
+    assert_eq!(train.trained_steps(&policy).unwrap(), vec![1, 2]);
+    let bad = policy.check_sampler(&SamplerConfig { sde_window: Some((3, 6)), ..cfg }).unwrap_err().to_string();
+    assert!(bad.contains("not a window of the 5 sampling steps"), "{bad}");
+    let ddim = common::fixtures::tiny_family(0);
+    let refused = ddim.check_sampler(&SamplerConfig { sde_window: Some((1, 3)), ..SamplerConfig::new(5, 1.0, 2.0) }).unwrap_err().to_string();
+    assert!(refused.contains("for flow models"), "{refused}");
+}
+
 /// A few AdamW steps of the flow-matching loss on one batch of shapes-world images lower it.
 #[test]
 fn the_flow_matching_loss_learns() {

@@ -147,6 +147,10 @@ pub struct Args {
     /// Train only sampling steps FROM..TO (0 = the noisiest; TO excluded), as Flow-GRPO-Fast.
     #[arg(help_heading = "Algorithm", long, value_name = "FROM..TO", value_parser = parse_window)]
     train_timesteps: Option<(usize, usize)>,
+    /// Flow models: sample steps FROM..TO with the SDE and every other step with the ODE
+    /// (Flow-GRPO-Fast), so only the window is stochastic and trained.
+    #[arg(help_heading = "Algorithm", long, value_name = "FROM..TO", value_parser = parse_window)]
+    sde_window: Option<(usize, usize)>,
     /// Recompute training log-probs under this guidance while sampling keeps --guidance: 1 is
     /// CFG-free training (one conditional pass per step, half the training compute; RL as
     /// guidance distillation). Default: the sampler's guidance.
@@ -318,7 +322,7 @@ impl Args {
             train_timesteps: self.train_timesteps,
             train_guidance: self.train_guidance,
             optimizer: AdamWConfig { lr: self.lr, warmup_steps: self.warmup_steps, ..Default::default() },
-            sampler: self.sampler.settings(defaults().sampler.steps),
+            sampler: crate::family::SamplerConfig { sde_window: self.sde_window, ..self.sampler.settings(defaults().sampler.steps) },
             seed: self.seed,
             reward_workers: self.reward_workers,
             train_text_encoder: self.train_text_encoder,

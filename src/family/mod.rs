@@ -38,12 +38,25 @@ pub struct SamplerConfig {
     /// The flow family's kind of stochastic step; the DDPM families accept only the default.
     #[serde(default)]
     pub flow_step: FlowStep,
+    /// Steps FROM..TO (0 = the noisiest) sample at noise level `eta`, every other step
+    /// deterministically (Flow-GRPO-Fast's SDE window, ODE elsewhere): a group's samples then
+    /// differ only by what the window decided. `None`: every step at `eta`.
+    #[serde(default)]
+    pub sde_window: Option<(usize, usize)>,
 }
 
 impl SamplerConfig {
     /// `steps` steps at noise level `eta` and guidance `guidance`, with the default step kind.
     pub const fn new(steps: usize, eta: f64, guidance: f64) -> Self {
-        Self { steps, eta, guidance, flow_step: FlowStep::Sde }
+        Self { steps, eta, guidance, flow_step: FlowStep::Sde, sde_window: None }
+    }
+
+    /// The noise level of step `k`: `eta` inside the SDE window, 0 outside it.
+    pub fn noise_level(&self, k: usize) -> f64 {
+        match self.sde_window {
+            Some((from, to)) if !(from..to).contains(&k) => 0.0,
+            _ => self.eta,
+        }
     }
 }
 

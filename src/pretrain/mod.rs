@@ -333,7 +333,7 @@ impl Pretrainer {
         if let Some(folder) = path.parent() {
             std::fs::create_dir_all(folder).with_context(|| format!("cannot create {}", folder.display()))?;
         }
-        crate::sampler::write_sample_grid(family, &eval::grid_prompts(&self.world), &Default::default(), self.config.seed, path)
+        crate::sampler::write_sample_grid(family, &eval::grid_prompts(&self.world), &family.eval_sampler(), self.config.seed, path)
     }
 }
 

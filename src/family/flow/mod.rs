@@ -139,6 +139,9 @@ impl FlowSchedule {
         // 0 is the Euler ODE step: deterministic, for evaluation (training refuses it).
         ensure(cfg.eta >= 0.0 && cfg.eta.is_finite(), "sampler.eta", || format!("is the flow SDE's noise level: must be >= 0 (0: the deterministic ODE), got {}", cfg.eta))?;
         ensure(cfg.flow_step != FlowStep::Cps || cfg.eta <= 1.0, "sampler.eta", || format!("is the CPS step's noise level a, std = s' sin(a pi / 2): must be at most 1, got {}", cfg.eta))?;
+        if let Some((from, to)) = cfg.sde_window {
+            ensure(from < to && to <= cfg.steps, "sampler.sde_window", || format!("{from}..{to} is not a window of the {} sampling steps (from < to <= steps)", cfg.steps))?;
+        }
         ensure(cfg.guidance.is_finite() && cfg.guidance >= 0.0, "sampler.guidance", || format!("must be a finite number >= 0, got {}", cfg.guidance))?;
         let l = self.timesteps(cfg.steps);
         ensure(l.windows(2).all(|w| w[0] > w[1]), "sampler.steps", || format!("{} steps put two steps on one timestep of 1000 at shift {}: use fewer", cfg.steps, self.shift))?;
@@ -158,7 +161,7 @@ impl FlowSchedule {
     /// See [`Family::step_sigma`].
     pub fn step_sigma(&self, label: usize, cfg: &SamplerConfig) -> f64 {
         let (_, std) = step_kind(cfg);
-        self.index(label, cfg.steps).map_or(0.0, |k| std(&self.sigmas(cfg.steps), k, cfg.eta))
+        self.index(label, cfg.steps).map_or(0.0, |k| std(&self.sigmas(cfg.steps), k, cfg.noise_level(k)))
     }
 
     /// The index in the `steps`-step schedule of the step labelled `label`.
@@ -188,7 +191,7 @@ impl FlowSchedule {
 
     /// The sampling step from `x` (velocity `v`) at step `k` with standard-normal `noise`.
     pub fn step(&self, x: &Tensor, v: &Tensor, k: usize, cfg: &SamplerConfig, noise: &Tensor) -> Result<StepOutput> {
-        flow_step(cfg)(x, v, &self.sigmas(cfg.steps), k, cfg.eta, None, Some(noise))
+        flow_step(cfg)(x, v, &self.sigmas(cfg.steps), k, cfg.noise_level(k), None, Some(noise))
     }
 
     /// The stored transitions `x -> x_prev` recomputed with velocities `v`, one step per row at
@@ -198,7 +201,7 @@ impl FlowSchedule {
         let mut parts = Vec::with_capacity(ks.len());
         for (i, &k) in ks.iter().enumerate() {
             let row = |t: &Tensor| t.narrow(0, i, 1);
-            parts.push(flow_step(cfg)(&row(x)?, &row(v)?, &sigmas, k, cfg.eta, Some(&row(x_prev)?), None)?);
+            parts.push(flow_step(cfg)(&row(x)?, &row(v)?, &sigmas, k, cfg.noise_level(k), Some(&row(x_prev)?), None)?);
         }
         let cat = |f: fn(&StepOutput) -> &Tensor| Tensor::cat(&parts.iter().map(f).collect::<Vec<_>>(), 0);
         Ok(StepOutput {
