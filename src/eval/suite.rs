@@ -171,7 +171,7 @@ impl SuiteReport {
     pub fn markdown(&self) -> String {
         let half = self.half.map_or("all prompts".to_string(), |h| format!("the {} half", h.name()));
         let mut out = format!(
-            "Suite {} ({half}, {} prompts x {} samples, seed {}; DDIM {} steps, eta {}, guidance {})\n\n",
+            "Suite {} ({half}, {} prompts x {} samples, seed {}; {} sampling steps, eta {} (a flow model: its noise level, 0 = the ODE), guidance {})\n\n",
             self.suite, self.prompts, self.per_prompt, self.seed, self.steps, self.eta, self.guidance
         );
         out.push_str("| category | prompts | images | strict | partial |\n|---|---:|---:|---:|---:|\n");
