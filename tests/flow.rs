@@ -142,7 +142,7 @@ fn a_cps_trajectory_recomputes_to_its_own_log_probs_and_trains_without_its_last_
     // The DDPM families have one kind of step and say so.
     let ddpm = ddpo::family::PixelPolicy(Policy::new_random(PolicyConfig::tiny_test(), 1, &Device::Cpu).unwrap());
     let err = ddpm.check_sampler(&cfg).unwrap_err().to_string();
-    assert!(err.contains("sde-type"), "{err}");
+    assert!(err.contains("flow_step") && err.contains("steps with DDIM"), "{err}");
 }
 
 #[test]

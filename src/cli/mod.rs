@@ -256,6 +256,7 @@ fn flag_for(field: &str) -> String {
         "eval.per_prompt" => "--eval-per-prompt".into(),
         "eval.patience" => "--hack-patience".into(),
         "vlm_url" => "--vlm".into(),
+        "sampler.flow_step" => "--sde-type".into(),
         field => format!("--{}", field.trim_start_matches("sampler.").replace('_', "-")),
     }
 }

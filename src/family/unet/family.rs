@@ -37,8 +37,8 @@ impl<T: UNetFamily> Family for T {
         ensure((1..=max).contains(&cfg.steps), "sampler.steps", || format!("must be between 1 and {max}, got {}", cfg.steps))?;
         ensure(cfg.eta > 0.0 && cfg.eta.is_finite(), "sampler.eta", || format!("must be > 0 for a stochastic policy with log-probs, got {}", cfg.eta))?;
         ensure(cfg.guidance.is_finite() && cfg.guidance >= 0.0, "sampler.guidance", || format!("must be a finite number >= 0, got {}", cfg.guidance))?;
-        ensure(cfg.flow_step == FlowStep::Sde, "sampler.flow_step", || "(--sde-type) chooses a flow model's step; this model steps with DDIM".into())?;
-        ensure(cfg.sde_window.is_none(), "sampler.sde_window", || "(--sde-window) is for flow models: a DDIM step at eta 0 has no log-prob, so this model samples every step at --eta".into())?;
+        ensure(cfg.flow_step == FlowStep::Sde, "sampler.flow_step", || "chooses a flow model's step; this model steps with DDIM".into())?;
+        ensure(cfg.sde_window.is_none(), "sampler.sde_window", || "is for flow models: a DDIM step at eta 0 has no log-prob, so this model samples every step at --eta".into())?;
         Ok(())
     }
 
