@@ -535,7 +535,9 @@ impl Observer for EpochLines<'_> {
         // An epoch that ends with a gold evaluation says what it found.
         let gold = e.metric("eval/gold");
         let gold = if gold.is_finite() {
-            format!("  | gold {gold:.3} diversity {:.3} out {:.0}%", e.metric("eval/diversity"), 100.0 * e.metric("eval/out_of_range"))
+            let out = e.metric("eval/out_of_range");
+            let range = if out.is_finite() { format!(" out {:.0}%", 100.0 * out) } else { String::new() };
+            format!("  | gold {gold:.3} diversity {:.3}{range}", e.metric("eval/diversity"))
         } else {
             String::new()
         };

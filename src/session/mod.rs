@@ -160,12 +160,9 @@ impl Session {
         let Some(watch) = self.gold.as_ref().filter(|_| self.trainer.epoch() == 0 && !file.exists()) else { return Ok(()) };
         let report = watch.evaluate(self.trainer.policy())?;
         crate::io::write_atomic(&file, serde_json::to_string_pretty(&gold::record_fields(&report))?.as_bytes())?;
-        observer.line(&format!(
-            "gold before training {:.3} diversity {:.3} out {:.0}%",
-            report.gold(),
-            report.diversity,
-            100.0 * report.out_of_range
-        ));
+        // Latent families have no pixel range (NaN).
+        let range = if report.out_of_range.is_finite() { format!(" out {:.0}%", 100.0 * report.out_of_range) } else { String::new() };
+        observer.line(&format!("gold before training {:.3} diversity {:.3}{range}", report.gold(), report.diversity));
         Ok(())
     }
 
