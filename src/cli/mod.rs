@@ -192,22 +192,21 @@ pub enum SdeType {
 }
 
 impl SamplerArgs {
-    /// The sampler settings, `default_steps` where --steps is left out (not yet validated).
-    pub fn settings(&self, default_steps: usize) -> crate::family::SamplerConfig {
+    /// The sampler settings, `defaults`' steps and eta where --steps and --eta are left out (not
+    /// yet validated).
+    pub fn settings(&self, defaults: &crate::family::SamplerConfig) -> crate::family::SamplerConfig {
         let flow_step = match self.sde_type {
             SdeType::Sde => crate::family::FlowStep::Sde,
             SdeType::Cps => crate::family::FlowStep::Cps,
         };
-        let steps = self.steps.unwrap_or(default_steps);
-        let eta = self.eta.unwrap_or(crate::family::SamplerConfig::default().eta);
+        let (steps, eta) = (self.steps.unwrap_or(defaults.steps), self.eta.unwrap_or(defaults.eta));
         crate::family::SamplerConfig { flow_step, ..crate::family::SamplerConfig::new(steps, eta, self.guidance) }
     }
 
     /// The sampler settings for evaluating `family` (its [`Family::eval_sampler`] where a flag
     /// is left out), validated.
     pub fn config(&self, family: &dyn crate::family::Family) -> anyhow::Result<crate::family::SamplerConfig> {
-        let defaults = family.eval_sampler();
-        let cfg = crate::family::SamplerConfig { eta: self.eta.unwrap_or(defaults.eta), ..self.settings(defaults.steps) };
+        let cfg = self.settings(&family.eval_sampler());
         family.check_sampler(&cfg).map_err(flag_error)?;
         Ok(cfg)
     }

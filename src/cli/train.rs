@@ -322,7 +322,7 @@ impl Args {
             train_timesteps: self.train_timesteps,
             train_guidance: self.train_guidance,
             optimizer: AdamWConfig { lr: self.lr, warmup_steps: self.warmup_steps, ..Default::default() },
-            sampler: crate::family::SamplerConfig { sde_window: self.sde_window, ..self.sampler.settings(defaults().sampler.steps) },
+            sampler: crate::family::SamplerConfig { sde_window: self.sde_window, ..self.sampler.settings(&defaults().sampler) },
             seed: self.seed,
             reward_workers: self.reward_workers,
             train_text_encoder: self.train_text_encoder,
@@ -535,9 +535,7 @@ impl Observer for EpochLines<'_> {
         // An epoch that ends with a gold evaluation says what it found.
         let gold = e.metric("eval/gold");
         let gold = if gold.is_finite() {
-            let out = e.metric("eval/out_of_range");
-            let range = if out.is_finite() { format!(" out {:.0}%", 100.0 * out) } else { String::new() };
-            format!("  | gold {gold:.3} diversity {:.3}{range}", e.metric("eval/diversity"))
+            format!("  | gold {}", crate::session::gold_summary(gold, e.metric("eval/diversity"), e.metric("eval/out_of_range")))
         } else {
             String::new()
         };

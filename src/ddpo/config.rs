@@ -175,10 +175,8 @@ impl TrainConfig {
         ensure(!matches!(c.normalisation, Normalisation::Group { .. }) || c.group_size > 1, "group_size", || {
             "must be above 1 for group-relative advantages".into()
         })?;
-        if let Some((from, to)) = c.train_timesteps {
-            ensure(from < to && to <= c.sampler.steps, "train_timesteps", || {
-                format!("{from}..{to} is not a window of the {} sampling steps (from < to <= steps)", c.sampler.steps)
-            })?;
+        if let Some(window) = c.train_timesteps {
+            c.sampler.check_window("train_timesteps", window)?;
         }
         Ok(())
     }

@@ -51,6 +51,12 @@ impl SamplerConfig {
         Self { steps, eta, guidance, flow_step: FlowStep::Sde, sde_window: None }
     }
 
+    /// Checks that `window` (FROM..TO, TO excluded) lies within this sampler's steps; `field`
+    /// names the setting in the error.
+    pub fn check_window(&self, field: &'static str, (from, to): (usize, usize)) -> std::result::Result<(), crate::error::ConfigError> {
+        crate::error::ensure(from < to && to <= self.steps, field, || format!("{from}..{to} is not a window of the {} sampling steps (from < to <= steps)", self.steps))
+    }
+
     /// The noise level of step `k`: `eta` inside the SDE window, 0 outside it.
     pub fn noise_level(&self, k: usize) -> f64 {
         match self.sde_window {

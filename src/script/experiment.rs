@@ -155,10 +155,12 @@ impl Builder {
         } else {
             return fail(format!("{option}: {value} ({}) is not a number, string or bool", value.type_name()));
         };
-        let kind = match () {
-            _ if text.ends_with(".rhai") => "script",
-            _ if text.ends_with(".safetensors") => "model",
-            _ => return Ok(text),
+        let kind = if text.ends_with(".rhai") {
+            "script"
+        } else if text.ends_with(".safetensors") {
+            "model"
+        } else {
+            return Ok(text);
         };
         let path = self.root.join(&text);
         match std::fs::canonicalize(&path) {

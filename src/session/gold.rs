@@ -60,6 +60,13 @@ impl GoldWatch {
     }
 }
 
+/// An evaluation in a log line after the word "gold": `G diversity D out O%` (no range for
+/// latent families, whose out-of-range fraction is NaN).
+pub fn summary(gold: f64, diversity: f64, out_of_range: f64) -> String {
+    let range = if out_of_range.is_finite() { format!(" out {:.0}%", 100.0 * out_of_range) } else { String::new() };
+    format!("{gold:.3} diversity {diversity:.3}{range}")
+}
+
 /// The `metrics.jsonl` fields of an evaluation.
 pub(super) fn record_fields(r: &GoldReport) -> serde_json::Value {
     let mut fields = serde_json::json!({

@@ -6,7 +6,7 @@
 
 mod dist;
 mod gold;
-pub use gold::BASE_FILE as GOLD_BASE_FILE;
+pub use gold::{summary as gold_summary, BASE_FILE as GOLD_BASE_FILE};
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -160,9 +160,7 @@ impl Session {
         let Some(watch) = self.gold.as_ref().filter(|_| self.trainer.epoch() == 0 && !file.exists()) else { return Ok(()) };
         let report = watch.evaluate(self.trainer.policy())?;
         crate::io::write_atomic(&file, serde_json::to_string_pretty(&gold::record_fields(&report))?.as_bytes())?;
-        // Latent families have no pixel range (NaN).
-        let range = if report.out_of_range.is_finite() { format!(" out {:.0}%", 100.0 * report.out_of_range) } else { String::new() };
-        observer.line(&format!("gold before training {:.3} diversity {:.3}{range}", report.gold(), report.diversity));
+        observer.line(&format!("gold before training {}", gold::summary(report.gold(), report.diversity, report.out_of_range)));
         Ok(())
     }
 

@@ -139,8 +139,8 @@ impl FlowSchedule {
         // 0 is the Euler ODE step: deterministic, for evaluation (training refuses it).
         ensure(cfg.eta >= 0.0 && cfg.eta.is_finite(), "sampler.eta", || format!("is the flow SDE's noise level: must be >= 0 (0: the deterministic ODE), got {}", cfg.eta))?;
         ensure(cfg.flow_step != FlowStep::Cps || cfg.eta <= 1.0, "sampler.eta", || format!("is the CPS step's noise level a, std = s' sin(a pi / 2): must be at most 1, got {}", cfg.eta))?;
-        if let Some((from, to)) = cfg.sde_window {
-            ensure(from < to && to <= cfg.steps, "sampler.sde_window", || format!("{from}..{to} is not a window of the {} sampling steps (from < to <= steps)", cfg.steps))?;
+        if let Some(window) = cfg.sde_window {
+            cfg.check_window("sampler.sde_window", window)?;
         }
         ensure(cfg.guidance.is_finite() && cfg.guidance >= 0.0, "sampler.guidance", || format!("must be a finite number >= 0, got {}", cfg.guidance))?;
         let l = self.timesteps(cfg.steps);
