@@ -48,6 +48,11 @@ pub struct Args {
     /// With --suite: also write the table as markdown to this file.
     #[arg(long, value_name = "FILE.md", requires = "suite")]
     table: Option<PathBuf>,
+    /// With --suite: also run this model (e.g. the base of a finetuning run) on the same prompts
+    /// and noise, and report the change of the strict score per category and overall with a 95%
+    /// bootstrap interval over prompts: whether a gain is more than noise.
+    #[arg(long, value_name = "MODEL", requires = "suite")]
+    baseline: Option<PathBuf>,
     /// Samples per --prompt (default 8) or per suite prompt (default 4).
     #[arg(long)]
     per_prompt: Option<usize>,
@@ -153,7 +158,8 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
 /// `ddpo eval --suite NAME`: samples the suite's prompts, prints the report as JSON, and
 /// writes the markdown table and per-category grids when asked.
 fn exec_suite(args: &Args, name: &str, device: &candle_core::Device) -> anyhow::Result<()> {
-    use crate::eval::suite::{run_suite, select, write_grids, SuiteOptions};
+    use crate::eval::compare::compare;
+    use crate::eval::suite::{run_suite, select, write_grids, SuiteOptions, SuiteRun};
     use crate::world::suite::{suite, Half, LATEST};
     anyhow::ensure!(args.prompts.is_empty(), "--suite has its own prompts; drop --prompt");
     let half = args
@@ -162,20 +168,40 @@ fn exec_suite(args: &Args, name: &str, device: &candle_core::Device) -> anyhow::
         .map(|h| Half::from_name(h).with_context(|| format!("--half {h:?}: use train or heldout")))
         .transpose()?;
     let prompts = select(&suite(name)?, half);
-    let options = OpenOptions { clip_sample: args.sampler.clip_sample, ..Default::default() };
-    let source = crate::run::resolve_model(&super::resolve_model(&args.model), args.lora.as_deref())?;
-    let policy = super::open_model(&source, &options, device)?;
-    let sampler = args.sampler.config(policy.as_ref())?;
     let suite_name = if name == "compositional" { LATEST.to_string() } else { name.to_string() };
-    let opts = SuiteOptions { suite: suite_name, half, per_prompt: args.per_prompt.unwrap_or(4), seed: args.seed, sampler };
-    let run = run_suite(policy.as_ref(), prompts, &opts)?;
+    let run_model = |model: &std::path::Path, lora: Option<&std::path::Path>| -> anyhow::Result<SuiteRun> {
+        let options = OpenOptions { clip_sample: args.sampler.clip_sample, ..Default::default() };
+        let source = crate::run::resolve_model(&super::resolve_model(model), lora)?;
+        let policy = super::open_model(&source, &options, device)?;
+        let sampler = args.sampler.config(policy.as_ref())?;
+        let opts = SuiteOptions { suite: suite_name.clone(), half, per_prompt: args.per_prompt.unwrap_or(4), seed: args.seed, sampler };
+        run_suite(policy.as_ref(), prompts.clone(), &opts)
+    };
+    let run = run_model(&args.model, args.lora.as_deref())?;
+    let comparison = match &args.baseline {
+        Some(baseline) => {
+            let base = run_model(baseline, None).with_context(|| format!("--baseline {}", baseline.display()))?;
+            Some((compare(&base, &run, args.seed)?, base.report))
+        }
+        None => None,
+    };
     if let Some(path) = &args.table {
-        std::fs::write(path, run.report.markdown()).with_context(|| format!("cannot write --table {}; check the folder exists", path.display()))?;
+        let mut table = run.report.markdown();
+        if let Some((c, _)) = &comparison {
+            table.push_str(&format!("\n{}", c.markdown()));
+        }
+        std::fs::write(path, table).with_context(|| format!("cannot write --table {}; check the folder exists", path.display()))?;
     }
     if let Some(dir) = &args.grid {
         write_grids(&run, dir)?;
     }
-    println!("{}", serde_json::to_string(&run.report)?);
+    let mut report = serde_json::to_value(&run.report)?;
+    if let Some((c, base)) = comparison {
+        eprint!("{}", c.markdown());
+        report["baseline"] = serde_json::to_value(base)?;
+        report["change"] = serde_json::to_value(c)?;
+    }
+    println!("{report}");
     Ok(())
 }
 
