@@ -370,8 +370,9 @@ impl Args {
 /// Trains in this process, or as one rank of a data-parallel run when started by `mpirun`. A
 /// rank that fails alone takes the others down with it (MPI's abort), naming itself.
 pub fn exec(args: Args) -> anyhow::Result<()> {
-    let dist = crate::dist::from_environment()?;
-    let result = exec_as(args, dist.clone());
+    let device = super::device(&args.device)?;
+    let dist = crate::dist::from_environment(&device)?;
+    let result = exec_as(args, dist.clone(), &device);
     match &result {
         Err(e) if dist.size() > 1 && !crate::dist::failed_together(e) => {
             eprintln!("error on rank {} of {}: {e:#}", dist.rank(), dist.size());
@@ -384,17 +385,16 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
     result
 }
 
-fn exec_as(args: Args, dist: std::sync::Arc<dyn crate::dist::Collectives>) -> anyhow::Result<()> {
-    let device = super::device(&args.device)?;
+fn exec_as(args: Args, dist: std::sync::Arc<dyn crate::dist::Collectives>, device: &candle_core::Device) -> anyhow::Result<()> {
     let on_error = match args.on_error {
         OnError::Wait => OnScriptError::Wait,
         OnError::Exit => OnScriptError::Exit,
     };
     if dist.size() == 1 {
-        return run(open_session(args, 1, &device)?.on_script_error(on_error), false);
+        return run(open_session(args, 1, device)?.on_script_error(on_error), false);
     }
-    let root = if dist.is_root() { Some(open_session(args, dist.size(), &device)?) } else { None };
-    let session = Session::join(root, dist.clone(), super::stderr_log(), &device).map_err(super::flag_error)?;
+    let root = if dist.is_root() { Some(open_session(args, dist.size(), device)?) } else { None };
+    let session = Session::join(root, dist.clone(), super::stderr_log(), device).map_err(super::flag_error)?;
     if dist.is_root() {
         eprintln!("data-parallel over {} ranks: each samples {} of the epoch's {} samples", dist.size(), session.trainer().config().samples_per_epoch / dist.size(), session.trainer().config().samples_per_epoch);
     }

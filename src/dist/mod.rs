@@ -4,12 +4,16 @@
 //!
 //! [`Single`], one process, is the default and costs nothing. [`mpi::Mpi`] (cargo feature `mpi`)
 //! runs under `mpirun -np N`, one rank per process, on MPI's own collectives: no protocol of ours.
-//! Every rank runs the same command line; rank 0 alone writes the run folder.
+//! [`nccl::Nccl`] (feature `nccl`) is the same group on GPUs: NCCL sums the gradients where they
+//! live, MPI does the rest and hands out NCCL's unique id. Every rank runs the same command line;
+//! rank 0 alone writes the run folder.
 //!
 //! Owns process groups and message formats; not what is sent (the trainer and session decide).
 
 #[cfg(feature = "mpi")]
 pub mod mpi;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 
 use std::sync::Arc;
 
@@ -27,6 +31,11 @@ pub trait Collectives: Send + Sync {
     fn all_reduce_sum(&self, values: &mut [f64]) -> anyhow::Result<()>;
     /// The same in f32: gradients, half the bytes of f64.
     fn all_reduce_sum_f32(&self, values: &mut [f32]) -> anyhow::Result<()>;
+    /// Element-wise sum over ranks of an f32 tensor, on the tensor's device. By default through
+    /// host memory; a GPU group (`nccl::Nccl`) sums device tensors where they are.
+    fn all_reduce_sum_tensor(&self, t: &Tensor) -> anyhow::Result<Tensor> {
+        all_reduce_sum_on_host(self, t)
+    }
     /// Every rank's bytes, in rank order, on every rank.
     fn all_gather(&self, mine: &[u8]) -> anyhow::Result<Vec<Vec<u8>>>;
     /// Every rank's bytes on rank 0 (in rank order); `None` elsewhere.
@@ -75,20 +84,33 @@ impl Collectives for Single {
     fn abort(&self, _code: i32) {}
 }
 
+/// [`Collectives::all_reduce_sum_tensor`] through host memory: copy out, sum as f32, copy back.
+fn all_reduce_sum_on_host<C: Collectives + ?Sized>(c: &C, t: &Tensor) -> anyhow::Result<Tensor> {
+    let mut values = t.flatten_all()?.to_vec1::<f32>()?;
+    c.all_reduce_sum_f32(&mut values)?;
+    Ok(Tensor::from_vec(values, t.shape(), t.device())?)
+}
+
 /// The single-process group.
 pub fn single() -> Arc<dyn Collectives> {
     Arc::new(Single)
 }
 
 /// The process group this process was started in: MPI's world when launched by `mpirun` (or
-/// any launcher that sets the MPI environment), else a single process. A multi-process launch
+/// any launcher that sets the MPI environment), else a single process; on a CUDA `device` of a
+/// build with the `nccl` feature, that world with NCCL for the gradients. A multi-process launch
 /// of a build without the `mpi` feature is an error, not N independent runs.
-pub fn from_environment() -> anyhow::Result<Arc<dyn Collectives>> {
+pub fn from_environment(device: &candle_core::Device) -> anyhow::Result<Arc<dyn Collectives>> {
     let launched = launched_size();
+    #[cfg(feature = "nccl")]
+    if launched.is_some() && device.is_cuda() {
+        return Ok(Arc::new(nccl::Nccl::init(mpi::Mpi::init()?, device)?));
+    }
     #[cfg(feature = "mpi")]
     if launched.is_some() {
         return Ok(Arc::new(mpi::Mpi::init()?));
     }
+    let _ = device;
     if let Some(n) = launched.filter(|&n| n > 1) {
         anyhow::bail!("started as one of {n} MPI ranks, but this build has no MPI support: rebuild with `cargo build --release --features mpi`");
     }
@@ -163,30 +185,37 @@ pub fn agree(c: &dyn Collectives, outcome: anyhow::Result<()>) -> anyhow::Result
 }
 
 /// Sums `grads` (one per variable of `vars`, `None` for a variable without a gradient) over
-/// ranks, in one f32 all-reduce of every gradient plus one flag per variable. A variable that has a gradient on any rank gets one on every rank
-/// (zero where a rank had none); one without a gradient anywhere stays `None`.
+/// ranks: one small all-reduce of a flag per variable, then one f32 all-reduce of every present
+/// gradient, flattened together, on the gradients' device. A variable that has a gradient on any
+/// rank gets one on every rank (zero where a rank had none); one without a gradient anywhere
+/// stays `None`.
 pub fn all_reduce_grads(c: &dyn Collectives, grads: &mut Grads, vars: &[(String, Var)]) -> anyhow::Result<()> {
     if c.size() == 1 {
         return Ok(());
     }
     grads.resize(vars.len(), None);
-    let mut flat: Vec<f32> = Vec::new();
-    for (g, (_, var)) in grads.iter().zip(vars) {
-        flat.push(if g.is_some() { 1.0 } else { 0.0 });
-        match g {
-            Some(g) => flat.extend(g.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?),
-            None => flat.extend(std::iter::repeat_n(0.0, var.elem_count())),
+    let mut present: Vec<f64> = grads.iter().map(|g| if g.is_some() { 1.0 } else { 0.0 }).collect();
+    c.all_reduce_sum(&mut present).context("all-reduce of which variables have gradients")?;
+    let mut parts = Vec::new();
+    for ((g, (_, var)), &on_some_rank) in grads.iter().zip(vars).zip(&present) {
+        if on_some_rank > 0.0 {
+            parts.push(match g {
+                Some(g) => g.flatten_all()?.to_dtype(candle_core::DType::F32)?,
+                None => Tensor::zeros(var.elem_count(), candle_core::DType::F32, var.device())?,
+            });
         }
     }
-    c.all_reduce_sum_f32(&mut flat).context("all-reduce of the gradients")?;
+    if parts.is_empty() {
+        return Ok(());
+    }
+    let summed = c.all_reduce_sum_tensor(&Tensor::cat(&parts, 0)?).context("all-reduce of the gradients")?;
     let mut at = 0;
-    for (g, (_, var)) in grads.iter_mut().zip(vars) {
-        let (present, n) = (flat[at] > 0.0, var.elem_count());
-        let values = &flat[at + 1..at + 1 + n];
-        at += 1 + n;
-        *g = if present {
-            let t = Tensor::from_iter(values.iter().copied(), var.device())?.reshape(var.shape())?;
-            Some(t.to_dtype(var.dtype())?)
+    for ((g, (_, var)), &on_some_rank) in grads.iter_mut().zip(vars).zip(&present) {
+        *g = if on_some_rank > 0.0 {
+            let n = var.elem_count();
+            let t = summed.narrow(0, at, n)?.reshape(var.shape())?.to_dtype(var.dtype())?;
+            at += n;
+            Some(t)
         } else {
             None
         };
@@ -213,4 +242,63 @@ pub fn all_gather_json<T: serde::Serialize + serde::de::DeserializeOwned + Clone
         .iter()
         .map(|b| serde_json::from_slice(b).context("a gathered message that does not parse"))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rank 0 of two, whose partner adds `flags` to the f64 sum and `values` to the f32 sum.
+    struct Partner {
+        flags: Vec<f64>,
+        values: Vec<f32>,
+    }
+
+    impl Collectives for Partner {
+        fn rank(&self) -> usize {
+            0
+        }
+        fn size(&self) -> usize {
+            2
+        }
+        fn all_reduce_sum(&self, values: &mut [f64]) -> anyhow::Result<()> {
+            anyhow::ensure!(values.len() == self.flags.len(), "{} flags, the partner sent {}", values.len(), self.flags.len());
+            values.iter_mut().zip(&self.flags).for_each(|(v, o)| *v += o);
+            Ok(())
+        }
+        fn all_reduce_sum_f32(&self, values: &mut [f32]) -> anyhow::Result<()> {
+            anyhow::ensure!(values.len() == self.values.len(), "{} values, the partner sent {}", values.len(), self.values.len());
+            values.iter_mut().zip(&self.values).for_each(|(v, o)| *v += o);
+            Ok(())
+        }
+        fn all_gather(&self, _: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
+            unreachable!()
+        }
+        fn gather(&self, _: &[u8]) -> anyhow::Result<Option<Vec<Vec<u8>>>> {
+            unreachable!()
+        }
+        fn broadcast(&self, _: &mut Vec<u8>) -> anyhow::Result<()> {
+            unreachable!()
+        }
+        fn barrier(&self) -> anyhow::Result<()> {
+            Ok(())
+        }
+        fn abort(&self, _: i32) {}
+    }
+
+    #[test]
+    fn gradients_sum_over_ranks_with_zeros_where_a_rank_had_none() -> anyhow::Result<()> {
+        let cpu = candle_core::Device::Cpu;
+        let vars: Vec<(String, Var)> = [("a", 2), ("b", 3), ("c", 1)]
+            .into_iter()
+            .map(|(name, n)| Ok((name.to_string(), Var::zeros(n, candle_core::DType::F32, &cpu)?)))
+            .collect::<anyhow::Result<_>>()?;
+        // This rank has a gradient for `a` only; the partner for `a` and `b`; nobody for `c`.
+        let mut grads: Grads = vec![Some(Tensor::new(&[1f32, 2.], &cpu)?)];
+        let partner = Partner { flags: vec![1., 1., 0.], values: vec![10., 20., 1., 1., 1.] };
+        all_reduce_grads(&partner, &mut grads, &vars)?;
+        let got: Vec<Option<Vec<f32>>> = grads.iter().map(|g| g.as_ref().map(|t| t.to_vec1().unwrap())).collect();
+        assert_eq!(got, vec![Some(vec![11., 22.]), Some(vec![1., 1., 1.]), None]);
+        Ok(())
+    }
 }
