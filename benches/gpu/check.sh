@@ -4,7 +4,8 @@
 # repository's tests/fixtures and models/ (what a lent GPU machine gets carried to it).
 #   bash benches/gpu/check.sh [--dry-run]
 # --dry-run (or DDPO_GPU_DRY_RUN=1): the same stages on the CPU with tiny sizes, for CI.
-# Env: DDPO_BIN (default: ddpo on PATH, else target/release/ddpo), DDPO_FIXTURES (tests/fixtures).
+# Env: DDPO_BIN (default: ddpo on PATH, else target/release/ddpo; a .gz is unpacked first),
+# DDPO_FIXTURES (tests/fixtures).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -19,10 +20,26 @@ done
 [ "$dry_run" = 1 ] && device=cpu
 
 bin="${DDPO_BIN:-$(command -v ddpo || echo target/release/ddpo)}"
-[ -x "$bin" ] || { echo "check.sh: no ddpo binary at $bin; set DDPO_BIN=PATH" >&2; exit 2; }
 fixtures="${DDPO_FIXTURES:-tests/fixtures}"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
+# The stripped CUDA binary is ~71 MiB, over a lent machine's 64 MiB carry: it travels gzipped.
+if [[ "$bin" == *.gz ]]; then
+    gunzip -c "$bin" > "$work/ddpo" && chmod +x "$work/ddpo" && bin="$work/ddpo"
+fi
+[ -x "$bin" ] || { echo "check.sh: no ddpo binary at $bin; set DDPO_BIN=PATH" >&2; exit 2; }
+# A CUDA 13 build needs cuBLAS 13, cuRAND and NVRTC at run time; where the system has none (a lent
+# machine keeps them in PyTorch's venv as nvidia-* wheels), use the wheels' folders.
+if ldd "$bin" 2>/dev/null | grep -q "not found"; then
+    wheel_libs=$(python3 - <<'PY' 2>/dev/null || true
+import glob, os, nvidia
+roots = list(nvidia.__path__)
+print(":".join(sorted({os.path.dirname(p) for r in roots for p in glob.glob(r + "/**/lib*.so*", recursive=True)})))
+PY
+)
+    [ -n "$wheel_libs" ] && export LD_LIBRARY_PATH="$wheel_libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    ldd "$bin" | grep "not found" >&2 && echo "check.sh: $bin misses the libraries above" >&2 && exit 2
+fi
 
 # stage NAME CMD...: runs CMD, prints its wall time; the first failing stage stops the script
 stage() {
