@@ -401,6 +401,21 @@ fn exec_as(args: Args, dist: std::sync::Arc<dyn crate::dist::Collectives>, devic
     run(session.on_script_error(on_error), !dist.is_root())
 }
 
+/// A warning when the learning-rate warm-up takes a quarter of the run or more, as it does with one
+/// optimiser step per epoch (large `--train-batch-size`): the run then trains mostly below `--lr`.
+fn warmup_note(train: &TrainConfig, epochs: usize) -> Option<String> {
+    let steps = epochs * train.optimizer_steps_per_epoch();
+    let warmup = train.optimizer.warmup_steps;
+    (4 * warmup >= steps && warmup > 0).then(|| {
+        format!(
+            "the learning-rate warm-up (--warmup-steps {warmup}) is {}% of this run's {steps} optimiser steps ({} per epoch), so most of it trains below --lr; consider --warmup-steps {}",
+            100 * warmup / steps.max(1),
+            train.optimizer_steps_per_epoch(),
+            steps / 10
+        )
+    })
+}
+
 /// Creates the run the flags describe, or resumes `--resume`'s, as a run of `ranks` processes.
 fn open_session(mut args: Args, ranks: usize, device: &candle_core::Device) -> anyhow::Result<Session> {
     let log = super::stderr_log();
@@ -432,6 +447,9 @@ fn open_session(mut args: Args, ranks: usize, device: &candle_core::Device) -> a
             let session = Session::create(&dir, config, paths, log, device).map_err(super::flag_error)?;
             let c = session.config();
             eprintln!("training {} with {} ({:?}) into {}", c.model.display(), c.reward, c.train.algorithm, dir.display());
+            if let Some(note) = warmup_note(&c.train, c.epochs) {
+                eprintln!("note: {note}");
+            }
             session
         }
     };
@@ -602,4 +620,26 @@ pub(super) fn default_run_dir() -> PathBuf {
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + (m <= 2) as i64;
     PathBuf::from(format!("runs/{y:04}{m:02}{d:02}-{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_warmup_note_fires_when_warmup_is_a_quarter_of_the_run() {
+        // 64 samples in one minibatch: one optimiser step per epoch, so 16 warm-up steps are
+        // 53% of 30 epochs and 8% of 200.
+        let one_step = TrainConfig { samples_per_epoch: 64, train_batch_size: 64, ..defaults() };
+        assert_eq!(one_step.optimizer_steps_per_epoch(), 1);
+        let note = warmup_note(&one_step, 30).expect("16 of 30 steps warm up");
+        assert!(note.contains("53% of this run's 30 optimiser steps") && note.contains("--warmup-steps 3"), "{note}");
+        assert!(warmup_note(&one_step, 200).is_none());
+        // The defaults: 32 samples in minibatches of 8, 4 steps per epoch, 80 in 20 epochs.
+        assert_eq!(defaults().optimizer_steps_per_epoch(), 4);
+        assert!(warmup_note(&defaults(), DEFAULT_EPOCHS).is_none());
+        let accumulated = TrainConfig { inner_epochs: 2, grad_accum: 3, ..defaults() };
+        assert_eq!(accumulated.optimizer_steps_per_epoch(), 3, "8 minibatches, a step every 3");
+        assert_eq!(TrainConfig { algorithm: Algorithm::Sf, ..defaults() }.optimizer_steps_per_epoch(), 1);
+    }
 }

@@ -118,6 +118,15 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// Optimiser steps one epoch takes: a step per `grad_accum` minibatches of `train_batch_size`
+    /// over `inner_epochs` passes; DDPO-SF takes one step over the whole epoch.
+    pub fn optimizer_steps_per_epoch(&self) -> usize {
+        if self.algorithm == Algorithm::Sf {
+            return 1;
+        }
+        (self.inner_epochs * self.samples_per_epoch.div_ceil(self.train_batch_size.max(1))).div_ceil(self.grad_accum.max(1))
+    }
+
     /// Checks every field on its own and against the others.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let c = self;
