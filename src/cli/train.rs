@@ -89,7 +89,9 @@ pub struct Args {
     min_train_sigma: f64,
     /// Weight of a penalty on predicted x0 values outside [-1, 1] in the DDPO-IS / SF loss
     /// (keeps the unclamped policy from drifting to saturated frames that no reward can tell
-    /// apart, e.g. for runs past 20 epochs; 1 is a good start). 0: off. Pixel-space models only.
+    /// apart). It pulls on every saturated colour, so watch the gold score: on the shipped
+    /// default, weight 1 at lr 1e-4 washed the colours out in 20 epochs; a KL term
+    /// (--kl-weight) holds the range without that. 0: off. Pixel-space models only.
     #[arg(help_heading = "Algorithm", long, default_value_t = defaults().range_penalty)]
     range_penalty: f64,
     /// Weight of a KL term to the base model in the DDPO-IS / SF loss (the closed-form KL of each
