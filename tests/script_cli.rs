@@ -337,7 +337,7 @@ fn cli_train_defaults_to_the_scripts_folder() {
     scripts_copy(&project, HOOKED_REWARD);
     write(&project.join("scripts"), "hooks.rhai", "fn on_epoch_start(ctx) { #{ lr: 0.002 } }\n");
     let stderr = train(&project);
-    assert!(!stderr.contains("note: "), "{stderr}");
+    assert!(!stderr.contains("note: no scripts/"), "{stderr}");
     let m: serde_json::Value = serde_json::from_str(std::fs::read_to_string(project.join("run/metrics.jsonl")).unwrap().lines().next().unwrap()).unwrap();
     assert_eq!(m["reward_mean"], 100.0);
     assert_eq!(m["lr"], applied_lr(&[m.clone()], 0, 0.002));
