@@ -211,8 +211,18 @@ fn train_evaluates_a_gold_score_and_keeps_the_best() {
     let base: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("gold-base.json")).unwrap()).unwrap();
     assert!((0.0..=1.0).contains(&base["eval/gold"].as_f64().unwrap()) && base["eval/diversity"].as_f64().unwrap() > 0.0, "{base}");
     assert_eq!(stderr.matches("gold before training").count(), 1, "{stderr}");
+    // Each later evaluation is paired with it: the strict score's change and its interval.
+    assert_eq!(base["eval/passes"].as_array().map(Vec::len), Some(2), "passes per prompt: {base}");
+    let change_of = |r: &serde_json::Value| ["eval/strict_change_low", "eval/strict_change", "eval/strict_change_high"].map(|k| r[k].as_f64().unwrap_or_else(|| panic!("{k} missing: {r}")));
+    for r in &records {
+        let [low, change, high] = change_of(r);
+        assert!((-1.0..=1.0).contains(&change) && low <= change && change <= high, "{r}");
+    }
+    assert!(stderr.lines().filter(|l| l.starts_with("epoch")).all(|l| l.contains("(strict ")), "{stderr}");
     let (ok, stderr) = ddpo(&["train", "--resume", run.to_str().unwrap(), "--epochs", "3"]);
     assert!(ok && !stderr.contains("gold before training"), "evaluated once per run: {stderr}");
+    let last: serde_json::Value = serde_json::from_str(std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().last().unwrap()).unwrap();
+    change_of(&last);
     fails_with(&["train", "--run-dir", dir.path().join("r2").to_str().unwrap(), "--eval-every", "1", "--eval-per-prompt", "1"], "--eval-per-prompt must be at least 2");
 }
 
@@ -239,7 +249,7 @@ fn a_gold_reward_script_replaces_the_suite_score() {
     assert!(gold_value == reward && (10.0..=11.0).contains(&reward), "{}", records[1]);
     // The epoch line says what the evaluation found, only where there was one.
     let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("epoch")).collect();
-    assert!(!lines[0].contains("| gold") && lines[1].contains(&format!("| gold {gold_value:.3} diversity")), "{stderr}");
+    assert!(!lines[0].contains("| gold") && lines[1].contains(&format!("| gold {gold_value:.3} (strict ")), "{stderr}");
     assert!(records[1]["eval/suite_strict"].is_number());
     let plot = image::open(run.join("reward.png")).unwrap();
     assert_eq!(plot.height(), 3 * 260, "reward, gold reward and evaluation panels");

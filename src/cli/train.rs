@@ -555,7 +555,9 @@ impl Observer for EpochLines<'_> {
         // An epoch that ends with a gold evaluation says what it found.
         let gold = e.metric("eval/gold");
         let gold = if gold.is_finite() {
-            format!("  | gold {}", crate::session::gold_summary(gold, e.metric("eval/diversity"), e.metric("eval/out_of_range")))
+            let change = [e.metric("eval/strict_change"), e.metric("eval/strict_change_low"), e.metric("eval/strict_change_high")];
+            let change = change.iter().all(|v| v.is_finite()).then_some((change[0], change[1], change[2]));
+            format!("  | gold {}", crate::session::gold_summary(gold, change, e.metric("eval/diversity"), e.metric("eval/out_of_range")))
         } else {
             String::new()
         };

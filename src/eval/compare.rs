@@ -36,26 +36,38 @@ pub struct Comparison {
     pub resamples: usize,
 }
 
+/// Strict passes per prompt of one run, with each prompt's category: what a paired comparison
+/// needs of a suite run or of a training run's gold evaluation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Passes {
+    pub categories: Vec<Category>,
+    /// Images with every clause right, per prompt.
+    pub passes: Vec<usize>,
+    pub per_prompt: usize,
+}
+
+impl Passes {
+    /// The strict passes per prompt of a suite run.
+    pub fn of_run(run: &SuiteRun) -> Self {
+        let mut passes = vec![0; run.prompts.len()];
+        run.samples.iter().filter(|s| s.score.strict).for_each(|s| passes[s.prompt] += 1);
+        Self { categories: run.prompts.iter().map(|p| p.category).collect(), passes, per_prompt: run.report.per_prompt }
+    }
+}
+
 /// Per category, each prompt's strict passes (model minus baseline) as a share of its images.
-fn prompt_changes(baseline: &SuiteRun, model: &SuiteRun) -> anyhow::Result<Vec<(Category, Vec<f64>)>> {
-    let same = baseline.prompts.len() == model.prompts.len()
-        && baseline.prompts.iter().zip(&model.prompts).all(|(a, b)| a.text == b.text)
-        && baseline.report.per_prompt == model.report.per_prompt
-        && baseline.report.seed == model.report.seed;
-    anyhow::ensure!(same, "the two suite runs differ in prompts, samples per prompt or seed; a paired comparison needs the same ones");
-    let passes = |run: &SuiteRun| {
-        let mut n = vec![0usize; run.prompts.len()];
-        run.samples.iter().filter(|s| s.score.strict).for_each(|s| n[s.prompt] += 1);
-        n
-    };
-    let (base, tuned) = (passes(baseline), passes(model));
-    let per_prompt = model.report.per_prompt.max(1) as f64;
+fn prompt_changes(baseline: &Passes, model: &Passes) -> anyhow::Result<Vec<(Category, Vec<f64>)>> {
+    anyhow::ensure!(
+        baseline.categories == model.categories && baseline.passes.len() == model.passes.len() && baseline.per_prompt == model.per_prompt,
+        "the two runs differ in prompts or samples per prompt; a paired comparison needs the same ones"
+    );
+    let per_prompt = model.per_prompt.max(1) as f64;
     Ok(Category::ALL
         .into_iter()
         .map(|c| {
-            let changes = (0..model.prompts.len())
-                .filter(|&i| model.prompts[i].category == c)
-                .map(|i| (tuned[i] as f64 - base[i] as f64) / per_prompt)
+            let changes = (0..model.passes.len())
+                .filter(|&i| model.categories[i] == c)
+                .map(|i| (model.passes[i] as f64 - baseline.passes[i] as f64) / per_prompt)
                 .collect::<Vec<_>>();
             (c, changes)
         })
@@ -78,6 +90,21 @@ fn interval(mut draws: Vec<f64>) -> (f64, f64) {
 /// is the mean of the categories' changes, as the suite's overall score is the mean of theirs;
 /// its interval resamples prompts within every category at once.
 pub fn compare(baseline: &SuiteRun, model: &SuiteRun, seed: u64) -> anyhow::Result<Comparison> {
+    let same = baseline.prompts.iter().map(|p| &p.text).eq(model.prompts.iter().map(|p| &p.text)) && baseline.report.seed == model.report.seed;
+    anyhow::ensure!(same, "the two suite runs differ in prompts, samples per prompt or seed; a paired comparison needs the same ones");
+    let mut c = paired_change(&Passes::of_run(baseline), &Passes::of_run(model), seed)?;
+    let score = |run: &SuiteRun, c: Category| run.report.categories.iter().find(|s| s.category == c).map_or(f64::NAN, |s| s.strict);
+    for row in &mut c.categories {
+        let category = row.category.expect("a category row");
+        (row.baseline, row.model) = (score(baseline, category), score(model, category));
+    }
+    (c.overall.baseline, c.overall.model) = (baseline.report.strict, model.report.strict);
+    Ok(c)
+}
+
+/// The paired change of the strict score from `baseline` to `model`, per category and overall
+/// (the mean of the categories), each with its bootstrap interval over prompts.
+pub fn paired_change(baseline: &Passes, model: &Passes, seed: u64) -> anyhow::Result<Comparison> {
     let per_category = prompt_changes(baseline, model)?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     // draws[c][r]: category c's mean change in resample r.
@@ -85,13 +112,16 @@ pub fn compare(baseline: &SuiteRun, model: &SuiteRun, seed: u64) -> anyhow::Resu
         .iter()
         .map(|(_, changes)| (0..RESAMPLES).map(|_| mean(&(0..changes.len()).map(|_| changes[rng.random_range(0..changes.len())]).collect::<Vec<_>>())).collect())
         .collect();
-    let score = |run: &SuiteRun, c: Category| run.report.categories.iter().find(|s| s.category == c).map_or(f64::NAN, |s| s.strict);
+    let strict = |p: &Passes, c: Category| {
+        let of: Vec<usize> = (0..p.passes.len()).filter(|&i| p.categories[i] == c).map(|i| p.passes[i]).collect();
+        of.iter().sum::<usize>() as f64 / (of.len() * p.per_prompt.max(1)) as f64
+    };
     let categories: Vec<Change> = per_category
         .iter()
         .zip(&draws)
         .map(|((c, changes), draws)| {
             let (low, high) = interval(draws.clone());
-            Change { category: Some(*c), prompts: changes.len(), baseline: score(baseline, *c), model: score(model, *c), change: mean(changes), low, high }
+            Change { category: Some(*c), prompts: changes.len(), baseline: strict(baseline, *c), model: strict(model, *c), change: mean(changes), low, high }
         })
         .collect();
     let overall_draws = (0..RESAMPLES).map(|r| mean(&draws.iter().map(|d| d[r]).collect::<Vec<_>>())).collect();
@@ -99,8 +129,8 @@ pub fn compare(baseline: &SuiteRun, model: &SuiteRun, seed: u64) -> anyhow::Resu
     let overall = Change {
         category: None,
         prompts: categories.iter().map(|c| c.prompts).sum(),
-        baseline: baseline.report.strict,
-        model: model.report.strict,
+        baseline: mean(&categories.iter().map(|c| c.baseline).collect::<Vec<_>>()),
+        model: mean(&categories.iter().map(|c| c.model).collect::<Vec<_>>()),
         change: mean(&categories.iter().map(|c| c.change).collect::<Vec<_>>()),
         low,
         high,

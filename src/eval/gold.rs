@@ -36,7 +36,7 @@ pub struct GoldConfig {
 }
 
 /// One evaluation's figures (logged as `eval/<name>`).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct GoldReport {
     /// The suite's strict score (mean over its categories).
     pub suite_strict: f64,
@@ -47,6 +47,9 @@ pub struct GoldReport {
     pub out_of_range: f64,
     /// Mean of the gold reward script over the samples, when the run has one.
     pub reward: Option<f64>,
+    /// Samples with every clause right, per prompt: what pairs two evaluations (the same
+    /// prompts and noise) for the interval of their difference.
+    pub passes: Vec<usize>,
 }
 
 impl GoldReport {
@@ -89,8 +92,9 @@ pub fn evaluate(family: &dyn Family, prompts: &[SuitePrompt], per_prompt: usize,
         None => None,
     };
     let opts = SuiteOptions { suite: LATEST.to_string(), half: Some(Half::Heldout), per_prompt, seed, sampler: *sampler };
-    let report = score_suite(prompts.to_vec(), images, &opts).report;
-    Ok(GoldReport { suite_strict: report.strict, suite_partial: report.partial, diversity, out_of_range, reward })
+    let run = score_suite(prompts.to_vec(), images, &opts);
+    let passes = super::compare::Passes::of_run(&run).passes;
+    Ok(GoldReport { suite_strict: run.report.strict, suite_partial: run.report.partial, diversity, out_of_range, reward, passes })
 }
 
 /// Mean over prompts of the mean pairwise RMS distance between their samples (0..1 units).

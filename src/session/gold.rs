@@ -2,6 +2,7 @@
 //! monitor makes of them (keep the best checkpoint, warn, stop).
 
 use crate::ddpo::monitor::{Evaluation, HackMonitor, Verdict};
+use crate::eval::compare::{paired_change, Change, Passes};
 use crate::eval::gold::{evaluate, GoldConfig, GoldReport};
 use crate::family::Family;
 use crate::script::ScriptReward;
@@ -21,6 +22,8 @@ pub(super) struct GoldWatch {
     monitor: HackMonitor,
     /// The gold reward script (`GoldConfig::reward`), loaded.
     reward: Option<ScriptReward>,
+    /// The evaluation before training's strict passes per prompt ([`BASE_FILE`]), when known.
+    base_passes: Option<Vec<usize>>,
 }
 
 impl GoldWatch {
@@ -36,7 +39,28 @@ impl GoldWatch {
                 monitor.observe(Evaluation { epoch: epoch as usize, reward, gold });
             }
         }
-        Ok(Self { prompts: config.prompts()?, config, monitor, reward })
+        Ok(Self { prompts: config.prompts()?, config, monitor, reward, base_passes: None })
+    }
+
+    /// Reads the evaluation before training from `file` ([`BASE_FILE`]), when it has the passes
+    /// per prompt (files of older runs do not): later evaluations are then paired with it.
+    pub fn read_base(&mut self, file: &std::path::Path) {
+        let base = std::fs::read(file).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+        self.base_passes = base.and_then(|v| serde_json::from_value(v[PASSES].clone()).ok()).filter(|p: &Vec<usize>| p.len() == self.prompts.len());
+    }
+
+    /// Sets the evaluation before training.
+    pub fn set_base(&mut self, report: &GoldReport) {
+        self.base_passes = Some(report.passes.clone());
+    }
+
+    /// The change of the strict score since the evaluation before training, with its 95%
+    /// interval over prompts (both evaluations use the same noise, so they are paired).
+    pub fn change(&self, report: &GoldReport) -> Option<Change> {
+        let categories: Vec<_> = self.prompts.iter().map(|p| p.category).collect();
+        let pair = |passes: &[usize]| Passes { categories: categories.clone(), passes: passes.to_vec(), per_prompt: self.config.per_prompt };
+        let base = self.base_passes.as_ref()?;
+        paired_change(&pair(base), &pair(&report.passes), SEED).ok().map(|c| c.overall)
     }
 
     /// Whether epoch `epoch` (0-based, just finished) ends with an evaluation.
@@ -60,15 +84,29 @@ impl GoldWatch {
     }
 }
 
+/// The gold-base file's field with the strict passes per prompt.
+const PASSES: &str = "eval/passes";
+
 /// An evaluation in a log line after the word "gold": `G diversity D out O%` (no range for
-/// latent families, whose out-of-range fraction is NaN).
-pub fn summary(gold: f64, diversity: f64, out_of_range: f64) -> String {
+/// latent families, whose out-of-range fraction is NaN), and where the run knows its evaluation
+/// before training, the strict score's change since then with its 95% interval, in points:
+/// `G (strict +1.8, -2.1 .. +5.6) diversity ...`.
+pub fn summary(gold: f64, change: Option<(f64, f64, f64)>, diversity: f64, out_of_range: f64) -> String {
     let range = if out_of_range.is_finite() { format!(" out {:.0}%", 100.0 * out_of_range) } else { String::new() };
-    format!("{gold:.3} diversity {diversity:.3}{range}")
+    let change = change.map_or(String::new(), |(c, low, high)| format!(" (strict {:+.1}, {:+.1} .. {:+.1})", 100.0 * c, 100.0 * low, 100.0 * high));
+    format!("{gold:.3}{change} diversity {diversity:.3}{range}")
 }
 
-/// The `metrics.jsonl` fields of an evaluation.
-pub(super) fn record_fields(r: &GoldReport) -> serde_json::Value {
+/// The gold-base file: the evaluation's fields and its passes per prompt.
+pub(super) fn base_fields(r: &GoldReport) -> serde_json::Value {
+    let mut fields = record_fields(r, None);
+    fields[PASSES] = serde_json::json!(r.passes);
+    fields
+}
+
+/// The `metrics.jsonl` fields of an evaluation, with its change since the evaluation before
+/// training where known (`eval/strict_change` and its interval, `_low` / `_high`).
+pub(super) fn record_fields(r: &GoldReport, change: Option<&Change>) -> serde_json::Value {
     let mut fields = serde_json::json!({
         "eval/gold": r.gold(),
         "eval/suite_strict": r.suite_strict,
@@ -78,6 +116,11 @@ pub(super) fn record_fields(r: &GoldReport) -> serde_json::Value {
     });
     if let Some(reward) = r.reward {
         fields["eval/reward"] = serde_json::json!(reward);
+    }
+    if let Some(c) = change {
+        fields["eval/strict_change"] = serde_json::json!(c.change);
+        fields["eval/strict_change_low"] = serde_json::json!(c.low);
+        fields["eval/strict_change_high"] = serde_json::json!(c.high);
     }
     fields
 }

@@ -155,12 +155,17 @@ impl Session {
 
     /// A new run's gold score before its first update ([`gold::BASE_FILE`]), once: every later
     /// evaluation is read against it. Rank 0 alone, as every gold evaluation.
-    fn evaluate_base(&self, observer: &mut dyn Observer) -> anyhow::Result<()> {
+    fn evaluate_base(&mut self, observer: &mut dyn Observer) -> anyhow::Result<()> {
         let file = self.run.dir.join(gold::BASE_FILE);
-        let Some(watch) = self.gold.as_ref().filter(|_| self.trainer.epoch() == 0 && !file.exists()) else { return Ok(()) };
+        let Some(watch) = self.gold.as_mut() else { return Ok(()) };
+        if self.trainer.epoch() > 0 || file.exists() {
+            watch.read_base(&file);
+            return Ok(());
+        }
         let report = watch.evaluate(self.trainer.policy())?;
-        crate::io::write_atomic(&file, serde_json::to_string_pretty(&gold::record_fields(&report))?.as_bytes())?;
-        observer.line(&format!("gold before training {}", gold::summary(report.gold(), report.diversity, report.out_of_range)));
+        crate::io::write_atomic(&file, serde_json::to_string_pretty(&gold::base_fields(&report))?.as_bytes())?;
+        watch.set_base(&report);
+        observer.line(&format!("gold before training {}", gold::summary(report.gold(), None, report.diversity, report.out_of_range)));
         Ok(())
     }
 
@@ -356,7 +361,8 @@ impl Session {
         self.run.record_script_hashes(report.epoch, &scripts)?;
         let mut extra = self.record_extra(start, &scripts);
         if let Some(g) = gold {
-            crate::run::merge_json(&mut extra, gold::record_fields(g));
+            let change = self.gold.as_ref().and_then(|w| w.change(g));
+            crate::run::merge_json(&mut extra, gold::record_fields(g, change.as_ref()));
         }
         let metrics = self.run.record(report, extra)?;
         // Every rank's hooks see rank 0's record (the others differ in timings only).
