@@ -406,13 +406,12 @@ fn exec_as(args: Args, dist: std::sync::Arc<dyn crate::dist::Collectives>, devic
 /// A warning when the learning-rate warm-up takes a quarter of the run or more, as it does with one
 /// optimiser step per epoch (large `--train-batch-size`): the run then trains mostly below `--lr`.
 fn warmup_note(train: &TrainConfig, epochs: usize) -> Option<String> {
-    let steps = epochs * train.optimizer_steps_per_epoch();
-    let warmup = train.optimizer.warmup_steps;
+    let per_epoch = train.optimizer_steps_per_epoch();
+    let (steps, warmup) = (epochs * per_epoch, train.optimizer.warmup_steps);
     (4 * warmup >= steps && warmup > 0).then(|| {
         format!(
-            "the learning-rate warm-up (--warmup-steps {warmup}) is {}% of this run's {steps} optimiser steps ({} per epoch), so most of it trains below --lr; consider --warmup-steps {}",
+            "the learning-rate warm-up (--warmup-steps {warmup}) is {}% of this run's {steps} optimiser steps ({per_epoch} per epoch), so most of it trains below --lr; consider --warmup-steps {}",
             100 * warmup / steps.max(1),
-            train.optimizer_steps_per_epoch(),
             steps / 10
         )
     })

@@ -38,7 +38,7 @@ pub struct Comparison {
 
 /// Strict passes per prompt of one run, with each prompt's category: what a paired comparison
 /// needs of a suite run or of a training run's gold evaluation.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Passes {
     pub categories: Vec<Category>,
     /// Images with every clause right, per prompt.
@@ -92,14 +92,7 @@ fn interval(mut draws: Vec<f64>) -> (f64, f64) {
 pub fn compare(baseline: &SuiteRun, model: &SuiteRun, seed: u64) -> anyhow::Result<Comparison> {
     let same = baseline.prompts.iter().map(|p| &p.text).eq(model.prompts.iter().map(|p| &p.text)) && baseline.report.seed == model.report.seed;
     anyhow::ensure!(same, "the two suite runs differ in prompts, samples per prompt or seed; a paired comparison needs the same ones");
-    let mut c = paired_change(&Passes::of_run(baseline), &Passes::of_run(model), seed)?;
-    let score = |run: &SuiteRun, c: Category| run.report.categories.iter().find(|s| s.category == c).map_or(f64::NAN, |s| s.strict);
-    for row in &mut c.categories {
-        let category = row.category.expect("a category row");
-        (row.baseline, row.model) = (score(baseline, category), score(model, category));
-    }
-    (c.overall.baseline, c.overall.model) = (baseline.report.strict, model.report.strict);
-    Ok(c)
+    paired_change(&Passes::of_run(baseline), &Passes::of_run(model), seed)
 }
 
 /// The paired change of the strict score from `baseline` to `model`, per category and overall

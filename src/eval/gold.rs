@@ -6,6 +6,7 @@
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
+use super::compare::Passes;
 use super::suite::{score_suite, select, SuiteOptions};
 use crate::family::{Family, SamplerConfig};
 use crate::reward::Reward;
@@ -49,7 +50,7 @@ pub struct GoldReport {
     pub reward: Option<f64>,
     /// Samples with every clause right, per prompt: what pairs two evaluations (the same
     /// prompts and noise) for the interval of their difference.
-    pub passes: Vec<usize>,
+    pub passes: Passes,
 }
 
 impl GoldReport {
@@ -93,8 +94,7 @@ pub fn evaluate(family: &dyn Family, prompts: &[SuitePrompt], per_prompt: usize,
     };
     let opts = SuiteOptions { suite: LATEST.to_string(), half: Some(Half::Heldout), per_prompt, seed, sampler: *sampler };
     let run = score_suite(prompts.to_vec(), images, &opts);
-    let passes = super::compare::Passes::of_run(&run).passes;
-    Ok(GoldReport { suite_strict: run.report.strict, suite_partial: run.report.partial, diversity, out_of_range, reward, passes })
+    Ok(GoldReport { suite_strict: run.report.strict, suite_partial: run.report.partial, diversity, out_of_range, reward, passes: Passes::of_run(&run) })
 }
 
 /// Mean over prompts of the mean pairwise RMS distance between their samples (0..1 units).

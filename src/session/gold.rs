@@ -23,7 +23,7 @@ pub(super) struct GoldWatch {
     /// The gold reward script (`GoldConfig::reward`), loaded.
     reward: Option<ScriptReward>,
     /// The evaluation before training's strict passes per prompt ([`BASE_FILE`]), when known.
-    base_passes: Option<Vec<usize>>,
+    base: Option<Passes>,
 }
 
 impl GoldWatch {
@@ -39,28 +39,30 @@ impl GoldWatch {
                 monitor.observe(Evaluation { epoch: epoch as usize, reward, gold });
             }
         }
-        Ok(Self { prompts: config.prompts()?, config, monitor, reward, base_passes: None })
+        Ok(Self { prompts: config.prompts()?, config, monitor, reward, base: None })
     }
 
     /// Reads the evaluation before training from `file` ([`BASE_FILE`]), when it has the passes
     /// per prompt (files of older runs do not): later evaluations are then paired with it.
     pub fn read_base(&mut self, file: &std::path::Path) {
         let base = std::fs::read(file).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
-        self.base_passes = base.and_then(|v| serde_json::from_value(v[PASSES].clone()).ok()).filter(|p: &Vec<usize>| p.len() == self.prompts.len());
+        let passes: Option<Vec<usize>> = base.and_then(|v| serde_json::from_value(v[PASSES].clone()).ok());
+        self.base = passes.filter(|p| p.len() == self.prompts.len()).map(|passes| Passes {
+            categories: self.prompts.iter().map(|p| p.category).collect(),
+            passes,
+            per_prompt: self.config.per_prompt,
+        });
     }
 
     /// Sets the evaluation before training.
     pub fn set_base(&mut self, report: &GoldReport) {
-        self.base_passes = Some(report.passes.clone());
+        self.base = Some(report.passes.clone());
     }
 
     /// The change of the strict score since the evaluation before training, with its 95%
     /// interval over prompts (both evaluations use the same noise, so they are paired).
     pub fn change(&self, report: &GoldReport) -> Option<Change> {
-        let categories: Vec<_> = self.prompts.iter().map(|p| p.category).collect();
-        let pair = |passes: &[usize]| Passes { categories: categories.clone(), passes: passes.to_vec(), per_prompt: self.config.per_prompt };
-        let base = self.base_passes.as_ref()?;
-        paired_change(&pair(base), &pair(&report.passes), SEED).ok().map(|c| c.overall)
+        paired_change(self.base.as_ref()?, &report.passes, SEED).ok().map(|c| c.overall)
     }
 
     /// Whether epoch `epoch` (0-based, just finished) ends with an evaluation.
@@ -100,7 +102,7 @@ pub fn summary(gold: f64, change: Option<(f64, f64, f64)>, diversity: f64, out_o
 /// The gold-base file: the evaluation's fields and its passes per prompt.
 pub(super) fn base_fields(r: &GoldReport) -> serde_json::Value {
     let mut fields = record_fields(r, None);
-    fields[PASSES] = serde_json::json!(r.passes);
+    fields[PASSES] = serde_json::json!(r.passes.passes);
     fields
 }
 
