@@ -335,7 +335,13 @@ pub fn describe(image: &RgbImage) -> String {
     if shapes.is_empty() {
         return format!("a plain {} background", first_bg.name());
     }
-    CaptionSpec { background: d.background.iter().take(2).copied().collect(), shapes, relation: None }.caption()
+    // Two single shapes: where the first stands, as the suite's detector judges it (so a reward
+    // on the description can tell "above" from "below").
+    let relation = match (&shapes[..], &d.objects[..]) {
+        ([a, b], [first, second]) if a.count == 1 && b.count == 1 => crate::world::geneval::relations(first, second).first().copied(),
+        _ => None,
+    };
+    CaptionSpec { background: d.background.iter().take(2).copied().collect(), shapes, relation }.caption()
 }
 
 #[cfg(test)]
@@ -347,6 +353,16 @@ mod tests {
         let sample = crate::world::ShapesWorld::default().batch(3, 1).remove(0);
         let described = describe(&sample.image);
         assert!(described.ends_with("background"), "{described}");
+        // A rendered relation is described as such, and the reverse layout the other way round.
+        for caption in ["a yellow triangle above a purple ring on a green background", "a purple ring above a yellow triangle on a green background"] {
+            let spec = crate::world::parse_caption(caption).unwrap();
+            let img = crate::world::Scene::layout(&spec, 32, &mut <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(4)).render(4);
+            let said = describe(&img);
+            assert!(said.contains("above") || said.contains("below"), "{caption}: {said}");
+            // "triangle above ring" and "ring below triangle" say the same.
+            let triangle_on_top = said.contains("above") == (said.find("triangle") < said.find("ring"));
+            assert_eq!(triangle_on_top, caption.starts_with("a yellow triangle"), "{caption}: {said}");
+        }
         let score = answer(&sample.image, &format!("Score the image against \"{}\" from 0 to 10.", sample.caption));
         let n = super::super::parse_score(&score, "Final Score:").unwrap();
         assert!((0.0..=10.0).contains(&n), "{score}");
