@@ -20,7 +20,7 @@ fn main() -> anyhow::Result<()> {
     let seed: u64 = args.get(3).map_or(Ok(7), |s| s.parse()).context("SEED must be a number")?;
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     let policy = ddpo::family::open_frozen(&model, None, &OpenOptions::default(), &candle_core::Device::Cpu)?;
-    let cfg = SamplerConfig { steps: 20, eta: 1.0, guidance: 5.0 };
+    let cfg = SamplerConfig::new(20, 1.0, 5.0);
     let prompts: Vec<String> = compositional_v1().into_iter().step_by(stride).map(|p| p.text).collect();
     let images = sample_images(policy.as_ref(), &prompts, &cfg, seed, 50)?;
     let mut index = Vec::new();

@@ -1,7 +1,8 @@
 //! The run folder under faults, through the binary: a second process on a live run is refused
 //! with the holder's pid, a kill -9 leaves no stale lock and resumes to the uninterrupted run, a
-//! damaged latest checkpoint falls back to the previous one, and a failed checkpoint write (a
-//! full disk) is one clean error that leaves the last good checkpoint loadable.
+//! damaged latest checkpoint falls back to the previous one, a torn metrics line is dropped, and
+//! a failed checkpoint write (a full disk) is one clean error that leaves the last good
+//! checkpoint loadable.
 
 mod common;
 
@@ -78,6 +79,30 @@ fn a_live_run_is_locked_and_a_killed_one_resumes_to_the_same_run() {
     let (ok, stderr) = ddpo(&["train", "--resume", run.to_str().unwrap()]);
     assert!(ok, "{stderr}");
     assert_eq!(metrics(&straight), metrics(&run));
+}
+
+#[test]
+fn a_torn_metrics_line_is_dropped_on_resume_and_a_damaged_one_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, straight) = straight_run(dir.path(), 3);
+    let run = dir.path().join("run");
+    train(&model, &run, 2);
+    // A kill in the middle of appending epoch 2's record leaves the start of a line, no newline.
+    let path = run.join("metrics.jsonl");
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str("{\"epoch\":2,\"");
+    std::fs::write(&path, &text).unwrap();
+    let (ok, stderr) = ddpo(&["train", "--resume", run.to_str().unwrap(), "--epochs", "3"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(metrics(&straight), metrics(&run));
+
+    // A line in the middle that does not parse is damage, not a torn append: named, not skipped.
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines[1] = "{\"epoch\": 1, garbage";
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    let (ok, stderr) = ddpo(&["train", "--resume", run.to_str().unwrap(), "--epochs", "4"]);
+    assert!(!ok && stderr.contains("metrics.jsonl line 2 is corrupt"), "{stderr}");
 }
 
 fn metrics_lines(run: &Path) -> usize {

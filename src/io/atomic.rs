@@ -1,4 +1,4 @@
-//! Atomic file writes: a temporary file beside the target, then a rename.
+//! Atomic file writes: a temporary file beside the target, then a rename; appends in one write.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -29,6 +29,14 @@ pub fn save_tensors_atomic_with_metadata(
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let tmp = tmp_path(path);
     finish(std::fs::write(&tmp, bytes).map_err(io_error), &tmp, path)
+}
+
+/// Appends `line` and a newline to `path` (created if missing) in one write, so that a process
+/// killed mid-append leaves at most one torn last line, never a record split around another.
+pub fn append_line(path: &Path, line: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(io_error).with_context(|| format!("cannot append to {}", path.display()))?;
+    file.write_all(format!("{line}\n").as_bytes()).map_err(io_error).with_context(|| format!("cannot append to {}", path.display()))
 }
 
 /// Moves a written temporary file into place; a failed write removes it (a full disk keeps no

@@ -5,5 +5,5 @@
 mod atomic;
 mod memory;
 
-pub use atomic::{save_tensors_atomic, save_tensors_atomic_with_metadata, write_atomic};
+pub use atomic::{append_line, save_tensors_atomic, save_tensors_atomic_with_metadata, write_atomic};
 pub use memory::{memory_mb, peak_rss_mb};

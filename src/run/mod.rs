@@ -10,7 +10,6 @@ mod curves;
 mod lock;
 mod model;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -149,10 +148,7 @@ impl RunDir {
             return Ok(());
         }
         let line = serde_json::json!({ "epoch": epoch, "scripts": hashes });
-        let path = self.dir.join("scripts/epochs.jsonl");
-        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("cannot append to {}", path.display()))?;
-        writeln!(file, "{line}")?;
-        Ok(())
+        crate::io::append_line(&self.dir.join("scripts/epochs.jsonl"), &line.to_string())
     }
 
     /// The config of the run in `dir`, read without opening (or locking) the run.
@@ -171,11 +167,21 @@ impl RunDir {
         Ok((run, config))
     }
 
+    /// Reads the recorded epochs back. A last line with no newline that does not parse is an
+    /// append cut short by a kill: it is skipped here and dropped when the run is truncated to
+    /// its checkpoint. Any other line that does not parse is damage, named by its line number.
     fn reload_curve(&mut self) -> anyhow::Result<()> {
         self.curves = Default::default();
-        let Ok(text) = std::fs::read_to_string(self.dir.join("metrics.jsonl")) else { return Ok(()) };
-        for line in text.lines().filter(|l| !l.trim().is_empty()) {
-            self.curves.push(&serde_json::from_str::<serde_json::Value>(line)?);
+        let path = self.dir.join("metrics.jsonl");
+        let Ok(text) = std::fs::read_to_string(&path) else { return Ok(()) };
+        let torn_tail = !text.ends_with('\n');
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            match serde_json::from_str::<serde_json::Value>(line) {
+                Ok(record) => self.curves.push(&record),
+                Err(_) if torn_tail && i + 1 == lines.len() => {}
+                Err(e) => anyhow::bail!("{} line {} is corrupt ({e}): remove the run folder or that line to go on", path.display(), i + 1),
+            }
         }
         Ok(())
     }
@@ -220,12 +226,7 @@ impl RunDir {
             m[k] = serde_json::json!(v);
         }
         merge_json(&mut m, extra);
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("metrics.jsonl"))
-            .with_context(|| format!("cannot append to {}/metrics.jsonl", self.dir.display()))?;
-        writeln!(file, "{m}")?;
+        crate::io::append_line(&self.dir.join("metrics.jsonl"), &m.to_string())?;
         self.write_grid(r)?;
         self.curves.push(&m);
         crate::render::save_png(&self.curves.draw(), &self.dir.join("reward.png"))?;
