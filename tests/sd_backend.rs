@@ -313,3 +313,44 @@ fn cli_trains_on_a_model_dir_and_samples_with_the_result() -> Result<()> {
     assert!(!ok && stderr.contains("/no/such/dir: not a folder"), "{stderr}");
     Ok(())
 }
+
+/// Each tensor's name and shape in a safetensors file.
+fn tensor_shapes(path: &Path) -> Result<HashMap<String, Vec<usize>>> {
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu).with_context(|| format!("reading {}", path.display()))?;
+    Ok(tensors.into_iter().map(|(k, v)| (k, v.dims().to_vec())).collect())
+}
+
+#[test]
+fn random_weights_take_the_names_and_shapes_diffusers_saves() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let folder = dir.path().join("sd");
+    copy_fixture(&folder)?;
+    let weights = ["unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors", "vae/diffusion_pytorch_model.safetensors"];
+    for w in weights {
+        std::fs::remove_file(folder.join(w))?;
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ddpo")).args(["bench", "--random-weights", folder.to_str().unwrap()]).output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let counts: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    // The UNet and text encoder files hold exactly the weights diffusers and transformers wrote
+    // for the fixture (older transformers also saved the position_ids buffer, which is no
+    // weight); the VAE file its decoder's (sampling never encodes).
+    for w in &weights[..2] {
+        let mut want = tensor_shapes(&fixture().join(w))?;
+        want.retain(|k, _| !k.ends_with("position_ids"));
+        assert_eq!(tensor_shapes(&folder.join(w))?, want, "{w}");
+    }
+    let vae = tensor_shapes(&folder.join(weights[2]))?;
+    let decoder: HashMap<String, Vec<usize>> =
+        tensor_shapes(&fixture().join(weights[2]))?.into_iter().filter(|(k, _)| k.starts_with("decoder.") || k.starts_with("post_quant_conv.")).collect();
+    assert_eq!(vae, decoder);
+    let unet_params: usize = tensor_shapes(&fixture().join(weights[0]))?.values().map(|s| s.iter().product::<usize>()).sum();
+    assert_eq!(counts["unet"].as_u64(), Some(unet_params as u64));
+    // The folder now samples; a second fill is refused, naming the file in the way.
+    let policy = LatentPolicy::load(&folder, Finetune::Frozen, DType::F32, &Device::Cpu)?;
+    let images = samples(&policy, 2)?;
+    assert!(images.flatten_all()?.to_vec1::<f32>()?.iter().all(|v| v.is_finite()));
+    let (ok, stderr) = ddpo_cli(&["bench", "--random-weights", folder.to_str().unwrap()]);
+    assert!(!ok && stderr.contains("unet/diffusion_pytorch_model.safetensors exists"), "{stderr}");
+    Ok(())
+}

@@ -80,7 +80,7 @@ fn gpu_check_script_dry_runs_on_cpu() {
         .expect("run bash");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "check.sh --dry-run failed:\n{text}");
-    for stage in ["selftest-f32", "selftest-f16", "tiny-sd-epoch"] {
+    for stage in ["selftest-f32", "selftest-f16", "tiny-sd-epoch", "sd-random-weights", "sd15-epoch", "sd15-torch-twin"] {
         assert!(text.contains(&format!("stage {stage}")), "no timing for {stage}:\n{text}");
     }
 }

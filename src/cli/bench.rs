@@ -23,12 +23,22 @@ pub struct Args {
     /// Print the default policy configuration (JSON, diffusers field names) and exit.
     #[arg(long)]
     print_config: bool,
+    /// Fill the diffusers folder DIR, which has configs and a tokenizer but no weights, with
+    /// seeded random weights (UNet, text encoder, VAE decoder) and exit: a model of a real size
+    /// to time without downloading it (`benches/gpu/sd15` holds Stable Diffusion 1.5's configs).
+    #[arg(long, value_name = "DIR")]
+    random_weights: Option<std::path::PathBuf>,
 }
 
 pub fn exec(args: Args) -> anyhow::Result<()> {
     if args.print_config {
         let cfg = crate::family::PolicyConfig::shapes_default();
         println!("{}", serde_json::to_string_pretty(&cfg)?);
+        return Ok(());
+    }
+    if let Some(dir) = &args.random_weights {
+        let counts = crate::family::sd::random::write_random_weights(dir, 0)?;
+        println!("{}", serde_json::to_string_pretty(&counts)?);
         return Ok(());
     }
     let cfg = if args.quick {

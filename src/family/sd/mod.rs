@@ -8,6 +8,7 @@
 
 pub mod folder;
 pub mod load;
+pub mod random;
 pub mod tokenizer;
 pub mod vae;
 

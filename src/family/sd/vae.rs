@@ -17,8 +17,8 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
 
-const CONFIG: &str = "config.json";
-const WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
+pub(super) const CONFIG: &str = "config.json";
+pub(super) const WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
 
 /// The fields of a diffusers `vae/config.json` that the decoder needs.
 #[derive(Debug, Clone, PartialEq)]
@@ -70,9 +70,11 @@ impl VaeConfig {
             layers_per_block: uint("layers_per_block")?,
             latent_channels: uint("latent_channels")?,
             norm_num_groups: uint("norm_num_groups")?,
-            scaling_factor: json["scaling_factor"]
-                .as_f64()
-                .with_context(|| format!("{}: field scaling_factor missing or not a number", path.display()))?,
+            // Stable Diffusion 1.x's original config predates the field: diffusers' default.
+            scaling_factor: match &json["scaling_factor"] {
+                serde_json::Value::Null => 0.18215,
+                v => v.as_f64().with_context(|| format!("{}: field scaling_factor is not a number", path.display()))?,
+            },
             shift_factor: match &json["shift_factor"] {
                 serde_json::Value::Null => 0.0,
                 v => v.as_f64().with_context(|| format!("{}: field shift_factor is not a number", path.display()))?,
@@ -280,6 +282,11 @@ impl UpBlock {
 }
 
 /// diffusers `Decoder` preceded by `post_quant_conv`.
+/// Builds the decoder on `vb` (for fresh weights: [`super::random`]).
+pub(super) fn build_decoder(cfg: &VaeConfig, vb: VarBuilder) -> candle_core::Result<()> {
+    Decoder::new(cfg, vb).map(drop)
+}
+
 struct Decoder {
     post_quant_conv: Option<Conv2d>,
     conv_in: Conv2d,
