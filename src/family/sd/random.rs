@@ -34,17 +34,17 @@ pub fn write_random_weights(dir: &Path, seed: u64) -> anyhow::Result<RandomWeigh
         anyhow::ensure!(!weights.exists(), "{} exists: --random-weights fills a folder that has configs and no weights", weights.display());
     }
     let unet_cfg = folder.unet_config()?;
-    let unet = write(&dir.join(folder::UNET_WEIGHTS), seed, |vb| UNet2DConditionModel::new(&unet_cfg, vb).map(drop))?;
+    let unet = write_seeded(&dir.join(folder::UNET_WEIGHTS), seed, |vb| UNet2DConditionModel::new(&unet_cfg, vb).map(drop))?;
     let text_cfg = folder.text_config()?;
-    let text_encoder = write(&dir.join(folder::TEXT_WEIGHTS), seed, |vb| TextEncoder::new(&text_cfg, vb).map(drop))?;
+    let text_encoder = write_seeded(&dir.join(folder::TEXT_WEIGHTS), seed, |vb| TextEncoder::new(&text_cfg, vb).map(drop))?;
     let vae_cfg = VaeConfig::from_file(&dir.join(folder::VAE_DIR).join(vae::CONFIG))?;
-    let vae_decoder = write(&vae_weights, seed, |vb| vae::build_decoder(&vae_cfg, vb))?;
+    let vae_decoder = write_seeded(&vae_weights, seed, |vb| vae::build_decoder(&vae_cfg, vb))?;
     Ok(RandomWeights { unet, text_encoder, vae_decoder })
 }
 
 /// Builds a model with `build` on seeded fresh variables and saves them to `path`; returns the
 /// parameter count.
-fn write(path: &Path, seed: u64, build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<()>) -> anyhow::Result<usize> {
+fn write_seeded(path: &Path, seed: u64, build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<()>) -> anyhow::Result<usize> {
     let varmap = VarMap::new();
     build(seeded_var_builder(&varmap, seed, &Device::Cpu)).with_context(|| format!("building the model of {}", path.display()))?;
     let tensors: HashMap<String, Tensor> = varmap.data().lock().expect("varmap lock").iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
