@@ -35,8 +35,11 @@ pub fn line_plot(series: &[Series], title: &str, x_label: &str, y_label: &str, w
     let epochs = series.iter().map(|s| s.values.len()).max().unwrap_or(0);
     draw_text(&mut img, frame.left, 4, title, BLACK, 1);
     frame.grid(&mut img, &y_ticks, epochs);
+    // Every band before any line, so that one series' band never hides another's line.
     for s in series {
         frame.band(&mut img, s);
+    }
+    for s in series {
         frame.line(&mut img, s);
     }
     frame.axes(&mut img, &y_ticks, epochs, x_label, y_label);
