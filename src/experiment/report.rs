@@ -3,7 +3,7 @@
 //! standard deviation over its seeds.
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use image::{Rgb, RgbImage};
 
@@ -103,11 +103,21 @@ pub fn report(exp: &Experiment) -> anyhow::Result<Report> {
     Ok(Report { markdown: markdown(exp, &groups, finished.len(), specs.len()), plot: plot(exp, &groups) })
 }
 
+/// A path under the working folder written relative to it, so that the table does not carry this
+/// machine's folder names; anything else as it is.
+fn relative_to_cwd(value: &str) -> String {
+    let cwd = std::env::current_dir().unwrap_or_default();
+    match Path::new(value).strip_prefix(&cwd) {
+        Ok(rel) if Path::new(value).is_absolute() => rel.display().to_string(),
+        _ => value.to_string(),
+    }
+}
+
 fn markdown(exp: &Experiment, groups: &[(String, Group)], done: usize, total: usize) -> String {
     let spec = &exp.spec;
     let axes: Vec<&str> = spec.axes.iter().map(|a| a.name.as_str()).collect();
     let mut out = format!("# Experiment `{}`\n\n", spec.name);
-    let shared: Vec<String> = spec.shared.iter().map(|(o, v)| format!("`--{o} {v}`")).collect();
+    let shared: Vec<String> = spec.shared.iter().map(|(o, v)| format!("`--{o} {}`", relative_to_cwd(&v.to_string()))).collect();
     let seeds: Vec<String> = spec.seeds.iter().map(u64::to_string).collect();
     let _ = writeln!(out, "From `{}`. Shared options: {}. Seeds: {}. Finished runs: {done} of {total}.\n", spec.file.display(), if shared.is_empty() { "none".into() } else { shared.join(" ") }, seeds.join(", "));
     let _ = writeln!(out, "Mean ± sample standard deviation over the finished seeds of each row. *final reward*: the last epoch's mean training reward; *change*: from epoch 0 to the last; *paired change*: the finetuned model minus the base model on the same prompts and noise, by the training reward; *gold*: the last gold evaluation (`--eval-every`), and the same evaluation of the model before training; *out of range*: the last epoch's final samples outside [-1, 1].\n");
