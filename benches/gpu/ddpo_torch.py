@@ -35,7 +35,7 @@ def load_pipeline(model_dir, device, dtype):
 
     def strict(model, file, may_miss=()):
         missing, unexpected = model.load_state_dict(load_file(os.path.join(model_dir, file)), strict=False)
-        missing = [k for k in missing if not k.startswith(may_miss)] if may_miss else missing
+        missing = [k for k in missing if not k.startswith(may_miss)]  # startswith(()) is False
         assert not missing and not unexpected, f"{file}: missing {missing[:3]}, unexpected {unexpected[:3]}"
         return model
 

@@ -35,8 +35,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 /// killed mid-append leaves at most one torn last line, never a record split around another.
 pub fn append_line(path: &Path, line: &str) -> anyhow::Result<()> {
     use std::io::Write;
-    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(io_error).with_context(|| format!("cannot append to {}", path.display()))?;
-    file.write_all(format!("{line}\n").as_bytes()).map_err(io_error).with_context(|| format!("cannot append to {}", path.display()))
+    let appended = std::fs::OpenOptions::new().create(true).append(true).open(path).and_then(|mut file| file.write_all(format!("{line}\n").as_bytes()));
+    appended.map_err(io_error).with_context(|| format!("cannot append to {}", path.display()))
 }
 
 /// Moves a written temporary file into place; a failed write removes it (a full disk keeps no
