@@ -3,7 +3,7 @@
 //! the UNet core with what trains ([`load`]). A latent family: its samples are VAE latents,
 //! decoded to pixels for the reward.
 //!
-//! `tests/golden_sd.rs` checks these pieces, and the whole guided DDIM policy path, against
+//! `tests/integration/golden_sd.rs` checks these pieces, and the whole guided DDIM policy path, against
 //! diffusers and the DDPO reference on the tiny-sd fixture.
 
 pub mod folder;

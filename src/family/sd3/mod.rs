@@ -10,8 +10,8 @@
 //! - [`pipeline`] reads a `StableDiffusion3Pipeline` folder and saves trained weights;
 //!   [`policy`] is the [`Family`](crate::family::Family) over it.
 //!
-//! `tests/sd3.rs` checks the transformer against diffusers on the tiny-sd3 fixture,
-//! `tests/sd3_pipeline.rs` the pipeline on tiny-sd3-pipeline.
+//! `tests/integration/sd3.rs` checks the transformer against diffusers on the tiny-sd3 fixture,
+//! `tests/integration/sd3_pipeline.rs` the pipeline on tiny-sd3-pipeline.
 
 pub mod block;
 pub mod config;

@@ -4,7 +4,7 @@
 //! a failed checkpoint write (a full disk) is one clean error that leaves the last good
 //! checkpoint loadable.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};

@@ -1,7 +1,7 @@
 //! The training run folder: metrics and artefacts per epoch, checkpoints that resume the same
 //! run, and a bad reward that stops an epoch without touching the last checkpoint.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

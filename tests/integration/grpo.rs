@@ -2,7 +2,7 @@
 //! without signal carry no weight, same-noise groups share x_T, a trained-step window, and the KL
 //! term is zero at the reference.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

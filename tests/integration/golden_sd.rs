@@ -97,7 +97,7 @@ fn tokenizer_errors_name_the_missing_file() {
     assert!(format!("{err:#}").contains("config.json"), "{err:#}");
 }
 
-// The VAE decode against diffusers: `ddpo::selftest::sd` (tests/golden_unet.rs).
+// The VAE decode against diffusers: `ddpo::selftest::sd` (tests/integration/golden_unet.rs).
 
 /// Text encoder hidden states of the prompts and of the empty prompt, each (2, 77, D).
 fn text_states(tok: &ClipTokenizer) -> Result<(Tensor, Tensor)> {

@@ -30,4 +30,4 @@ fn schedule_matches_diffusers_alphas_and_timesteps() {
     assert_eq!(ours, ts);
 }
 
-// The DDIM step's log-probs against the reference: `ddpo::selftest::sd` (tests/golden_unet.rs).
+// The DDIM step's log-probs against the reference: `ddpo::selftest::sd` (tests/integration/golden_unet.rs).

@@ -4,7 +4,7 @@
 //! in f64 (which falls back to candle), on 3-D inputs through `layers::Linear`, and the
 //! shape errors.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Module, Result, Tensor, Var};
 use common::{rand_tensor, rel_err};

@@ -2,7 +2,7 @@
 //! formula, a trajectory's log-probs recomputed exactly (ratio 1), the flow-matching loss
 //! learning, and a DDPO epoch, group-relative with a LoRA KL term, through the unchanged trainer.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

@@ -1,7 +1,7 @@
 //! Correctness of `ddpo::kernels::conv2d` against candle's own conv2d: forward values, both
 //! gradients through autograd, finite differences, and non-contiguous inputs.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use ddpo::kernels::conv2d;

@@ -4,7 +4,7 @@
 //! policy, LoRA adapters saved under diffusers' names and reloaded, folder errors, and
 //! `ddpo train --model-dir` end to end with and without LoRA.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -236,7 +236,7 @@ fn sd35_medium_has_diffusers_parameter_count() {
 
 /// A random model at SD3.5-Medium's real widths (head dim 64, 24 heads, 4096-wide text states,
 /// the 384-square position table) made by `make_golden.py --real-width DIR`, which is too large
-/// to commit: `SD3_REAL_WIDTH_DIR=DIR cargo test --test sd3 -- --ignored`.
+/// to commit: `SD3_REAL_WIDTH_DIR=DIR cargo test --test integration sd3:: -- --ignored`.
 #[test]
 #[ignore = "needs a model made by make_golden.py --real-width (1.6 GB at 2 blocks)"]
 fn real_width_sd35_medium_matches_diffusers() {

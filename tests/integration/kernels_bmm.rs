@@ -3,7 +3,7 @@
 //! every transpose combination over random shapes, 4-D inputs, f64 (candle's path) and the
 //! shape errors.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Result, Tensor, Var};
 use common::{rand_tensor, rel_err};

@@ -5,7 +5,7 @@
 //! masks, mask gradients, finite differences on tiny cases, f64 fallbacks, the GELU's accuracy
 //! against f64 erf, shape errors, and `layers::attention` end to end.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use ddpo::kernels::{geglu, softmax_last_dim};

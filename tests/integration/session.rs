@@ -2,7 +2,7 @@
 //! trains through the real trainer and session, resumes exactly, and logs the learning rate it
 //! applies.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::atomic::AtomicBool;

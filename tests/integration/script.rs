@@ -1,9 +1,9 @@
 //! The Rhai scripting host: rewards equal their Rust counterparts, errors carry `file:line:col`,
 //! the sandbox stops runaway scripts and confines `import`, prompt scripts are reproducible per
 //! seed, hot reload swaps good versions in and keeps the old one on failure, API.md is current,
-//! `ddpo check`'s verdicts. The same scripts through the binary are in `tests/script_cli.rs`.
+//! `ddpo check`'s verdicts. The same scripts through the binary are in `tests/integration/script_cli.rs`.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};

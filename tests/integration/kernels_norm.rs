@@ -3,7 +3,7 @@
 //! gradients over randomised shapes, a finite-difference check, non-contiguous and f64 inputs,
 //! and shape errors. Also `ddpo::kernels::layer_norm` against candle-nn's `layer_norm_slow`.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
 use ddpo::kernels::{group_norm, layer_norm};

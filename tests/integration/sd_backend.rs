@@ -3,7 +3,7 @@
 //! trajectory recomputed through `Policy` and the sampler, LoRA adapters (gradients, diffusers /
 //! peft names, reload), reduced-precision frozen weights, and DDPO end to end with the CLI.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -110,7 +110,7 @@ fn broken_folders_fail_naming_the_file_field_or_tensor() -> Result<()> {
     Ok(())
 }
 
-// The reference trajectory through the policy seam: `ddpo::selftest::sd` (tests/golden_unet.rs).
+// The reference trajectory through the policy seam: `ddpo::selftest::sd` (tests/integration/golden_unet.rs).
 
 #[test]
 fn gradients_reach_every_lora_tensor_of_the_sd_unet() -> Result<()> {

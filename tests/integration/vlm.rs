@@ -3,7 +3,7 @@
 //! timeouts and retries on injected faults, an unreachable endpoint failing an epoch in bounded
 //! time, the reply cache, clear errors on bad replies, and scripts reaching no other address.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -2,7 +2,7 @@
 //! variances, exact recompute, and gradients reaching every trainable tensor; the same sampler
 //! over the test-double Gaussian family.
 
-mod common;
+use crate::common;
 
 use candle_core::{Device, Tensor};
 use common::fixtures::{prompt_pair as prompts, tiny_family};

@@ -2,7 +2,7 @@
 //! prompt and hooks scripts (versions kept, hot reload while it runs, waiting for a fix, hook
 //! overrides and early stop, the `scripts/` folder as the default).
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

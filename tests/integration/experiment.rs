@@ -2,7 +2,7 @@
 //! experiment killed with kill -9 and run again finishes with the same table as an
 //! uninterrupted one.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
