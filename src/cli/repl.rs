@@ -163,6 +163,7 @@ impl ReplHost for ModelHost {
             Ended::StoppedByHooks { epoch, before: false } => out.0 += &format!("stopped by the hooks after epoch {epoch}\n"),
             Ended::Interrupted { epoch } => out.0 += &format!("interrupted: stopped after epoch {epoch}\n"),
             Ended::Hacking { epoch, .. } => out.0 += &format!("stopped after epoch {epoch} on reward hacking\n"),
+            Ended::GoldFell { epoch, .. } => out.0 += &format!("stopped after epoch {epoch}: the suite's score fell beyond its noise\n"),
         }
         s.session.checkpoint()?;
         out.0 += &format!("checkpoint: {}\n", s.session.policy_path().display());

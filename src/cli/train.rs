@@ -132,7 +132,9 @@ pub struct Args {
     /// Keep the checkpoint with the best gold score in RUN/best/.
     #[arg(help_heading = "Evaluation", long)]
     keep_best: bool,
-    /// Stop the run when it hacks the reward (and point to the best checkpoint).
+    /// Stop the run when it hacks the reward (the reward rises while the gold score falls) or
+    /// when the suite's strict score falls below the base model's beyond its noise, and point to
+    /// the best checkpoint.
     #[arg(help_heading = "Evaluation", long)]
     stop_on_hack: bool,
     /// Sample each prompt this many times per epoch, side by side, and take advantages relative
@@ -478,13 +480,23 @@ fn run(mut session: Session, quiet: bool) -> anyhow::Result<()> {
         Ended::StoppedByHooks { epoch, before: true } => eprintln!("stopped by the hooks before epoch {epoch} (checkpointed in {dir})"),
         Ended::StoppedByHooks { epoch, before: false } => eprintln!("stopped by the hooks after epoch {epoch}; continue with --resume {dir}"),
         Ended::Interrupted { epoch } => eprintln!("stopped after epoch {epoch}; continue with --resume {dir}"),
-        Ended::Hacking { epoch, best_epoch } => eprintln!(
-            "stopped after epoch {epoch} on reward hacking (--stop-on-hack); the best gold score was after epoch {}{}",
-            best_epoch.map_or("?".into(), |e| e.to_string()),
-            if session.config().eval.as_ref().is_some_and(|g| g.keep_best) { format!(", kept in {dir}/best/") } else { String::new() }
-        ),
+        Ended::Hacking { epoch, best_epoch } => eprintln!("stopped after epoch {epoch} on reward hacking (--stop-on-hack){}", best_gold(&session, best_epoch)),
+        Ended::GoldFell { epoch, best_epoch } => {
+            eprintln!("stopped after epoch {epoch}: the suite's score fell beyond its noise (--stop-on-hack){}", best_gold(&session, best_epoch))
+        }
     }
     Ok(())
+}
+
+/// Where the best gold score was, for the line of a run stopped by the monitor.
+fn best_gold(session: &Session, best_epoch: Option<usize>) -> String {
+    let kept = session.config().eval.as_ref().is_some_and(|g| g.keep_best);
+    let dir = session.run_dir().display();
+    format!(
+        "; the best gold score was after epoch {}{}",
+        best_epoch.map_or("?".into(), |e| e.to_string()),
+        if kept { format!(", kept in {dir}/best/") } else { String::new() }
+    )
 }
 
 /// A failed run's error, with the flag that continues it.

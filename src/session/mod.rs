@@ -69,6 +69,9 @@ pub enum Ended {
     /// The training reward rose while the gold score fell (`stop_on_hack`); the best gold score
     /// was at `best_epoch`.
     Hacking { epoch: usize, best_epoch: Option<usize> },
+    /// The suite's strict score fell below the model's before training by more than its noise,
+    /// whatever the reward did (`stop_on_hack`).
+    GoldFell { epoch: usize, best_epoch: Option<usize> },
 }
 
 /// An open training session.
@@ -392,10 +395,12 @@ impl Session {
 
 impl Session {
     /// What the hacking monitor makes of an evaluation: keep the best checkpoint, say when the
-    /// reward rises while the gold score falls, and (`stop_on_hack`) stop the run.
+    /// reward rises while the gold score falls or when the suite's score has fallen beyond its
+    /// noise since training began, and (`stop_on_hack`) stop the run.
     fn judge_gold(&mut self, epoch: usize, metrics: &serde_json::Value, report: &crate::eval::gold::GoldReport, observer: &mut dyn Observer) -> anyhow::Result<Option<Ended>> {
         let Some(watch) = self.gold.as_mut() else { return Ok(None) };
         let reward = metrics["reward_mean"].as_f64().unwrap_or(f64::NAN);
+        let fell = watch.change(report).filter(|c| c.high < 0.0);
         let verdict = watch.judge(epoch, reward, report);
         let (keep_best, stop_on_hack, best_epoch) = (watch.config.keep_best, watch.config.stop_on_hack, watch.best_epoch());
         match verdict {
@@ -414,6 +419,19 @@ impl Session {
                 }
             }
             _ => {}
+        }
+        if let Some(c) = fell {
+            observer.line(&format!(
+                "the model is losing what the gold score measures: the suite's strict score is {:+.1} points from before training (95% interval {:+.1} .. {:+.1}, all below zero); the best gold score was after epoch {}",
+                100.0 * c.change,
+                100.0 * c.low,
+                100.0 * c.high,
+                best_epoch.map_or("?".into(), |e| e.to_string())
+            ));
+            if stop_on_hack {
+                self.checkpoint()?;
+                return Ok(Some(Ended::GoldFell { epoch, best_epoch }));
+            }
         }
         Ok(None)
     }
