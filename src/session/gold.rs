@@ -24,7 +24,13 @@ pub(super) struct GoldWatch {
     reward: Option<ScriptReward>,
     /// The evaluation before training's strict passes per prompt ([`BASE_FILE`]), when known.
     base: Option<Passes>,
+    /// How many evaluations in a row found the strict score below the base beyond its interval.
+    fallen_in_a_row: usize,
 }
+
+/// Evaluations in a row whose strict score is below the base beyond its interval before the run
+/// says the model is getting worse: one such evaluation in twenty happens by chance.
+const FALLEN_EVALUATIONS: usize = 2;
 
 impl GoldWatch {
     /// Starts watching; a resumed run's earlier evaluations (its `metrics.jsonl` records) count.
@@ -32,14 +38,18 @@ impl GoldWatch {
         config.validate()?;
         anyhow::ensure!(config.reward.is_some() == reward.is_some(), "the gold reward script is configured but not loaded, or loaded but not configured");
         let mut monitor = HackMonitor::new(config.patience);
+        let mut fallen_in_a_row = 0;
         for r in records {
+            if let Some(high) = r["eval/strict_change_high"].as_f64() {
+                fallen_in_a_row = if high < 0.0 { fallen_in_a_row + 1 } else { 0 };
+            }
             // Runs from before `eval/gold` watched the suite's strict score.
             let gold = r["eval/gold"].as_f64().or(r["eval/suite_strict"].as_f64());
             if let (Some(epoch), Some(reward), Some(gold)) = (r["epoch"].as_u64(), r["reward_mean"].as_f64(), gold) {
                 monitor.observe(Evaluation { epoch: epoch as usize, reward, gold });
             }
         }
-        Ok(Self { prompts: config.prompts()?, config, monitor, reward, base: None })
+        Ok(Self { prompts: config.prompts()?, config, monitor, reward, base: None, fallen_in_a_row })
     }
 
     /// Reads the evaluation before training from `file` ([`BASE_FILE`]), when it has the passes
@@ -63,6 +73,15 @@ impl GoldWatch {
     /// interval over prompts (both evaluations use the same noise, so they are paired).
     pub fn change(&self, report: &GoldReport) -> Option<Change> {
         paired_change(self.base.as_ref()?, &report.passes, SEED).ok().map(|c| c.overall)
+    }
+
+    /// The change since before training when this evaluation and the one before it both found
+    /// the strict score below the base beyond its interval: the model is getting worse at what
+    /// the gold score measures, whatever the reward does.
+    pub fn fallen(&mut self, report: &GoldReport) -> Option<Change> {
+        let change = self.change(report)?;
+        self.fallen_in_a_row = if change.high < 0.0 { self.fallen_in_a_row + 1 } else { 0 };
+        (self.fallen_in_a_row >= FALLEN_EVALUATIONS).then_some(change)
     }
 
     /// Whether epoch `epoch` (0-based, just finished) ends with an evaluation.

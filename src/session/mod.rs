@@ -400,7 +400,7 @@ impl Session {
     fn judge_gold(&mut self, epoch: usize, metrics: &serde_json::Value, report: &crate::eval::gold::GoldReport, observer: &mut dyn Observer) -> anyhow::Result<Option<Ended>> {
         let Some(watch) = self.gold.as_mut() else { return Ok(None) };
         let reward = metrics["reward_mean"].as_f64().unwrap_or(f64::NAN);
-        let fell = watch.change(report).filter(|c| c.high < 0.0);
+        let fell = watch.fallen(report);
         let verdict = watch.judge(epoch, reward, report);
         let (keep_best, stop_on_hack, best_epoch) = (watch.config.keep_best, watch.config.stop_on_hack, watch.best_epoch());
         match verdict {
@@ -422,7 +422,7 @@ impl Session {
         }
         if let Some(c) = fell {
             observer.line(&format!(
-                "the model is losing what the gold score measures: the suite's strict score is {:+.1} points from before training (95% interval {:+.1} .. {:+.1}, all below zero); the best gold score was after epoch {}",
+                "the model is losing what the gold score measures: the suite's strict score is {:+.1} points from before training (95% interval {:+.1} .. {:+.1}, below zero at two evaluations in a row); the best gold score was after epoch {}",
                 100.0 * c.change,
                 100.0 * c.low,
                 100.0 * c.high,

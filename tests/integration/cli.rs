@@ -262,27 +262,27 @@ fn a_gold_reward_script_replaces_the_suite_score() {
 }
 
 /// A run that wrecks the model: the shipped default at a learning rate far too high. After its
-/// first epoch the suite's strict score is below its value before training beyond its interval,
-/// whatever the reward did: the monitor says so and `--stop-on-hack` stops there. A run whose
-/// updates change nothing (lr 1e-12) is not flagged.
+/// first two epochs the suite's strict score has been below its value before training beyond
+/// its interval twice in a row, whatever the reward did: the monitor says so and
+/// `--stop-on-hack` stops there. A run whose updates change nothing (lr 1e-12) is not flagged.
 #[test]
 fn a_run_that_wrecks_the_model_is_told_and_stopped() {
     let dir = tempfile::tempdir().unwrap();
     let model = concat!(env!("CARGO_MANIFEST_DIR"), "/models/shapes-unet.safetensors");
-    let train = |lr: &str, run: &str| {
+    let train = |lr: &str, run: &str, epochs: &str| {
         ddpo(&[
-            "train", "--model", model, "--run-dir", dir.path().join(run).to_str().unwrap(), "--reward", "brightness", "--epochs", "1",
+            "train", "--model", model, "--run-dir", dir.path().join(run).to_str().unwrap(), "--reward", "brightness", "--epochs", epochs,
             "--samples-per-epoch", "8", "--sample-batch-size", "8", "--train-batch-size", "8", "--steps", "4", "--warmup-steps", "0",
             "--lr", lr, "--eval-every", "1", "--eval-prompts", "12", "--eval-per-prompt", "2", "--stop-on-hack",
         ])
     };
-    let (ok, stderr) = train("1e-2", "wrecked");
+    let (ok, stderr) = train("1e-2", "wrecked", "3");
     assert!(ok, "{stderr}");
-    assert!(stderr.contains("the model is losing what the gold score measures") && stderr.contains("all below zero"), "{stderr}");
-    assert!(stderr.contains("stopped after epoch 0: the suite's score fell beyond its noise (--stop-on-hack)"), "{stderr}");
+    assert!(stderr.contains("the model is losing what the gold score measures") && stderr.contains("two evaluations in a row"), "{stderr}");
+    assert!(stderr.contains("stopped after epoch 1: the suite's score fell beyond its noise (--stop-on-hack)"), "{stderr}");
     let records = std::fs::read_to_string(dir.path().join("wrecked/metrics.jsonl")).unwrap();
     let last: serde_json::Value = serde_json::from_str(records.lines().last().unwrap()).unwrap();
-    assert!(records.lines().count() == 1 && last["eval/strict_change_high"].as_f64().unwrap() < 0.0, "{records}");
-    let (ok, stderr) = train("1e-12", "unchanged");
+    assert!(records.lines().count() == 2 && last["eval/strict_change_high"].as_f64().unwrap() < 0.0, "{records}");
+    let (ok, stderr) = train("1e-12", "unchanged", "2");
     assert!(ok && !stderr.contains("losing what the gold score") && stderr.contains("done:"), "{stderr}");
 }
