@@ -97,9 +97,12 @@ pub struct Args {
     /// Weight of a KL term to the base model in the DDPO-IS / SF loss (the closed-form KL of each
     /// trained step's Gaussian to the shipped model's, per pixel): changes the reward does not
     /// pay for are pulled back. Costs one more forward pass per trained step; with --lora the
-    /// reference is the same model with its adapters off (no second copy). 0: off.
-    #[arg(help_heading = "Algorithm", long, default_value_t = defaults().kl_weight)]
-    kl_weight: f64,
+    /// reference is the same model with its adapters off (no second copy). 0: off. Default:
+    /// 0.3 for DDPO-IS and SF, off for RWR (which has no KL term): without it the quick start's
+    /// 20 epochs wore the shipped model down to dark noise (suite gold 0.58 -> 0.00), with it
+    /// the shapes stay (README, "Training results").
+    #[arg(help_heading = "Algorithm", long)]
+    kl_weight: Option<f64>,
     /// Finetune the text encoder too (default: the UNet only, as the DDPO reference).
     #[arg(help_heading = "Model", long)]
     train_text_encoder: bool,
@@ -333,7 +336,7 @@ impl Args {
             train_only: self.train_only.clone(),
             min_train_sigma: self.min_train_sigma,
             range_penalty: self.range_penalty,
-            kl_weight: self.kl_weight,
+            kl_weight: self.kl_weight.unwrap_or_else(|| default_kl_weight(self.algo.into())),
             ..Default::default()
         };
         train.validate().map_err(super::flag_error)?;
@@ -591,6 +594,18 @@ impl Observer for EpochLines<'_> {
 fn defaults() -> TrainConfig {
     TrainConfig::default()
 }
+
+/// `--kl-weight` when not given: a KL term to the base model for the policy-gradient
+/// algorithms (chosen by the quick start's sweep), none for RWR, which refuses one.
+fn default_kl_weight(algorithm: Algorithm) -> f64 {
+    match algorithm {
+        Algorithm::Rwr => 0.0,
+        _ => DEFAULT_KL_WEIGHT,
+    }
+}
+
+/// The KL weight of DDPO-IS / SF runs that do not set one.
+const DEFAULT_KL_WEIGHT: f64 = 0.3;
 
 /// The default per-prompt normalisation's (buffer size, minimum count).
 fn per_prompt_defaults() -> (usize, usize) {
