@@ -67,7 +67,7 @@ pub struct Options {
 /// a run folder) behind the REPL's functions.
 pub fn open(o: Options) -> anyhow::Result<Repl> {
     let config = RunConfig {
-        train: TrainConfig { seed: o.seed, ..TrainConfig::default() },
+        train: TrainConfig { seed: o.seed, kl_weight: TrainConfig::default_kl_weight(crate::ddpo::Algorithm::Is), ..TrainConfig::default() },
         model: o.model.clone(),
         reward: RewardSpec::Script(o.reward.clone()),
         prompts: Vec::new(),

@@ -336,7 +336,7 @@ impl Args {
             train_only: self.train_only.clone(),
             min_train_sigma: self.min_train_sigma,
             range_penalty: self.range_penalty,
-            kl_weight: self.kl_weight.unwrap_or_else(|| default_kl_weight(self.algo.into())),
+            kl_weight: self.kl_weight.unwrap_or_else(|| TrainConfig::default_kl_weight(self.algo.into())),
             ..Default::default()
         };
         train.validate().map_err(super::flag_error)?;
@@ -594,18 +594,6 @@ impl Observer for EpochLines<'_> {
 fn defaults() -> TrainConfig {
     TrainConfig::default()
 }
-
-/// `--kl-weight` when not given: a KL term to the base model for the policy-gradient
-/// algorithms (chosen by the quick start's sweep), none for RWR, which refuses one.
-fn default_kl_weight(algorithm: Algorithm) -> f64 {
-    match algorithm {
-        Algorithm::Rwr => 0.0,
-        _ => DEFAULT_KL_WEIGHT,
-    }
-}
-
-/// The KL weight of DDPO-IS / SF runs that do not set one.
-const DEFAULT_KL_WEIGHT: f64 = 0.3;
 
 /// The default per-prompt normalisation's (buffer size, minimum count).
 fn per_prompt_defaults() -> (usize, usize) {

@@ -118,6 +118,17 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// The KL weight a run gets when it names none: a KL term to the base model for the
+    /// policy-gradient algorithms (the quick start's sweep: without it the shipped model wears
+    /// down to noise within 20 epochs), none for RWR, which refuses one. The library's own
+    /// `Default` keeps 0, so code that builds a config states what it wants.
+    pub fn default_kl_weight(algorithm: Algorithm) -> f64 {
+        match algorithm {
+            Algorithm::Rwr => 0.0,
+            _ => 0.3,
+        }
+    }
+
     /// Optimiser steps one epoch takes: a step per `grad_accum` minibatches of `train_batch_size`
     /// over `inner_epochs` passes; DDPO-SF takes one step over the whole epoch.
     pub fn optimizer_steps_per_epoch(&self) -> usize {
