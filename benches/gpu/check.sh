@@ -101,8 +101,9 @@ else
     twin=(--samples 8 --sample-batch-size 8 --train-batch-size 1 --steps 50 --device cuda)
 fi
 stage sd-random-weights "$bin" bench --random-weights "$sd"
+# No KL term (train's default adds one): the reference and its twin have none.
 stage sd15-epoch "$bin" train --model-dir "$sd" --device "$device" --run-dir "$work/sd-run" --lora-rank 4 \
-    --epochs 1 --reward brightness --prompt "a photo of a cat" "${sd_epoch[@]}"
+    --epochs 1 --reward brightness --prompt "a photo of a cat" --kl-weight 0 "${sd_epoch[@]}"
 epoch_seconds "$work/sd-run"
 # The twin: diffusers may travel as a wheel (pip download --no-deps diffusers -d benches/gpu/wheels).
 if compgen -G "benches/gpu/wheels/*.whl" > /dev/null; then
