@@ -5,7 +5,8 @@
 //! same score computed by the Rust built-in, the epoch's 32 prompt draws and its hook call, the
 //! reward on 2 threads (each worker has its own engine; the compiled AST is shared), and one
 //! whole epoch (sampling, reward, update) once; prints the scripts' share and their extra cost
-//! over Rust. Target: < 1%.
+//! over Rust. Target: < 1%. The epoch leaves out the KL term `ddpo train` adds by default: it
+//! would only lengthen the epoch and shrink the scripts' share.
 //!
 //! `cargo bench --bench script` (the epoch takes minutes on a small CPU).
 
