@@ -66,8 +66,9 @@ pub struct Options {
 /// A REPL session on a loaded model: a training session (the policy trainable, the scripts,
 /// a run folder) behind the REPL's functions.
 pub fn open(o: Options) -> anyhow::Result<Repl> {
+    let defaults = TrainConfig::default();
     let config = RunConfig {
-        train: TrainConfig { seed: o.seed, kl_weight: TrainConfig::default_kl_weight(crate::ddpo::Algorithm::Is), ..TrainConfig::default() },
+        train: TrainConfig { seed: o.seed, kl_weight: TrainConfig::default_kl_weight(defaults.algorithm), ..defaults },
         model: o.model.clone(),
         reward: RewardSpec::Script(o.reward.clone()),
         prompts: Vec::new(),

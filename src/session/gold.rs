@@ -37,19 +37,17 @@ impl GoldWatch {
     pub fn new(config: GoldConfig, reward: Option<ScriptReward>, records: &[serde_json::Value]) -> anyhow::Result<Self> {
         config.validate()?;
         anyhow::ensure!(config.reward.is_some() == reward.is_some(), "the gold reward script is configured but not loaded, or loaded but not configured");
-        let mut monitor = HackMonitor::new(config.patience);
-        let mut fallen_in_a_row = 0;
+        let monitor = HackMonitor::new(config.patience);
+        let mut watch = Self { prompts: config.prompts()?, config, monitor, reward, base: None, fallen_in_a_row: 0 };
         for r in records {
-            if let Some(high) = r["eval/strict_change_high"].as_f64() {
-                fallen_in_a_row = if high < 0.0 { fallen_in_a_row + 1 } else { 0 };
-            }
+            watch.fallen(r);
             // Runs from before `eval/gold` watched the suite's strict score.
             let gold = r["eval/gold"].as_f64().or(r["eval/suite_strict"].as_f64());
             if let (Some(epoch), Some(reward), Some(gold)) = (r["epoch"].as_u64(), r["reward_mean"].as_f64(), gold) {
-                monitor.observe(Evaluation { epoch: epoch as usize, reward, gold });
+                watch.monitor.observe(Evaluation { epoch: epoch as usize, reward, gold });
             }
         }
-        Ok(Self { prompts: config.prompts()?, config, monitor, reward, base: None, fallen_in_a_row })
+        Ok(watch)
     }
 
     /// Reads the evaluation before training from `file` ([`BASE_FILE`]), when it has the passes
@@ -75,13 +73,15 @@ impl GoldWatch {
         paired_change(self.base.as_ref()?, &report.passes, SEED).ok().map(|c| c.overall)
     }
 
-    /// The change since before training when this evaluation and the one before it both found
+    /// Counts a `metrics.jsonl` record's evaluation (its strict change, as [`record_fields`]
+    /// wrote it) and returns (change, low, high) when it and the evaluation before it both found
     /// the strict score below the base beyond its interval: the model is getting worse at what
-    /// the gold score measures, whatever the reward does.
-    pub fn fallen(&mut self, report: &GoldReport) -> Option<Change> {
-        let change = self.change(report)?;
-        self.fallen_in_a_row = if change.high < 0.0 { self.fallen_in_a_row + 1 } else { 0 };
-        (self.fallen_in_a_row >= FALLEN_EVALUATIONS).then_some(change)
+    /// the gold score measures, whatever the reward does. Records without one change nothing.
+    pub fn fallen(&mut self, record: &serde_json::Value) -> Option<(f64, f64, f64)> {
+        let [change, low, high] = STRICT_CHANGE.map(|k| record[k].as_f64());
+        let (change, low, high) = (change?, low?, high?);
+        self.fallen_in_a_row = if high < 0.0 { self.fallen_in_a_row + 1 } else { 0 };
+        (self.fallen_in_a_row >= FALLEN_EVALUATIONS).then_some((change, low, high))
     }
 
     /// Whether epoch `epoch` (0-based, just finished) ends with an evaluation.
@@ -107,6 +107,9 @@ impl GoldWatch {
 
 /// The gold-base file's field with the strict passes per prompt.
 const PASSES: &str = "eval/passes";
+
+/// The record fields of the strict score's change since before training and its interval.
+const STRICT_CHANGE: [&str; 3] = ["eval/strict_change", "eval/strict_change_low", "eval/strict_change_high"];
 
 /// An evaluation in a log line after the word "gold": `G diversity D out O%` (no range for
 /// latent families, whose out-of-range fraction is NaN), and where the run knows its evaluation
@@ -139,9 +142,9 @@ pub(super) fn record_fields(r: &GoldReport, change: Option<&Change>) -> serde_js
         fields["eval/reward"] = serde_json::json!(reward);
     }
     if let Some(c) = change {
-        fields["eval/strict_change"] = serde_json::json!(c.change);
-        fields["eval/strict_change_low"] = serde_json::json!(c.low);
-        fields["eval/strict_change_high"] = serde_json::json!(c.high);
+        for (key, value) in STRICT_CHANGE.into_iter().zip([c.change, c.low, c.high]) {
+            fields[key] = serde_json::json!(value);
+        }
     }
     fields
 }

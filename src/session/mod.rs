@@ -400,7 +400,8 @@ impl Session {
     fn judge_gold(&mut self, epoch: usize, metrics: &serde_json::Value, report: &crate::eval::gold::GoldReport, observer: &mut dyn Observer) -> anyhow::Result<Option<Ended>> {
         let Some(watch) = self.gold.as_mut() else { return Ok(None) };
         let reward = metrics["reward_mean"].as_f64().unwrap_or(f64::NAN);
-        let fell = watch.fallen(report);
+        // The change was computed once, for the record (a bootstrap of 2,000 resamples).
+        let fell = watch.fallen(metrics);
         let verdict = watch.judge(epoch, reward, report);
         let (keep_best, stop_on_hack, best_epoch) = (watch.config.keep_best, watch.config.stop_on_hack, watch.best_epoch());
         match verdict {
@@ -420,12 +421,12 @@ impl Session {
             }
             _ => {}
         }
-        if let Some(c) = fell {
+        if let Some((change, low, high)) = fell {
             observer.line(&format!(
                 "the model is losing what the gold score measures: the suite's strict score is {:+.1} points from before training (95% interval {:+.1} .. {:+.1}, below zero at two evaluations in a row); the best gold score was after epoch {}",
-                100.0 * c.change,
-                100.0 * c.low,
-                100.0 * c.high,
+                100.0 * change,
+                100.0 * low,
+                100.0 * high,
                 best_epoch.map_or("?".into(), |e| e.to_string())
             ));
             if stop_on_hack {
