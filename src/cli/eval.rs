@@ -60,6 +60,12 @@ pub struct Args {
     /// per category.
     #[arg(long, value_name = "PNG|DIR")]
     grid: Option<PathBuf>,
+    /// With --suite: write every sample into this folder (`<index>.png`) with `samples.jsonl`,
+    /// a line per sample: its prompt, category, verdicts and what the detector saw (each
+    /// object's colour, shape and every shape's template fit). For labelling samples by eye and
+    /// checking the detector against them.
+    #[arg(long, value_name = "DIR", requires = "suite")]
+    samples: Option<PathBuf>,
     #[command(flatten)]
     sampler: super::SamplerArgs,
     /// Seed of the prompt draw.
@@ -159,7 +165,7 @@ pub fn exec(args: Args) -> anyhow::Result<()> {
 /// writes the markdown table and per-category grids when asked.
 fn exec_suite(args: &Args, name: &str, device: &candle_core::Device) -> anyhow::Result<()> {
     use crate::eval::compare::compare;
-    use crate::eval::suite::{run_suite, select, write_grids, SuiteOptions, SuiteRun};
+    use crate::eval::suite::{run_suite, select, write_grids, write_samples, SuiteOptions, SuiteRun};
     use crate::world::suite::{suite, Half, LATEST};
     anyhow::ensure!(args.prompts.is_empty(), "--suite has its own prompts; drop --prompt");
     let half = args
@@ -194,6 +200,9 @@ fn exec_suite(args: &Args, name: &str, device: &candle_core::Device) -> anyhow::
     }
     if let Some(dir) = &args.grid {
         write_grids(&run, dir)?;
+    }
+    if let Some(dir) = &args.samples {
+        write_samples(&run, dir)?;
     }
     let mut report = serde_json::to_value(&run.report)?;
     if let Some((c, base)) = comparison {

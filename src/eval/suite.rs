@@ -12,7 +12,7 @@ use serde::Serialize;
 use crate::family::Family;
 use crate::sampler::sample_images_with_range;
 use crate::sampler::SamplerConfig;
-use crate::world::detect::detect;
+use crate::world::detect::{detect, Detection};
 use crate::world::geneval::{score, ClauseKind, Score};
 use crate::world::suite::{Category, Half, SuitePrompt};
 
@@ -40,6 +40,8 @@ pub struct SuiteSample {
     /// Index into the run's prompts.
     pub prompt: usize,
     pub image: RgbImage,
+    /// What the detector saw in `image`.
+    pub detection: Detection,
     pub score: Score,
 }
 
@@ -113,8 +115,9 @@ pub fn score_suite(prompts: Vec<SuitePrompt>, images: Vec<RgbImage>, opts: &Suit
         .enumerate()
         .map(|(i, image)| {
             let prompt = i / opts.per_prompt.max(1);
-            let score = score(&prompts[prompt].clauses, &detect(&image));
-            SuiteSample { prompt, image, score }
+            let detection = detect(&image);
+            let score = score(&prompts[prompt].clauses, &detection);
+            SuiteSample { prompt, image, detection, score }
         })
         .collect();
     let report = summarise(&prompts, &samples, opts);
@@ -205,4 +208,27 @@ pub fn write_grids(run: &SuiteRun, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
         written.push(path);
     }
     Ok(written)
+}
+
+/// Writes every sample of `run` into `dir` as `<index>.png`, and `samples.jsonl` with a line per
+/// sample: the file, prompt, category, strict and partial score, and the detector's objects.
+pub fn write_samples(run: &SuiteRun, dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create the samples folder {}; check the path and permissions", dir.display()))?;
+    let mut lines = String::new();
+    for (i, sample) in run.samples.iter().enumerate() {
+        let file = format!("{i:05}.png");
+        crate::render::save_png(&sample.image, &dir.join(&file))?;
+        let prompt = &run.prompts[sample.prompt];
+        let line = serde_json::json!({
+            "file": file,
+            "prompt": prompt.text,
+            "category": prompt.category,
+            "strict": sample.score.strict,
+            "partial": sample.score.partial,
+            "detection": sample.detection,
+        });
+        lines.push_str(&format!("{line}\n"));
+    }
+    let path = dir.join("samples.jsonl");
+    std::fs::write(&path, lines).with_context(|| format!("cannot write {}; check the disk", path.display()))
 }

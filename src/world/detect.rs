@@ -10,9 +10,10 @@
 //! mostly surrounded by other objects, which are blends along their edges.
 //!
 //! The shape class comes from fitting each shape's template (the world's own geometry, see
-//! [`super::scene::covers`]) at the object's centroid and area and keeping the best overlap
-//! (IoU of coverage maps). A blob no template fits to [`MIN_SHAPE_SCORE`] has no class, the way
-//! a detector finds no object in a smudge.
+//! [`super::scene::covers`], and a thicker star and cross) at the object's centroid and area and
+//! keeping the best overlap (IoU of coverage maps). A blob no template fits to
+//! [`MIN_SHAPE_SCORE`], nor clearly better than the others ([`names_shape`]), has no class, the
+//! way a detector finds no object in a smudge.
 
 use std::sync::OnceLock;
 
@@ -23,7 +24,7 @@ use super::caption::ShapeKind;
 use super::judge::{detect_background, unmix_within};
 use super::palette::rgb_distance;
 use super::palette::Colour;
-use super::scene::covers;
+use super::scene::{covers, in_polygon};
 
 /// A pixel is in an object's core when more than this share of it is the object's colour.
 const CORE_SHARE: f32 = 0.5;
@@ -34,8 +35,12 @@ pub const MIN_OBJECT_AREA: f32 = 8.0;
 /// Objects smaller than this share of the image's largest object are fragments of noise: the
 /// world's shapes in one image differ in area by at most a factor of three.
 pub const MIN_RELATIVE_AREA: f32 = 0.2;
-/// The least template overlap (IoU) that names an object's shape.
+/// The least template overlap (IoU) that names an object's shape whatever else fits.
 pub const MIN_SHAPE_SCORE: f32 = 0.75;
+/// A looser overlap that still names the shape when it beats every other shape's by
+/// [`CLEAR_SHAPE_MARGIN`] (chosen on hand labels of the v5 default's samples; README).
+pub const MIN_CLEAR_SHAPE_SCORE: f32 = 0.65;
+pub const CLEAR_SHAPE_MARGIN: f32 = 0.05;
 /// How far a pixel may lie from every background-to-colour blend and still be labelled.
 const MAX_COLOUR_DISTANCE: f32 = 80.0;
 /// Neighbours closer than this in RGB count as the same flat patch.
@@ -64,6 +69,8 @@ pub struct Object {
     pub shape_score: f32,
     /// The shape that fit best, named even when `shape` is `None` (for diagnostics).
     pub best_fit: ShapeKind,
+    /// Every shape's template overlap, in [`ShapeKind::ALL`]'s order.
+    pub fits: [f32; 7],
     /// Area in pixels, counting edge pixels by their colour share.
     pub area: f32,
     /// Share-weighted centre (x, y) in pixel units, y down.
@@ -263,14 +270,24 @@ impl Blob<'_> {
         let (xs, ys): (Vec<usize>, Vec<usize>) = self.core.iter().map(|&i| self.xy(i)).unzip();
         let bbox = [xs.iter().min(), ys.iter().min(), xs.iter().max(), ys.iter().max()].map(|v| *v.expect("a core has pixels") as u32);
         let coverage = Coverage::new(&self.soft, self.width);
+        let fits = ShapeKind::ALL.map(|kind| coverage.fit(kind, area, centroid));
         let (best_fit, shape_score) = ShapeKind::ALL
             .into_iter()
-            .map(|kind| (kind, coverage.fit(kind, area, centroid)))
+            .zip(fits)
             .max_by(|a, b| a.1.total_cmp(&b.1))
             .expect("there are shape kinds");
-        let shape = (shape_score >= MIN_SHAPE_SCORE).then_some(best_fit);
-        Some(Object { colour: self.colour, shape, shape_score, best_fit, area, centroid, bbox })
+        let runner_up = ShapeKind::ALL.into_iter().zip(fits).filter(|&(k, _)| k != best_fit).map(|p| p.1).fold(0.0, f32::max);
+        let shape = names_shape(shape_score, runner_up).then_some(best_fit);
+        Some(Object { colour: self.colour, shape, shape_score, best_fit, fits, area, centroid, bbox })
     }
+}
+
+/// Whether a best template overlap names the shape: a close fit, or a looser one well ahead of
+/// every other shape's. A small shape drawn softly (a star with short points, a cross with wide
+/// arms) overlaps its template less than a crisp one, yet still looks like that shape more than
+/// any other; a shapeless blob fits several templates about equally.
+fn names_shape(best: f32, runner_up: f32) -> bool {
+    best >= MIN_SHAPE_SCORE || (best >= MIN_CLEAR_SHAPE_SCORE && best - runner_up >= CLEAR_SHAPE_MARGIN)
 }
 
 /// A blob's shares on a dense local grid, for overlap with templates.
@@ -309,14 +326,18 @@ impl Coverage {
     /// on its centroid, then nudged by up to half a pixel and 10% in size, since blur and the
     /// pixel grid shift both.
     fn fit(&self, kind: ShapeKind, area: f32, centroid: (f32, f32)) -> f32 {
-        let template = template(kind);
+        Outline::of(kind).into_iter().map(|outline| self.fit_outline(outline, area, centroid)).fold(0.0, f32::max)
+    }
+
+    fn fit_outline(&self, outline: Outline, area: f32, centroid: (f32, f32)) -> f32 {
+        let template = template(outline);
         let radius = (area / template.area).sqrt();
         let centre = (centroid.0 - radius * template.centroid.0, centroid.1 - radius * template.centroid.1);
         let mut best = 0.0f32;
         for scale in [0.9, 1.0, 1.1] {
             for dy in [-0.5, 0.0, 0.5] {
                 for dx in [-0.5, 0.0, 0.5] {
-                    best = best.max(self.iou(kind, (centre.0 + dx, centre.1 + dy), radius * scale));
+                    best = best.max(self.iou(outline, (centre.0 + dx, centre.1 + dy), radius * scale));
                 }
             }
         }
@@ -324,7 +345,7 @@ impl Coverage {
     }
 
     /// Soft intersection over union of the blob and `kind` painted at `centre` with `radius`.
-    fn iou(&self, kind: ShapeKind, centre: (f32, f32), radius: f32) -> f32 {
+    fn iou(&self, outline: Outline, centre: (f32, f32), radius: f32) -> f32 {
         let (lo_x, hi_x) = ((centre.0 - radius).floor() as i64, (centre.0 + radius).ceil() as i64);
         let (lo_y, hi_y) = ((centre.1 - radius).floor() as i64, (centre.1 + radius).ceil() as i64);
         let (mut inter, mut painted) = (0.0f32, 0.0f32);
@@ -336,7 +357,7 @@ impl Coverage {
                     for sx in 0..SUPERSAMPLE {
                         let u = (x as f32 + (sx as f32 + 0.5) * step - centre.0) / radius;
                         let v = (y as f32 + (sy as f32 + 0.5) * step - centre.1) / radius;
-                        hits += covers(kind, u, v) as usize;
+                        hits += outline.covers(u, v) as usize;
                     }
                 }
                 let t = hits as f32 / (SUPERSAMPLE * SUPERSAMPLE) as f32;
@@ -360,21 +381,58 @@ struct Template {
     centroid: (f32, f32),
 }
 
-/// The template of `kind`, measured once on a fine grid over the shape's square.
-fn template(kind: ShapeKind) -> Template {
-    static TEMPLATES: OnceLock<Vec<Template>> = OnceLock::new();
-    let all = TEMPLATES.get_or_init(|| ShapeKind::ALL.into_iter().map(measure).collect());
-    all[ShapeKind::ALL.iter().position(|&k| k == kind).expect("kind is in ALL")]
+/// An outline a shape is fitted with: the world's own, or a thick one. The model draws small
+/// stars and crosses thicker than the world does (the star's points short, its inner corners
+/// filled; the cross's arms wide), and a thick star still fits a star better than a diamond.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Outline {
+    kind: ShapeKind,
+    thick: bool,
 }
 
-fn measure(kind: ShapeKind) -> Template {
+/// The thick star's inner radius (the world's is 0.45) and the thick cross's arm half-width (0.3).
+const THICK_STAR_INNER: f32 = 0.6;
+const THICK_CROSS_ARM: f32 = 0.35;
+
+impl Outline {
+    /// The outlines `kind` is fitted with.
+    fn of(kind: ShapeKind) -> Vec<Outline> {
+        let thick = matches!(kind, ShapeKind::Star | ShapeKind::Cross);
+        std::iter::once(Outline { kind, thick: false }).chain(thick.then_some(Outline { kind, thick: true })).collect()
+    }
+
+    fn covers(self, u: f32, v: f32) -> bool {
+        match (self.kind, self.thick) {
+            (ShapeKind::Star, true) => in_polygon(&star(THICK_STAR_INNER), u, v),
+            (ShapeKind::Cross, true) => (u.abs() <= THICK_CROSS_ARM && v.abs() <= 0.95) || (v.abs() <= THICK_CROSS_ARM && u.abs() <= 0.95),
+            _ => covers(self.kind, u, v),
+        }
+    }
+}
+
+/// A five-pointed star, point up, outer radius 1 (as the world's) and the given inner radius.
+fn star(inner: f32) -> [(f32, f32); 10] {
+    std::array::from_fn(|k| {
+        let (angle, r) = ((k as f32 * 36.0).to_radians(), if k % 2 == 0 { 1.0 } else { inner });
+        (r * angle.sin(), -r * angle.cos())
+    })
+}
+
+/// The template of `outline`, measured once on a fine grid over the shape's square.
+fn template(outline: Outline) -> Template {
+    static TEMPLATES: OnceLock<Vec<(Outline, Template)>> = OnceLock::new();
+    let all = TEMPLATES.get_or_init(|| ShapeKind::ALL.into_iter().flat_map(Outline::of).map(|o| (o, measure(o))).collect());
+    all.iter().find(|(o, _)| *o == outline).expect("every outline is measured").1
+}
+
+fn measure(outline: Outline) -> Template {
     const N: usize = 400;
     let cell = 2.0 / N as f32;
     let (mut count, mut sx, mut sy) = (0usize, 0.0f32, 0.0f32);
     for j in 0..N {
         for i in 0..N {
             let (u, v) = (-1.0 + (i as f32 + 0.5) * cell, -1.0 + (j as f32 + 0.5) * cell);
-            if covers(kind, u, v) {
+            if outline.covers(u, v) {
                 count += 1;
                 sx += u;
                 sy += v;

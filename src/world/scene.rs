@@ -222,7 +222,7 @@ const STAR: [(f32, f32); 10] = [
 ];
 
 /// Even-odd ray casting test of (u, v) against a closed polygon.
-fn in_polygon(vertices: &[(f32, f32)], u: f32, v: f32) -> bool {
+pub(crate) fn in_polygon(vertices: &[(f32, f32)], u: f32, v: f32) -> bool {
     let mut inside = false;
     let mut j = vertices.len() - 1;
     for i in 0..vertices.len() {
