@@ -403,14 +403,18 @@ impl Outline {
 
     fn covers(self, u: f32, v: f32) -> bool {
         match (self.kind, self.thick) {
-            (ShapeKind::Star, true) => in_polygon(&star(THICK_STAR_INNER), u, v),
+            (ShapeKind::Star, true) => {
+                static THICK_STAR: OnceLock<[(f32, f32); 10]> = OnceLock::new();
+                in_polygon(THICK_STAR.get_or_init(|| star(THICK_STAR_INNER)), u, v)
+            }
             (ShapeKind::Cross, true) => (u.abs() <= THICK_CROSS_ARM && v.abs() <= 0.95) || (v.abs() <= THICK_CROSS_ARM && u.abs() <= 0.95),
             _ => covers(self.kind, u, v),
         }
     }
 }
 
-/// A five-pointed star, point up, outer radius 1 (as the world's) and the given inner radius.
+/// A five-pointed star, point up, outer radius 1 and the given inner radius: the world's star
+/// (`scene::STAR`, inner radius 0.45) with its inner corners moved.
 fn star(inner: f32) -> [(f32, f32); 10] {
     std::array::from_fn(|k| {
         let (angle, r) = ((k as f32 * 36.0).to_radians(), if k % 2 == 0 { 1.0 } else { inner });
