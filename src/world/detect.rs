@@ -24,7 +24,7 @@ use super::caption::ShapeKind;
 use super::judge::{detect_background, unmix_within};
 use super::palette::rgb_distance;
 use super::palette::Colour;
-use super::scene::{covers, in_polygon};
+use super::scene::{covers, in_cross, in_polygon, star};
 
 /// A pixel is in an object's core when more than this share of it is the object's colour.
 const CORE_SHARE: f32 = 0.5;
@@ -326,7 +326,7 @@ impl Coverage {
     /// on its centroid, then nudged by up to half a pixel and 10% in size, since blur and the
     /// pixel grid shift both.
     fn fit(&self, kind: ShapeKind, area: f32, centroid: (f32, f32)) -> f32 {
-        Outline::of(kind).into_iter().map(|outline| self.fit_outline(outline, area, centroid)).fold(0.0, f32::max)
+        Outline::of(kind).map(|outline| self.fit_outline(outline, area, centroid)).fold(0.0, f32::max)
     }
 
     fn fit_outline(&self, outline: Outline, area: f32, centroid: (f32, f32)) -> f32 {
@@ -390,15 +390,16 @@ struct Outline {
     thick: bool,
 }
 
-/// The thick star's inner radius (the world's is 0.45) and the thick cross's arm half-width (0.3).
+/// The thick star's inner radius (the world's is 0.45) and the thick cross's arm half-width
+/// (the world's is `scene::CROSS_ARM`, 0.3).
 const THICK_STAR_INNER: f32 = 0.6;
 const THICK_CROSS_ARM: f32 = 0.35;
 
 impl Outline {
     /// The outlines `kind` is fitted with.
-    fn of(kind: ShapeKind) -> Vec<Outline> {
+    fn of(kind: ShapeKind) -> impl Iterator<Item = Outline> {
         let thick = matches!(kind, ShapeKind::Star | ShapeKind::Cross);
-        std::iter::once(Outline { kind, thick: false }).chain(thick.then_some(Outline { kind, thick: true })).collect()
+        std::iter::once(Outline { kind, thick: false }).chain(thick.then_some(Outline { kind, thick: true }))
     }
 
     fn covers(self, u: f32, v: f32) -> bool {
@@ -407,19 +408,10 @@ impl Outline {
                 static THICK_STAR: OnceLock<[(f32, f32); 10]> = OnceLock::new();
                 in_polygon(THICK_STAR.get_or_init(|| star(THICK_STAR_INNER)), u, v)
             }
-            (ShapeKind::Cross, true) => (u.abs() <= THICK_CROSS_ARM && v.abs() <= 0.95) || (v.abs() <= THICK_CROSS_ARM && u.abs() <= 0.95),
+            (ShapeKind::Cross, true) => in_cross(THICK_CROSS_ARM, u, v),
             _ => covers(self.kind, u, v),
         }
     }
-}
-
-/// A five-pointed star, point up, outer radius 1 and the given inner radius: the world's star
-/// (`scene::STAR`, inner radius 0.45) with its inner corners moved.
-fn star(inner: f32) -> [(f32, f32); 10] {
-    std::array::from_fn(|k| {
-        let (angle, r) = ((k as f32 * 36.0).to_radians(), if k % 2 == 0 { 1.0 } else { inner });
-        (r * angle.sin(), -r * angle.cos())
-    })
 }
 
 /// The template of `outline`, measured once on a fine grid over the shape's square.

@@ -197,17 +197,32 @@ pub fn covers(kind: ShapeKind, u: f32, v: f32) -> bool {
         ShapeKind::Circle => r2 <= 1.0,
         ShapeKind::Square => u.abs() <= 0.82 && v.abs() <= 0.82,
         ShapeKind::Ring => (0.25..=1.0).contains(&r2),
-        ShapeKind::Cross => {
-            (u.abs() <= 0.3 && v.abs() <= 0.95) || (v.abs() <= 0.3 && u.abs() <= 0.95)
-        }
+        ShapeKind::Cross => in_cross(CROSS_ARM, u, v),
         ShapeKind::Diamond => u.abs() + v.abs() <= 1.0,
         ShapeKind::Triangle => in_polygon(&[(0.0, -1.0), (0.95, 0.7), (-0.95, 0.7)], u, v),
         ShapeKind::Star => in_polygon(&STAR, u, v),
     }
 }
 
-/// A five-pointed star, point up: outer radius 1, inner radius 0.45.
-/// Vertex k is (sin, -cos) of k * 36 degrees, times 1 for even k and 0.45 for odd k.
+/// The cross's arm half-width, in units of its radius.
+pub(crate) const CROSS_ARM: f32 = 0.3;
+
+/// Whether a plus-shaped cross with arms of half-width `arm` and reach 0.95 covers (u, v).
+pub(crate) fn in_cross(arm: f32, u: f32, v: f32) -> bool {
+    (u.abs() <= arm && v.abs() <= 0.95) || (v.abs() <= arm && u.abs() <= 0.95)
+}
+
+/// A five-pointed star, point up, outer radius 1 and the given inner radius: vertex k is
+/// (sin, -cos) of k * 36 degrees, times 1 for even k and `inner` for odd k.
+pub(crate) fn star(inner: f32) -> [(f32, f32); 10] {
+    std::array::from_fn(|k| {
+        let (angle, r) = ((k as f32 * 36.0).to_radians(), if k % 2 == 0 { 1.0 } else { inner });
+        (r * angle.sin(), -r * angle.cos())
+    })
+}
+
+/// The world's star: `star(0.45)` to four decimals, kept as literals so that renders (and the
+/// goldens made from them) never move with a platform's `sin`.
 const STAR: [(f32, f32); 10] = [
     (0.0, -1.0),
     (0.2645, -0.3641),
@@ -233,4 +248,15 @@ pub(crate) fn in_polygon(vertices: &[(f32, f32)], u: f32, v: f32) -> bool {
         j = i;
     }
     inside
+}
+
+#[cfg(test)]
+mod tests {
+    /// The world's literal star is the general star at inner radius 0.45, to its four decimals.
+    #[test]
+    fn the_world_star_is_star_at_inner_radius_045() {
+        for (literal, computed) in super::STAR.iter().zip(super::star(0.45)) {
+            assert!((literal.0 - computed.0).abs() < 1e-4 && (literal.1 - computed.1).abs() < 1e-4, "{literal:?} vs {computed:?}");
+        }
+    }
 }
