@@ -191,8 +191,8 @@ pub static SECTIONS: &[Section] = &[
             Primitive { name: "detect", signature: "detect(img) -> #{background, objects}",
                 doc: "The shapes detector's reading of an image: `background`, the background colour names; `objects`, one map per object with `colour`, `shape` (\"\" for an unrecognised blob), `area` (pixels), `x`, `y` (centroid, 0..1 of the width and height), `width`, `height` (pixels).",
                 form: Form::Call, params: IMG, needs: Needs::Nothing, run: detect },
-            Primitive { name: "geneval", signature: "geneval(img, prompt) -> #{strict, partial, count, colour, position, background}",
-                doc: "GenEval's score of an image against a shapes-world caption, by the shapes detector: `strict` 1.0 when every clause is right (exact counts, colours, positions, background), `partial` the mean of the clause terms as Flow-GRPO's reward computes them (count credit 1 - |n - target| / target), and the mean term of each clause kind the caption has. An error for a caption outside the grammar.",
+            Primitive { name: "geneval", signature: "geneval(img, prompt) -> #{strict, partial, shape_fit, count, colour, position, background}",
+                doc: "GenEval's score of an image against a shapes-world caption, by the shapes detector: `strict` 1.0 when every clause is right (exact counts, colours, positions, background), `partial` the mean of the clause terms as Flow-GRPO's reward computes them (count credit 1 - |n - target| / target), `shape_fit` a dense term beside them (the mean over the objects asked for of their class template's overlap, 0..1, blobs included: how well the shapes are drawn), and the mean term of each clause kind the caption has. An error for a caption outside the grammar.",
                 form: Form::Call, params: &[Param::Image, Param::Text], needs: Needs::Nothing, run: geneval },
         ],
     },
@@ -284,7 +284,7 @@ fn detect(a: &Args) -> anyhow::Result<Value> {
 
 fn geneval(a: &Args) -> anyhow::Result<Value> {
     let s = crate::world::geneval::geneval(a.image(0)?, a.text(1)?).context("geneval()")?;
-    let mut map = BTreeMap::from([("strict".to_string(), if s.strict { 1.0 } else { 0.0 }), ("partial".to_string(), s.partial)]);
+    let mut map = BTreeMap::from([("strict".to_string(), if s.strict { 1.0 } else { 0.0 }), ("partial".to_string(), s.partial), ("shape_fit".to_string(), s.shape_fit)]);
     for kind in crate::world::geneval::ClauseKind::ALL {
         let credits: Vec<f64> = s.verdicts.iter().filter(|v| v.kind == kind).map(|v| v.credit).collect();
         if !credits.is_empty() {

@@ -80,6 +80,11 @@ pub struct Object {
 }
 
 impl Object {
+    /// How well `kind`'s template fits this object (IoU, 0..1), named or not.
+    pub fn fit(&self, kind: ShapeKind) -> f32 {
+        self.fits[kind as usize]
+    }
+
     pub fn width(&self) -> f32 {
         (self.bbox[2] - self.bbox[0] + 1) as f32
     }

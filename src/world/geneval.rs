@@ -9,6 +9,10 @@
 //! Partial credit (Flow-GRPO's reward server): the mean of the clause terms, where a count term
 //! is `1 - |n - N| / n` for `n` asked and `N` detected (negative beyond `2n`, unfloored as
 //! there), and a group's colour and position terms are 0 unless its count is right.
+//!
+//! Shape fit (a dense term beside the verdicts, not part of either score): how well the objects
+//! a caption asks for are drawn, the mean over asked objects of their class template's overlap,
+//! so a soft star that the detector reads as a blob still earns most of its credit.
 
 use anyhow::Context;
 use image::RgbImage;
@@ -93,6 +97,8 @@ pub struct Score {
     pub strict: bool,
     /// The mean of the clause terms (see the module docs).
     pub partial: f64,
+    /// The mean template overlap of the asked objects (see the module docs), 0..1.
+    pub shape_fit: f64,
     pub verdicts: Vec<Verdict>,
 }
 
@@ -123,7 +129,23 @@ pub fn score(clauses: &Clauses, det: &Detection) -> Score {
         verdicts.push(background_verdict(background, &det.background));
     }
     let partial = verdicts.iter().map(|v| v.credit).sum::<f64>() / verdicts.len().max(1) as f64;
-    Score { strict: verdicts.iter().all(|v| v.ok), partial, verdicts }
+    Score { strict: verdicts.iter().all(|v| v.ok), partial, shape_fit: shape_fit(&clauses.groups, det), verdicts }
+}
+
+/// Per group, the `count` best overlaps with the group's class template among the objects of
+/// its colour (named or blobs), missing ones counting 0; the mean over every asked object.
+fn shape_fit(groups: &[Group], det: &Detection) -> f64 {
+    let asked: usize = groups.iter().map(|g| g.count as usize).sum();
+    let total: f64 = groups
+        .iter()
+        .map(|g| {
+            let mut fits: Vec<f32> =
+                det.objects.iter().filter(|o| g.colour.is_none_or(|c| o.colour == c)).map(|o| o.fit(g.kind)).collect();
+            fits.sort_by(|a, b| b.total_cmp(a));
+            fits.iter().take(g.count as usize).map(|&f| f as f64).sum::<f64>()
+        })
+        .sum();
+    total / asked.max(1) as f64
 }
 
 /// `1 - |asked - found| / asked`, Flow-GRPO's count credit.

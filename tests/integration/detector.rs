@@ -402,6 +402,37 @@ fn eval_suite_command_runs_and_refuses_clearly() {
     }
 }
 
+/// The dense shape term: per group the best template overlaps among objects of its colour (blobs
+/// included, missing objects 0), averaged over the asked objects; on renders it falls as the
+/// drawing softens.
+#[test]
+fn shape_fit_measures_how_well_asked_shapes_are_drawn() {
+    use ShapeKind::*;
+    let with_fits = |colour, star: f32, circle: f32| {
+        let mut o = object(Circle, colour, 8.0, 8.0);
+        (o.shape, o.fits[Star as usize], o.fits[Circle as usize]) = (None, star, circle);
+        o
+    };
+    let det = Detection { background: vec![], objects: vec![with_fits(Colour::Red, 0.7, 0.3), with_fits(Colour::Red, 0.2, 0.9), with_fits(Colour::Blue, 0.95, 0.1)] };
+    let asking = |groups: Vec<Group>| score(&Clauses { background: None, groups, relation: None }, &det).shape_fit;
+    let stars = |count, colour| Group { kind: Star, count, colour };
+    assert!((asking(vec![stars(2, Some(Colour::Red))]) - 0.45).abs() < 1e-6);
+    assert!((asking(vec![stars(3, Some(Colour::Red))]) - 0.3).abs() < 1e-6, "a missing star counts 0");
+    assert!((asking(vec![stars(1, None)]) - 0.95).abs() < 1e-6, "no colour asked: any object");
+    assert!((asking(vec![stars(1, Some(Colour::Green))])).abs() < 1e-9);
+    let mixed = vec![stars(1, Some(Colour::Red)), Group { kind: Circle, count: 1, colour: Some(Colour::Red) }];
+    assert!((asking(mixed) - 0.8).abs() < 1e-6, "(0.7 + 0.9) / 2");
+    // Renders: crisp shapes fit their templates well, and blurring lowers the term on average.
+    for caption in ["a small yellow star on a white background", "two red crosses on a black background"] {
+        let clauses = Clauses::from_spec(&parse_caption(caption).unwrap());
+        let mean_fit = |sigma: f32| {
+            (0..8u64).map(|s| score(&clauses, &detect(&image::imageops::blur(&render(caption, s), sigma))).shape_fit).sum::<f64>() / 8.0
+        };
+        let (crisp, soft) = (mean_fit(0.01), mean_fit(1.0));
+        assert!(crisp > 0.8 && soft < crisp - 0.05, "{caption}: crisp {crisp:.3}, blurred {soft:.3}");
+    }
+}
+
 /// Small shapes drawn softly (the world's renders blurred) keep their class, and the thick star
 /// and cross outlines do not take soft discs and squares for stars or crosses.
 #[test]
