@@ -139,8 +139,7 @@ fn shape_fit(groups: &[Group], det: &Detection) -> f64 {
     let total: f64 = groups
         .iter()
         .map(|g| {
-            let mut fits: Vec<f32> =
-                det.objects.iter().filter(|o| g.colour.is_none_or(|c| o.colour == c)).map(|o| o.fit(g.kind)).collect();
+            let mut fits: Vec<f32> = det.objects.iter().filter(|o| in_colour(g, o)).map(|o| o.fit(g.kind)).collect();
             fits.sort_by(|a, b| b.total_cmp(a));
             fits.iter().take(g.count as usize).map(|&f| f as f64).sum::<f64>()
         })
@@ -183,7 +182,12 @@ fn colour_verdict(group: &Group, colour: Colour, i: usize, counted: bool, det: &
 
 /// The objects a group refers to: its class, in its colour when it names one.
 fn members<'a>(group: &Group, det: &'a Detection) -> Vec<&'a Object> {
-    det.of_kind(group.kind).filter(|o| group.colour.is_none_or(|c| o.colour == c)).collect()
+    det.of_kind(group.kind).filter(|o| in_colour(group, o)).collect()
+}
+
+/// Whether `o` has the group's colour, or the group names none.
+fn in_colour(group: &Group, o: &Object) -> bool {
+    group.colour.is_none_or(|c| o.colour == c)
 }
 
 /// Every object of group `a` must stand in `relation` to every object of group `b`.
